@@ -1,0 +1,199 @@
+"""The Starlette app: health and predict routes of the Vertex AI custom-container contract."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sdxl_server import logs
+from sdxl_server.encode import encode_base64
+from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError
+from sdxl_server.generator import Generator
+from sdxl_server.runner import Runner
+from sdxl_server.schema import Request as PredictRequest
+from sdxl_server.schema import parse_request
+from sdxl_server.settings import Settings
+
+Loader = Callable[[Settings], Generator]
+
+
+class Health(enum.Enum):
+    """Where the server is in its life; only READY serves predictions."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelState:
+    """The pipeline and how it got there, shared by the routes."""
+
+    health: Health = Health.LOADING
+    generator: Generator | None = None
+    reason: str = ""
+    source: str = ""
+    load_seconds: float = 0.0
+
+
+def create_app(settings: Settings, *, load: Loader) -> Starlette:
+    """An app that answers health at once and loads the pipeline with `load` in the background."""
+    state = ModelState(source=settings.model_source)
+    runner = Runner(queue_size=settings.queue_size, time_limit_s=settings.time_limit_s)
+
+    async def load_in_background() -> None:
+        started = time.monotonic()
+        try:
+            generator = await asyncio.to_thread(load, settings)
+            await asyncio.to_thread(generator.warm_up, _warmup_sizes(settings, generator))
+        except Exception as exc:
+            state.health, state.reason = Health.FAILED, f"{type(exc).__name__}: {exc}"
+            logs.log("model failed to load", level=logging.ERROR, source=state.source, reason=state.reason)
+            return
+        state.generator, state.load_seconds = generator, round(time.monotonic() - started, 2)
+        state.health = Health.READY
+        logs.log("model ready", source=state.source, load_seconds=state.load_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Not awaited: uvicorn opens the port only after startup, and Vertex AI's liveness probe
+        # restarts a container whose port stays closed while minutes of weights load.
+        loading = asyncio.get_running_loop().create_task(load_in_background())
+        yield
+        loading.cancel()
+        await runner.close()
+
+    async def health(request: Request) -> Response:
+        body: dict[str, Any] = {"status": state.health.value}
+        if state.health is Health.READY:
+            body.update(model=state.source, load_seconds=state.load_seconds, queue=runner.pending)
+            return JSONResponse(body)
+        if state.health is Health.FAILED:
+            body["reason"] = state.reason
+        return JSONResponse(body, status_code=503)
+
+    async def predict(request: Request) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.monotonic()
+        fields: dict[str, Any] = {}
+        try:
+            response = await _predict(request, fields)
+        except ServerError as exc:
+            response = _error_response(exc)
+        except Exception:
+            response = _error_response(ServerError(f"internal error; request id {request_id}"))
+            logs.logger.exception("predict failed", extra={"fields": {"request_id": request_id}})
+        response.headers["x-request-id"] = request_id
+        logs.log(
+            "predict",
+            request_id=request_id,
+            status=response.status_code,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+            **fields,
+        )
+        return response
+
+    async def _predict(request: Request, fields: dict[str, Any]) -> Response:
+        if state.health is not Health.READY or state.generator is None:
+            detail = f" ({state.reason})" if state.health is Health.FAILED else "; retry shortly"
+            raise NotReady(f"the model is {state.health.value}{detail}", retry_after=10)
+        generator = state.generator
+        body = await _read_body(request, settings.max_request_bytes)
+        parsed = parse_request(
+            body,
+            max_images=settings.max_images,
+            default_size=generator.native_size,
+            draw_seed=lambda: secrets.randbelow(2**32 - 64),
+        )
+        fields.update(
+            steps=parsed.steps, width=parsed.width, height=parsed.height, images=parsed.num_images,
+            format=parsed.output_format,
+            **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
+        )
+        images = await runner.run(lambda should_stop: generator.generate(parsed, should_stop))
+        payload = await asyncio.to_thread(_render, parsed, images)
+        fields["bytes"] = len(payload)
+        if len(payload) > settings.max_response_bytes:
+            raise PayloadTooLarge(
+                f"the response would be {len(payload) / 1e6:.2f} MB, over the limit of "
+                f"{settings.max_response_bytes / 1e6:g} MB (a shared Vertex AI endpoint allows 1.5 MB): "
+                "use output_format jpeg or webp, a lower quality, fewer images, or a dedicated endpoint "
+                "(10 MB; raise SDXL_MAX_RESPONSE_BYTES)",
+                field="parameters.output_format",
+            )
+        return Response(payload, media_type="application/json")
+
+    routes = [
+        Route(settings.health_route, health, methods=["GET"]),
+        Route(settings.predict_route, predict, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.model = state
+    app.state.runner = runner
+    return app
+
+
+def _warmup_sizes(settings: Settings, generator: Generator) -> tuple[tuple[int, int], ...]:
+    return (generator.native_size,) if settings.warmup is None else settings.warmup
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all read)."""
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLarge(
+        f"the request body is over the limit of {limit / 1e6:g} MB (SDXL_MAX_REQUEST_BYTES; "
+        "a shared Vertex AI endpoint allows 1.5 MB): send fewer or shorter instances",
+        field="body",
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServerError("the client disconnected before the request body arrived") from None
+    return b"".join(chunks)
+
+
+def _render(request: PredictRequest, images: list[list[Any]]) -> bytes:
+    """The JSON response: one prediction per instance, images base64-encoded."""
+    predictions = []
+    for job, job_images in zip(request.jobs, images, strict=True):
+        encoded = [encode_base64(image, request.output_format, request.quality) for image in job_images]
+        prediction: dict[str, Any] = {
+            "images": encoded,
+            "seeds": list(job.seeds),
+            "output_format": request.output_format,
+            "width": request.width,
+            "height": request.height,
+        }
+        if job.model_garden:
+            prediction["output"] = encoded[0]
+        predictions.append(prediction)
+    return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
+
+
+def _error_response(exc: ServerError) -> JSONResponse:
+    error: dict[str, Any] = {"code": exc.status, "message": exc.message}
+    if exc.field:
+        error["field"] = exc.field
+    headers = {"retry-after": str(int(exc.retry_after))} if exc.retry_after else None
+    return JSONResponse({"error": error}, status_code=exc.status, headers=headers)

@@ -1,0 +1,53 @@
+"""One error hierarchy; each error knows its HTTP status, so the app maps them in one place."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error the server reports to a client."""
+
+    status = 500
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+class SettingsError(ServerError):
+    """An environment variable has a value the server cannot use."""
+
+
+class InvalidRequest(ServerError):
+    """Malformed or out-of-range input; `field` names where, the message what is allowed."""
+
+    status = 400
+
+
+class PayloadTooLarge(ServerError):
+    """Request or response over the byte limit of the endpoint."""
+
+    status = 413
+
+
+class QueueFull(ServerError):
+    """More requests waiting than the queue holds; the client should retry after `retry_after` s."""
+
+    status = 429
+
+
+class NotReady(ServerError):
+    """The pipeline is still loading, or failed to load."""
+
+    status = 503
+
+
+class TimeLimitExceeded(ServerError):
+    """Generation would not finish within the per-request time limit."""
+
+    status = 504
+
+
+class ModelLoadError(Exception):
+    """The model source could not be turned into a pipeline; the message says why and what to do."""

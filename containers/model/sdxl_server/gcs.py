@@ -1,0 +1,48 @@
+"""Copy a gs:// folder to local disk before loading it (diffusers reads local files only)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from sdxl_server.errors import ModelLoadError
+
+
+def download_folder(uri: str, cache_dir: Path) -> Path:
+    """Download every object under gs://bucket/prefix to a folder under cache_dir; unchanged files are kept."""
+    bucket_name, _, prefix = uri.removeprefix("gs://").partition("/")
+    prefix = prefix.strip("/")
+    if not bucket_name:
+        raise ModelLoadError(f"{uri!r} is not gs://BUCKET/FOLDER")
+    destination = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    try:
+        from google.cloud import storage
+
+        client = _client(storage)
+        blobs = [b for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None)
+                 if not b.name.endswith("/")]
+        if not blobs:
+            raise ModelLoadError(f"{uri} is empty or does not exist")
+        for blob in blobs:
+            target = destination / blob.name[len(prefix):].lstrip("/")
+            if target.is_file() and target.stat().st_size == blob.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            blob.download_to_filename(partial)
+            partial.replace(target)  # a crash mid-download never leaves a truncated file that looks whole
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # auth, network, permissions: all end the load with a reason
+        raise ModelLoadError(f"could not download {uri}: {type(exc).__name__}: {exc}") from exc
+    return destination
+
+
+def _client(storage: object) -> object:
+    """Anonymous against an emulator (STORAGE_EMULATOR_HOST), else the container's service account."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())  # type: ignore[attr-defined]
+    return storage.Client()  # type: ignore[attr-defined]

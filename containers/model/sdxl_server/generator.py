@@ -1,0 +1,68 @@
+"""Runs validated requests through a diffusers SDXL pipeline. Blocking: call it from a worker thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sdxl_server.errors import TimeLimitExceeded
+from sdxl_server.schema import Job, Request
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+    from PIL.Image import Image
+
+StopCheck = Callable[[], bool]
+
+
+class Generator:
+    """One pipeline on one device; `generate` is not re-entrant (the runner serialises calls)."""
+
+    def __init__(self, pipeline: StableDiffusionXLPipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """The size the model was trained at (1024x1024 for SDXL 1.0), the default width and height."""
+        side = int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
+        return side, side
+
+    def generate(self, request: Request, should_stop: StopCheck = lambda: False) -> list[list[Image]]:
+        """Images for each job of the request, in order; raises TimeLimitExceeded when told to stop."""
+        return [self._run(job, request, should_stop) for job in request.jobs]
+
+    def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
+        """Run two steps at each size, so the first real request pays no first-call costs."""
+        for width, height in sizes:
+            job = Job("warm-up", None, None, None, (0,), model_garden=False)
+            request = Request((job,), steps=2, guidance_scale=5.0, width=width, height=height,
+                              output_format="jpeg", quality=90)
+            self.generate(request)
+
+    def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
+        import torch
+
+        # Seeds draw on a CPU generator: the same seed gives the same image on any GPU or none.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+
+        def stop_between_steps(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if should_stop():
+                raise TimeLimitExceeded(f"stopped after {step + 1} of {request.steps} steps: over the time limit")
+            return kwargs
+
+        with torch.inference_mode():
+            result = self.pipeline(
+                prompt=job.prompt,
+                prompt_2=job.prompt_2,
+                negative_prompt=job.negative_prompt,
+                negative_prompt_2=job.negative_prompt_2,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=len(job.seeds),
+                generator=generators,
+                callback_on_step_end=stop_between_steps,
+            )
+        return list(result.images)
+

@@ -1,0 +1,191 @@
+"""The predict request: parsed and checked completely before any work is done."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+
+from sdxl_server.errors import InvalidRequest
+from sdxl_server.styles import styles
+
+MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
+MAX_SEED = 2**32 - 1
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
+
+Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
+Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
+
+
+class Instance(BaseModel):
+    """One prompt. `text` is Model Garden's name for `prompt`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt | None = None
+    text: Prompt | None = None
+    negative_prompt: Prompt | None = None
+    prompt_2: Prompt | None = None
+    negative_prompt_2: Prompt | None = None
+    style: StrictStr | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Instance:
+        if self.prompt is not None and self.text is not None:
+            raise _FieldError("text", "give either prompt or text (Model Garden's name for it), not both")
+        if not (self.prompt if self.prompt is not None else self.text or "").strip():
+            raise _FieldError("prompt", "a non-empty prompt (or text) is required")
+        if self.style is not None and self.style.lower() not in {"none", *styles()}:
+            raise _FieldError("style", f"unknown style {self.style!r}; allowed: none, {', '.join(styles())}")
+        return self
+
+
+class Parameters(BaseModel):
+    """Generation settings shared by every instance of a request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_inference_steps: Annotated[StrictInt, Field(ge=1, le=150)] = 30
+    guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=0, le=30)] = 5.0
+    width: Side | None = None
+    height: Side | None = None
+    num_images: Annotated[StrictInt, Field(ge=1)] = 1
+    output_format: Literal["png", "jpeg", "webp"] = "jpeg"
+    quality: Annotated[StrictInt, Field(ge=1, le=100)] = 90
+
+
+class PredictBody(BaseModel):
+    """The body Vertex AI forwards: {"instances": [...], "parameters": {...}}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: Annotated[list[Instance], Field(min_length=1)]
+    parameters: Parameters | None = None
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class Job:
+    """One instance, ready for the pipeline: style applied, seeds fixed, size resolved."""
+
+    prompt: str
+    negative_prompt: str | None
+    prompt_2: str | None
+    negative_prompt_2: str | None
+    seeds: tuple[int, ...]
+    model_garden: bool  # the instance said `text`: also answer with `output`
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated predict request."""
+
+    jobs: tuple[Job, ...]
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    output_format: str
+    quality: int
+
+    @property
+    def num_images(self) -> int:
+        """Images across all instances."""
+        return sum(len(job.seeds) for job in self.jobs)
+
+    @property
+    def prompt_chars(self) -> int:
+        """Length of all prompts together, for logs that must not contain them."""
+        return sum(len(job.prompt) for job in self.jobs)
+
+
+def parse_request(
+    body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any
+) -> Request:
+    """Parse and validate a request body; raise InvalidRequest naming the field and what is allowed."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest('the body must be a JSON object {"instances": [...], "parameters": {...}}', field="body")
+    try:
+        parsed = PredictBody.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    params = parsed.parameters or Parameters()
+    total = len(parsed.instances) * params.num_images
+    if total > max_images:
+        field = "parameters.num_images" if params.num_images > 1 else "instances"
+        raise InvalidRequest(
+            f"{field}: {len(parsed.instances)} instance(s) x {params.num_images} image(s) = {total} images; "
+            f"at most {max_images} per request (SDXL_MAX_IMAGES)",
+            field=field,
+        )
+    width, height = params.width or default_size[0], params.height or default_size[1]
+    return Request(
+        jobs=tuple(_job(instance, params.num_images, draw_seed) for instance in parsed.instances),
+        steps=params.num_inference_steps,
+        guidance_scale=float(params.guidance_scale),
+        width=width,
+        height=height,
+        output_format=params.output_format,
+        quality=params.quality,
+    )
+
+
+def _job(instance: Instance, num_images: int, draw_seed: Any) -> Job:
+    prompt = instance.prompt if instance.prompt is not None else instance.text or ""
+    negative = instance.negative_prompt
+    style = styles().get((instance.style or "none").lower())
+    if style is not None:
+        prompt, negative = style.apply(prompt, negative)
+    seed = instance.seed if instance.seed is not None else draw_seed()
+    return Job(
+        prompt=prompt,
+        negative_prompt=negative or None,
+        prompt_2=instance.prompt_2,
+        negative_prompt_2=instance.negative_prompt_2,
+        seeds=tuple(seed + i for i in range(num_images)),
+        model_garden=instance.text is not None,
+    )
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    """The first problem, as 'field: what is wrong (what is allowed)'."""
+    error = exc.errors(include_url=False)[0]
+    context = error.get("ctx") or {}
+    if isinstance(context.get("error"), _FieldError):
+        field_error = context["error"]
+        location = [*error["loc"], field_error.field]
+        return InvalidRequest(f"{_path(location)}: {field_error.message}", field=_path(location))
+    field = _path(error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "string_too_long":
+        message = f"too long: at most {MAX_PROMPT_CHARS} characters"
+    elif error["type"] == "multiple_of":
+        message = f"must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}"
+    return InvalidRequest(f"{field}: {message}", field=field)
+
+
+def _path(location: Any) -> str:
+    """('instances', 0, 'seed') -> 'instances[0].seed'; pydantic's union branch names are dropped."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in {"int", "float", "str", "none", "constrained-int", "constrained-float"} or "[" in str(part):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"

@@ -1,0 +1,131 @@
+"""Server settings, read once from the environment (Vertex AI sets the AIP_* ones)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sdxl_server.errors import SettingsError
+
+MB = 1_000_000
+# Vertex AI documents "1.5 MB" for a shared public endpoint; the decimal reading is the safe one.
+VERTEX_SHARED_PAYLOAD_BYTES = 1_500_000
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _parse_sizes(raw: str) -> tuple[tuple[int, int], ...]:
+    """'1024x1024,768x1344' -> ((1024, 1024), (768, 1344)); 'none' or '' -> ()."""
+    raw = raw.strip().lower()
+    if raw in {"", "none", "off"}:
+        return ()
+    sizes = []
+    for part in raw.split(","):
+        width, sep, height = part.strip().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit():
+            raise ValueError(f"{part!r} is not WIDTHxHEIGHT")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _at_least(minimum: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        value = kind(raw)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _at_least(1, kind) if kind is int else _at_least(0.001, kind)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told; each field has an env var (`env` metadata) and a default."""
+
+    http_port: int = 8080
+    host: str = "0.0.0.0"  # Vertex AI connects from outside the container; the local target passes 127.0.0.1
+    health_route: str = "/health"
+    predict_route: str = "/predict"
+    storage_uri: str = ""
+    model: str = ""
+    vae: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    queue_size: int = 4
+    time_limit_s: float = 55.0
+    max_request_bytes: int = VERTEX_SHARED_PAYLOAD_BYTES
+    max_response_bytes: int = VERTEX_SHARED_PAYLOAD_BYTES
+    max_images: int = 4
+    warmup: tuple[tuple[int, int], ...] | None = None  # None: the model's native size
+    cache_dir: Path = Path.home() / ".cache" / "sdxl_server"
+    log_prompts: bool = False
+
+    @property
+    def model_source(self) -> str:
+        """SDXL_MODEL if set, else the Vertex AI artifact copy, else the tiny test model."""
+        return self.model or self.storage_uri or "tiny"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from `environ` (default os.environ); a bad value raises SettingsError naming it."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            var, parse = _ENV[field.name]
+            raw = environ.get(var)
+            if raw is None or (raw == "" and field.name not in {"storage_uri", "model"}):
+                continue
+            try:
+                values[field.name] = parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{var}={raw!r} is invalid: {exc}", field=var) from None
+        for route in ("health_route", "predict_route"):
+            if route in values and not values[route].startswith("/"):
+                var = _ENV[route][0]
+                raise SettingsError(f"{var}={values[route]!r} is invalid: must start with '/'", field=var)
+        return cls(**values)
+
+
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "http_port": ("AIP_HTTP_PORT", _positive(int)),
+    "host": ("SDXL_HOST", str),
+    "health_route": ("AIP_HEALTH_ROUTE", str),
+    "predict_route": ("AIP_PREDICT_ROUTE", str),
+    "storage_uri": ("AIP_STORAGE_URI", str),
+    "model": ("SDXL_MODEL", str),
+    "vae": ("SDXL_VAE", str),
+    "device": ("SDXL_DEVICE", str),
+    "dtype": ("SDXL_DTYPE", _choice("auto", "fp16", "bf16", "fp32")),
+    "queue_size": ("SDXL_QUEUE_SIZE", _at_least(0, int)),
+    "time_limit_s": ("SDXL_TIME_LIMIT", _positive(float)),
+    "max_request_bytes": ("SDXL_MAX_REQUEST_BYTES", _positive(int)),
+    "max_response_bytes": ("SDXL_MAX_RESPONSE_BYTES", _positive(int)),
+    "max_images": ("SDXL_MAX_IMAGES", _positive(int)),
+    "warmup": ("SDXL_WARMUP", _parse_sizes),
+    "cache_dir": ("SDXL_CACHE_DIR", Path),
+    "log_prompts": ("SDXL_LOG_PROMPTS", _parse_bool),
+}

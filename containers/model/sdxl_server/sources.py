@@ -1,0 +1,249 @@
+"""Where a pipeline comes from: tiny, random-sdxl, a local folder, a Hugging Face repo id, or gs://."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdxl_server.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
+FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the pipeline runs, resolved from SDXL_DEVICE / SDXL_DTYPE."""
+
+    device: str
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Placement:
+        """'auto' means cuda with fp16 when a GPU is present, else cpu with fp32 (fp16 is slow on CPUs)."""
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "fp32" if device == "cpu" else "fp16"
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+        return cls(device=device, dtype=dtypes[dtype])
+
+
+def load_pipeline(source: str, placement: Placement, *, vae: str = "auto", cache_dir: Path) -> StableDiffusionXLPipeline:
+    """Build or load the SDXL pipeline named by `source` and put it on the device."""
+    if source == "tiny":
+        pipe = build_tiny_pipeline()
+    elif source == "random-sdxl":
+        pipe = build_random_sdxl(placement)
+    elif source.startswith("gs://"):
+        from sdxl_server.gcs import download_folder
+
+        pipe = _from_folder(download_folder(source, cache_dir / "gcs"), placement, vae)
+    elif Path(source).expanduser().is_dir():
+        pipe = _from_folder(Path(source).expanduser(), placement, vae)
+    elif _REPO_ID.match(source) and not Path(source).exists():
+        pipe = _from_hub(source, placement, vae)
+    else:
+        raise ModelLoadError(
+            f"SDXL_MODEL={source!r} is not 'tiny', 'random-sdxl', an existing folder, "
+            "a gs://bucket/folder URI or a Hugging Face repo id (owner/name)"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(placement.device, placement.dtype)
+
+
+def byte_level_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer that needs no download: every byte is a token (no merges), plus CLIP's specials.
+
+    Real SDXL has a 49,408-token BPE vocabulary; this stands in for it in the tiny and random models,
+    where the weights are random anyway and only the shapes matter.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny SDXL-architecture pipeline with deterministic random weights: the real code paths, in ms.
+
+    Same UNet family (text_time added embeddings, two text encoders, cross attention), a VAE with the
+    real 8x downscale, the real scheduler config. Native size 256x256.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = byte_level_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embeds + 6 time ids
+            cross_attention_dim=64,  # both encoders' hidden states, concatenated
+            norm_num_groups=1,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=256,
+            scaling_factor=0.13025,
+            force_upcast=False,
+        )
+    scheduler = EulerDiscreteScheduler.from_pretrained(CONFIGS / "scheduler")
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    ).to(torch.float32)
+
+
+def build_random_sdxl(placement: Placement) -> StableDiffusionXLPipeline:
+    """The full SDXL 1.0 architecture (real configs, fp16-fix VAE) with random weights, made on the device.
+
+    Random weights cost exactly the arithmetic of the real ones: this is what benchmarks time.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = byte_level_clip_tokenizer()
+
+    def text_config(name: str) -> Any:
+        config = json.loads((CONFIGS / name / "config.json").read_text())
+        # The byte-level stand-in vocabulary is smaller; the embedding table shrinks, nothing else changes.
+        config.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return CLIPTextConfig.from_dict(config)
+
+    # Initialising 3.5B parameters on the CPU in fp32 takes minutes; on the target device, seconds.
+    with torch.device(placement.device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(placement.dtype if placement.dtype.is_floating_point else previous)
+        try:
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "vae"))
+            text_encoder = CLIPTextModel(text_config("text_encoder"))
+            text_encoder_2 = CLIPTextModelWithProjection(text_config("text_encoder_2"))
+        finally:
+            torch.set_default_dtype(previous)
+    scheduler = EulerDiscreteScheduler.from_pretrained(CONFIGS / "scheduler")
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def _from_folder(folder: Path, placement: Placement, vae: str) -> StableDiffusionXLPipeline:
+    from diffusers import StableDiffusionXLPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    extra = _vae_override(vae, default="model", placement=placement)
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(
+            folder, torch_dtype=placement.dtype, add_watermarker=False, local_files_only=True, **extra
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the pipeline in {folder}: {exc}") from exc
+
+
+def _from_hub(repo_id: str, placement: Placement, vae: str) -> StableDiffusionXLPipeline:
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        extra = _vae_override(vae, default=FP16_FIX_VAE, placement=placement)
+        return StableDiffusionXLPipeline.from_pretrained(
+            repo_id, torch_dtype=placement.dtype, add_watermarker=False, use_safetensors=True, **extra
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the hub client raises many types: offline, 404, gated, disk full
+        raise ModelLoadError(
+            f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Without network access, set SDXL_MODEL to a local diffusers folder or a gs:// folder, "
+            "or bake the weights into the image (docker build --build-arg SDXL_WEIGHTS=...)"
+        ) from exc
+
+
+def _vae_override(vae: str, *, default: str, placement: Placement) -> dict[str, Any]:
+    """SDXL_VAE: 'auto' (fp16-fix for Hub models, the folder's own VAE for folders), 'model', or a source."""
+    choice = default if vae == "auto" else vae
+    if choice == "model":
+        return {}
+    from diffusers import AutoencoderKL
+
+    try:
+        return {"vae": AutoencoderKL.from_pretrained(choice, torch_dtype=placement.dtype)}
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load the VAE {choice!r} (SDXL_VAE): {exc}. Set SDXL_VAE=model to use the model's own"
+        ) from exc

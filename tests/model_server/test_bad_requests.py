@@ -1,0 +1,109 @@
+"""Malformed and out-of-range requests: a 4xx JSON error naming the field, and the server lives on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import Server
+
+
+def req(instance: dict[str, Any] | None = None, **parameters: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"instances": [{"prompt": "a fox", **(instance or {})}]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+BAD: list[tuple[str, Any, int, str]] = [
+    # (id, body (bytes are sent raw), status, field)
+    ("not-json", b'{"instances": [', 400, "body"),
+    ("not-utf8", b"\xff\xfe\x00", 400, "body"),
+    ("json-array", b"[1, 2]", 400, "body"),
+    ("json-string", b'"a fox"', 400, "body"),
+    ("empty-object", {}, 400, "instances"),
+    ("instances-not-a-list", {"instances": "a fox"}, 400, "instances"),
+    ("instances-empty", {"instances": []}, 400, "instances"),
+    ("instance-not-an-object", {"instances": ["a fox"]}, 400, "instances[0]"),
+    ("missing-prompt", {"instances": [{"seed": 1}]}, 400, "instances[0].prompt"),
+    ("empty-prompt", req({"prompt": ""}), 400, "instances[0].prompt"),
+    ("blank-prompt", req({"prompt": "   "}), 400, "instances[0].prompt"),
+    ("prompt-number", req({"prompt": 5}), 400, "instances[0].prompt"),
+    ("prompt-1MB", req({"prompt": "x" * 1_000_000}), 400, "instances[0].prompt"),
+    ("prompt-and-text", req({"text": "a fox"}), 400, "instances[0].text"),
+    ("negative-list", req({"negative_prompt": ["blurry"]}), 400, "instances[0].negative_prompt"),
+    ("unknown-instance-field", req({"promt": "typo"}), 400, "instances[0].promt"),
+    ("unknown-style", req({"style": "vaporwave"}), 400, "instances[0].style"),
+    ("style-number", req({"style": 3}), 400, "instances[0].style"),
+    ("seed-negative", req({"seed": -1}), 400, "instances[0].seed"),
+    ("seed-string", req({"seed": "42"}), 400, "instances[0].seed"),
+    ("seed-huge", req({"seed": 2**40}), 400, "instances[0].seed"),
+    ("seed-float", req({"seed": 1.5}), 400, "instances[0].seed"),
+    ("seed-bool", req({"seed": True}), 400, "instances[0].seed"),
+    ("steps-0", req(num_inference_steps=0), 400, "parameters.num_inference_steps"),
+    ("steps-1e6", req(num_inference_steps=10**6), 400, "parameters.num_inference_steps"),
+    ("steps-string", req(num_inference_steps="30"), 400, "parameters.num_inference_steps"),
+    ("guidance-negative", req(guidance_scale=-1), 400, "parameters.guidance_scale"),
+    ("guidance-1000", req(guidance_scale=1000), 400, "parameters.guidance_scale"),
+    ("guidance-string", req(guidance_scale="high"), 400, "parameters.guidance_scale"),
+    ("width-7", req(width=7), 400, "parameters.width"),
+    ("width-100000", req(width=100000), 400, "parameters.width"),
+    ("height-not-multiple-of-8", req(height=1001), 400, "parameters.height"),
+    ("width-float", req(width=512.0), 400, "parameters.width"),
+    ("num-images-0", req(num_images=0), 400, "parameters.num_images"),
+    ("num-images-over-max", req(num_images=5), 400, "parameters.num_images"),
+    ("fifty-instances", {"instances": [{"prompt": "a fox"}] * 50}, 400, "instances"),
+    ("format-gif", req(output_format="gif"), 400, "parameters.output_format"),
+    ("quality-0", req(quality=0), 400, "parameters.quality"),
+    ("quality-101", req(quality=101), 400, "parameters.quality"),
+    ("unknown-parameter", req(cfg=7), 400, "parameters.cfg"),
+    ("parameters-list", {"instances": [{"prompt": "a fox"}], "parameters": [30]}, 400, "parameters"),
+    ("unknown-top-level", {"instance": [{"prompt": "a fox"}]}, 400, "instances"),
+    ("body-2MB", {"instances": [{"prompt": "a fox", "pad": "x" * 2_000_000}]}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_request_gets_a_json_error_naming_the_field(model_server: Server, body: Any, status: int,
+                                                        field: str) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(model_server.url + model_server.predict_route, content=content,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status
+    assert error["field"] == field
+    assert field.split(".")[-1].split("[")[0] in error["message"]
+
+
+def test_out_of_range_messages_say_what_is_allowed(model_server: Server) -> None:
+    cases = {
+        "num_inference_steps": (req(num_inference_steps=0), "greater than or equal to 1"),
+        "width": (req(width=7), "multiple of 8 between 64 and 2048"),
+        "style": (req({"style": "vaporwave"}), "cinematic"),
+        "num_images": (req(num_images=5), "at most 4"),
+        "output_format": (req(output_format="gif"), "'png', 'jpeg' or 'webp'"),
+    }
+    for name, (body, allowed) in cases.items():
+        message = model_server.predict(body).json()["error"]["message"]
+        assert allowed in message, (name, message)
+
+
+def test_after_every_bad_request_the_server_is_healthy_and_serves(model_server: Server) -> None:
+    for case in BAD:
+        body = case[1]
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        httpx.post(model_server.url + model_server.predict_route, content=content, timeout=30)
+    assert model_server.health(timeout=1).status_code == 200
+    good = model_server.predict({"instances": [{"prompt": "a fox", "seed": 3}],
+                                 "parameters": {"num_inference_steps": 2, "width": 64, "height": 64}})
+    assert good.status_code == 200
+    assert len(good.json()["predictions"][0]["images"]) == 1
+
+
+def test_wrong_method_and_unknown_route_are_plain_4xx(model_server: Server) -> None:
+    assert httpx.get(model_server.url + model_server.predict_route).status_code == 405
+    assert httpx.post(model_server.url + "/nope", json={}).status_code == 404
