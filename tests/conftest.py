@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline():  # type: ignore[no-untyped-def]
+def tiny_pipeline():
     """The tiny SDXL pipeline, built once (read-only use: tests must not change it)."""
     from sdxl_server.sources import build_tiny_pipeline
 

@@ -112,3 +112,17 @@ def serve_app(app: object) -> Iterator[Server]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def gcs_emulator() -> Iterator[str]:
+    """gcp-storage-emulator in memory on a free loopback port; yields its URL for STORAGE_EMULATOR_HOST."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

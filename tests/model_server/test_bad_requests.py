@@ -67,11 +67,16 @@ BAD: list[tuple[str, Any, int, str]] = [
 
 
 @pytest.mark.parametrize(("body", "status", "field"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_request_gets_a_json_error_naming_the_field(model_server: Server, body: Any, status: int,
-                                                        field: str) -> None:
+def test_bad_request_gets_a_json_error_naming_the_field(
+    model_server: Server, body: Any, status: int, field: str
+) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(model_server.url + model_server.predict_route, content=content,
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        model_server.url + model_server.predict_route,
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == status
@@ -98,8 +103,12 @@ def test_after_every_bad_request_the_server_is_healthy_and_serves(model_server: 
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         httpx.post(model_server.url + model_server.predict_route, content=content, timeout=30)
     assert model_server.health(timeout=1).status_code == 200
-    good = model_server.predict({"instances": [{"prompt": "a fox", "seed": 3}],
-                                 "parameters": {"num_inference_steps": 2, "width": 64, "height": 64}})
+    good = model_server.predict(
+        {
+            "instances": [{"prompt": "a fox", "seed": 3}],
+            "parameters": {"num_inference_steps": 2, "width": 64, "height": 64},
+        }
+    )
     assert good.status_code == 200
     assert len(good.json()["predictions"][0]["images"]) == 1
 

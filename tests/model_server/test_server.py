@@ -17,20 +17,44 @@ from PIL import Image
 from tests.servers import Server, server_process
 
 CONTRACT_EXAMPLE = {
-    "instances": [{"prompt": "a red fox in snow", "negative_prompt": "blurry", "style": "cinematic",
-                   "seed": 42, "prompt_2": None, "negative_prompt_2": None}],
-    "parameters": {"num_inference_steps": 30, "guidance_scale": 5.0, "width": 1024, "height": 1024,
-                   "num_images": 1, "output_format": "jpeg", "quality": 90},
+    "instances": [
+        {
+            "prompt": "a red fox in snow",
+            "negative_prompt": "blurry",
+            "style": "cinematic",
+            "seed": 42,
+            "prompt_2": None,
+            "negative_prompt_2": None,
+        }
+    ],
+    "parameters": {
+        "num_inference_steps": 30,
+        "guidance_scale": 5.0,
+        "width": 1024,
+        "height": 1024,
+        "num_images": 1,
+        "output_format": "jpeg",
+        "quality": 90,
+    },
 }
 
 
-def small(prompt: str = "a red fox in snow", *, seed: int | None = 7, steps: int = 3, size: int = 64,
-          fmt: str = "png", **params: object) -> dict[str, object]:
+def small(
+    prompt: str = "a red fox in snow",
+    *,
+    seed: int | None = 7,
+    steps: int = 3,
+    size: int = 64,
+    fmt: str = "png",
+    **params: object,
+) -> dict[str, object]:
     instance: dict[str, object] = {"prompt": prompt}
     if seed is not None:
         instance["seed"] = seed
-    return {"instances": [instance], "parameters": {"num_inference_steps": steps, "width": size, "height": size,
-                                                    "output_format": fmt, **params}}
+    return {
+        "instances": [instance],
+        "parameters": {"num_inference_steps": steps, "width": size, "height": size, "output_format": fmt, **params},
+    }
 
 
 def decode(b64: str) -> Image.Image:
@@ -96,27 +120,38 @@ def test_a_seed_is_drawn_and_returned_when_none_is_given(model_server: Server) -
     first = prediction["seeds"][0]
     assert prediction["seeds"] == [first, first + 1]
     replay = model_server.predict(small(seed=first)).json()["predictions"][0]
-    assert replay["images"][0] == prediction["images"][0] or np.abs(
-        np.asarray(decode(replay["images"][0]), int) - np.asarray(decode(prediction["images"][0]), int)
-    ).max() <= 2
+    assert (
+        replay["images"][0] == prediction["images"][0]
+        or np.abs(np.asarray(decode(replay["images"][0]), int) - np.asarray(decode(prediction["images"][0]), int)).max()
+        <= 2
+    )
 
 
 def test_one_prediction_per_instance_in_order_and_model_garden_text(model_server: Server) -> None:
-    body = {"instances": [{"prompt": "one", "seed": 1}, {"text": "two", "seed": 2}],
-            "parameters": {"num_inference_steps": 2, "width": 64, "height": 64}}
+    body = {
+        "instances": [{"prompt": "one", "seed": 1}, {"text": "two", "seed": 2}],
+        "parameters": {"num_inference_steps": 2, "width": 64, "height": 64},
+    }
     predictions = model_server.predict(body).json()["predictions"]
     assert [p["seeds"] for p in predictions] == [[1], [2]]
     assert "output" not in predictions[0]
     assert predictions[1]["output"] == predictions[1]["images"][0]
 
 
-def test_the_server_png_equals_a_plain_diffusers_pipeline_pixel_for_pixel(model_server: Server, tiny_pipeline) -> None:  # type: ignore[no-untyped-def]
+def test_the_server_png_equals_a_plain_diffusers_pipeline_pixel_for_pixel(model_server: Server, tiny_pipeline) -> None:
     import torch
 
-    args = {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "guidance_scale": 6.5,
-            "width": 128, "height": 96}
-    body = {"instances": [{"prompt": args["prompt"], "seed": 1234}],
-            "parameters": {**{k: v for k, v in args.items() if k != "prompt"}, "output_format": "png"}}
+    args = {
+        "prompt": "a lighthouse at dusk",
+        "num_inference_steps": 4,
+        "guidance_scale": 6.5,
+        "width": 128,
+        "height": 96,
+    }
+    body = {
+        "instances": [{"prompt": args["prompt"], "seed": 1234}],
+        "parameters": {**{k: v for k, v in args.items() if k != "prompt"}, "output_format": "png"},
+    }
     served = decode(model_server.predict(body).json()["predictions"][0]["images"][0])
     expected = tiny_pipeline(**args, generator=torch.Generator("cpu").manual_seed(1234)).images[0]
     assert served.size == expected.size == (128, 96)
@@ -149,8 +184,9 @@ def test_eight_concurrent_requests_against_a_queue_of_two(model_server: Server) 
     watcher.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda i: model_server.predict(small(seed=i, steps=12, size=128), timeout=60),
-                                      range(8)))
+            responses = list(
+                pool.map(lambda i: model_server.predict(small(seed=i, steps=12, size=128), timeout=60), range(8))
+            )
     finally:
         done.set()
         watcher.join()

@@ -9,8 +9,11 @@ import sys
 def main() -> int:
     """Read settings from the environment and serve until stopped."""
     # Before any library import: never phone home from a container that may have no network.
-    for var, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("DIFFUSERS_VERBOSITY", "error"),
-                       ("TRANSFORMERS_VERBOSITY", "error")):
+    for var, value in (
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+    ):
         os.environ.setdefault(var, value)
     import uvicorn
 
@@ -26,12 +29,24 @@ def main() -> int:
     except SettingsError as exc:
         print(f"sdxl_server: {exc.message}", file=sys.stderr)
         return 2
-    logs.log("starting", port=settings.http_port, health=settings.health_route,
-             predict=settings.predict_route, model=settings.model_source)
+    logs.log(
+        "starting",
+        port=settings.http_port,
+        health=settings.health_route,
+        predict=settings.predict_route,
+        model=settings.model_source,
+    )
     app = create_app(settings, load=load_generator)
     # One worker: a second process would load a second copy of the model onto the same GPU.
-    uvicorn.run(app, host=settings.host, port=settings.http_port, workers=1, access_log=False,
-                log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        workers=1,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 

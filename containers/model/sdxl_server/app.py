@@ -120,7 +120,10 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             draw_seed=lambda: secrets.randbelow(2**32 - 64),
         )
         fields.update(
-            steps=parsed.steps, width=parsed.width, height=parsed.height, images=parsed.num_images,
+            steps=parsed.steps,
+            width=parsed.width,
+            height=parsed.height,
+            images=parsed.num_images,
             format=parsed.output_format,
             **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from sdxl_server.errors import ModelLoadError
 
@@ -19,13 +20,16 @@ def download_folder(uri: str, cache_dir: Path) -> Path:
     try:
         from google.cloud import storage
 
-        client = _client(storage)
-        blobs = [b for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None)
-                 if not b.name.endswith("/")]
+        client: Any = _client(storage)
+        blobs = [
+            b
+            for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None)
+            if not b.name.endswith("/")
+        ]
         if not blobs:
             raise ModelLoadError(f"{uri} is empty or does not exist")
         for blob in blobs:
-            target = destination / blob.name[len(prefix):].lstrip("/")
+            target = destination / blob.name[len(prefix) :].lstrip("/")
             if target.is_file() and target.stat().st_size == blob.size:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -39,10 +43,10 @@ def download_folder(uri: str, cache_dir: Path) -> Path:
     return destination
 
 
-def _client(storage: object) -> object:
+def _client(storage: Any) -> Any:
     """Anonymous against an emulator (STORAGE_EMULATOR_HOST), else the container's service account."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project="emulator", credentials=AnonymousCredentials())  # type: ignore[attr-defined]
-    return storage.Client()  # type: ignore[attr-defined]
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    return storage.Client()

@@ -35,8 +35,9 @@ class Generator:
         """Run two steps at each size, so the first real request pays no first-call costs."""
         for width, height in sizes:
             job = Job("warm-up", None, None, None, (0,), model_garden=False)
-            request = Request((job,), steps=2, guidance_scale=5.0, width=width, height=height,
-                              output_format="jpeg", quality=90)
+            request = Request(
+                (job,), steps=2, guidance_scale=5.0, width=width, height=height, output_format="jpeg", quality=90
+            )
             self.generate(request)
 
     def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
@@ -65,4 +66,3 @@ class Generator:
                 callback_on_step_end=stop_between_steps,
             )
         return list(result.images)
-

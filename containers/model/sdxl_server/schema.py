@@ -107,9 +107,7 @@ class Request:
         return sum(len(job.prompt) for job in self.jobs)
 
 
-def parse_request(
-    body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any
-) -> Request:
+def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any) -> Request:
     """Parse and validate a request body; raise InvalidRequest naming the field and what is allowed."""
     try:
         data = json.loads(body)

@@ -41,7 +41,9 @@ class Placement:
         return cls(device=device, dtype=dtypes[dtype])
 
 
-def load_pipeline(source: str, placement: Placement, *, vae: str = "auto", cache_dir: Path) -> StableDiffusionXLPipeline:
+def load_pipeline(
+    source: str, placement: Placement, *, vae: str = "auto", cache_dir: Path
+) -> StableDiffusionXLPipeline:
     """Build or load the SDXL pipeline named by `source` and put it on the device."""
     if source == "tiny":
         pipe = build_tiny_pipeline()
@@ -51,7 +53,7 @@ def load_pipeline(source: str, placement: Placement, *, vae: str = "auto", cache
         from sdxl_server.gcs import download_folder
 
         pipe = _from_folder(download_folder(source, cache_dir / "gcs"), placement, vae)
-    elif Path(source).expanduser().is_dir():
+    elif source.strip() and Path(source).expanduser().is_dir():
         pipe = _from_folder(Path(source).expanduser(), placement, vae)
     elif _REPO_ID.match(source) and not Path(source).exists():
         pipe = _from_hub(source, placement, vae)
@@ -207,43 +209,60 @@ def _from_folder(folder: Path, placement: Placement, vae: str) -> StableDiffusio
 
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    extra = _vae_override(vae, default="model", placement=placement)
     try:
-        return StableDiffusionXLPipeline.from_pretrained(
-            folder, torch_dtype=placement.dtype, add_watermarker=False, local_files_only=True, **extra
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            folder,
+            torch_dtype=placement.dtype,
+            add_watermarker=False,
+            local_files_only=True,
+            **_skip_vae_if_replaced(vae, default="model"),
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the pipeline in {folder}: {exc}") from exc
+    return _with_vae(pipe, vae, default="model", placement=placement)
 
 
 def _from_hub(repo_id: str, placement: Placement, vae: str) -> StableDiffusionXLPipeline:
     from diffusers import StableDiffusionXLPipeline
 
     try:
-        extra = _vae_override(vae, default=FP16_FIX_VAE, placement=placement)
-        return StableDiffusionXLPipeline.from_pretrained(
-            repo_id, torch_dtype=placement.dtype, add_watermarker=False, use_safetensors=True, **extra
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            repo_id,
+            torch_dtype=placement.dtype,
+            add_watermarker=False,
+            use_safetensors=True,
+            **_skip_vae_if_replaced(vae, default=FP16_FIX_VAE),
         )
-    except ModelLoadError:
-        raise
     except Exception as exc:  # the hub client raises many types: offline, 404, gated, disk full
         raise ModelLoadError(
             f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             "Without network access, set SDXL_MODEL to a local diffusers folder or a gs:// folder, "
             "or bake the weights into the image (docker build --build-arg SDXL_WEIGHTS=...)"
         ) from exc
+    return _with_vae(pipe, vae, default=FP16_FIX_VAE, placement=placement)
 
 
-def _vae_override(vae: str, *, default: str, placement: Placement) -> dict[str, Any]:
-    """SDXL_VAE: 'auto' (fp16-fix for Hub models, the folder's own VAE for folders), 'model', or a source."""
+# SDXL_VAE: 'auto' means the fp16-fix VAE for Hub models (the original VAE overflows in fp16) and the
+# folder's own VAE for folders (`python -m sdxl_server.fetch` already put the fp16-fix one there);
+# 'model' keeps the pipeline's own; anything else is a VAE source (Hub id or folder).
+def _skip_vae_if_replaced(vae: str, *, default: str) -> dict[str, Any]:
+    choice = default if vae == "auto" else vae
+    return {} if choice == "model" else {"vae": None}
+
+
+def _with_vae(
+    pipe: StableDiffusionXLPipeline, vae: str, *, default: str, placement: Placement
+) -> StableDiffusionXLPipeline:
     choice = default if vae == "auto" else vae
     if choice == "model":
-        return {}
+        return pipe
     from diffusers import AutoencoderKL
 
     try:
-        return {"vae": AutoencoderKL.from_pretrained(choice, torch_dtype=placement.dtype)}
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(choice, torch_dtype=placement.dtype))
     except Exception as exc:
         raise ModelLoadError(
-            f"could not load the VAE {choice!r} (SDXL_VAE): {exc}. Set SDXL_VAE=model to use the model's own"
+            f"could not load the VAE {choice!r} (SDXL_VAE) from a folder or the Hugging Face Hub: {exc}. "
+            "Set SDXL_VAE=model to use the model's own VAE"
         ) from exc
+    return pipe

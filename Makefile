@@ -1,0 +1,31 @@
+# `make demo` and `make test` are the README's two commands; both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build this project's machines install offline (constraints.txt);
+# on a GPU machine install a CUDA build of torch into the venv before `make install` (README, "GPU").
+$(STAMP): pyproject.toml containers/model/pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
+		-e "containers/model[gcs]" -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sdxlctl

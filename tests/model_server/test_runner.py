@@ -1,0 +1,86 @@
+"""The runner with plain blocking functions: order, queue bound, time limit, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from sdxl_server.errors import QueueFull, TimeLimitExceeded
+from sdxl_server.runner import Runner
+
+
+def sleeper(seconds: float, log: list[str], name: str) -> Callable[[Callable[[], bool]], str]:
+    def work(should_stop: Callable[[], bool]) -> str:
+        log.append(f"start {name} on {threading.current_thread().name}")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if should_stop():
+                log.append(f"stopped {name}")
+                raise TimeLimitExceeded("stopped")
+            time.sleep(0.01)
+        return name
+
+    return work
+
+
+def test_work_runs_one_at_a_time_in_arrival_order() -> None:
+    async def main() -> list[str]:
+        runner, log = Runner(queue_size=5, time_limit_s=10), list[str]()
+        results = await asyncio.gather(*(runner.run(sleeper(0.05, log, str(i))) for i in range(4)))
+        await runner.close()
+        assert results == ["0", "1", "2", "3"]
+        return log
+
+    log = asyncio.run(main())
+    assert [entry.split()[1] for entry in log] == ["0", "1", "2", "3"]
+    assert all("sdxl-generate" in entry for entry in log)
+
+
+def test_a_full_queue_answers_queue_full_with_retry_after() -> None:
+    async def main() -> list[str | BaseException]:
+        runner, log = Runner(queue_size=1, time_limit_s=10), list[str]()
+        outcomes = await asyncio.gather(
+            *(runner.run(sleeper(0.2, log, str(i))) for i in range(4)), return_exceptions=True
+        )
+        await runner.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes[:2] == ["0", "1"]
+    assert all(isinstance(o, QueueFull) and o.retry_after and o.retry_after >= 1 for o in outcomes[2:])
+
+
+def test_over_the_limit_answers_at_the_limit_and_stops_the_work() -> None:
+    async def main() -> tuple[float, list[str], str]:
+        runner, log = Runner(queue_size=2, time_limit_s=0.3), list[str]()
+        started = time.monotonic()
+        with pytest.raises(TimeLimitExceeded):
+            await runner.run(sleeper(5, log, "slow"))
+        elapsed = time.monotonic() - started
+        runner.time_limit_s = 5
+        after = await runner.run(sleeper(0.01, log, "next"))
+        await runner.close()
+        return elapsed, log, after
+
+    elapsed, log, after = asyncio.run(main())
+    assert elapsed < 1.0
+    assert "stopped slow" in log and after == "next"
+
+
+def test_an_error_in_the_work_reaches_the_caller_and_the_runner_goes_on() -> None:
+    def broken(should_stop: Callable[[], bool]) -> str:
+        raise RuntimeError("CUDA out of memory")
+
+    async def main() -> str:
+        runner = Runner(queue_size=2, time_limit_s=5)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await runner.run(broken)
+        result = await runner.run(lambda should_stop: "fine")
+        await runner.close()
+        return result
+
+    assert asyncio.run(main()) == "fine"

@@ -1,0 +1,69 @@
+"""Settings come from the environment, each with a default; bad values name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdxl_server.errors import SettingsError
+from sdxl_server.settings import Settings
+
+
+def test_defaults_meet_vertex_ai() -> None:
+    settings = Settings.from_env({})
+    assert (settings.http_port, settings.health_route, settings.predict_route) == (8080, "/health", "/predict")
+    assert settings.host == "0.0.0.0"
+    assert settings.time_limit_s < 60
+    assert settings.max_response_bytes == settings.max_request_bytes == 1_500_000
+    assert settings.model_source == "tiny"
+
+
+def test_vertex_variables_and_knobs_are_read() -> None:
+    settings = Settings.from_env(
+        {
+            "AIP_HTTP_PORT": "7080",
+            "AIP_HEALTH_ROUTE": "/ping",
+            "AIP_PREDICT_ROUTE": "/v1/predict",
+            "SDXL_QUEUE_SIZE": "0",
+            "SDXL_TIME_LIMIT": "30.5",
+            "SDXL_MAX_RESPONSE_BYTES": "10000000",
+            "SDXL_MAX_IMAGES": "8",
+            "SDXL_WARMUP": "1024x1024, 768x1344",
+            "SDXL_LOG_PROMPTS": "yes",
+            "SDXL_DTYPE": "BF16",
+            "SDXL_CACHE_DIR": "/tmp/c",
+        }
+    )
+    assert (settings.http_port, settings.health_route, settings.predict_route) == (7080, "/ping", "/v1/predict")
+    assert (settings.queue_size, settings.time_limit_s, settings.max_images) == (0, 30.5, 8)
+    assert settings.warmup == ((1024, 1024), (768, 1344))
+    assert settings.log_prompts and settings.dtype == "bf16" and settings.cache_dir == Path("/tmp/c")
+
+
+def test_model_source_prefers_sdxl_model_then_the_vertex_artifact() -> None:
+    assert Settings.from_env({"AIP_STORAGE_URI": "gs://b/m"}).model_source == "gs://b/m"
+    assert Settings.from_env({"AIP_STORAGE_URI": "gs://b/m", "SDXL_MODEL": "random-sdxl"}).model_source == "random-sdxl"
+    assert Settings.from_env({"AIP_STORAGE_URI": ""}).model_source == "tiny"
+    assert Settings.from_env({"SDXL_WARMUP": "none"}).warmup == ()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("AIP_HTTP_PORT", "http"),
+        ("AIP_HTTP_PORT", "0"),
+        ("AIP_HEALTH_ROUTE", "health"),
+        ("SDXL_QUEUE_SIZE", "-1"),
+        ("SDXL_TIME_LIMIT", "0"),
+        ("SDXL_DTYPE", "int8"),
+        ("SDXL_WARMUP", "1024"),
+        ("SDXL_LOG_PROMPTS", "maybe"),
+        ("SDXL_MAX_IMAGES", "many"),
+    ],
+)
+def test_a_bad_value_names_the_variable(var: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({var: value})
+    assert raised.value.field == var
+    assert var in raised.value.message and repr(value) in raised.value.message
