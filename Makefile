@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml containers/model/pyproject.toml constraints.txt
 		-e "containers/model[gcs]" -e ".[dev]"
 	touch $(STAMP)
 
+# The local target: no cloud account, no Docker, no network. The tiny model draws noise by design.
 demo: install
-	$(PY) scripts/demo.py
+	$(VENV)/bin/sdxlctl deploy
+	$(VENV)/bin/sdxlctl predict "a red fox in the snow, golden hour" --seed 42 -o out.png
+	@echo
+	@echo "The image is in $(CURDIR)/out.png. The model server keeps running:"
+	@echo "  $(VENV)/bin/sdxlctl status             what runs, where, since when"
+	@echo "  $(VENV)/bin/sdxlctl predict \"...\" -o x.png   another image"
+	@echo "  $(VENV)/bin/sdxlctl teardown --yes     stop it"
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,0 +1,5 @@
+"""`python -m sdxlctl`."""
+
+from sdxlctl.cli import main
+
+main()

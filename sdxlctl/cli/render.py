@@ -1,0 +1,107 @@
+"""Turn core results into text (stderr for people) or JSON (stdout for programs)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+
+from sdxlctl.cli.console import err, out
+from sdxlctl.config import Config
+from sdxlctl.core import DeployResult, PredictResult, ResourceStatus, TeardownOutcome
+from sdxlctl.state import Resource
+
+
+def duration(seconds: float) -> str:
+    """3s, 4m 05s, 2h 03m, 3d 04h."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600:02d}h"
+
+
+def _json(data: Any) -> None:
+    def encode(value: Any) -> Any:
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+
+    out.print_json(json.dumps(data, default=encode))
+
+
+def deployed(result: DeployResult) -> None:
+    verb = {
+        "started": "started",
+        "restarted": "restarted (config changed)",
+        "unchanged": "already running",
+        "resumed": "ready",
+    }[result.action]
+    err.print(
+        f"[green]✓[/] model server {verb} at {result.resource.url} "
+        f"(pid {result.resource.details.get('pid')}, {result.seconds:.1f}s)"
+    )
+    out.print(result.resource.url)
+
+
+def predicted(result: PredictResult, *, as_json: bool) -> None:
+    if as_json:
+        _json(
+            {
+                "paths": [str(p) for p in result.paths],
+                "seeds": result.seeds,
+                "width": result.width,
+                "height": result.height,
+                "format": result.output_format,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    for path, seed in zip(result.paths, result.seeds, strict=True):
+        out.print(f"{path}  seed {seed}")
+    err.print(
+        f"[green]✓[/] {len(result.paths)} image(s), {result.width}x{result.height} {result.output_format}, "
+        f"in {result.seconds:.1f}s"
+    )
+
+
+def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None:
+    if as_json:
+        _json({"deployment": config.name, "target": config.target, "resources": [asdict(row) for row in rows]})
+        return
+    if not rows:
+        err.print(f"nothing deployed for {config.name!r} (target {config.target}); `sdxlctl deploy` starts it")
+        return
+    table = Table(title=f"{config.name} ({config.target})", title_justify="left")
+    for column in ("what", "name", "state", "where", "up for", "since"):
+        table.add_column(column, no_wrap=column in {"where", "since"})
+    colours = {"ready": "green", "loading": "yellow", "starting": "yellow"}
+    for row in rows:
+        colour = colours.get(row.state, "red")
+        table.add_row(
+            row.kind,
+            row.name,
+            f"[{colour}]{row.state}[/]",
+            row.url,
+            duration(row.uptime_s),
+            row.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+        )
+    out.print(table)
+
+
+def teardown_plan(plan: list[Resource]) -> None:
+    err.print("will stop and forget:")
+    for resource in plan:
+        err.print(f"  {resource.kind:14} {resource.name:24} {resource.url}")
+
+
+def torn_down(outcomes: list[TeardownOutcome]) -> None:
+    for outcome in outcomes:
+        mark = "[green]✓[/]" if outcome.ok else "[red]✗[/]"
+        err.print(f"{mark} {outcome.kind:14} {outcome.name:24} {outcome.message}")
+    failed = sum(not o.ok for o in outcomes)
+    err.print(f"{len(outcomes) - failed} removed, {failed} failed")

@@ -1,0 +1,168 @@
+"""sdxlctl.toml as one validated object, loaded once and passed down."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdxlctl.errors import ConfigError
+
+CONFIG_NAME = "sdxlctl.toml"
+ENV_PREFIX = "SDXLCTL_"
+GPUS = ("t4", "l4", "a100", "a100-80", "h100", "h200")
+
+
+class Section(BaseModel):
+    """Unknown keys are refused: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Gcp(Section):
+    """Where in Google Cloud the deployment lives."""
+
+    project: str = Field("", description="Google Cloud project id", examples=["my-project"])
+    region: str = Field("us-central1", description="region of the endpoint, build and UI")
+    staging_bucket: str = Field("", description="gs:// bucket for build sources (default: gs://PROJECT-sdxlctl)")
+    artifact_repository: str = Field("sdxlctl", description="Artifact Registry Docker repository")
+    api_endpoint: str = Field("", description="base URL of the Google APIs; empty: Google's (set for the emulator)")
+
+
+class Model(Section):
+    """What the model server loads and how it serves."""
+
+    source: str = Field("tiny", description="tiny | random-sdxl | local folder | Hub repo id | gs:// folder")
+    vae: str = Field("auto", description="auto | model | a VAE source")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    queue_size: int = Field(4, ge=0, le=1000)
+    time_limit_s: float = Field(55.0, gt=0, le=3600)
+    max_images: int = Field(4, ge=1, le=16)
+
+
+class Deploy(Section):
+    """The GPU endpoint."""
+
+    gpu: Literal["t4", "l4", "a100", "a100-80", "h100", "h200"] = "l4"
+    min_replicas: int = Field(1, ge=0, le=100)
+    max_replicas: int = Field(1, ge=1, le=100)
+    endpoint: Literal["shared", "dedicated"] = "shared"
+    timeout_min: int = Field(60, ge=1, le=120, description="minutes to wait for a deploy to finish")
+
+
+class Ui(Section):
+    """The Gradio UI."""
+
+    public: bool = Field(False, description="allow unauthenticated access to the Cloud Run service")
+
+
+class Local(Section):
+    """Ports and waits of the local target."""
+
+    host: str = "127.0.0.1"
+    server_port: int = Field(8080, ge=1, le=65535)
+    ui_port: int = Field(7860, ge=1, le=65535)
+    startup_timeout_s: float = Field(300.0, gt=0, le=7200)
+
+
+class Config(Section):
+    """The whole of sdxlctl.toml."""
+
+    name: str = Field("sdxl", pattern=r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$", description="deployment name")
+    target: Literal["local", "vertex"] = "local"
+    gcp: Gcp = Field(default_factory=Gcp)
+    model: Model = Field(default_factory=Model)
+    deploy: Deploy = Field(default_factory=Deploy)
+    ui: Ui = Field(default_factory=Ui)
+    local: Local = Field(default_factory=Local)
+
+    # Where the config came from (None: built-in defaults); the state lives beside it.
+    path: Path | None = Field(None, exclude=True)
+
+    @property
+    def home(self) -> Path:
+        """The folder sdxlctl keeps its state in: beside the config file, else the current folder."""
+        return (self.path.parent if self.path else Path.cwd()) / ".sdxlctl"
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (default ./sdxlctl.toml if present), apply SDXLCTL_<SECTION>_<KEY> overrides, validate."""
+    environ = os.environ if environ is None else environ
+    if path is None and Path(CONFIG_NAME).is_file():
+        path = Path(CONFIG_NAME)
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path}: no such file", hint="pass --config PATH, or leave it out for defaults"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    from_env = _apply_env(data, environ)
+    try:
+        config = Config.model_validate({**data, "path": path.resolve() if path else None})
+    except ValidationError as exc:
+        raise _config_error(exc, source, from_env) from None
+    if config.deploy.min_replicas > config.deploy.max_replicas:
+        raise ConfigError(
+            f"{source}: deploy.min_replicas ({config.deploy.min_replicas}) is above deploy.max_replicas "
+            f"({config.deploy.max_replicas})",
+            hint="raise max_replicas or lower min_replicas",
+        )
+    return config
+
+
+def _is_section(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Merge SDXLCTL_* variables into `data`; return which keys came from which variable."""
+    sections = {name for name, field in Config.model_fields.items() if _is_section(field.annotation)}
+    applied: dict[tuple[str, ...], str] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] must be a table to apply {var}")
+            table[key] = value
+            applied[(section, key)] = var
+        else:
+            data[rest] = value
+            applied[(rest,)] = var
+    return applied
+
+
+def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, ...], str]) -> ConfigError:
+    """The first problem as 'file: section.key = value: what is allowed'."""
+    error = exc.errors(include_url=False)[0]
+    location = tuple(str(part) for part in error["loc"])
+    key = ".".join(location)
+    where = f"{from_env[location]} (environment)" if location in from_env else f"{source}: {key}"
+    if error["type"] == "extra_forbidden":
+        section = location[:-1]
+        model: type[BaseModel] = Config
+        for part in section:
+            model = Config.model_fields[part].annotation  # type: ignore[assignment]
+        allowed = ", ".join(name for name in model.model_fields if name != "path")
+        return ConfigError(
+            f"{where}: unknown key",
+            hint=f"allowed in {'[' + section[0] + ']' if section else 'the top level'}: {allowed}",
+        )
+    value = error.get("input")
+    message = error["msg"]
+    if error["type"] == "string_pattern_mismatch" and location == ("name",):
+        message = "must be 2-32 lowercase letters, digits or '-', starting with a letter (it names cloud resources)"
+    return ConfigError(f"{where} = {value!r}: {message}")

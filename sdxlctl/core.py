@@ -1,0 +1,318 @@
+"""What sdxlctl does, as functions that take the config and the state store and return data."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sdxlctl import client, local
+from sdxlctl.config import Config
+from sdxlctl.errors import DeployError, NotAvailable, UsageError
+from sdxlctl.state import Resource, StateStore
+
+Progress = Callable[[str], None]
+SERVER = "local-server"
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def not_yet(step: str, config: Config) -> NotAvailable:
+    """The honest answer for a step whose half for this target is not built yet."""
+    return NotAvailable(
+        f"`sdxlctl {step}` for target {config.target!r} is not built yet",
+        hint='target = "local" runs deploy, predict, status and teardown on this machine',
+    )
+
+
+# ---------------------------------------------------------------- deploy
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What deploy did and where the server answers."""
+
+    action: Literal["started", "restarted", "unchanged", "resumed"]
+    resource: Resource
+    seconds: float
+
+
+def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) -> DeployResult:
+    """Make the model server run as the config says: start, restart on a changed config, or do nothing."""
+    if config.target != "local":
+        raise not_yet("deploy", config)
+    started = time.monotonic()
+    spec = local.server_spec(config)
+    with store.transaction() as state:
+        current = state.get(config.name, SERVER)
+        alive = current is not None and local.is_running(current.details.get("pid", -1), spec.module)
+        if current is not None and alive and current.details.get("digest") == spec.digest:
+            resource = current
+            action: Literal["started", "restarted", "unchanged", "resumed"] = "unchanged"
+        else:
+            if current is not None and alive:
+                progress("stopping the server started with the previous config")
+                local.stop(current.details["pid"], spec.module)
+            state.remove(config.name, SERVER)
+            progress("starting the model server")
+            log_path = config.home / "logs" / f"{config.name}-server.log"
+            # Recorded before waiting, so that an interrupted wait leaves a process that status, deploy
+            # and teardown all know about; and no Ctrl-C between start and record, or it would run unknown.
+            with interrupts_deferred():
+                pid = local.start(spec, log_path)
+                resource = Resource(
+                    kind=SERVER,
+                    name=f"{config.name}-server",
+                    target="local",
+                    url=f"http://{config.local.host}:{spec.port}",
+                    details={
+                        "pid": pid,
+                        "port": spec.port,
+                        "digest": spec.digest,
+                        "log": str(log_path),
+                        "model": config.model.source,
+                        "health_route": "/health",
+                        "predict_route": "/predict",
+                    },
+                )
+                state.put(config.name, resource)
+                store.write(state)
+            action = "restarted" if current is not None else "started"
+    ready_at_once = action == "unchanged" and local.health(_health_url(resource))[0] == 200
+    if not ready_at_once:
+        _wait_until_ready(config, store, resource, progress)
+        if action == "unchanged":
+            action = "resumed"
+    return DeployResult(action, resource, time.monotonic() - started)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block is done (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _health_url(resource: Resource) -> str:
+    return resource.url + resource.details.get("health_route", "/health")
+
+
+def _wait_until_ready(config: Config, store: StateStore, resource: Resource, progress: Progress) -> None:
+    pid, log_path = resource.details["pid"], Path(resource.details["log"])
+    deadline = time.monotonic() + config.local.startup_timeout_s
+    progress(f"loading model {config.model.source!r}")
+    while time.monotonic() < deadline:
+        status, body = local.health(_health_url(resource))
+        if status == 200:
+            return
+        if body.get("status") == "failed" or not local.is_running(pid, "sdxl_server") or local.is_zombie(pid):
+            local.stop(pid, "sdxl_server")
+            with store.transaction() as state:
+                state.remove(config.name, SERVER)
+            reason = body.get("reason") or local.tail(log_path) or "it exited"
+            raise DeployError(f"the model server did not start: {reason}", hint=f"full log: {log_path}")
+        progress(f"loading model {config.model.source!r} ({body.get('status', 'starting')})")
+        time.sleep(0.2)
+    raise DeployError(
+        f"the model server was not ready after {config.local.startup_timeout_s:g} s",
+        hint=f"it is still running (pid {pid}); `sdxlctl deploy` waits again, `sdxlctl teardown` stops it; "
+        f"log: {log_path}",
+    )
+
+
+# ---------------------------------------------------------------- predict
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What `sdxlctl predict` asks for; None means the server's default."""
+
+    prompt: str
+    output: Path
+    num_images: int = 1
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    style: str | None = None
+    output_format: str | None = None
+    quality: int | None = None
+
+    @property
+    def format(self) -> str:
+        """--format, else from the extension of the output file."""
+        by_extension = FORMATS.get(self.output.suffix.lower())
+        if self.output_format is None:
+            if by_extension is None:
+                raise UsageError(
+                    f"-o {self.output}: cannot tell the image format from {self.output.suffix or 'no extension'!r}",
+                    hint="end the file name in .png, .jpg or .webp, or pass --format",
+                )
+            return by_extension
+        if by_extension is not None and by_extension != self.output_format:
+            raise UsageError(
+                f"--format {self.output_format} does not match -o {self.output}",
+                hint=f"name the file *.{self.output_format.replace('jpeg', 'jpg')} or drop --format",
+            )
+        return self.output_format
+
+    def body(self) -> dict[str, Any]:
+        """The request in the server contract."""
+        instance: dict[str, Any] = {"prompt": self.prompt}
+        optional_instance = {"negative_prompt": self.negative_prompt, "seed": self.seed, "style": self.style}
+        instance.update({k: v for k, v in optional_instance.items() if v is not None})
+        parameters: dict[str, Any] = {"num_images": self.num_images, "output_format": self.format}
+        optional = {
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "quality": self.quality,
+        }
+        parameters.update({k: v for k, v in optional.items() if v is not None})
+        return {"instances": [instance], "parameters": parameters}
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """The files written and what made them."""
+
+    paths: list[Path]
+    seeds: list[int]
+    width: int
+    height: int
+    output_format: str
+    seconds: float
+    url: str
+
+
+def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
+    """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
+    body = options.body()  # checks the format before any request
+    if config.target != "local":
+        raise not_yet("predict", config)
+    resource = store.read().get(config.name, SERVER)
+    if resource is None:
+        raise DeployError(f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first")
+    url = resource.url + resource.details.get("predict_route", "/predict")
+    started = time.monotonic()
+    answer = client.predict(url, body, timeout_s=config.model.time_limit_s + 10)
+    seconds = time.monotonic() - started
+    prediction = answer["predictions"][0]
+    paths = write_images(options.output, [base64.b64decode(image) for image in prediction["images"]])
+    return PredictResult(
+        paths, prediction["seeds"], prediction["width"], prediction["height"], prediction["output_format"], seconds, url
+    )
+
+
+def write_images(output: Path, images: list[bytes]) -> list[Path]:
+    """out.png, out-1.png, out-2.png, ...: the first keeps the name asked for."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
+    for path, data in zip(paths, images, strict=True):
+        path.write_bytes(data)
+    return paths
+
+
+# ---------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class ResourceStatus:
+    """One row of `sdxlctl status`."""
+
+    kind: str
+    name: str
+    target: str
+    url: str
+    created_at: datetime
+    uptime_s: float
+    state: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def status(config: Config, store: StateStore) -> list[ResourceStatus]:
+    """What exists now for this deployment, checked live, and since when."""
+    rows = []
+    now = datetime.now(UTC)
+    for resource in store.read().of(config.name).values():
+        rows.append(
+            ResourceStatus(
+                kind=resource.kind,
+                name=resource.name,
+                target=resource.target,
+                url=resource.url,
+                created_at=resource.created_at,
+                uptime_s=resource.age_seconds(now),
+                state=_live_state(resource),
+                details=resource.details,
+            )
+        )
+    return rows
+
+
+def _live_state(resource: Resource) -> str:
+    if resource.target != "local":
+        return "recorded"
+    if not local.is_running(resource.details.get("pid", -1), "sdxl_") or local.is_zombie(resource.details["pid"]):
+        return "stopped"
+    code, body = local.health(_health_url(resource))
+    return str(body.get("status") or ("ready" if code == 200 else "starting"))
+
+
+# ---------------------------------------------------------------- teardown
+
+
+@dataclass(frozen=True)
+class TeardownOutcome:
+    """What happened to one resource."""
+
+    kind: str
+    name: str
+    ok: bool
+    message: str
+
+
+def teardown_plan(config: Config, store: StateStore) -> list[Resource]:
+    """What teardown would remove."""
+    if config.target != "local":
+        raise not_yet("teardown", config)
+    return list(store.read().of(config.name).values())
+
+
+def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) -> list[TeardownOutcome]:
+    """Stop and forget everything of this deployment; keep going past a failure."""
+    outcomes = []
+    with store.transaction() as state:
+        for kind, resource in list(state.of(config.name).items()):
+            progress(f"stopping {resource.name}")
+            try:
+                if resource.target == "local":
+                    pid = resource.details.get("pid", -1)
+                    local.stop(pid, "sdxl_")
+                    if local.is_running(pid, "sdxl_") and not local.is_zombie(pid):
+                        raise DeployError(f"pid {pid} is still running")
+            except Exception as exc:  # reported per resource; the others still go
+                outcomes.append(TeardownOutcome(kind, resource.name, False, str(exc)))
+                continue
+            state.remove(config.name, kind)
+            outcomes.append(TeardownOutcome(kind, resource.name, True, "stopped"))
+    return outcomes
