@@ -31,6 +31,7 @@ class Gcp(Section):
     staging_bucket: str = Field("", description="gs:// bucket for build sources (default: gs://PROJECT-sdxlctl)")
     artifact_repository: str = Field("sdxlctl", description="Artifact Registry Docker repository")
     api_endpoint: str = Field("", description="base URL of the Google APIs; empty: Google's (set for the emulator)")
+    poll_interval_s: float = Field(10.0, gt=0, le=300, description="how often long operations are polled")
 
 
 class Model(Section):
@@ -48,7 +49,7 @@ class Deploy(Section):
     """The GPU endpoint."""
 
     gpu: Literal["t4", "l4", "a100", "a100-80", "h100", "h200"] = "l4"
-    min_replicas: int = Field(1, ge=0, le=100)
+    min_replicas: int = Field(1, ge=0, le=100, description="0: scale to zero (Preview, dedicated endpoints only)")
     max_replicas: int = Field(1, ge=1, le=100)
     endpoint: Literal["shared", "dedicated"] = "shared"
     timeout_min: int = Field(60, ge=1, le=120, description="minutes to wait for a deploy to finish")
@@ -111,6 +112,11 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         config = Config.model_validate({**data, "path": path.resolve() if path else None})
     except ValidationError as exc:
         raise _config_error(exc, source, from_env) from None
+    if config.deploy.min_replicas == 0 and config.deploy.endpoint != "dedicated":
+        raise ConfigError(
+            f'{source}: deploy.min_replicas = 0 (scale to zero) needs deploy.endpoint = "dedicated"',
+            hint="Vertex AI scales to zero only dedicated endpoints (Preview); or set min_replicas = 1",
+        )
     if config.deploy.min_replicas > config.deploy.max_replicas:
         raise ConfigError(
             f"{source}: deploy.min_replicas ({config.deploy.min_replicas}) is above deploy.max_replicas "

@@ -49,8 +49,6 @@ class DeployResult:
 
 def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) -> DeployResult:
     """Make the model server run as the config says: start, restart on a changed config, or do nothing."""
-    if config.target != "local":
-        raise not_yet("deploy", config)
     started = time.monotonic()
     spec = local.server_spec(config)
     with store.transaction() as state:
@@ -207,14 +205,20 @@ class PredictResult:
 def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
-    if config.target != "local":
-        raise not_yet("predict", config)
-    resource = store.read().get(config.name, SERVER)
-    if resource is None:
-        raise DeployError(f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first")
-    url = resource.url + resource.details.get("predict_route", "/predict")
     started = time.monotonic()
-    answer = client.predict(url, body, timeout_s=config.model.time_limit_s + 10)
+    if config.target == "vertex":
+        from sdxlctl import cloud
+
+        answer = cloud.predict(config, store, body, timeout_s=config.model.time_limit_s + 10)
+        url = config.name
+    else:
+        resource = store.read().get(config.name, SERVER)
+        if resource is None:
+            raise DeployError(
+                f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first"
+            )
+        url = resource.url + resource.details.get("predict_route", "/predict")
+        answer = client.predict(url, body, timeout_s=config.model.time_limit_s + 10)
     seconds = time.monotonic() - started
     prediction = answer["predictions"][0]
     paths = write_images(options.output, [base64.b64decode(image) for image in prediction["images"]])
@@ -292,9 +296,7 @@ class TeardownOutcome:
 
 
 def teardown_plan(config: Config, store: StateStore) -> list[Resource]:
-    """What teardown would remove."""
-    if config.target != "local":
-        raise not_yet("teardown", config)
+    """What teardown would remove (target local)."""
     return list(store.read().of(config.name).values())
 
 

@@ -71,41 +71,80 @@ Json = Annotated[bool, typer.Option("--json", help="print a machine-readable res
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
 
 
-@app.command()
-def build() -> None:
-    """Build the model-server image (Cloud Build)."""
-    from sdxlctl import core
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the plan (with machine, GPU and cost) and call nothing")]
 
-    config, _ = _context()
-    if config.target == "local":
-        err.print("target local runs the server from this checkout: there is no image to build")
+
+@app.command()
+def build(
+    local: Annotated[
+        bool, typer.Option("--local", help="build with a local Docker engine instead of Cloud Build")
+    ] = False,
+    dry_run: DryRun = False,
+) -> None:
+    """Build the model-server image (Cloud Build), unless one of the same sources exists."""
+    from sdxlctl import cloud
+    from sdxlctl.cli import render
+
+    config, store = _context()
+    if local:
+        render.step(cloud.build_local(config, store, on_log=render.log_line), "built")
         return
-    raise core.not_yet("build", config)
+    if config.target == "local":
+        err.print(
+            "target local runs the server from this checkout: there is no image to build "
+            "(`sdxlctl build --local` builds one with Docker)"
+        )
+        return
+    if dry_run:
+        render.step(cloud.plan_build(config, store))
+        return
+    with progress("building") as update:
+        result = cloud.build(config, store, progress=update, on_log=render.log_line)
+    render.step(result, "image")
 
 
 @app.command()
-def upload() -> None:
-    """Upload the image as a Vertex AI Model."""
-    from sdxlctl import core
+def upload(dry_run: DryRun = False) -> None:
+    """Upload the image as a Vertex AI Model (a new version when it changed)."""
+    from sdxlctl import cloud
+    from sdxlctl.cli import render
 
-    config, _ = _context()
+    config, store = _context()
     if config.target == "local":
         err.print("target local has no model registry: nothing to upload")
         return
-    raise core.not_yet("upload", config)
+    if dry_run:
+        render.step(cloud.plan_upload(config, store))
+        return
+    with progress("uploading") as update:
+        render.step(cloud.upload(config, store, progress=update), "model")
 
 
 @app.command()
 def deploy(
     gpu: Annotated[Gpu | None, typer.Option(help="GPU for target vertex (overrides [deploy] gpu)")] = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Start the model server (target local) or deploy it to an endpoint on a GPU (target vertex)."""
-    from sdxlctl import core
+    from sdxlctl import cloud, core
     from sdxlctl.cli import render
 
     config, store = _context()
     if gpu is not None:
         config = config.model_copy(update={"deploy": config.deploy.model_copy(update={"gpu": gpu.value})})
+    if config.target == "vertex":
+        if dry_run:
+            render.step(cloud.plan_deploy(config, store))
+            return
+        with progress("deploying") as update:
+            render.step(cloud.deploy(config, store, progress=update), "endpoint")
+        return
+    if dry_run:
+        err.print(
+            f"would start `python -m sdxl_server` with model {config.model.source!r} "
+            f"on {config.local.host}:{config.local.server_port}"
+        )
+        return
     with progress("deploying") as update:
         result = core.deploy(config, store, progress=update)
     render.deployed(result)
@@ -159,36 +198,77 @@ def predict(
 
 
 @app.command("ui-deploy")
-def ui_deploy() -> None:
+def ui_deploy(
+    public: Annotated[bool, typer.Option("--public", help="anyone with the URL may use it (default: private)")] = False,
+    dry_run: DryRun = False,
+) -> None:
     """Start the Gradio UI (target local) or deploy it to Cloud Run (target vertex)."""
-    from sdxlctl import core
+    from sdxlctl import cloud, core
+    from sdxlctl.cli import render
 
-    config, _ = _context()
-    raise core.not_yet("ui-deploy", config)
+    config, store = _context()
+    if config.target == "local":
+        raise core.not_yet("ui-deploy", config)
+    public = public or config.ui.public
+    if dry_run:
+        render.step(cloud.plan_ui(config, store, public=public))
+        return
+    with progress("deploying the UI") as update:
+        render.step(cloud.ui_deploy(config, store, public=public, progress=update, on_log=render.log_line), "url")
 
 
 @app.command()
-def teardown(yes: Yes = False) -> None:
+def teardown(
+    yes: Yes = False,
+    images: Annotated[bool, typer.Option("--images", help="also the container images")] = False,
+    dry_run: DryRun = False,
+) -> None:
     """Stop and delete everything sdxlctl created for this deployment, and nothing else."""
-    from sdxlctl import core
+    from sdxlctl import cloud, core
     from sdxlctl.cli import render
     from sdxlctl.errors import UsageError
 
     config, store = _context()
-    plan = core.teardown_plan(config, store)
-    if not plan:
+    if config.target == "vertex":
+        if dry_run:
+            render.step(cloud.plan_teardown(config, store, images=images))
+            return
+        with progress("finding resources labelled " + f"{cloud.LABEL}={config.name}"):
+            found = cloud.inventory(config, store, images=images)
+        plan = found.changes()
+        if not plan:
+            cloud.teardown(config, store, found)  # forgets stale records of resources deleted by hand
+            err.print(f"nothing to tear down for {config.name!r}")
+            return
+        render.changes(plan, title="will delete")
+        _confirm(yes, UsageError)
+        with progress("tearing down") as update:
+            result = cloud.teardown(config, store, found, progress=update)
+        render.step(result)
+        if result.failed:
+            raise typer.Exit(1)
+        return
+    plan_local = core.teardown_plan(config, store)
+    if not plan_local:
         err.print(f"nothing to tear down for {config.name!r}")
         return
-    render.teardown_plan(plan)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("teardown deletes the above and needs confirmation", hint="pass --yes")
-        typer.confirm("Tear these down?", abort=True, err=True)
+    render.teardown_plan(plan_local)
+    if dry_run:
+        return
+    _confirm(yes, UsageError)
     with progress("tearing down") as update:
         outcomes = core.teardown(config, store, progress=update)
     render.torn_down(outcomes)
     if not all(outcome.ok for outcome in outcomes):
         raise typer.Exit(1)
+
+
+def _confirm(yes: bool, error: type[Exception]) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise error("teardown deletes the above and needs confirmation", hint="pass --yes")  # type: ignore[call-arg]
+    typer.confirm("Tear these down?", abort=True, err=True)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from sdxlctl.cli.console import err, out
+from sdxlctl.cloud import Change, StepResult
 from sdxlctl.config import Config
 from sdxlctl.core import DeployResult, PredictResult, ResourceStatus, TeardownOutcome
 from sdxlctl.state import Resource
@@ -105,3 +106,43 @@ def torn_down(outcomes: list[TeardownOutcome]) -> None:
         err.print(f"{mark} {outcome.kind:14} {outcome.name:24} {outcome.message}")
     failed = sum(not o.ok for o in outcomes)
     err.print(f"{len(outcomes) - failed} removed, {failed} failed")
+
+
+ACTION_STYLE = {
+    "create": "green",
+    "build": "green",
+    "deploy": "green",
+    "update": "yellow",
+    "delete": "red",
+    "failed": "bold red",
+    "unchanged": "dim",
+    "keep": "dim",
+    "gone": "dim",
+}
+
+
+def changes(rows: list[Change], *, title: str) -> None:
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for column in ("action", "what", "name", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = ACTION_STYLE.get(row.action, "")
+        table.add_row(f"[{style}]{row.action}[/]" if style else row.action, row.kind, row.name, row.detail)
+    err.print(table)
+
+
+def step(result: StepResult, label: str = "") -> None:
+    """A step's changes on stderr; its result (image, endpoint, URL) alone on stdout."""
+    title = "plan (--dry-run: nothing was called)" if result.dry_run else f"done in {duration(result.seconds)}"
+    changes(result.changes, title=title)
+    if result.result and not result.dry_run:
+        if label:
+            err.print(f"[green]✓[/] {label}: {result.result}")
+        out.print(result.result)
+
+
+def log_line(line: str) -> None:
+    """A line of a build log, dimmed and verbatim."""
+    from rich.text import Text
+
+    err.print(Text(f"│ {line}", style="dim"), highlight=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cli.conftest import Cli
+from tests.conftest import Cli
 
 BAD_CONFIGS: list[tuple[str, str, str]] = [
     # (id, sdxlctl.toml, what the message must name)

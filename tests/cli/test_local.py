@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdxlctl import local
 from sdxlctl.state import StateStore
-from tests.cli.conftest import Cli
+from tests.conftest import Cli
 from tests.servers import free_port
 
 

@@ -52,7 +52,8 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("width-7", req(width=7), 400, "parameters.width"),
     ("width-100000", req(width=100000), 400, "parameters.width"),
     ("height-not-multiple-of-8", req(height=1001), 400, "parameters.height"),
-    ("width-float", req(width=512.0), 400, "parameters.width"),
+    ("width-fraction", req(width=512.5), 400, "parameters.width"),
+    ("steps-fraction", req(num_inference_steps=2.5), 400, "parameters.num_inference_steps"),
     ("num-images-0", req(num_images=0), 400, "parameters.num_images"),
     ("num-images-over-max", req(num_images=5), 400, "parameters.num_images"),
     ("fifty-instances", {"instances": [{"prompt": "a fox"}] * 50}, 400, "instances"),
@@ -116,3 +117,21 @@ def test_after_every_bad_request_the_server_is_healthy_and_serves(model_server: 
 def test_wrong_method_and_unknown_route_are_plain_4xx(model_server: Server) -> None:
     assert httpx.get(model_server.url + model_server.predict_route).status_code == 405
     assert httpx.post(model_server.url + "/nope", json={}).status_code == 404
+
+
+def test_whole_numbers_sent_as_doubles_are_accepted(model_server: Server) -> None:
+    """What arrives through Vertex AI's predict: protobuf Values make every number a double."""
+    body = {
+        "instances": [{"prompt": "a fox", "seed": 7.0}],
+        "parameters": {
+            "num_inference_steps": 2.0,
+            "width": 64.0,
+            "height": 64.0,
+            "num_images": 1.0,
+            "quality": 80.0,
+            "guidance_scale": 5,
+        },
+    }
+    response = model_server.predict(body)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["seeds"] == [7]

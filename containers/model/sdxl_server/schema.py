@@ -6,7 +6,17 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from sdxl_server.errors import InvalidRequest
 from sdxl_server.styles import styles
@@ -15,8 +25,17 @@ MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; anything this long is a mistake
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
 
+
+def _whole(value: Any) -> Any:
+    """30.0 -> 30: Vertex AI carries instances and parameters as protobuf Values, where every number is a double."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Whole = Annotated[StrictInt, BeforeValidator(_whole)]  # still refuses 1.5, "30" and true
 Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
-Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
+Side = Annotated[Whole, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
 
 
 class Instance(BaseModel):
@@ -30,7 +49,7 @@ class Instance(BaseModel):
     prompt_2: Prompt | None = None
     negative_prompt_2: Prompt | None = None
     style: StrictStr | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    seed: Annotated[Whole, Field(ge=0, le=MAX_SEED)] | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Instance:
@@ -48,13 +67,13 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_inference_steps: Annotated[StrictInt, Field(ge=1, le=150)] = 30
+    num_inference_steps: Annotated[Whole, Field(ge=1, le=150)] = 30
     guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=0, le=30)] = 5.0
     width: Side | None = None
     height: Side | None = None
-    num_images: Annotated[StrictInt, Field(ge=1)] = 1
+    num_images: Annotated[Whole, Field(ge=1)] = 1
     output_format: Literal["png", "jpeg", "webp"] = "jpeg"
-    quality: Annotated[StrictInt, Field(ge=1, le=100)] = 90
+    quality: Annotated[Whole, Field(ge=1, le=100)] = 90
 
 
 class PredictBody(BaseModel):
@@ -171,7 +190,11 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
         message = "unknown field"
     elif error["type"] == "string_too_long":
         message = f"too long: at most {MAX_PROMPT_CHARS} characters"
-    elif error["type"] == "multiple_of":
+    elif error["loc"][-1] in ("width", "height") and error["type"] in {
+        "multiple_of",
+        "greater_than_equal",
+        "less_than_equal",
+    }:
         message = f"must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}"
     return InvalidRequest(f"{field}: {message}", field=field)
 

@@ -1,0 +1,761 @@
+"""Target vertex: build, upload, deploy, predict, ui-deploy and teardown on Google Cloud.
+
+Every step is idempotent: it looks at what exists (state file first, then labels in the cloud) and
+changes only what differs. Operations are recorded in the state before they are waited on, so an
+interrupted step resumes its operation instead of starting a second one. `plan_*` functions answer
+--dry-run from the config and the state alone: they send no request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sdxlctl.config import Config
+from sdxlctl.errors import DeployError, NotAvailable
+from sdxlctl.gpus import GpuOption, gpu
+from sdxlctl.pricing import machine_price
+from sdxlctl.state import Resource, StateStore
+
+if TYPE_CHECKING:
+    from sdxlctl.gcp.session import Cloud
+
+Progress = Callable[[str], None]
+LABEL = "sdxlctl-deployment"
+SHARED_LIMIT_BYTES = 1_500_000
+DEDICATED_LIMIT_BYTES = 10_000_000
+OPERATION_TIMEOUT_S = 15 * 60  # creating/deleting an endpoint, model or service
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of a plan or a report: what happens (or happened) to which resource."""
+
+    action: str  # create, update, delete, unchanged, build, deploy, keep, gone
+    kind: str
+    name: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did, and the address it leaves behind (image, endpoint, URL)."""
+
+    changes: list[Change]
+    result: str = ""
+    seconds: float = 0.0
+    dry_run: bool = False
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every resource name derives from the deployment name."""
+
+    deployment: str
+    project: str
+    region: str
+    repository: str
+    bucket: str
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL: self.deployment, "managed-by": "sdxlctl"}
+
+    def image(self, part: str, tag: str) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/{self.deployment}-{part}:{tag}"
+
+    @property
+    def service_id(self) -> str:
+        return f"{self.deployment}-ui"
+
+    @property
+    def account_id(self) -> str:
+        return f"{self.deployment}-ui-sa"[:30].rstrip("-")
+
+
+def names(config: Config) -> Names:
+    bucket = config.gcp.staging_bucket.removeprefix("gs://") or f"{config.gcp.project}-sdxlctl"
+    return Names(config.name, config.gcp.project, config.gcp.region, config.gcp.artifact_repository, bucket)
+
+
+def cloud(config: Config) -> Cloud:
+    from sdxlctl.gcp.session import Cloud
+
+    return Cloud.from_config(config)
+
+
+def daily_cost(option: GpuOption, region: str, replicas: int) -> str:
+    price = machine_price(option.key, region)
+    if price is None:
+        return "no price in the table for this region (`sdxlctl cost`)"
+    return f"≈ {price.usd_per_day * replicas:,.2f} USD/day for {replicas} replica(s)"
+
+
+def _machine(option: GpuOption) -> str:
+    return f"{option.machine_type} + {option.count} x {option.accelerator}"
+
+
+# ---------------------------------------------------------------- build
+
+
+def plan_build(config: Config, store: StateStore, part: str = "server") -> StepResult:
+    from sdxlctl.context import container_folder, pack
+
+    n = names(config)
+    context = pack(container_folder("model" if part == "server" else "ui"))
+    image = n.image(part, context.tag)
+    recorded = store.read().get(config.name, f"{part}-image")
+    if recorded is not None and recorded.name == image:
+        return StepResult(
+            [Change("unchanged", f"{part} image", image, "built earlier from the same context")], image, dry_run=True
+        )
+    detail = (
+        f"Cloud Build (E2_HIGHCPU_8, 2 h limit) from containers/{context.folder.name} "
+        f"({len(context.tarball) / 1e3:.0f} kB, context {context.tag}); skipped if already built"
+    )
+    return StepResult([Change("build", f"{part} image", image, detail)], image, dry_run=True)
+
+
+def build(
+    config: Config,
+    store: StateStore,
+    *,
+    part: str = "server",
+    progress: Progress = _quiet,
+    on_log: Callable[[str], None] = _quiet,
+) -> StepResult:
+    """Build and push the image with Cloud Build, unless an image of the same context exists."""
+    from sdxlctl.context import container_folder, pack
+    from sdxlctl.gcp.build import Builds
+    from sdxlctl.gcp.storage import Storage
+
+    started = time.monotonic()
+    c, n = cloud(config), names(config)
+    context = pack(container_folder("model" if part == "server" else "ui"))
+    image = n.image(part, context.tag)
+    tag = f"ctx-{context.tag}"
+    recorded = store.read().get(config.name, f"{part}-image")
+    if recorded is not None and recorded.name == image:
+        return StepResult([Change("unchanged", f"{part} image", image)], image, time.monotonic() - started)
+    builds = Builds(c)
+    progress("looking for an image of this context")
+    existing = builds.find_success(tag, image)
+    if existing is not None:
+        _record(
+            store,
+            config,
+            Resource(
+                kind=f"{part}-image",
+                name=image,
+                target="vertex",
+                details={"build_id": existing, "context": context.tag},
+            ),
+        )
+        return StepResult(
+            [Change("unchanged", f"{part} image", image, f"built by {existing}")], image, time.monotonic() - started
+        )
+    storage = Storage(c, n.bucket, n.labels)
+    progress(f"uploading the build context to gs://{n.bucket}")
+    storage.ensure_bucket()
+    source = storage.upload(f"source/{config.name}-{part}-{context.tag}.tgz", context.tarball)
+    result = builds.run(
+        source=source,
+        image=image,
+        tags=["sdxlctl", f"sdxlctl-{config.name}", tag],
+        logs=storage,
+        logs_prefix="cloudbuild-logs",
+        progress=progress,
+        on_log=on_log,
+    )
+    _record(
+        store,
+        config,
+        Resource(
+            kind=f"{part}-image",
+            name=image,
+            target="vertex",
+            url=result.log_url,
+            details={"build_id": result.build_id, "digest": result.digest, "context": context.tag},
+        ),
+    )
+    return StepResult(
+        [Change("build", f"{part} image", image, f"build {result.build_id}, {result.digest[:19]}")],
+        image,
+        time.monotonic() - started,
+    )
+
+
+def build_local(config: Config, store: StateStore, *, on_log: Callable[[str], None] = _quiet) -> StepResult:
+    """Build the server image with a local Docker engine (the `docker` package), when one is reachable."""
+    from sdxlctl.context import container_folder, pack
+
+    started = time.monotonic()
+    folder = container_folder("model")
+    image = names(config).image("server", pack(folder).tag) if config.gcp.project else f"sdxl-server:{pack(folder).tag}"
+    try:
+        import docker
+    except ImportError:
+        raise NotAvailable("`build --local` needs the docker package", hint="pip install docker") from None
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception:
+        raise DeployError(
+            "no Docker engine is reachable (DOCKER_HOST or /var/run/docker.sock)",
+            hint="start Docker, or build with Cloud Build: `sdxlctl build` without --local",
+        ) from None
+    for chunk in client.api.build(path=str(folder), tag=image, decode=True, rm=True):
+        if "stream" in chunk:
+            on_log(chunk["stream"].rstrip())
+        if "error" in chunk:
+            raise DeployError(f"docker build failed: {chunk['error']}")
+    return StepResult([Change("build", "server image", image, "local Docker")], image, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------- upload
+
+
+def _container_env(config: Config) -> dict[str, str]:
+    model = config.model
+    dedicated = config.deploy.endpoint == "dedicated"
+    env = {
+        "SDXL_VAE": model.vae,
+        "SDXL_DTYPE": model.dtype,
+        "SDXL_QUEUE_SIZE": str(model.queue_size),
+        # A shared endpoint cuts a prediction at 60 s: answer 504 before that, with a message.
+        "SDXL_TIME_LIMIT": str(model.time_limit_s if dedicated else min(model.time_limit_s, 55.0)),
+        "SDXL_MAX_IMAGES": str(model.max_images),
+        "SDXL_MAX_REQUEST_BYTES": str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES),
+        "SDXL_MAX_RESPONSE_BYTES": str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES),
+    }
+    if not model.source.startswith("gs://"):  # gs:// weights travel as the Model's artifact URI instead
+        env["SDXL_MODEL"] = model.source
+    return env
+
+
+def plan_upload(config: Config, store: StateStore) -> StepResult:
+    state = store.read()
+    image = state.get(config.name, "server-image")
+    model = state.get(config.name, "model")
+    what = image.name if image else "(the image `sdxlctl build` makes)"
+    action = "update" if model else "create"
+    detail = f"image {what}; env {_container_env(config)}"
+    if config.model.source.startswith("gs://"):
+        detail += f"; artifact {config.model.source}"
+    return StepResult(
+        [Change(action, "model", f"{config.name} (Vertex AI Model)", ("new version: " if model else "") + detail)],
+        dry_run=True,
+    )
+
+
+def upload(config: Config, store: StateStore, *, progress: Progress = _quiet) -> StepResult:
+    """Upload the image as a Vertex AI Model; a new version when the container spec changed."""
+    from sdxlctl.gcp.vertex import ContainerSpec, Vertex
+
+    started = time.monotonic()
+    n = names(config)
+    image = store.read().get(config.name, "server-image")
+    if image is None:
+        raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
+    vertex = Vertex(cloud(config))
+    spec = ContainerSpec(
+        image=image.name, env=_container_env(config), deployment_timeout_s=config.deploy.timeout_min * 60
+    )
+    artifact = config.model.source if config.model.source.startswith("gs://") else ""
+    progress("looking for the model")
+    models = vertex.find_models((LABEL, config.name))
+    current = models[0] if models else None
+    if current is not None and _same_container(current, spec, artifact):
+        version = f"{current.name}@{current.version_id}"
+        _record(store, config, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
+        return StepResult([Change("unchanged", "model", version)], version, time.monotonic() - started)
+    progress("uploading the model")
+    operation = vertex.upload_model(
+        display_name=config.name,
+        labels=n.labels,
+        spec=spec,
+        artifact_uri=artifact,
+        parent_model=current.name if current else "",
+    )
+    response = vertex.wait(operation, what="upload", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+    from google.cloud import aiplatform_v1
+
+    uploaded = aiplatform_v1.UploadModelResponse.deserialize(response.value)
+    version = f"{uploaded.model}@{uploaded.model_version_id}"
+    _record(store, config, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
+    action = "update" if current else "create"
+    return StepResult([Change(action, "model", version, f"image {image.name}")], version, time.monotonic() - started)
+
+
+def _same_container(model: Any, spec: Any, artifact: str) -> bool:
+    container = model.container_spec
+    env = {e.name: e.value for e in container.env}
+    return (
+        container.image_uri == spec.image
+        and env == spec.env
+        and model.artifact_uri == artifact
+        and container.predict_route == spec.predict_route
+        and container.health_route == spec.health_route
+    )
+
+
+# ---------------------------------------------------------------- deploy
+
+
+def plan_deploy(config: Config, store: StateStore) -> StepResult:
+    option = gpu(config.deploy.gpu)
+    state = store.read()
+    endpoint = state.get(config.name, "endpoint")
+    model = state.get(config.name, "model")
+    d = config.deploy
+    changes = []
+    if endpoint is None:
+        detail = f"{d.endpoint} endpoint" + (
+            " (up to 1 h per request, 10 MB)" if d.endpoint == "dedicated" else " (60 s per request, 1.5 MB)"
+        )
+        changes.append(Change("create", "endpoint", f"{config.name} in {config.gcp.region}", detail))
+    scale = "scale to zero (Preview)" if d.min_replicas == 0 else f"replicas {d.min_replicas}..{d.max_replicas}"
+    machine = f"{_machine(option)}, {scale}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}"
+    if option.note:
+        machine += f"; {option.note}"
+    changes.append(Change("deploy", "model", model.name if model else "(the model `sdxlctl upload` makes)", machine))
+    return StepResult(changes, dry_run=True)
+
+
+def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) -> StepResult:
+    """Make the endpoint serve the uploaded model on the configured GPU; resume interrupted operations."""
+    from sdxlctl.gcp.vertex import Vertex
+
+    started = time.monotonic()
+    n, option, d = names(config), gpu(config.deploy.gpu), config.deploy
+    vertex = Vertex(cloud(config))
+    recorded_model = store.read().get(config.name, "model")
+    if recorded_model is None:
+        raise DeployError("no model is recorded for this deployment", hint="run `sdxlctl upload` first")
+    model = vertex.get_model(recorded_model.name)
+    vertex.check_dedicated(model)
+    changes: list[Change] = []
+    endpoint = _ensure_endpoint(config, store, vertex, n, progress, changes)
+    timeout_s = d.timeout_min * 60
+    match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas)
+    if match is None:
+        pending = store.read().get(config.name, "endpoint")
+        operation = pending.details.get("deploy_operation") if pending else None
+        if operation:
+            progress("resuming the deployment started earlier")
+        else:
+            progress(f"deploying on {_machine(option)}")
+            from sdxlctl.core import interrupts_deferred
+
+            with interrupts_deferred():
+                operation = vertex.deploy(
+                    endpoint=endpoint.name,
+                    model=recorded_model.name,
+                    display_name=config.name,
+                    gpu=option,
+                    min_replicas=max(d.min_replicas, 1),
+                    max_replicas=d.max_replicas,
+                )
+                _update_details(store, config, "endpoint", deploy_operation=operation)
+        try:
+            vertex.wait(
+                operation,
+                what=f"deploy on {option.machine_type} (GPU deploys take 20-45 min)",
+                timeout_s=timeout_s,
+                progress=progress,
+            )
+        except Exception as exc:
+            from sdxlctl.gcp.errors import CloudError
+
+            if isinstance(exc, CloudError) and "did not finish" not in exc.message:
+                _update_details(store, config, "endpoint", deploy_operation=None)
+            raise
+        _update_details(store, config, "endpoint", deploy_operation=None)
+        endpoint = vertex.get_endpoint(endpoint.name)
+        match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas)
+        if match is None:
+            raise DeployError(f"the deployment finished but {endpoint.name} does not serve {recorded_model.name}")
+        changes.append(
+            Change(
+                "deploy",
+                "model",
+                recorded_model.name,
+                f"{_machine(option)}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}",
+            )
+        )
+    else:
+        changes.append(Change("unchanged", "deployment", match.id, f"{recorded_model.name} on {_machine(option)}"))
+    for other in list(endpoint.deployed_models):
+        if other.id != match.id:  # an earlier version or machine: replaced, now retire it
+            progress(f"retiring deployed model {other.id}")
+            vertex.wait(
+                vertex.undeploy(endpoint=endpoint.name, deployed_model_id=other.id),
+                what=f"undeploy {other.id}",
+                timeout_s=OPERATION_TIMEOUT_S,
+                progress=progress,
+            )
+            changes.append(Change("delete", "deployment", other.id, "replaced"))
+    _update_details(store, config, "endpoint", deployed_model_id=match.id, gpu=option.key, machine=option.machine_type)
+    return StepResult(changes, endpoint.name, time.monotonic() - started)
+
+
+def _ensure_endpoint(
+    config: Config, store: StateStore, vertex: Any, n: Names, progress: Progress, changes: list[Change]
+) -> Any:
+    from sdxlctl.gcp.errors import CloudError
+
+    recorded = store.read().get(config.name, "endpoint")
+    if recorded is not None and recorded.name:
+        endpoint = vertex.get_endpoint(recorded.name, missing_ok=True)
+        if endpoint is not None:
+            return endpoint
+    found = vertex.find_endpoints((LABEL, config.name))
+    if found:
+        endpoint = found[0]
+        _record(store, config, _endpoint_resource(endpoint, recorded))
+        return endpoint
+    operation = recorded.details.get("create_operation") if recorded else None
+    if not operation:
+        from sdxlctl.core import interrupts_deferred
+
+        progress("creating the endpoint")
+        d = config.deploy
+        with interrupts_deferred():
+            operation = vertex.create_endpoint(
+                display_name=config.name,
+                labels=n.labels,
+                dedicated=d.endpoint == "dedicated",
+                inference_timeout_s=int(min(config.model.time_limit_s + 5, 3600)),
+            )
+            _record(
+                store,
+                config,
+                Resource(kind="endpoint", name="", target="vertex", details={"create_operation": operation}),
+            )
+    try:
+        response = vertex.wait(operation, what="create the endpoint", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+    except CloudError:
+        _forget(store, config, "endpoint")
+        raise
+    from google.cloud import aiplatform_v1
+
+    endpoint = aiplatform_v1.Endpoint.deserialize(response.value)
+    _record(store, config, _endpoint_resource(endpoint, None))
+    changes.append(
+        Change("create", "endpoint", endpoint.name, "dedicated" if endpoint.dedicated_endpoint_enabled else "shared")
+    )
+    return endpoint
+
+
+def _endpoint_resource(endpoint: Any, previous: Resource | None) -> Resource:
+    details = dict(previous.details) if previous else {}
+    details.pop("create_operation", None)
+    details.update(dedicated=bool(endpoint.dedicated_endpoint_enabled), dns=endpoint.dedicated_endpoint_dns)
+    return Resource(
+        kind="endpoint",
+        name=endpoint.name,
+        target="vertex",
+        url=f"https://console.cloud.google.com/vertex-ai/online-prediction/endpoints/"
+        f"{endpoint.name.rsplit('/', 1)[-1]}",
+        details=details,
+    )
+
+
+def _matching_deployment(endpoint: Any, model_version: str, option: GpuOption, low: int, high: int) -> Any:
+    model, _, version = model_version.partition("@")
+    for deployed in endpoint.deployed_models:
+        spec = deployed.dedicated_resources
+        machine = spec.machine_spec
+        if (
+            deployed.model.split("@")[0] == model
+            and (not version or deployed.model_version_id == version)
+            and machine.machine_type == option.machine_type
+            and machine.accelerator_count == option.count
+            and spec.min_replica_count == max(low, 1)
+            and spec.max_replica_count == high
+        ):
+            return deployed
+    return None
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict(config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+    """The same request as the local target, through the endpoint's predict."""
+    from sdxlctl.gcp.vertex import Vertex
+
+    vertex = Vertex(cloud(config))
+    recorded = store.read().get(config.name, "endpoint")
+    if recorded is not None and recorded.name:
+        endpoint = vertex.get_endpoint(recorded.name)
+    else:
+        found = vertex.find_endpoints((LABEL, config.name))
+        if not found:
+            raise DeployError(
+                f"no endpoint for {config.name!r} in {config.gcp.region}", hint="run `sdxlctl deploy` first"
+            )
+        endpoint = found[0]
+    if not endpoint.deployed_models:
+        raise DeployError(f"endpoint {endpoint.name} serves no model", hint="run `sdxlctl deploy`")
+    return vertex.predict(endpoint, body, timeout_s=timeout_s)
+
+
+# ---------------------------------------------------------------- ui-deploy
+
+
+def plan_ui(config: Config, store: StateStore, *, public: bool) -> StepResult:
+    n = names(config)
+    built = plan_build(config, store, part="ui")
+    access = "public (no sign-in)" if public else "private (callers need roles/run.invoker)"
+    changes = [
+        *built.changes,
+        Change(
+            "create",
+            "service account",
+            f"{n.account_id}@{config.gcp.project}.iam.gserviceaccount.com",
+            "may call only this deployment's endpoint (roles/aiplatform.user on it)",
+        ),
+        Change("create", "Cloud Run service", n.service_id, f"{access}; 1 vCPU, 1 GiB, 0..4 instances"),
+    ]
+    return StepResult(changes, dry_run=True)
+
+
+def ui_deploy(
+    config: Config,
+    store: StateStore,
+    *,
+    public: bool,
+    progress: Progress = _quiet,
+    on_log: Callable[[str], None] = _quiet,
+) -> StepResult:
+    """Build the UI image, give it an account that may call only the endpoint, and run it on Cloud Run."""
+    from sdxlctl.gcp.iam import ServiceAccounts
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    started = time.monotonic()
+    c, n = cloud(config), names(config)
+    endpoint = store.read().get(config.name, "endpoint")
+    if endpoint is None or not endpoint.name:
+        raise DeployError("the UI needs the endpoint", hint="run `sdxlctl deploy` first")
+    built = build(config, store, part="ui", progress=progress, on_log=on_log)
+    changes = list(built.changes)
+    progress("creating the UI's service account")
+    accounts = ServiceAccounts(c)
+    email = accounts.ensure(n.account_id, f"sdxlctl UI of {config.name}")
+    _record(store, config, Resource(kind="ui-account", name=email, target="vertex"))
+    Vertex(c).allow_predict(endpoint.name, f"serviceAccount:{email}")
+    changes.append(Change("keep", "service account", email, "roles/aiplatform.user on the endpoint only"))
+    progress("deploying the UI to Cloud Run")
+    service = CloudRun(c).deploy(
+        service_id=n.service_id,
+        image=built.result,
+        env={"SDXL_ENDPOINT": endpoint.name},
+        labels=n.labels,
+        service_account=email,
+        public=public,
+        progress=progress,
+        timeout_s=OPERATION_TIMEOUT_S,
+    )
+    _record(
+        store,
+        config,
+        Resource(kind="ui-service", name=service.name, target="vertex", url=service.uri, details={"public": public}),
+    )
+    changes.append(Change("deploy", "Cloud Run service", service.name, "public" if public else "private"))
+    return StepResult(changes, service.uri, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------- teardown
+
+
+@dataclass
+class Inventory:
+    """What teardown will delete: found by label in the cloud, and from the state file."""
+
+    endpoints: list[Any] = field(default_factory=list)
+    models: list[Any] = field(default_factory=list)
+    services: list[Any] = field(default_factory=list)
+    account: str = ""
+    images: list[str] = field(default_factory=list)
+
+    def changes(self) -> list[Change]:
+        rows = []
+        for endpoint in self.endpoints:
+            deployed = len(endpoint.deployed_models)
+            rows.append(Change("delete", "endpoint", endpoint.name, f"{deployed} deployed model(s), undeployed first"))
+        rows += [Change("delete", "model", m.name, f"version {m.version_id}") for m in self.models]
+        rows += [Change("delete", "Cloud Run service", s.name, s.uri) for s in self.services]
+        if self.account:
+            rows.append(Change("delete", "service account", self.account))
+        rows += [Change("delete", "image", image) for image in self.images]
+        return rows
+
+
+def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepResult:
+    kinds = {
+        "endpoint": "endpoint",
+        "model": "model",
+        "ui-service": "Cloud Run service",
+        "ui-account": "service account",
+    }
+    if images:
+        kinds.update({"server-image": "image", "ui-image": "image"})
+    changes = [
+        Change("delete", kinds[kind], r.name or "(being created)")
+        for kind, r in store.read().of(config.name).items()
+        if kind in kinds
+    ]
+    changes.append(
+        Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
+    )
+    return StepResult(changes, dry_run=True)
+
+
+def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
+    """Everything of this deployment: by label (so a lost state file loses nothing), plus the state's."""
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    c = cloud(config)
+    vertex, run = Vertex(c), CloudRun(c)
+    found = Inventory(
+        endpoints=vertex.find_endpoints((LABEL, config.name)),
+        models=vertex.find_models((LABEL, config.name)),
+        services=run.find((LABEL, config.name)),
+    )
+    state = store.read()
+    account = state.get(config.name, "ui-account")
+    found.account = account.name if account else ""
+    if not found.account and found.services:
+        found.account = found.services[0].template.service_account
+    if images:
+        found.images = [r.name for kind, r in state.of(config.name).items() if kind.endswith("-image")]
+    return found
+
+
+def teardown(config: Config, store: StateStore, found: Inventory, *, progress: Progress = _quiet) -> StepResult:
+    """Delete what `found` lists, keep going past failures; already-gone counts as done."""
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.iam import ServiceAccounts
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    started = time.monotonic()
+    c = cloud(config)
+    vertex, run = Vertex(c), CloudRun(c)
+    changes: list[Change] = []
+    failed = 0
+
+    def attempt(kind: str, name: str, action: Callable[[], str]) -> bool:
+        nonlocal failed
+        progress(f"deleting {kind} {name}")
+        try:
+            outcome = action()
+        except CloudError as exc:
+            if "not found" in exc.message.lower():
+                changes.append(Change("gone", kind, name, "already deleted"))
+                return True
+            failed += 1
+            changes.append(Change("failed", kind, name, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+            return False
+        changes.append(Change("delete", kind, name, outcome))
+        return True
+
+    for endpoint in found.endpoints:
+
+        def delete_endpoint(endpoint: Any = endpoint) -> str:
+            for deployed in endpoint.deployed_models:
+                vertex.wait(
+                    vertex.undeploy(endpoint=endpoint.name, deployed_model_id=deployed.id),
+                    what=f"undeploy {deployed.id}",
+                    timeout_s=OPERATION_TIMEOUT_S,
+                    progress=progress,
+                )
+            vertex.wait(
+                vertex.delete_endpoint(endpoint.name),
+                what="delete the endpoint",
+                timeout_s=OPERATION_TIMEOUT_S,
+                progress=progress,
+            )
+            return f"{len(endpoint.deployed_models)} model(s) undeployed"
+
+        attempt("endpoint", endpoint.name, delete_endpoint)
+    for model in found.models:
+
+        def delete_model(model: Any = model) -> str:
+            vertex.wait(
+                vertex.delete_model(model.name),
+                what="delete the model",
+                timeout_s=OPERATION_TIMEOUT_S,
+                progress=progress,
+            )
+            return "deleted"
+
+        attempt("model", model.name, delete_model)
+    for service in found.services:
+
+        def delete_service(service_id: str = service.name.rsplit("/", 1)[-1]) -> str:
+            gone = not run.delete(service_id, progress=progress, timeout_s=OPERATION_TIMEOUT_S)
+            return "already gone" if gone else "deleted"
+
+        attempt("Cloud Run service", service.name, delete_service)
+    if found.account:
+
+        def delete_account(account_id: str = found.account.split("@")[0]) -> str:
+            return "deleted" if ServiceAccounts(c).delete(account_id) else "already gone"
+
+        attempt("service account", found.account, delete_account)
+    for image in found.images:
+        changes.append(
+            Change(
+                "keep",
+                "image",
+                image,
+                "not deleted: Artifact Registry is not wired up yet; "
+                f"gcloud artifacts docker images delete {image.split(':')[0]}",
+            )
+        )
+    if not failed:
+        with store.transaction() as state:
+            for kind in list(state.of(config.name)):
+                if found.images or not kind.endswith("-image"):
+                    state.remove(config.name, kind)
+    return StepResult(changes, seconds=time.monotonic() - started, failed=failed)
+
+
+# ---------------------------------------------------------------- state helpers
+
+
+def _record(store: StateStore, config: Config, resource: Resource) -> None:
+    with store.transaction() as state:
+        previous = state.get(config.name, resource.kind)
+        if previous is not None and previous.name == resource.name:
+            resource = resource.model_copy(
+                update={"created_at": previous.created_at, "details": {**previous.details, **resource.details}}
+            )
+        state.put(config.name, resource)
+
+
+def _update_details(store: StateStore, config: Config, kind: str, **details: Any) -> None:
+    with store.transaction() as state:
+        resource = state.get(config.name, kind)
+        if resource is not None:
+            for key, value in details.items():
+                if value is None:
+                    resource.details.pop(key, None)
+                else:
+                    resource.details[key] = value
+
+
+def _forget(store: StateStore, config: Config, kind: str) -> None:
+    with store.transaction() as state:
+        state.remove(config.name, kind)

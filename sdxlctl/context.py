@@ -1,0 +1,84 @@
+"""A container build context as a deterministic tarball: same files, same bytes, same digest."""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdxlctl.errors import SdxlctlError
+
+CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
+
+
+@dataclass(frozen=True)
+class Context:
+    """The packed folder and the digest that tags its image."""
+
+    folder: Path
+    tarball: bytes
+    digest: str  # sha256 of the files (names, modes, contents), not of the gzip stream
+
+    @property
+    def tag(self) -> str:
+        return self.digest[:12]
+
+
+def container_folder(name: str) -> Path:
+    """containers/<name> of this checkout; the build steps need the sources, not only the installed CLI."""
+    folder = CONTAINERS / name
+    if not (folder / "Dockerfile").is_file():
+        raise SdxlctlError(f"no {folder}/Dockerfile", hint="build from a checkout of sdxlctl (git clone ...)")
+    return folder
+
+
+def ignored_patterns(folder: Path) -> list[str]:
+    path = folder / ".dockerignore"
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rules, the common part: globs matched against the path and each of its parents; ! re-includes."""
+    ignored = False
+    parts = relative.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        glob = pattern.lstrip("!").strip("/")
+        if glob.startswith("**/"):
+            hit = any(fnmatch.fnmatch(part, glob[3:]) for part in parts) or any(
+                fnmatch.fnmatch(c, glob[3:]) for c in candidates
+            )
+        else:
+            hit = any(fnmatch.fnmatch(c, glob) for c in candidates)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def pack(folder: Path) -> Context:
+    """Tar and gzip `folder` without what .dockerignore excludes; timestamps and owners are zeroed."""
+    patterns = ignored_patterns(folder)
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not _ignored(p.relative_to(folder).as_posix(), patterns)
+    )
+    raw, digest = io.BytesIO(), hashlib.sha256()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in files:
+            relative = path.relative_to(folder).as_posix()
+            data = path.read_bytes()
+            info = tarfile.TarInfo(relative)
+            info.size, info.mode, info.mtime = len(data), 0o755 if path.stat().st_mode & 0o111 else 0o644, 0
+            archive.addfile(info, io.BytesIO(data))
+            digest.update(f"{relative}\0{info.mode}\0{len(data)}\0".encode())
+            digest.update(data)
+    compressed = io.BytesIO()
+    with gzip.GzipFile(fileobj=compressed, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return Context(folder, compressed.getvalue(), digest.hexdigest())

@@ -1,0 +1,101 @@
+"""Cloud Build: docker build + push of a context tarball from GCS, with its log tailed as it runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sdxlctl.gcp.errors import CloudError, translated
+from sdxlctl.gcp.session import Cloud, Progress
+from sdxlctl.gcp.storage import Storage
+
+BUILD_TIMEOUT_S = 2 * 3600  # an image with CUDA torch (and baked weights) can take long on a cold cache
+FINAL = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    build_id: str
+    image: str
+    digest: str
+    log_url: str
+
+
+class Builds:
+    """Cloud Build for one project."""
+
+    def __init__(self, cloud: Cloud) -> None:
+        from google.cloud.devtools import cloudbuild_v1
+
+        self.cloud = cloud
+        self.types = cloudbuild_v1
+        self.client: Any = cloud.client(cloudbuild_v1.CloudBuildClient, "cloudbuild.googleapis.com")
+
+    def find_success(self, tag: str, image: str) -> str | None:
+        """The id of a successful build that already pushed `image` for this context tag, if any."""
+        with translated("list builds", api="cloudbuild", project=self.cloud.project):
+            builds = self.client.list_builds(
+                project_id=self.cloud.project, filter=f'tags="{tag}" AND status="SUCCESS"', retry=self.cloud.retry()
+            )
+            for build in builds:
+                if image in build.images:
+                    return str(build.id)
+        return None
+
+    def run(
+        self,
+        *,
+        source: str,
+        image: str,
+        tags: list[str],
+        logs: Storage,
+        logs_prefix: str,
+        progress: Progress,
+        on_log: Callable[[str], None],
+    ) -> BuildResult:
+        """Build and push `image` from gs:// `source`; tail the log; raise CloudError unless it succeeds."""
+        bucket, _, obj = source.removeprefix("gs://").partition("/")
+        build = self.types.Build(
+            source=self.types.Source(storage_source=self.types.StorageSource(bucket=bucket, object_=obj)),
+            steps=[
+                self.types.BuildStep(
+                    name="gcr.io/cloud-builders/docker", args=["build", "--network", "cloudbuild", "-t", image, "."]
+                )
+            ],
+            images=[image],
+            tags=tags,
+            timeout={"seconds": BUILD_TIMEOUT_S},
+            options=self.types.BuildOptions(machine_type=self.types.BuildOptions.MachineType.E2_HIGHCPU_8),
+            logs_bucket=f"gs://{logs.bucket_name}/{logs_prefix}",
+        )
+        with translated("start the build", api="cloudbuild", project=self.cloud.project):
+            operation = self.client.create_build(project_id=self.cloud.project, build=build, retry=self.cloud.retry())
+            build_id = operation.metadata.build.id
+        started, offset, current = time.monotonic(), 0, None
+        log_name = f"{logs_prefix}/log-{build_id}.txt"
+        while True:
+            with translated("follow the build", api="cloudbuild", project=self.cloud.project):
+                current = self.client.get_build(project_id=self.cloud.project, id=build_id, retry=self.cloud.retry())
+            chunk = logs.read_from(log_name, offset)
+            offset += len(chunk)
+            for line in chunk.decode(errors="replace").splitlines():
+                on_log(line)
+            status = self.types.Build.Status(current.status).name
+            if status in FINAL:
+                break
+            if time.monotonic() - started > BUILD_TIMEOUT_S + 600:
+                raise CloudError(
+                    f"build {build_id} still {status} after {BUILD_TIMEOUT_S / 3600:.0f} h",
+                    hint=f"see {current.log_url}",
+                )
+            progress(f"building {image.rsplit('/', 1)[-1]}: {status.lower()} ({time.monotonic() - started:.0f}s)")
+            time.sleep(self.cloud.poll_s)
+        if status != "SUCCESS":
+            raise CloudError(
+                f"build {build_id} ended {status}: {current.status_detail or 'see its log'}",
+                hint=f"log: {current.log_url}",
+            )
+        digest = next((i.digest for i in current.results.images if i.name == image), "")
+        return BuildResult(build_id, image, digest, current.log_url)

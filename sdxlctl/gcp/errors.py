@@ -1,0 +1,103 @@
+"""Google's errors, as one line and the fix: which role, which API to enable, which region to try."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sdxlctl.errors import SdxlctlError
+
+# The role a step needs, by the API it calls.
+ROLES = {
+    "aiplatform": "roles/aiplatform.user",
+    "cloudbuild": "roles/cloudbuild.builds.editor",
+    "run": "roles/run.admin",
+    "storage": "roles/storage.admin",
+    "iam": "roles/iam.serviceAccountAdmin",
+}
+APIS = {
+    "aiplatform": "aiplatform.googleapis.com",
+    "cloudbuild": "cloudbuild.googleapis.com",
+    "run": "run.googleapis.com",
+    "storage": "storage.googleapis.com",
+    "iam": "iam.googleapis.com",
+}
+
+
+class CloudError(SdxlctlError):
+    """A Google API refused or failed a call."""
+
+
+@contextmanager
+def translated(action: str, *, api: str, project: str, region: str = "") -> Iterator[None]:
+    """Turn any Google API error raised inside into a CloudError that says what to do."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    try:
+        yield
+    except CloudError:
+        raise
+    except auth_exc.DefaultCredentialsError:
+        raise CloudError(
+            f"{action}: no Google Cloud credentials found",
+            hint="run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS",
+        ) from None
+    except gexc.GoogleAPICallError as exc:
+        raise explain(exc, action, api=api, project=project, region=region) from None
+
+
+def explain(exc: Exception, action: str, *, api: str, project: str, region: str = "") -> CloudError:
+    """The one-line message and hint for a Google API error."""
+    from google.api_core import exceptions as gexc
+
+    message = getattr(exc, "message", None) or str(exc)
+    text = f"{action}: {message}"
+    lowered = message.lower()
+    if "has not been used" in lowered or "service_disabled" in lowered or "is disabled" in lowered:
+        service = APIS.get(api, f"{api}.googleapis.com")
+        return CloudError(
+            f"{action}: the {service} API is not enabled in project {project}",
+            hint=f"gcloud services enable {service} --project {project}",
+        )
+    if isinstance(exc, gexc.PermissionDenied | gexc.Forbidden):
+        role = ROLES.get(api, "the needed role")
+        return CloudError(
+            text,
+            hint=f"grant {role}: gcloud projects add-iam-policy-binding {project} "
+            f"--member=user:YOU@example.com --role={role}",
+        )
+    if isinstance(exc, gexc.Unauthenticated | gexc.Unauthorized):
+        return CloudError(text, hint="run `gcloud auth application-default login`")
+    if _is_stockout(lowered):
+        return CloudError(
+            text,
+            hint=f"no such GPU is free in {region or 'this region'} now: try another region "
+            "(SDXLCTL_GCP_REGION=...), another --gpu, or again later",
+        )
+    if isinstance(exc, gexc.ResourceExhausted | gexc.TooManyRequests) or "quota" in lowered:
+        metric = re.search(r"quota (?:metric|for) '?([\w./-]+)", message)
+        what = f" ({metric.group(1)})" if metric else ""
+        return CloudError(
+            text,
+            hint=f"quota exceeded{what}: request more at "
+            f"https://console.cloud.google.com/iam-admin/quotas?project={project}, "
+            "or use another region or GPU (`sdxlctl cost --compare`)",
+        )
+    if isinstance(exc, gexc.NotFound):
+        return CloudError(text, hint="it may have been deleted outside sdxlctl; `sdxlctl status` shows what exists")
+    return CloudError(text)
+
+
+def _is_stockout(lowered: str) -> bool:
+    return any(
+        word in lowered
+        for word in (
+            "stockout",
+            "resource_pool_exhausted",
+            "resources are insufficient",
+            "does not have enough resources",
+            "zone_resource_pool",
+        )
+    )

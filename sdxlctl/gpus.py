@@ -1,0 +1,53 @@
+"""The one table from `--gpu` to what Vertex AI deploys: machine type, accelerator and its count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdxlctl.errors import UsageError
+
+
+@dataclass(frozen=True)
+class GpuOption:
+    """A `--gpu` choice and the machine it means on Vertex AI online prediction."""
+
+    key: str
+    label: str
+    machine_type: str
+    accelerator: str  # Vertex AI AcceleratorType enum name
+    count: int
+    vcpus: int
+    ram_gb: float
+    family: str  # price family: the machine series whose vCPU and RAM prices apply
+    note: str = ""
+
+
+GPUS: dict[str, GpuOption] = {
+    option.key: option
+    for option in (
+        GpuOption("t4", "NVIDIA T4 16GB", "n1-standard-8", "NVIDIA_TESLA_T4", 1, 8, 30, "n1"),
+        GpuOption("l4", "NVIDIA L4 24GB", "g2-standard-8", "NVIDIA_L4", 1, 8, 32, "g2"),
+        GpuOption("a100", "NVIDIA A100 40GB", "a2-highgpu-1g", "NVIDIA_TESLA_A100", 1, 12, 85, "a2"),
+        GpuOption("a100-80", "NVIDIA A100 80GB", "a2-ultragpu-1g", "NVIDIA_A100_80GB", 1, 12, 170, "a2"),
+        GpuOption("h100", "NVIDIA H100 80GB", "a3-highgpu-1g", "NVIDIA_H100_80GB", 1, 26, 234, "a3"),
+        GpuOption(
+            "h200",
+            "NVIDIA H200 141GB",
+            "a3-ultragpu-8g",
+            "NVIDIA_H200_141GB",
+            8,
+            224,
+            2952,
+            "a3",
+            note="H200 comes only as 8 GPUs per machine; one model server uses one of them",
+        ),
+    )
+}
+
+
+def gpu(key: str) -> GpuOption:
+    """The option for `--gpu key`, or a UsageError listing the choices."""
+    try:
+        return GPUS[key]
+    except KeyError:
+        raise UsageError(f"unknown GPU {key!r}", hint=f"choose one of {', '.join(GPUS)}") from None

@@ -1,0 +1,89 @@
+"""The Google Cloud emulator (and a GCS emulator) on loopback, and the environment that points sdxlctl at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.emulator.app import create_app
+from tests.emulator.core import World
+from tests.emulator.model_servers import ModelServers
+from tests.servers import Server, gcs_emulator, serve_app, server_process
+
+PROJECT, REGION = "demo-project", "europe-west4"
+
+
+@dataclass
+class Emulator:
+    url: str
+    gcs_url: str
+    world: World
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """What makes sdxlctl talk to this emulator instead of Google."""
+        return {
+            "SDXLCTL_TARGET": "vertex",
+            "SDXLCTL_GCP_PROJECT": PROJECT,
+            "SDXLCTL_GCP_REGION": REGION,
+            "SDXLCTL_GCP_API_ENDPOINT": self.url,
+            "SDXLCTL_GCP_POLL_INTERVAL_S": "0.05",
+            "STORAGE_EMULATOR_HOST": self.gcs_url,
+            **extra,
+        }
+
+    def fault(self, **spec: Any) -> None:
+        httpx.post(f"{self.url}/_emulator/faults", json=spec).raise_for_status()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.url}/_emulator/requests").json())
+
+    def resources(self) -> dict[str, list[dict[str, Any]]]:
+        return dict(httpx.get(f"{self.url}/_emulator/resources").json())
+
+    def labelled(self, deployment: str = "sdxl") -> list[str]:
+        """Names of every emulated resource that carries sdxlctl's label for `deployment`."""
+        return [
+            r.get("name", "")
+            for table in self.resources().values()
+            for r in table
+            if r.get("labels", {}).get("sdxlctl-deployment") == deployment
+        ]
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[str]:
+    with gcs_emulator() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def forwarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One tiny model server that emulated deployments forward to (fast: no process per deploy)."""
+    with server_process({"SDXL_MODEL": "tiny", "SDXL_WARMUP": "64x64"}, tmp_path_factory.mktemp("fwd")) as server:
+        server.wait_until("ready")
+        yield server
+
+
+@pytest.fixture
+def emulator(gcs: str, forwarded_server: Server) -> Iterator[Emulator]:
+    """A fresh emulator whose deployments forward to the shared tiny server."""
+    world = World(polls_to_finish=2)
+    with serve_app(create_app(world, servers=ModelServers(forward_to=forwarded_server.url), gcs_url=gcs)) as server:
+        yield Emulator(server.url, gcs, world)
+
+
+@pytest.fixture
+def real_emulator(gcs: str, tmp_path: Path) -> Iterator[Emulator]:
+    """An emulator that runs each deployed model's container command (`python -m sdxl_server`) itself."""
+    world = World(polls_to_finish=2)
+    servers = ModelServers(log_dir=tmp_path)
+    try:
+        with serve_app(create_app(world, servers=servers, gcs_url=gcs)) as server:
+            yield Emulator(server.url, gcs, world)
+    finally:
+        servers.stop_all()

@@ -1,0 +1,167 @@
+"""The emulator's ASGI app: every route of every emulated service, plus /_emulator/ controls for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from tests.emulator.cloudbuild import CloudBuild
+from tests.emulator.cloudrun import CloudRun
+from tests.emulator.core import ApiError, Fault, Recorded, Route, World, read_json
+from tests.emulator.model_servers import ModelServers
+from tests.emulator.vertex import Vertex
+
+
+class Storage:
+    """Objects in the GCS emulator, through the real google-cloud-storage client (anonymous)."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+
+    def _client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project="emulator", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.url}
+        )
+
+    def read(self, bucket: str, name: str) -> bytes | None:
+        if not self.url:
+            return None
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return bytes(self._client().bucket(bucket).blob(name).download_as_bytes())
+        except NotFound:
+            return None
+
+    def write(self, bucket: str, name: str, data: bytes) -> None:
+        if not self.url:
+            return
+        from google.api_core.exceptions import Conflict
+
+        client = self._client()
+        with contextlib.suppress(Conflict):
+            client.create_bucket(bucket)
+        client.bucket(bucket).blob(name).upload_from_string(data)
+
+
+def create_app(
+    world: World | None = None, *, servers: ModelServers | None = None, gcs_url: str | None = None
+) -> Starlette:
+    """The emulator: Vertex AI, Cloud Build, Cloud Run and IAM on one port, as Google's REST APIs answer."""
+    world = world or World()
+    servers = servers or ModelServers()
+    storage = Storage(gcs_url)
+    routes: list[Route] = [
+        *Vertex(world, servers).routes(),
+        *CloudBuild(world, storage.read, storage.write).routes(),
+        *CloudRun(world).routes(),
+    ]
+
+    async def dispatch(request: Request) -> Response:
+        path = request.url.path
+        body: Any = None
+        recorded = Recorded(request.method, path, dict(request.query_params), None)
+        try:
+            body = await read_json(request)
+            recorded.body = body
+            with world.lock:
+                world.requests.append(recorded)
+                fault = world.take_fault(request.method, path, operation=False) or world.take_fault(
+                    "*", path, operation=False
+                )
+            if fault is not None:
+                raise fault.error
+            handler, params = _match(routes, request.method, path)
+            if inspect.iscoroutinefunction(handler):
+                result = await handler(request, params, body)
+            else:
+                # Handlers may start processes or talk to GCS: keep the event loop free for other clients.
+                result = await asyncio.to_thread(_locked, world, handler, request, params, body)
+            recorded.status = 200
+            return JSONResponse(result)
+        except ApiError as exc:
+            recorded.status = exc.code
+            return JSONResponse(exc.body(), status_code=exc.code)
+
+    async def requests(request: Request) -> Response:
+        with world.lock:
+            return JSONResponse([vars(r) for r in world.requests])
+
+    async def resources(request: Request) -> Response:
+        with world.lock:
+            data = {
+                kind: [{k: v for k, v in r.items() if not k.startswith("_")} for r in table.values()]
+                for kind, table in world.resources.items()
+            }
+        return Response(json.dumps(data), media_type="application/json")
+
+    async def faults(request: Request) -> Response:
+        spec = json.loads(await request.body())
+        error = ApiError(spec.get("code", 503), spec.get("message", "injected fault"), spec.get("status"))
+        with world.lock:
+            world.faults.append(
+                Fault(spec.get("method", "*"), spec["path"], error, spec.get("times", 1), spec.get("operation", False))
+            )
+        return JSONResponse({"ok": True})
+
+    async def reset(request: Request) -> Response:
+        servers.stop_all()
+        with world.lock:
+            world.resources.clear()
+            world.operations.clear()
+            world.faults.clear()
+            world.requests.clear()
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[
+            StarletteRoute("/_emulator/requests", requests, methods=["GET"]),
+            StarletteRoute("/_emulator/resources", resources, methods=["GET"]),
+            StarletteRoute("/_emulator/faults", faults, methods=["POST"]),
+            StarletteRoute("/_emulator/reset", reset, methods=["POST"]),
+            StarletteRoute("/{path:path}", dispatch, methods=["GET", "POST", "PATCH", "DELETE", "PUT"]),
+        ],
+        lifespan=_stopping(servers),
+    )
+    app.state.world = world
+    app.state.servers = servers
+    return app
+
+
+def _stopping(servers: ModelServers) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        servers.stop_all()  # no model server outlives the emulator
+
+    return lifespan
+
+
+def _locked(world: World, handler: Any, *args: Any) -> Any:
+    with world.lock:
+        return handler(*args)
+
+
+def _match(routes: list[Route], method: str, path: str) -> tuple[Any, dict[str, str]]:
+    allowed = False
+    for route in routes:
+        match = route.pattern.match(path)
+        if match:
+            if route.method == method:
+                return route.handler, {k: v for k, v in match.groupdict().items() if v is not None}
+            allowed = True
+    if allowed:
+        raise ApiError(405, f"Method {method} is not allowed on {path}.", "METHOD_NOT_ALLOWED")
+    raise ApiError(404, f"The requested URL {path} was not found on this server.")
