@@ -348,6 +348,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
     if match is None:
         pending = store.read().get(config.name, "endpoint")
         operation = pending.details.get("deploy_operation") if pending else None
+        resumed = " (resumed the deployment an earlier run started)" if operation else ""
         if operation:
             progress("resuming the deployment started earlier")
         else:
@@ -387,7 +388,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                 "deploy",
                 "model",
                 recorded_model.name,
-                f"{_machine(option)}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}",
+                f"{_machine(option)}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}{resumed}",
             )
         )
     else:

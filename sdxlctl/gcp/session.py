@@ -64,19 +64,33 @@ class Cloud:
         )
 
     def retry(self) -> Any:
-        """Retry transient answers (429, 503, 500) with exponential backoff, for at most two minutes."""
-        from google.api_core import exceptions as gexc
+        """Retry transient answers (429, 500, 503) with exponential backoff, for at most two minutes.
+
+        A 429 about quota is not transient: waiting two minutes would not help, so it is not retried.
+        """
         from google.api_core import retry
 
         return retry.Retry(
-            predicate=retry.if_exception_type(
-                gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError, gexc.ResourceExhausted
-            ),
+            predicate=is_transient,
             initial=min(1.0, self.poll_s),
             maximum=min(30.0, self.poll_s * 10),
             multiplier=2.0,
             timeout=RETRY_DEADLINE_S,
         )
+
+
+def is_transient(exc: Exception) -> bool:
+    """Worth another try: overload and unavailability, but not quota or stockout."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(exc, gexc.ServiceUnavailable | gexc.InternalServerError):
+        return True
+    if isinstance(exc, gexc.TooManyRequests | gexc.ResourceExhausted):
+        text = str(exc).lower()
+        return not any(
+            word in text for word in ("quota", "stockout", "resources are insufficient", "resource_pool_exhausted")
+        )
+    return False
 
 
 def wait_operation(

@@ -78,9 +78,7 @@ def create_app(
             recorded.body = body
             with world.lock:
                 world.requests.append(recorded)
-                fault = world.take_fault(request.method, path, operation=False) or world.take_fault(
-                    "*", path, operation=False
-                )
+                fault = world.take_fault(request.method, path, operation=False)
             if fault is not None:
                 raise fault.error
             handler, params = _match(routes, request.method, path)

@@ -194,7 +194,7 @@ class World:
 
     def take_fault(self, method: str, path: str, *, operation: bool) -> Fault | None:
         for fault in self.faults:
-            if fault.operation == operation and fault.method == method and re.search(fault.path, path):
+            if fault.operation == operation and fault.method in ("*", method) and re.search(fault.path, path):
                 fault.times -= 1
                 if fault.times <= 0:
                     self.faults.remove(fault)

@@ -1,0 +1,91 @@
+"""The whole cloud lifecycle through the CLI, against the emulator, with the real client libraries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from sdxlctl.state import StateStore
+from tests.cloud.conftest import Emulator
+from tests.conftest import Cli
+
+SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
+
+
+def test_build_upload_deploy_predict_ui_status_teardown(cli: Cli, real_emulator: Emulator, tmp_path: Path) -> None:
+    """The deployed model runs as the container would (`python -m sdxl_server` with Vertex's AIP_* env)."""
+    env = real_emulator.env()
+    for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"]):
+        result = cli(*step, env=env)
+        assert result.code == 0, (step, result.err)
+    predicted = cli("predict", "a red fox in snow", "-o", "fox.png", "--seed", "4", *SMALL, env=env)
+    assert predicted.code == 0, predicted.err
+    with Image.open(tmp_path / "fox.png") as image:
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    assert "fox.png  seed 4" in predicted.out
+
+    ui = cli("ui-deploy", env=env)
+    assert ui.code == 0, ui.err
+    assert ui.out.strip().startswith("https://sdxl-ui-") and ui.out.strip().endswith(".run.app")
+
+    status = json.loads(cli("status", "--json", env=env).out)
+    kinds = {row["kind"] for row in status["resources"]}
+    assert {"server-image", "model", "endpoint", "ui-image", "ui-account", "ui-service"} <= kinds
+
+    down = cli("teardown", "--yes", env=env)
+    assert down.code == 0, down.err
+    assert real_emulator.labelled() == []
+    assert real_emulator.resources().get("accounts", []) == []
+    assert StateStore(tmp_path / ".sdxlctl").read().of("sdxl").keys() <= {"server-image", "ui-image"}
+
+
+def test_the_same_config_again_changes_nothing(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env()
+    for step in (["build"], ["upload"], ["deploy"]):
+        assert cli(*step, env=env).code == 0
+    before = len(emulator.requests())
+    for step in (["build"], ["upload"], ["deploy"]):
+        again = cli(*step, env=env)
+        assert again.code == 0 and "unchanged" in again.err, again.err
+    writes = [r for r in emulator.requests()[before:] if r["method"] != "GET"]
+    assert writes == [], writes
+
+
+def test_a_new_gpu_redeploys_on_the_same_endpoint_and_retires_the_old_one(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env()
+    for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"], ["deploy", "--gpu", "l4"]):
+        assert cli(*step, env=env).code == 0
+    (endpoint,) = emulator.resources()["endpoints"]
+    (deployed,) = endpoint["deployedModels"]
+    machine = deployed["dedicatedResources"]["machineSpec"]
+    assert (machine["machineType"], machine["acceleratorType"]) == ("g2-standard-8", "NVIDIA_L4")
+    assert cli("teardown", "--yes", env=env).code == 0
+
+
+def test_a_changed_model_config_uploads_a_new_version(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env()
+    assert cli("build", env=env).code == 0
+    assert cli("upload", env=env).code == 0
+    changed = cli("upload", env={**env, "SDXLCTL_MODEL_QUEUE_SIZE": "1"})
+    assert changed.code == 0 and changed.out.strip().endswith("@2"), changed.out
+    (model,) = emulator.resources()["models"]
+    assert model["versionId"] == "2"
+
+
+def test_a_dedicated_endpoint_is_predicted_through_its_own_dns(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env(SDXLCTL_DEPLOY_ENDPOINT="dedicated")
+    for step in (["build"], ["upload"], ["deploy"]):
+        assert cli(*step, env=env).code == 0
+    (endpoint,) = emulator.resources()["endpoints"]
+    assert endpoint["dedicatedEndpointEnabled"] is True
+    assert cli("predict", "a fox", "-o", "fox.jpg", *SMALL, env=env).code == 0
+    (upload,) = [r for r in emulator.requests() if r["path"].endswith("models:upload")]
+    container_env = {e["name"]: e["value"] for e in upload["body"]["model"]["containerSpec"]["env"]}
+    assert container_env["SDXL_MAX_RESPONSE_BYTES"] == "10000000"
+
+
+def test_predict_with_nothing_deployed_says_what_to_do(cli: Cli, emulator: Emulator) -> None:
+    result = cli("predict", "a fox", env=emulator.env())
+    assert result.code == 1 and "sdxlctl deploy" in result.err
