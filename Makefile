@@ -10,11 +10,11 @@ install: $(STAMP)
 
 # torch first, pinned to the CPU build this project's machines install offline (constraints.txt);
 # on a GPU machine install a CUDA build of torch into the venv before `make install` (README, "GPU").
-$(STAMP): pyproject.toml containers/model/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml containers/model/pyproject.toml containers/ui/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
-		-e "containers/model[gcs]" -e ".[dev]"
+		-e "containers/model[gcs]" -e containers/ui -e ".[dev]"
 	touch $(STAMP)
 
 # The local target: no cloud account, no Docker, no network. The tiny model draws noise by design.

@@ -260,11 +260,10 @@ def upload(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
     from sdxlctl.gcp.vertex import ContainerSpec, Vertex
 
     started = time.monotonic()
-    n = names(config)
+    n, vertex = names(config), Vertex(cloud(config))
     image = store.read().get(config.name, "server-image")
     if image is None:
         raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
-    vertex = Vertex(cloud(config))
     spec = ContainerSpec(
         image=image.name, env=_container_env(config), deployment_timeout_s=config.deploy.timeout_min * 60
     )
@@ -559,7 +558,7 @@ def ui_deploy(
     service = CloudRun(c).deploy(
         service_id=n.service_id,
         image=built.result,
-        env={"SDXL_ENDPOINT": endpoint.name},
+        env=_ui_env(endpoint),
         labels=n.labels,
         service_account=email,
         public=public,
@@ -573,6 +572,13 @@ def ui_deploy(
     )
     changes.append(Change("deploy", "Cloud Run service", service.name, "public" if public else "private"))
     return StepResult(changes, service.uri, time.monotonic() - started)
+
+
+def _ui_env(endpoint: Resource) -> dict[str, str]:
+    env = {"SDXL_ENDPOINT": endpoint.name}
+    if endpoint.details.get("dedicated") and endpoint.details.get("dns"):
+        env["SDXL_VERTEX_API_ENDPOINT"] = f"https://{endpoint.details['dns']}"  # dedicated: its own host only
+    return env
 
 
 # ---------------------------------------------------------------- teardown

@@ -45,32 +45,46 @@ class DeployResult:
     action: Literal["started", "restarted", "unchanged", "resumed"]
     resource: Resource
     seconds: float
+    what: str = "model server"
 
 
 def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) -> DeployResult:
     """Make the model server run as the config says: start, restart on a changed config, or do nothing."""
+    return _ensure_process(config, store, local.server_spec(config), progress, what="model server")
+
+
+def ui_deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) -> DeployResult:
+    """Run the Gradio UI against the local model server (target local)."""
+    server = store.read().get(config.name, SERVER)
+    if server is None:
+        raise DeployError("the UI needs the model server", hint="run `sdxlctl deploy` first")
+    return _ensure_process(config, store, local.ui_spec(config, server.url), progress, what="UI")
+
+
+def _ensure_process(
+    config: Config, store: StateStore, spec: local.ProcessSpec, progress: Progress, *, what: str
+) -> DeployResult:
     started = time.monotonic()
-    spec = local.server_spec(config)
     with store.transaction() as state:
-        current = state.get(config.name, SERVER)
+        current = state.get(config.name, spec.kind)
         alive = current is not None and local.is_running(current.details.get("pid", -1), spec.module)
         if current is not None and alive and current.details.get("digest") == spec.digest:
             resource = current
             action: Literal["started", "restarted", "unchanged", "resumed"] = "unchanged"
         else:
             if current is not None and alive:
-                progress("stopping the server started with the previous config")
+                progress(f"stopping the {what} started with the previous config")
                 local.stop(current.details["pid"], spec.module)
-            state.remove(config.name, SERVER)
-            progress("starting the model server")
-            log_path = config.home / "logs" / f"{config.name}-server.log"
+            state.remove(config.name, spec.kind)
+            progress(f"starting the {what}")
+            log_path = config.home / "logs" / f"{config.name}-{spec.kind.removeprefix('local-')}.log"
             # Recorded before waiting, so that an interrupted wait leaves a process that status, deploy
             # and teardown all know about; and no Ctrl-C between start and record, or it would run unknown.
             with interrupts_deferred():
                 pid = local.start(spec, log_path)
                 resource = Resource(
-                    kind=SERVER,
-                    name=f"{config.name}-server",
+                    kind=spec.kind,
+                    name=f"{config.name}-{spec.kind.removeprefix('local-')}",
                     target="local",
                     url=f"http://{config.local.host}:{spec.port}",
                     details={
@@ -78,8 +92,9 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                         "port": spec.port,
                         "digest": spec.digest,
                         "log": str(log_path),
+                        "module": spec.module,
                         "model": config.model.source,
-                        "health_route": "/health",
+                        "health_route": spec.health_route,
                         "predict_route": "/predict",
                     },
                 )
@@ -88,10 +103,10 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
             action = "restarted" if current is not None else "started"
     ready_at_once = action == "unchanged" and local.health(_health_url(resource))[0] == 200
     if not ready_at_once:
-        _wait_until_ready(config, store, resource, progress)
+        _wait_until_ready(config, store, resource, progress, what=what)
         if action == "unchanged":
             action = "resumed"
-    return DeployResult(action, resource, time.monotonic() - started)
+    return DeployResult(action, resource, time.monotonic() - started, what)
 
 
 @contextmanager
@@ -111,24 +126,25 @@ def _health_url(resource: Resource) -> str:
     return resource.url + resource.details.get("health_route", "/health")
 
 
-def _wait_until_ready(config: Config, store: StateStore, resource: Resource, progress: Progress) -> None:
-    pid, log_path = resource.details["pid"], Path(resource.details["log"])
+def _wait_until_ready(config: Config, store: StateStore, resource: Resource, progress: Progress, *, what: str) -> None:
+    pid, log_path, module = resource.details["pid"], Path(resource.details["log"]), resource.details["module"]
     deadline = time.monotonic() + config.local.startup_timeout_s
-    progress(f"loading model {config.model.source!r}")
     while time.monotonic() < deadline:
         status, body = local.health(_health_url(resource))
         if status == 200:
             return
-        if body.get("status") == "failed" or not local.is_running(pid, "sdxl_server") or local.is_zombie(pid):
-            local.stop(pid, "sdxl_server")
+        if body.get("status") == "failed" or not local.is_running(pid, module) or local.is_zombie(pid):
+            local.stop(pid, module)
             with store.transaction() as state:
-                state.remove(config.name, SERVER)
+                state.remove(config.name, resource.kind)
             reason = body.get("reason") or local.tail(log_path) or "it exited"
-            raise DeployError(f"the model server did not start: {reason}", hint=f"full log: {log_path}")
-        progress(f"loading model {config.model.source!r} ({body.get('status', 'starting')})")
+            raise DeployError(f"the {what} did not start: {reason}", hint=f"full log: {log_path}")
+        progress(
+            f"starting the {what}" + (f" (model {config.model.source!r}: {body['status']})" if "status" in body else "")
+        )
         time.sleep(0.2)
     raise DeployError(
-        f"the model server was not ready after {config.local.startup_timeout_s:g} s",
+        f"the {what} was not ready after {config.local.startup_timeout_s:g} s",
         hint=f"it is still running (pid {pid}); `sdxlctl deploy` waits again, `sdxlctl teardown` stops it; "
         f"log: {log_path}",
     )
@@ -276,7 +292,8 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
 def _live_state(resource: Resource) -> str:
     if resource.target != "local":
         return "recorded"
-    if not local.is_running(resource.details.get("pid", -1), "sdxl_") or local.is_zombie(resource.details["pid"]):
+    module = resource.details.get("module", "sdxl_")
+    if not local.is_running(resource.details.get("pid", -1), module) or local.is_zombie(resource.details["pid"]):
         return "stopped"
     code, body = local.health(_health_url(resource))
     return str(body.get("status") or ("ready" if code == 200 else "starting"))
@@ -309,8 +326,9 @@ def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) 
             try:
                 if resource.target == "local":
                     pid = resource.details.get("pid", -1)
-                    local.stop(pid, "sdxl_")
-                    if local.is_running(pid, "sdxl_") and not local.is_zombie(pid):
+                    module = resource.details.get("module", "sdxl_")
+                    local.stop(pid, module)
+                    if local.is_running(pid, module) and not local.is_zombie(pid):
                         raise DeployError(f"pid {pid} is still running")
             except Exception as exc:  # reported per resource; the others still go
                 outcomes.append(TeardownOutcome(kind, resource.name, False, str(exc)))

@@ -29,6 +29,7 @@ class ProcessSpec:
     module: str
     port: int
     env: dict[str, str]
+    health_route: str = "/health"
 
     @property
     def digest(self) -> str:
@@ -51,6 +52,23 @@ def server_spec(config: Config) -> ProcessSpec:
         "AIP_HTTP_PORT": str(config.local.server_port),
     }
     return ProcessSpec("local-server", "sdxl_server", config.local.server_port, env)
+
+
+NATIVE_SIZE = {"tiny": 256}  # the tiny test model's native size; everything else is SDXL's 1024
+
+
+def ui_spec(config: Config, server_url: str) -> ProcessSpec:
+    """`python -m sdxl_ui` pointed at the local model server, with defaults that fit its model."""
+    side = str(NATIVE_SIZE.get(config.model.source, 1024))
+    env = {
+        "SDXL_ENDPOINT": server_url,
+        "PORT": str(config.local.ui_port),
+        "SDXL_UI_HOST": config.local.host,
+        "SDXL_UI_WIDTH": side,
+        "SDXL_UI_HEIGHT": side,
+        "HF_HUB_OFFLINE": "1",
+    }
+    return ProcessSpec("local-ui", "sdxl_ui", config.local.ui_port, env, health_route="/")
 
 
 def start(spec: ProcessSpec, log_path: Path) -> int:

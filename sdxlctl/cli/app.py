@@ -62,6 +62,8 @@ def main_options(
 
 def run(argv: list[str]) -> int:
     """Run the app on `argv`; every failure becomes a message on stderr and an exit code."""
+    from rich.markup import escape
+
     from sdxlctl.cli import commands  # noqa: F401  (registers the commands)
 
     options.config_path, options.debug = None, "--debug" in argv
@@ -70,9 +72,9 @@ def run(argv: list[str]) -> int:
     except SdxlctlError as exc:
         if options.debug:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            err.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+            err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
@@ -87,7 +89,7 @@ def run(argv: list[str]) -> int:
     except Exception as exc:
         if options.debug:
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err.print("[dim]hint:[/] run again with --debug for the traceback, and report it")
         return ExitCode.FAILED
     return result if isinstance(result, int) else ExitCode.OK

@@ -43,21 +43,28 @@ class Format(StrEnum):
     webp = "webp"
 
 
-def style_names() -> list[str]:
-    """The 17 presets the model server knows, read from its data file (no server code is imported)."""
+def style_names() -> list[str] | None:
+    """The 17 presets the model server knows, from its data file (no server code is imported).
+
+    None where the server package is not installed (a cloud-only install): the server then checks.
+    """
     from importlib.resources import files
 
-    data = json.loads(files("sdxl_server").joinpath("styles.json").read_text(encoding="utf-8"))
+    try:
+        data = json.loads(files("sdxl_server").joinpath("styles.json").read_text(encoding="utf-8"))
+    except ModuleNotFoundError:
+        return None
     return ["none", *(entry["id"] for entry in data["styles"])]
 
 
 def _complete_style(incomplete: str) -> list[str]:
-    return [name for name in style_names() if name.startswith(incomplete)]
+    return [name for name in style_names() or [] if name.startswith(incomplete)]
 
 
 def _check_style(value: str | None) -> str | None:
-    if value is not None and value not in style_names():
-        raise typer.BadParameter(f"unknown style {value!r}; choose from {', '.join(style_names())}")
+    names = style_names()
+    if value is not None and names is not None and value not in names:
+        raise typer.BadParameter(f"unknown style {value!r}; choose from {', '.join(names)}")
     return value
 
 
@@ -208,7 +215,12 @@ def ui_deploy(
 
     config, store = _context()
     if config.target == "local":
-        raise core.not_yet("ui-deploy", config)
+        if dry_run:
+            err.print(f"would start `python -m sdxl_ui` on {config.local.host}:{config.local.ui_port}")
+            return
+        with progress("starting the UI") as update:
+            render.deployed(core.ui_deploy(config, store, progress=update))
+        return
     public = public or config.ui.public
     if dry_run:
         render.step(cloud.plan_ui(config, store, public=public))

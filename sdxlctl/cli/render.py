@@ -7,6 +7,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from sdxlctl.cli.console import err, out
@@ -103,7 +104,7 @@ def teardown_plan(plan: list[Resource]) -> None:
 def torn_down(outcomes: list[TeardownOutcome]) -> None:
     for outcome in outcomes:
         mark = "[green]✓[/]" if outcome.ok else "[red]✗[/]"
-        err.print(f"{mark} {outcome.kind:14} {outcome.name:24} {outcome.message}")
+        err.print(f"{mark} {outcome.kind:14} {outcome.name:24} {escape(outcome.message)}")
     failed = sum(not o.ok for o in outcomes)
     err.print(f"{len(outcomes) - failed} removed, {failed} failed")
 
@@ -127,7 +128,8 @@ def changes(rows: list[Change], *, title: str) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         style = ACTION_STYLE.get(row.action, "")
-        table.add_row(f"[{style}]{row.action}[/]" if style else row.action, row.kind, row.name, row.detail)
+        table.add_row(f"[{style}]{row.action}[/]" if style else row.action, row.kind, escape(row.name),
+                      escape(row.detail))
     err.print(table)
 
 

@@ -1,0 +1,47 @@
+"""`python -m sdxl_ui`: serve the page on $PORT (Cloud Run sets it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    # Before gradio is imported: no analytics, no Hub lookups, no share links, ever.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from sdxl_ui.app import build
+    from sdxl_ui.backend import from_environment
+
+    endpoint = os.environ.get("SDXL_ENDPOINT", "http://127.0.0.1:8080")
+    try:
+        backend = from_environment(
+            endpoint,
+            api_base=os.environ.get("SDXL_VERTEX_API_ENDPOINT", ""),
+            predict_route=os.environ.get("SDXL_PREDICT_ROUTE", "/predict"),
+        )
+        port = int(os.environ.get("PORT", "7860"))
+        numbers = {
+            name: int(os.environ.get(f"SDXL_UI_{name.upper()}", default))
+            for name, default in (("queue", 16), ("width", 1024), ("height", 1024), ("steps", 30))
+        }
+    except ValueError as exc:
+        print(f"sdxl_ui: {exc}", file=sys.stderr)
+        return 2
+    page = build(
+        backend, queue_size=numbers["queue"], width=numbers["width"], height=numbers["height"], steps=numbers["steps"]
+    )
+    page.launch(
+        server_name=os.environ.get("SDXL_UI_HOST", "0.0.0.0"),
+        server_port=port,
+        share=False,
+        show_error=False,
+        quiet=True,
+        ssr_mode=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

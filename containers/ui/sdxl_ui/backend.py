@@ -1,0 +1,132 @@
+"""Where predictions come from: a model server URL, or a Vertex AI endpoint. One request format: the contract."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+VERTEX_ENDPOINT = re.compile(r"^projects/[^/]+/locations/(?P<location>[^/]+)/endpoints/[^/]+$")
+CONNECT_TIMEOUT_S = 10.0
+
+
+class BackendError(Exception):
+    """Something to show the person at the page, in one sentence."""
+
+
+class Backend(Protocol):
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+def _explain(status: int, text: str) -> str:
+    """A sentence for the page from an error answer (the model server's or Google's JSON)."""
+    message = text[:300]
+    try:
+        error = httpx.Response(status, text=text).json().get("error", {})
+        message = str(error.get("message", message))
+        if message.startswith("{"):  # Vertex AI wraps the container's own error JSON in its message
+            message = str(httpx.Response(status, text=message).json().get("error", {}).get("message", message))
+    except (ValueError, AttributeError):
+        pass
+    lead = {
+        400: "The request was refused",
+        403: "Not allowed to call the model (check the service account's role on the endpoint)",
+        413: "The images are too large for the endpoint",
+        429: "The model is busy (or scaled to zero and waking up); try again in a moment",
+        503: "The model is not ready yet; try again in a moment",
+        504: "The image took longer than the time limit; try fewer steps or a smaller size",
+    }.get(status, f"The model server answered {status}")
+    return f"{lead}: {message}" if message else lead
+
+
+@dataclass
+class HttpBackend:
+    """A model server reached directly (the local target): POST {url}{predict_route}."""
+
+    url: str
+    predict_route: str = "/predict"
+    timeout_s: float = 120.0
+
+    def describe(self) -> str:
+        return self.url
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        target = self.url.rstrip("/") + self.predict_route
+        return _post(
+            lambda: httpx.post(target, json=body, timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S)),
+            self.url,
+        )
+
+
+@dataclass
+class VertexBackend:
+    """A Vertex AI endpoint: POST {api}/v1/{endpoint}:predict with the service account's token."""
+
+    endpoint: str
+    api_base: str = ""  # "" means the regional host; an http:// base is an emulator and gets no token
+    timeout_s: float = 120.0
+
+    def describe(self) -> str:
+        return self.endpoint
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        match = VERTEX_ENDPOINT.match(self.endpoint)
+        assert match is not None
+        base = self.api_base or f"https://{match['location']}-aiplatform.googleapis.com"
+        url = f"{base.rstrip('/')}/v1/{self.endpoint}:predict"
+        headers = {} if base.startswith("http://") else {"Authorization": f"Bearer {_token()}"}
+        return _post(
+            lambda: httpx.post(
+                url, json=body, headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S)
+            ),
+            base,
+        )
+
+
+def _token() -> str:
+    """An access token of the service account the UI runs as (Cloud Run's metadata server)."""
+    import google.auth
+    import google.auth.transport.requests
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+    except Exception as exc:
+        raise BackendError(f"No credentials to call Vertex AI: {exc}") from None
+    return str(credentials.token)
+
+
+def _post(send: Any, where: str) -> dict[str, Any]:
+    try:
+        response = send()
+    except httpx.ConnectError:
+        raise BackendError(f"Cannot reach the model server at {where}: is it running?") from None
+    except httpx.TimeoutException:
+        raise BackendError(f"No answer from {where} in time; the model may be overloaded") from None
+    except httpx.HTTPError as exc:
+        raise BackendError(f"Network error talking to {where}: {exc}") from None
+    if response.status_code != 200:
+        raise BackendError(_explain(response.status_code, response.text))
+    try:
+        data = response.json()
+    except ValueError:
+        raise BackendError(f"{where} answered with something that is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("predictions"), list):
+        raise BackendError(f"{where} answered without predictions")
+    return data
+
+
+def from_environment(endpoint: str, *, api_base: str = "", predict_route: str = "/predict") -> Backend:
+    """SDXL_ENDPOINT: an http(s) URL of a model server, or a Vertex AI endpoint resource name."""
+    if endpoint.startswith(("http://", "https://")):
+        return HttpBackend(endpoint, predict_route)
+    if VERTEX_ENDPOINT.match(endpoint):
+        return VertexBackend(endpoint, api_base)
+    raise ValueError(
+        f"SDXL_ENDPOINT={endpoint!r} is neither an http(s) URL of a model server nor a Vertex AI endpoint "
+        "(projects/P/locations/L/endpoints/E)"
+    )
