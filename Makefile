@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+CHROMIUM ?= /usr/bin/chromium
+
 .PHONY: install demo test lint clean
 
 install: $(STAMP)
@@ -31,8 +33,17 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest
+# Browser tests drive Debian's Chromium (Playwright never downloads a browser of its own).
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "the browser tests need Chromium at $(CHROMIUM): sudo apt-get install chromium (or set CHROMIUM=...)"; \
+		exit 1; \
+	fi
+
+test: lint $(CHROMIUM)
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sdxlctl

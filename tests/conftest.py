@@ -12,6 +12,8 @@ import pytest
 from sdxlctl.cli.app import run
 from tests.servers import Server, server_process
 
+pytest_plugins = ["tests.emulator_fixtures"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -25,6 +27,14 @@ def tiny_pipeline():
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A tiny model server on the default routes, ready, for the session (the UI and the emulator use it)."""
+    with server_process({"SDXL_MODEL": "tiny", "SDXL_WARMUP": "64x64"}, tmp_path_factory.mktemp("plain")) as server:
+        server.wait_until("ready")
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "transformers", "gradio", "google.cloud", "google.api_core", "google.auth",
-         "sdxl_server.sources")
+HEAVY = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "gradio",
+    "google.cloud",
+    "google.api_core",
+    "google.auth",
+    "sdxl_server.sources",
+)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["cost"], ["status"], ["status", "--json"], ["predict", "--help"]])

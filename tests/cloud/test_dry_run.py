@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cloud.conftest import Emulator
 from tests.conftest import Cli
+from tests.emulator_fixtures import Emulator
 
 
 def test_deploy_dry_run_shows_the_a100_machine_and_sends_nothing(cli: Cli, emulator: Emulator) -> None:

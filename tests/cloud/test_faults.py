@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from sdxlctl.state import StateStore
-from tests.cloud.conftest import Emulator
 from tests.conftest import Cli
+from tests.emulator_fixtures import Emulator
 
 
 def up(cli: Cli, env: dict[str, str], *steps: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from sdxlctl.state import StateStore
-from tests.cloud.conftest import Emulator
 from tests.conftest import Cli
+from tests.emulator_fixtures import Emulator
 
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 

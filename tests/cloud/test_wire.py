@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from tests.cloud.conftest import PROJECT, REGION, Emulator
 from tests.conftest import Cli
+from tests.emulator_fixtures import PROJECT, REGION, Emulator
 
 
 def only(requests: list[dict[str, Any]], method: str, pattern: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Google Cloud emulator (and a GCS emulator) on loopback, and the environment that points sdxlctl at it."""
+"""Fixtures: the Google Cloud emulator and a GCS emulator on loopback, and the env that points sdxlctl at them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from tests.emulator.app import create_app
 from tests.emulator.core import World
 from tests.emulator.model_servers import ModelServers
-from tests.servers import Server, gcs_emulator, serve_app, server_process
+from tests.servers import Server, gcs_emulator, serve_app
 
 PROJECT, REGION = "demo-project", "europe-west4"
 
@@ -61,19 +61,11 @@ def gcs() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
-def forwarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One tiny model server that emulated deployments forward to (fast: no process per deploy)."""
-    with server_process({"SDXL_MODEL": "tiny", "SDXL_WARMUP": "64x64"}, tmp_path_factory.mktemp("fwd")) as server:
-        server.wait_until("ready")
-        yield server
-
-
 @pytest.fixture
-def emulator(gcs: str, forwarded_server: Server) -> Iterator[Emulator]:
-    """A fresh emulator whose deployments forward to the shared tiny server."""
+def emulator(gcs: str, plain_server: Server) -> Iterator[Emulator]:
+    """A fresh emulator whose deployments forward to the shared tiny server (fast: no process per deploy)."""
     world = World(polls_to_finish=2)
-    with serve_app(create_app(world, servers=ModelServers(forward_to=forwarded_server.url), gcs_url=gcs)) as server:
+    with serve_app(create_app(world, servers=ModelServers(forward_to=plain_server.url), gcs_url=gcs)) as server:
         yield Emulator(server.url, gcs, world)
 
 

@@ -1,0 +1,77 @@
+"""The UI as a process (`python -m sdxl_ui`) and a real headless Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import free_port
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# Chromium as root in a sandbox without network: no sandbox, no GPU, and no calls home.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+
+@contextlib.contextmanager
+def ui_process(endpoint: str, tmp_path: Path, **env: str) -> Iterator[str]:
+    """`python -m sdxl_ui` on a free loopback port, small defaults for the tiny model; yields its URL."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "SDXL_ENDPOINT": endpoint,
+        "PORT": str(port),
+        "SDXL_UI_HOST": "127.0.0.1",
+        "SDXL_UI_WIDTH": "128",
+        "SDXL_UI_HEIGHT": "128",
+        "SDXL_UI_STEPS": "4",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    log = tmp_path / f"ui-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "sdxl_ui"], env=full_env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"the UI did not start:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
