@@ -92,10 +92,10 @@ def cloud(config: Config) -> Cloud:
 
 
 def daily_cost(option: GpuOption, region: str, replicas: int) -> str:
-    price = machine_price(option.key, region)
-    if price is None:
+    hourly = machine_price(option.key, region)
+    if hourly is None:
         return "no price in the table for this region (`sdxlctl cost`)"
-    return f"≈ {price.usd_per_day * replicas:,.2f} USD/day for {replicas} replica(s)"
+    return f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replicas} replica(s)"
 
 
 def _machine(option: GpuOption) -> str:
@@ -402,7 +402,17 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                 progress=progress,
             )
             changes.append(Change("delete", "deployment", other.id, "replaced"))
-    _update_details(store, config, "endpoint", deployed_model_id=match.id, gpu=option.key, machine=option.machine_type)
+    deployed_at = match.create_time.isoformat() if match.create_time else ""
+    _update_details(
+        store,
+        config,
+        "endpoint",
+        deployed_model_id=match.id,
+        gpu=option.key,
+        machine=option.machine_type,
+        min_replicas=max(d.min_replicas, 1),
+        deployed_at=deployed_at,
+    )
     return StepResult(changes, endpoint.name, time.monotonic() - started)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import signal
 import threading
 import time
@@ -13,9 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sdxlctl import client, local
+from sdxlctl import client, local, pricing
 from sdxlctl.config import Config
-from sdxlctl.errors import DeployError, NotAvailable, UsageError
+from sdxlctl.errors import DeployError, SdxlctlError, UsageError
 from sdxlctl.state import Resource, StateStore
 
 Progress = Callable[[str], None]
@@ -25,14 +26,6 @@ FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 def _quiet(_: str) -> None:
     pass
-
-
-def not_yet(step: str, config: Config) -> NotAvailable:
-    """The honest answer for a step whose half for this target is not built yet."""
-    return NotAvailable(
-        f"`sdxlctl {step}` for target {config.target!r} is not built yet",
-        hint='target = "local" runs deploy, predict, status and teardown on this machine',
-    )
 
 
 # ---------------------------------------------------------------- deploy
@@ -267,6 +260,7 @@ class ResourceStatus:
     uptime_s: float
     state: str
     details: dict[str, Any] = field(default_factory=dict)
+    cost_so_far: float | None = None  # USD since creation, for resources billed by the hour
 
 
 def status(config: Config, store: StateStore) -> list[ResourceStatus]:
@@ -284,9 +278,26 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
                 uptime_s=resource.age_seconds(now),
                 state=_live_state(resource),
                 details=resource.details,
+                cost_so_far=_cost_so_far(resource, config, now),
             )
         )
     return rows
+
+
+def _cost_so_far(resource: Resource, config: Config, now: datetime) -> float | None:
+    """A deployed endpoint costs its machines by the hour from the deployment on; local things cost nothing."""
+    if resource.target == "local":
+        return 0.0
+    if resource.kind != "endpoint" or "gpu" not in resource.details:
+        return None
+    hourly = pricing.machine_price(resource.details["gpu"], config.gcp.region)
+    if hourly is None:
+        return None
+    replicas = max(int(resource.details.get("min_replicas", 1)), 1)
+    since = resource.created_at
+    if resource.details.get("deployed_at"):
+        since = datetime.fromisoformat(resource.details["deployed_at"])
+    return hourly * replicas * max(0.0, (now - since).total_seconds()) / 3600
 
 
 def _live_state(resource: Resource) -> str:
@@ -336,3 +347,94 @@ def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) 
             state.remove(config.name, kind)
             outcomes.append(TeardownOutcome(kind, resource.name, True, "stopped"))
     return outcomes
+
+
+# ---------------------------------------------------------------- cost
+
+LIVE_PRICES_MAX_AGE_S = 24 * 3600
+
+
+def price_table(config: Config, *, live: bool, warn: Progress = _quiet) -> pricing.PriceTable:
+    """The bundled table; with `live`, today's catalog prices (cached a day beside the state), else bundled."""
+    table = pricing.bundled()
+    if not live:
+        return table
+    cache = config.home / "live-prices.json"
+    data = json.loads(json.dumps(_bundled_data()))
+    try:
+        cached = json.loads(cache.read_text())
+        fresh = time.time() - cached["fetched_at"] < LIVE_PRICES_MAX_AGE_S
+    except (OSError, ValueError, KeyError):
+        cached, fresh = None, False
+    if cached is not None and fresh:
+        regions = cached["regions"]
+    else:
+        try:
+            regions = _fetch_live(config, sorted({*table.regions, config.gcp.region}))
+        except SdxlctlError as exc:
+            warn(f"live prices unavailable ({exc.message}); using the bundled table of {table.date}")
+            return table
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"fetched_at": time.time(), "regions": regions}))
+    for region, parts in regions.items():
+        base = data["regions"].setdefault(region, {"location": region, "gpu": {}, "vcpu": {}, "ram": {}})
+        if "derive" in base:  # a live region replaces the estimate derived for it, part by part
+            derived = pricing.from_data(data).regions[region]
+            base = data["regions"][region] = {
+                "location": base["location"],
+                **{k: dict(derived[k]) for k in ("gpu", "vcpu", "ram")},
+            }
+        for kind in ("gpu", "vcpu", "ram"):
+            base.setdefault(kind, {}).update(parts.get(kind, {}))
+    data["date"] = time.strftime("%Y-%m-%d", time.gmtime(cached["fetched_at"] if cached and fresh else time.time()))
+    return pricing.from_data(data, origin="live (Cloud Billing catalog)")
+
+
+def _bundled_data() -> dict[str, Any]:
+    return dict(json.loads((Path(pricing.__file__).parent / "prices.json").read_text()))
+
+
+def _fetch_live(config: Config, regions: list[str]) -> dict[str, Any]:
+    from sdxlctl.gcp.billing import fetch_regions
+    from sdxlctl.gcp.session import Cloud
+
+    cloud = Cloud(
+        config.gcp.project or "-", config.gcp.region, config.gcp.api_endpoint.rstrip("/"), config.gcp.poll_interval_s
+    )
+    try:
+        return fetch_regions(cloud, regions)
+    except SdxlctlError:
+        raise
+    except Exception as exc:  # no credentials, no network: fall back, with the reason
+        raise SdxlctlError(f"{type(exc).__name__}: {exc}") from None
+
+
+def cost(
+    config: Config,
+    *,
+    days: float,
+    gpu_key: str | None = None,
+    region: str | None = None,
+    live: bool = False,
+    warn: Progress = _quiet,
+) -> pricing.Estimate:
+    """What the config (with overrides) costs over `days`: endpoint, UI and images, as an estimate."""
+    from sdxlctl.gpus import gpu
+
+    table = price_table(config, live=live, warn=warn)
+    deploy = config.deploy
+    return pricing.estimate(
+        gpu(gpu_key or deploy.gpu),
+        region or config.gcp.region,
+        days=days,
+        min_replicas=deploy.min_replicas,
+        max_replicas=deploy.max_replicas,
+        table=table,
+    )
+
+
+def cost_compare(
+    config: Config, *, region: str | None = None, steps: int = 30, live: bool = False, warn: Progress = _quiet
+) -> list[pricing.Comparison]:
+    """Every GPU option side by side in the region."""
+    return pricing.compare(region or config.gcp.region, steps, price_table(config, live=live, warn=warn))

@@ -286,13 +286,25 @@ def _confirm(yes: bool, error: type[Exception]) -> None:
 @app.command()
 def cost(
     days: Annotated[float, typer.Option(min=0, help="days to price")] = 1,
+    gpu: Annotated[Gpu | None, typer.Option(help="price this GPU instead of [deploy] gpu")] = None,
+    region: Annotated[str | None, typer.Option(help="price this region instead of [gcp] region")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="every GPU side by side: speed, $/1000 images")] = False,
+    steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for --compare")] = 30,
+    live: Annotated[bool, typer.Option("--live", help="today's prices from the Cloud Billing catalog")] = False,
     as_json: Json = False,
 ) -> None:
-    """What the config costs per day, broken down, and per 1000 images."""
+    """What the config costs per day, broken down, and per 1000 images (an estimate)."""
     from sdxlctl import core
+    from sdxlctl.cli import render
 
     config, _ = _context()
-    raise core.not_yet("cost", config)
+    warn = render.warning
+    if compare:
+        rows = core.cost_compare(config, region=region, steps=steps, live=live, warn=warn)
+        render.comparison(rows, region or config.gcp.region, steps, as_json=as_json)
+        return
+    estimate = core.cost(config, days=days, gpu_key=gpu.value if gpu else None, region=region, live=live, warn=warn)
+    render.estimate(estimate, as_json=as_json)
 
 
 @app.command()

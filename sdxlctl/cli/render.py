@@ -14,6 +14,7 @@ from sdxlctl.cli.console import err, out
 from sdxlctl.cloud import Change, StepResult
 from sdxlctl.config import Config
 from sdxlctl.core import DeployResult, PredictResult, ResourceStatus, TeardownOutcome
+from sdxlctl.pricing import Comparison, Estimate
 from sdxlctl.state import Resource
 
 
@@ -79,8 +80,10 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
         err.print(f"nothing deployed for {config.name!r} (target {config.target}); `sdxlctl deploy` starts it")
         return
     table = Table(title=f"{config.name} ({config.target})", title_justify="left")
-    for column in ("what", "name", "state", "where", "up for", "since"):
-        table.add_column(column, no_wrap=column in {"where", "since"})
+    for column in ("what", "name", "state", "where", "up for", "since", "cost so far"):
+        table.add_column(
+            column, no_wrap=column in {"where", "since"}, justify="right" if column == "cost so far" else "left"
+        )
     colours = {"ready": "green", "loading": "yellow", "starting": "yellow"}
     for row in rows:
         colour = colours.get(row.state, "red")
@@ -128,8 +131,9 @@ def changes(rows: list[Change], *, title: str) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         style = ACTION_STYLE.get(row.action, "")
-        table.add_row(f"[{style}]{row.action}[/]" if style else row.action, row.kind, escape(row.name),
-                      escape(row.detail))
+        table.add_row(
+            f"[{style}]{row.action}[/]" if style else row.action, row.kind, escape(row.name), escape(row.detail)
+        )
     err.print(table)
 
 
@@ -148,3 +152,84 @@ def log_line(line: str) -> None:
     from rich.text import Text
 
     err.print(Text(f"│ {line}", style="dim"), highlight=False)
+
+
+def warning(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+CAVEAT = (
+    "An estimate: on-demand list prices of the table's date, no discounts or taxes; "
+    "Vertex AI bills each replica by the hour while it is deployed, whether it serves or not."
+)
+
+
+def estimate(result: Estimate, *, as_json: bool) -> None:
+    if as_json:
+        _json(result.as_dict())
+        err.print(f"[dim]{CAVEAT}[/]")
+        return
+    low, high = result.low, result.high
+    replicas = result.replicas
+    title = (
+        f"{result.option.label} on {result.option.machine_type} ({result.option.count} GPU, "
+        f"{result.option.vcpus} vCPU, {result.option.ram_gb:g} GB) in {result.region}, "
+        f"{result.days:g} day(s), replicas {replicas[0]}..{replicas[1]}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("USD", justify="right")
+    ranged = replicas[0] != replicas[1]
+    if ranged:
+        table.add_column(f"USD at {replicas[1]} replicas", justify="right")
+    for part in ("gpu", "vcpu", "ram", "ui", "storage", "total"):
+        label = {
+            "gpu": "GPU",
+            "vcpu": "vCPU",
+            "ram": "RAM",
+            "ui": "UI (Cloud Run)",
+            "storage": "images (storage)",
+            "total": "[bold]total[/]",
+        }[part]
+        values = [f"{getattr(low, part):,.2f}"] + ([f"{getattr(high, part):,.2f}"] if ranged else [])
+        table.add_row(label, *values)
+    out.print(table)
+    out.print(f"one replica: {result.machine_per_hour:,.4f} USD/hour = {result.machine_per_hour * 24:,.2f} USD/day")
+    err.print(f"[dim]{CAVEAT} Prices: {result.origin}, {result.table_date}.[/]")
+    for note in result.unverified:
+        err.print(f"[yellow]unverified:[/] {escape(note)}")
+
+
+def comparison(rows: list[Comparison], region: str, steps: int, *, as_json: bool) -> None:
+    if as_json:
+        _json({"region": region, "steps": steps, "estimate": True, "gpus": [r.as_dict() for r in rows]})
+        return
+    table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps, one replica", title_justify="left")
+    for column in ("gpu", "machine", "$/hour", "$/day", "s/image", "images/hour", "$/1000 images", "60 s limit"):
+        table.add_column(column, justify="left" if column in ("gpu", "machine", "60 s limit") else "right")
+    for row in rows:
+        hourly = row.usd_per_hour
+        seconds = f"{'>' if row.latency.lower_bound else ''}{row.latency.seconds:.1f}"
+        seconds += "" if row.latency.measured else "*"
+        fits = (
+            "[green]yes, 2x margin[/]"
+            if row.fits_with_margin
+            else "[yellow]yes[/]"
+            if row.fits_shared
+            else "[red]no[/]"
+        )
+        table.add_row(
+            row.option.key,
+            row.option.machine_type,
+            "-" if hourly is None else f"{hourly:,.2f}",
+            "-" if hourly is None else f"{hourly * 24:,.2f}",
+            seconds,
+            f"{row.images_per_hour:,.0f}",
+            "-" if row.usd_per_1000_images is None else f"{row.usd_per_1000_images:,.2f}",
+            fits,
+        )
+    out.print(table)
+    err.print(
+        "[dim]* estimated from the work per image and the GPU's fp16 rate; others measured. "
+        "$/1000 images at full load. An estimate of list prices.[/]"
+    )

@@ -1,38 +1,325 @@
-"""Prices (a dated data file with sources) and the cost arithmetic on them."""
+"""What a deployment costs: the bundled price table (dated, sourced), and arithmetic on it. No cloud calls."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sdxlctl.errors import UsageError
+from sdxlctl.gpus import GPUS, GpuOption, gpu
+
+HOURS_PER_DAY = 24
+DAYS_PER_MONTH = 30.44
+SHARED_LIMIT_S = 60.0
+WIDE_MARGIN = 2.0  # "fits with a wide margin": at most half of the shared endpoint's limit
+UI_SECONDS_PER_REQUEST_OVERHEAD = 1.0  # page work besides waiting for the model
+
 
 @dataclass(frozen=True)
-class MachinePrice:
-    """What one replica of a GPU option costs per hour in a region, and where the figure comes from."""
+class Rate:
+    """One price, where it comes from, and whether a primary source confirms it."""
 
-    gpu: str
-    region: str
-    usd_per_hour: float
+    usd: float
     source: str
     verified: bool
 
-    @property
-    def usd_per_day(self) -> float:
-        return self.usd_per_hour * 24
+
+@dataclass(frozen=True)
+class PriceTable:
+    """The bundled (or live) unit prices per region."""
+
+    date: str
+    regions: dict[str, dict[str, Any]]
+    cloud_run: dict[str, Any]
+    artifact_registry: dict[str, Any]
+    origin: str = "bundled"
+
+    def rate(self, region: str, kind: str, key: str) -> Rate:
+        """The price of one GPU card (kind gpu), vCPU or GB of RAM per hour; a clear error when missing."""
+        entry = self.regions.get(region)
+        if entry is None:
+            raise UsageError(
+                f"no prices for region {region!r} in the table of {self.date}",
+                hint=f"regions priced: {', '.join(self.regions)}; or try --live",
+            )
+        row = entry.get(kind, {}).get(key)
+        if row is None:
+            raise UsageError(
+                f"no {kind} price for {key!r} in {region} in the table of {self.date}",
+                hint="try another region, or --live for the Cloud Billing catalog",
+            )
+        return Rate(float(row["usd"]), str(row["source"]), bool(row["verified"]))
 
 
 @cache
-def table() -> dict[str, Any]:
-    """The bundled price table."""
-    return json.loads((Path(__file__).parent / "machines.json").read_text())
+def bundled() -> PriceTable:
+    """The price table shipped with sdxlctl, with derived regions expanded."""
+    data = json.loads((Path(__file__).parent / "prices.json").read_text())
+    return from_data(data)
 
 
-def machine_price(gpu: str, region: str) -> MachinePrice | None:
-    """The price of one replica, or None when the table has no figure for that GPU in that region."""
-    for row in table()["machines"]:
-        if row["gpu"] == gpu and row["region"] == region:
-            return MachinePrice(row["gpu"], row["region"], row["usd_per_hour"], row["source"], row["verified"])
-    return None
+def from_data(data: dict[str, Any], origin: str = "bundled") -> PriceTable:
+    regions: dict[str, dict[str, Any]] = {}
+    for name, entry in data["regions"].items():
+        if "derive" in entry:
+            base, factor = data["regions"][entry["derive"]["from"]], entry["derive"]["factor"]
+            entry = {
+                "location": entry["location"],
+                **{
+                    kind: {
+                        key: {"usd": row["usd"] * factor, "verified": False, "source": entry["source"]}
+                        for key, row in base[kind].items()
+                    }
+                    for kind in ("gpu", "vcpu", "ram")
+                },
+            }
+        regions[name] = entry
+    return PriceTable(data["date"], regions, data["cloud_run"], data["artifact_registry"], origin)
+
+
+# ---------------------------------------------------------------- cost
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """USD for the whole period, by part."""
+
+    gpu: float
+    vcpu: float
+    ram: float
+    ui: float
+    storage: float
+
+    @property
+    def endpoint(self) -> float:
+        return self.gpu + self.vcpu + self.ram
+
+    @property
+    def total(self) -> float:
+        return self.endpoint + self.ui + self.storage
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "gpu": round(self.gpu, 2),
+            "vcpu": round(self.vcpu, 2),
+            "ram": round(self.ram, 2),
+            "endpoint": round(self.endpoint, 2),
+            "ui": round(self.ui, 2),
+            "storage": round(self.storage, 2),
+            "total": round(self.total, 2),
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a configuration costs over `days`, at its fewest and most replicas."""
+
+    option: GpuOption
+    region: str
+    days: float
+    replicas: tuple[int, int]
+    low: Breakdown
+    high: Breakdown
+    machine_per_hour: float
+    unverified: list[str] = field(default_factory=list)
+    table_date: str = ""
+    origin: str = "bundled"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "estimate": True,
+            "gpu": self.option.key,
+            "machine": self.option.machine_type,
+            "accelerator": f"{self.option.count} x {self.option.accelerator}",
+            "region": self.region,
+            "days": self.days,
+            "replicas": {"min": self.replicas[0], "max": self.replicas[1]},
+            "machine_usd_per_hour": round(self.machine_per_hour, 4),
+            "usd": self.low.as_dict(),
+            "usd_at_max_replicas": self.high.as_dict(),
+            "unverified": self.unverified,
+            "prices": {"date": self.table_date, "origin": self.origin},
+        }
+
+
+def machine_per_hour(table: PriceTable, option: GpuOption, region: str) -> tuple[float, list[Rate]]:
+    """One replica per hour: the GPUs, the vCPUs and the RAM of the machine."""
+    gpu_rate = table.rate(region, "gpu", option.key)
+    vcpu_rate = table.rate(region, "vcpu", option.family)
+    ram_rate = table.rate(region, "ram", option.family)
+    total = gpu_rate.usd * option.count + vcpu_rate.usd * option.vcpus + ram_rate.usd * option.ram_gb
+    return total, [gpu_rate, vcpu_rate, ram_rate]
+
+
+def estimate(
+    option: GpuOption,
+    region: str,
+    *,
+    days: float,
+    min_replicas: int,
+    max_replicas: int,
+    table: PriceTable | None = None,
+    images_per_day: float = 0.0,
+    ui: bool = True,
+) -> Estimate:
+    """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero."""
+    table = table or bundled()
+    if days < 0:
+        raise UsageError(f"--days {days:g}: must not be negative")
+    if min_replicas < 0 or max_replicas < max(min_replicas, 1):
+        raise UsageError(f"replicas {min_replicas}..{max_replicas}: need 0 <= min <= max and max >= 1")
+    hourly, rates = machine_per_hour(table, option, region)
+    hours = days * HOURS_PER_DAY
+    gpu_rate, vcpu_rate, ram_rate = rates
+
+    def breakdown(replicas: int) -> Breakdown:
+        return Breakdown(
+            gpu=gpu_rate.usd * option.count * replicas * hours,
+            vcpu=vcpu_rate.usd * option.vcpus * replicas * hours,
+            ram=ram_rate.usd * option.ram_gb * replicas * hours,
+            ui=ui_cost(table, images_per_day * days, seconds_per_image(option.key)) if ui else 0.0,
+            storage=storage_cost(table, days),
+        )
+
+    unverified = [
+        f"{kind} {rate.source}" for kind, rate in zip(("GPU", "vCPU", "RAM"), rates, strict=True) if not rate.verified
+    ]
+    if not table.artifact_registry.get("verified", False):
+        unverified.append(f"storage {table.artifact_registry['source']}")
+    return Estimate(
+        option,
+        region,
+        days,
+        (min_replicas, max_replicas),
+        breakdown(min_replicas),
+        breakdown(max_replicas),
+        hourly,
+        unverified,
+        table.date,
+        table.origin,
+    )
+
+
+def ui_cost(table: PriceTable, images: float, model_seconds: float) -> float:
+    """Cloud Run, request-based, scale to zero: 1 vCPU and 1 GiB while a request waits on the model."""
+    run = table.cloud_run
+    seconds = images * (model_seconds + UI_SECONDS_PER_REQUEST_OVERHEAD)
+    return (
+        seconds * (run["usd_per_vcpu_second"] + run["usd_per_gib_second"])
+        + images * run["usd_per_million_requests"] / 1e6
+    )
+
+
+def storage_cost(table: PriceTable, days: float) -> float:
+    """The server and UI images in Artifact Registry, above the free allowance."""
+    registry = table.artifact_registry
+    gigabytes = max(0.0, sum(registry["image_gb"].values()) - registry["free_gb"])
+    return gigabytes * registry["usd_per_gb_month"] * days / DAYS_PER_MONTH
+
+
+# ---------------------------------------------------------------- latency and compare
+
+
+@cache
+def _latency() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "latency.json").read_text())
+
+
+@dataclass(frozen=True)
+class Latency:
+    seconds: float
+    measured: bool
+    lower_bound: bool
+    source: str
+
+
+def latency(key: str, steps: int = 30) -> Latency:
+    """Seconds per 1024x1024 image at `steps`: measured where known, else estimated from the TFLOP rate."""
+    data = _latency()
+    row = data["gpus"][key]
+    work = data["work_tflop"]
+    scale = (work["per_step"] * steps + work["vae_decode"]) / (work["per_step"] * 30 + work["vae_decode"])
+    if "seconds" in row:
+        base = float(row["seconds"])
+    else:
+        base = (work["per_step"] * 30 + work["vae_decode"]) / (row["tflops"] * data["efficiency"]["value"])
+    return Latency(base * scale, bool(row["measured"]), bool(row.get("lower_bound", False)), str(row["source"]))
+
+
+def seconds_per_image(key: str, steps: int = 30) -> float:
+    return latency(key, steps).seconds
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One GPU option side by side with the others."""
+
+    option: GpuOption
+    usd_per_hour: float | None
+    latency: Latency
+
+    @property
+    def images_per_hour(self) -> float:
+        return 3600 / self.latency.seconds
+
+    @property
+    def usd_per_1000_images(self) -> float | None:
+        return None if self.usd_per_hour is None else self.usd_per_hour / self.images_per_hour * 1000
+
+    @property
+    def fits_shared(self) -> bool:
+        return self.latency.seconds < SHARED_LIMIT_S and not (
+            self.latency.lower_bound and self.latency.seconds >= SHARED_LIMIT_S
+        )
+
+    @property
+    def fits_with_margin(self) -> bool:
+        return not self.latency.lower_bound and self.latency.seconds * WIDE_MARGIN <= SHARED_LIMIT_S
+
+    def as_dict(self) -> dict[str, Any]:
+        per_hour = self.usd_per_hour
+        return {
+            "gpu": self.option.key,
+            "machine": self.option.machine_type,
+            "usd_per_hour": None if per_hour is None else round(per_hour, 4),
+            "usd_per_day": None if per_hour is None else round(per_hour * 24, 2),
+            "seconds_per_image": round(self.latency.seconds, 2),
+            "seconds_lower_bound": self.latency.lower_bound,
+            "seconds_measured": self.latency.measured,
+            "images_per_hour": round(self.images_per_hour, 1),
+            "usd_per_1000_images": None if self.usd_per_1000_images is None else round(self.usd_per_1000_images, 3),
+            "fits_60s_shared_endpoint": self.fits_shared,
+            "fits_with_wide_margin": self.fits_with_margin,
+        }
+
+
+def compare(region: str, steps: int = 30, table: PriceTable | None = None) -> list[Comparison]:
+    """Every GPU option in `region`: price, speed, and whether it fits a shared endpoint's 60 s."""
+    table = table or bundled()
+    rows = []
+    for option in GPUS.values():
+        try:
+            hourly: float | None = machine_per_hour(table, option, region)[0]
+        except UsageError:
+            hourly = None
+        rows.append(Comparison(option, hourly, latency(option.key, steps)))
+    return rows
+
+
+def recommended_gpu(region: str, steps: int = 30, table: PriceTable | None = None) -> GpuOption:
+    """The cheapest option that meets the 60 s limit with a wide margin (at least 2x)."""
+    candidates = [c for c in compare(region, steps, table) if c.fits_with_margin and c.usd_per_hour is not None]
+    if not candidates:
+        raise UsageError(f"no GPU priced in {region} fits {SHARED_LIMIT_S:g} s at {steps} steps with a wide margin")
+    return min(candidates, key=lambda c: c.usd_per_hour or 0.0).option
+
+
+def machine_price(key: str, region: str) -> float | None:
+    """One replica per hour, or None when the table has no price: for plans and status."""
+    try:
+        return machine_per_hour(bundled(), gpu(key), region)[0]
+    except UsageError:
+        return None

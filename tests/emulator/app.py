@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
+from tests.emulator.billing import Billing
 from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
 from tests.emulator.core import ApiError, Fault, Recorded, Route, World, read_json
@@ -67,6 +68,7 @@ def create_app(
         *Vertex(world, servers).routes(),
         *CloudBuild(world, storage.read, storage.write).routes(),
         *CloudRun(world).routes(),
+        *Billing(world).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:

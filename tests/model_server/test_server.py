@@ -64,7 +64,8 @@ def decode(b64: str) -> Image.Image:
 
 
 def test_health_is_503_while_loading_then_200_and_the_contract_example_works(tmp_path: Path) -> None:
-    env = {"SDXL_MODEL": "tiny", "AIP_HEALTH_ROUTE": "/h", "AIP_PREDICT_ROUTE": "/p"}
+    # The example asks for 1024x1024 at 30 steps: minutes on a busy CPU, so no 55 s limit here.
+    env = {"SDXL_MODEL": "tiny", "AIP_HEALTH_ROUTE": "/h", "AIP_PREDICT_ROUTE": "/p", "SDXL_TIME_LIMIT": "600"}
     with server_process(env, tmp_path) as server:
         first = None
         deadline = time.monotonic() + 30

@@ -119,20 +119,21 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        # Like SDXL, no attention at the highest resolution: a 1024x1024 request stays cheap on a CPU.
         unet = UNet2DConditionModel(
             sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
+            transformer_layers_per_block=(1, 1, 2),
             projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embeds + 6 time ids
             cross_attention_dim=64,  # both encoders' hidden states, concatenated
-            norm_num_groups=1,
+            norm_num_groups=8,
         )
         vae = AutoencoderKL(
             block_out_channels=(16, 16, 32, 32),

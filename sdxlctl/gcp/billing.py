@@ -1,0 +1,64 @@
+"""Live prices from the Cloud Billing Catalog API, matched to the GPU table's parts."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sdxlctl.gcp.errors import translated
+from sdxlctl.gcp.session import Cloud
+
+VERTEX_SERVICE = "services/C7E2-9256-1C43"
+PREFIX = "vertex ai: online/batch prediction "
+# SKU description (lower case, after the prefix) -> the table's key. Order matters: 80gb before plain A100.
+GPU_PATTERNS = [
+    ("a100-80", r"nvidia a100 80gb gpu"),
+    ("a100", r"nvidia tesla a100 gpu"),
+    ("h100", r"nvidia h100 80gb gpu"),
+    ("h200", r"nvidia h200(?: 141gb)? gpu"),
+    ("l4", r"nvidia l4 gpu"),
+    ("t4", r"nvidia tesla t4 gpu"),
+]
+PART = re.compile(r"^(?P<family>n1|g2|a2|a3)\b.*instance (?P<part>core|ram)\b")
+
+
+def unit_price(sku: Any) -> float:
+    """The last tier's unit price: the on-demand rate once any free tier is used up."""
+    money = sku.pricing_info[0].pricing_expression.tiered_rates[-1].unit_price
+    return float(money.units) + money.nanos / 1e9
+
+
+def fetch_regions(cloud: Cloud, regions: list[str]) -> dict[str, dict[str, Any]]:
+    """{region: {"gpu": {...}, "vcpu": {...}, "ram": {...}}} from the catalog, for the regions asked."""
+    from google.cloud import billing_v1
+
+    client: Any = cloud.client(billing_v1.CloudCatalogClient, "cloudbilling.googleapis.com")
+    found: dict[str, dict[str, Any]] = {r: {"gpu": {}, "vcpu": {}, "ram": {}} for r in regions}
+    with translated("read the Cloud Billing catalog", api="cloudbilling", project=cloud.project):
+        for sku in client.list_skus(request={"parent": VERTEX_SERVICE}, retry=cloud.retry()):
+            description = sku.description.lower()
+            if not description.startswith(PREFIX):
+                continue  # Spot, management fees, training...
+            rest = description[len(PREFIX) :]
+            entry = _classify(rest)
+            if entry is None:
+                continue
+            kind, key = entry
+            for region in sku.service_regions:
+                if region in found and key not in found[region][kind]:
+                    found[region][kind][key] = {
+                        "usd": unit_price(sku),
+                        "verified": True,
+                        "source": f"Cloud Billing SKU {sku.sku_id} '{sku.description}'",
+                    }
+    return found
+
+
+def _classify(rest: str) -> tuple[str, str] | None:
+    for key, pattern in GPU_PATTERNS:
+        if re.match(pattern, rest):
+            return "gpu", key
+    match = PART.match(rest)
+    if match:
+        return ("vcpu" if match["part"] == "core" else "ram"), match["family"]
+    return None
