@@ -60,6 +60,11 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         try:
             generator = await asyncio.to_thread(load, settings)
             await asyncio.to_thread(generator.warm_up, _warmup_sizes(settings, generator))
+            if generator.optimize_level in ("compile", "max"):
+                from sdxl_server.loader import compile_cache_folder
+                from sdxl_server.optimize import save_cache
+
+                await asyncio.to_thread(save_cache, compile_cache_folder(settings))
         except Exception as exc:
             state.health, state.reason = Health.FAILED, f"{type(exc).__name__}: {exc}"
             logs.log("model failed to load", level=logging.ERROR, source=state.source, reason=state.reason)
@@ -80,7 +85,12 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
     async def health(request: Request) -> Response:
         body: dict[str, Any] = {"status": state.health.value}
         if state.health is Health.READY:
-            body.update(model=state.source, load_seconds=state.load_seconds, queue=runner.pending)
+            body.update(
+                model=state.source,
+                load_seconds=state.load_seconds,
+                queue=runner.pending,
+                optimize=state.generator.optimize_level if state.generator else "none",
+            )
             return JSONResponse(body)
         if state.health is Health.FAILED:
             body["reason"] = state.reason

@@ -18,8 +18,9 @@ StopCheck = Callable[[], bool]
 class Generator:
     """One pipeline on one device; `generate` is not re-entrant (the runner serialises calls)."""
 
-    def __init__(self, pipeline: StableDiffusionXLPipeline) -> None:
+    def __init__(self, pipeline: StableDiffusionXLPipeline, *, optimize_level: str = "none") -> None:
         self.pipeline = pipeline
+        self.optimize_level = optimize_level
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -83,6 +83,8 @@ class Settings:
     warmup: tuple[tuple[int, int], ...] | None = None  # None: the model's native size
     cache_dir: Path = Path.home() / ".cache" / "sdxl_server"
     log_prompts: bool = False
+    optimize: str = "auto"
+    compile_cache: str = ""  # a folder, or gs://bucket/folder restored at start; "" means cache_dir/compile
 
     @property
     def model_source(self) -> str:
@@ -128,4 +130,6 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "warmup": ("SDXL_WARMUP", _parse_sizes),
     "cache_dir": ("SDXL_CACHE_DIR", Path),
     "log_prompts": ("SDXL_LOG_PROMPTS", _parse_bool),
+    "optimize": ("SDXL_OPTIMIZE", _choice("auto", "none", "eager", "compile", "max")),
+    "compile_cache": ("SDXL_COMPILE_CACHE", str),
 }

@@ -1,0 +1,441 @@
+"""The model server's speed on one GPU, in one unattended run with a time budget.
+
+    python bench/gpu.py --budget 480 --out results/                  # a GPU: random-sdxl at 1024x1024
+    python bench/gpu.py --model tiny --size 64 --steps 2 --out /tmp/b # a CPU: checks the harness end to end
+
+Phases, each skipped when the budget left is below its estimate, each written to results.json and
+results.md as soon as it ends: environment; the original deployment's pipeline (baseline) and each
+SDXL_OPTIMIZE level (first call, median latency, peak memory, difference from the baseline image);
+the HTTP server's overhead (JSON, JPEG, queue) over the pipeline; throughput at 1, 2 and 4 concurrent
+requests; micro-batching of two same-shape requests; cold start (process to health 200) with an empty
+and with a warm compile cache. Weights are random (no downloads): the arithmetic is SDXL 1.0's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "containers" / "model"))  # runs from a checkout, installed or not
+
+
+class Run:
+    """The budget, and the results written after every phase."""
+
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.deadline = out, time.monotonic() + budget_s
+        self.results: dict[str, Any] = {"phases": {}, "skipped": []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def phase(self, name: str, estimate_s: float) -> bool:
+        if self.left() < estimate_s:
+            self.results["skipped"].append(f"{name} (needs ~{estimate_s:.0f} s, {self.left():.0f} s left)")
+            self.write()
+            print(f"-- skip {name}: {self.left():.0f} s left", flush=True)
+            return False
+        print(f"-- {name} ({self.left():.0f} s left)", flush=True)
+        return True
+
+    def record(self, name: str, data: Any) -> None:
+        self.results["phases"][name] = data
+        self.write()
+        print(json.dumps({name: data}, default=str), flush=True)
+
+    def write(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
+        (self.out / "results.md").write_text(markdown(self.results))
+
+
+def environment(device: str) -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+        with contextlib.suppress(Exception):
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def warm_gpu(device: str, seconds: float = 5.0) -> None:
+    """Clocks ramp up under load: time nothing on an idle card."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        a @ a
+    sync(device)
+
+
+def build(args: argparse.Namespace) -> Any:
+    import torch
+
+    from sdxl_server.sources import Placement, load_pipeline
+
+    torch.manual_seed(0)  # the same random weights each build
+    placement = Placement.resolve(args.device, args.dtype)
+    return load_pipeline(args.model, placement, cache_dir=Path(tempfile.mkdtemp()))
+
+
+def generate(pipe: Any, args: argparse.Namespace, seed: int = 1, prompts: int = 1) -> list[Any]:
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(prompts)]
+    with torch.inference_mode():
+        return list(
+            pipe(
+                prompt=["a red fox in the snow, golden hour"] * prompts,
+                num_inference_steps=args.steps,
+                guidance_scale=5.0,
+                width=args.size,
+                height=args.size,
+                generator=generators,
+            ).images
+        )
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    sync(device)
+    started = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - started, result
+
+
+def difference(a: Any, b: Any) -> dict[str, float]:
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return {
+        "max_abs": float(np.abs(x - y).max()),
+        "mean_abs": float(np.abs(x - y).mean()),
+        "psnr_db": float("inf") if mse == 0 else 10 * float(np.log10(255**2 / mse)),
+    }
+
+
+def measure_levels(run: Run, args: argparse.Namespace) -> tuple[Any, str, float]:
+    """Each level on one pipeline, in order (none -> eager -> compile); `max` on a fresh one."""
+    import torch
+
+    from sdxl_server import optimize
+
+    pipe = None
+    baseline_image, baseline_s, best = None, 1.0, ("none", float("inf"))
+    for level in args.levels:
+        estimate = {"none": 30, "eager": 20, "compile": 150, "max": 420}[level] * args.scale
+        if not run.phase(f"level {level}", estimate):
+            continue
+        if pipe is None or level == "max":
+            if pipe is not None and level == "max":
+                del pipe
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            build_s, pipe = timed(lambda: build(args), args.device)
+            run.record("build", {"seconds": round(build_s, 1), "model": args.model})
+            warm_gpu(args.device)
+        optimize.apply(pipe, level)
+        first_s, images = timed(lambda: generate(pipe, args), args.device)  # noqa: B023
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        samples = []
+        for _ in range(args.repeats):
+            seconds, images = timed(lambda: generate(pipe, args), args.device)  # noqa: B023
+            samples.append(seconds)
+        entry: dict[str, Any] = {
+            "first_call_s": round(first_s, 2),
+            "median_s": round(statistics.median(samples), 3),
+            "samples_s": [round(s, 3) for s in samples],
+        }
+        if args.device.startswith("cuda"):
+            entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if level == "none":
+            baseline_image, baseline_s = images[0], entry["median_s"]
+        if baseline_image is not None:
+            entry["vs_baseline"] = difference(baseline_image, images[0])
+            entry["ratio_to_baseline"] = round(entry["median_s"] / baseline_s, 3)
+        run.record(f"level {level}", entry)
+        if entry["median_s"] < best[1]:
+            best = (level, entry["median_s"])
+    return pipe, best[0], best[1]
+
+
+@contextlib.contextmanager
+def serve(pipe: Any, level: str, queue: int) -> Iterator[str]:
+    """The real app (HTTP, JSON, encoding, queue) around this pipeline, in a uvicorn thread."""
+    import uvicorn
+
+    from sdxl_server.app import create_app
+    from sdxl_server.generator import Generator
+    from sdxl_server.settings import Settings
+
+    settings = Settings(
+        host="127.0.0.1",
+        queue_size=queue,
+        time_limit_s=600,
+        warmup=(),
+        max_response_bytes=50_000_000,
+        max_images=8,
+        compile_cache=tempfile.mkdtemp(prefix="sdxl-bench-cache-"),
+    )
+    app = create_app(settings, load=lambda _: Generator(pipe, optimize_level=level))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 60)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> float:
+    import httpx
+
+    started, last = time.monotonic(), ""
+    while time.monotonic() - started < timeout_s:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            answer = httpx.get(url + "/health", timeout=2)
+            if answer.status_code == 200:
+                return time.monotonic() - started
+            last = answer.text
+            if '"failed"' in last:
+                raise RuntimeError(f"the server failed: {last}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s (last: {last})")
+
+
+def body(args: argparse.Namespace, seed: int, fmt: str = "jpeg") -> dict[str, Any]:
+    return {
+        "instances": [{"prompt": "a red fox in the snow, golden hour", "seed": seed}],
+        "parameters": {
+            "num_inference_steps": args.steps,
+            "guidance_scale": 5.0,
+            "width": args.size,
+            "height": args.size,
+            "output_format": fmt,
+            "quality": 90,
+        },
+    }
+
+
+def measure_server(run: Run, args: argparse.Namespace, pipe: Any, level: str, pipeline_s: float) -> None:
+    import httpx
+
+    if not run.phase("server overhead and throughput", 25 * pipeline_s + 20):
+        return
+    with serve(pipe, level, queue=8) as url:
+        predict = url + "/predict"
+        httpx.post(predict, json=body(args, 0), timeout=600).raise_for_status()  # warm path
+        direct = [timed(lambda: generate(pipe, args), args.device)[0] for _ in range(args.repeats)]
+        http = []
+        for i in range(args.repeats):
+            request = body(args, i)
+            seconds, response = timed(lambda: httpx.post(predict, json=request, timeout=600), args.device)  # noqa: B023
+            response.raise_for_status()
+            http.append(seconds)
+        overhead = statistics.median(http) - statistics.median(direct)
+        run.record(
+            "server overhead (jpeg)",
+            {
+                "pipeline_median_s": round(statistics.median(direct), 3),
+                "http_median_s": round(statistics.median(http), 3),
+                "overhead_s": round(overhead, 4),
+                "overhead_pct": round(100 * overhead / statistics.median(direct), 2),
+                "response_bytes": len(response.content),
+            },
+        )
+        throughput = {}
+        for concurrency in (1, 2, 4):
+            requests = concurrency * 2
+            with ThreadPoolExecutor(concurrency) as pool:
+                started = time.perf_counter()
+                answers = list(
+                    pool.map(lambda i: httpx.post(predict, json=body(args, i), timeout=600), range(requests))
+                )
+                elapsed = time.perf_counter() - started
+            throughput[str(concurrency)] = {
+                "requests": requests,
+                "ok": sum(a.status_code == 200 for a in answers),
+                "images_per_s": round(requests / elapsed, 3),
+            }
+        run.record("throughput (HTTP, concurrent requests)", throughput)
+
+
+def measure_batching(run: Run, args: argparse.Namespace, pipe: Any) -> None:
+    if not run.phase("micro-batching", 10 * run.results["phases"].get("level none", {}).get("median_s", 5) + 10):
+        return
+    generate(pipe, args, prompts=2)  # a batch of 2 is a new shape for compiled code
+    one = statistics.median(timed(lambda: generate(pipe, args), args.device)[0] for _ in range(args.repeats))
+    two = statistics.median(timed(lambda: generate(pipe, args, prompts=2), args.device)[0] for _ in range(args.repeats))
+    run.record(
+        "micro-batching",
+        {
+            "one_image_s": round(one, 3),
+            "batch_of_two_s": round(two, 3),
+            "per_image_batched_s": round(two / 2, 3),
+            "throughput_gain_pct": round(100 * (2 * one / two - 1), 1),
+            "latency_cost_pct": round(100 * (two / one - 1), 1),
+        },
+    )
+
+
+def measure_cold_start(run: Run, args: argparse.Namespace, level: str) -> None:
+    """Process start to health 200 with weights on local disk: empty compile cache, then warm."""
+    if not run.phase("cold start", 90 * args.scale):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="sdxl-weights-"))
+    pipe = build(args)
+    pipe.save_pretrained(folder)  # a diffusers folder, as `python -m sdxl_server.fetch` would make
+    del pipe
+    cache = Path(tempfile.mkdtemp(prefix="sdxl-compile-"))
+    results: dict[str, dict[str, Any]] = {}
+    for label in ("empty cache", "warm cache"):
+        if run.left() < 30 * args.scale:
+            run.results["skipped"].append(f"cold start, {label}")
+            break
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "SDXL_MODEL": str(folder),
+            "SDXL_VAE": "model",
+            "SDXL_OPTIMIZE": level,
+            "SDXL_COMPILE_CACHE": str(cache),
+            "AIP_HTTP_PORT": str(port),
+            "SDXL_HOST": "127.0.0.1",
+            "SDXL_DEVICE": args.device,
+            "SDXL_DTYPE": args.dtype,
+            "SDXL_WARMUP": f"{args.size}x{args.size}",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "containers" / "model"), os.environ.get("PYTHONPATH", "")]),
+        }
+        log = (run.out / f"cold-{label.split()[0]}.log").open("wb")
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, "-m", "sdxl_server"], env=env, stdout=log, stderr=log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", run.left() - 5, process)
+            results[label] = {"seconds_to_health_200": round(time.monotonic() - started, 1)}
+        except (TimeoutError, RuntimeError) as exc:
+            results[label] = {"error": str(exc)}
+        finally:
+            process.terminate()
+            process.wait(30)
+        run.record("cold start", {**results, "optimize": level})
+
+
+def markdown(results: dict[str, Any]) -> str:
+    phases = results["phases"]
+    lines = ["# SDXL model server benchmark", ""]
+    env = phases.get("environment", {})
+    lines.append(", ".join(f"{k} {v}" for k, v in env.items()))
+    lines += [
+        "",
+        "| level | first call s | median s | x baseline | peak GiB | max abs diff vs baseline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in phases.items():
+        if name.startswith("level "):
+            diff = entry.get("vs_baseline", {})
+            lines.append(
+                f"| {name[6:]} | {entry['first_call_s']} | {entry['median_s']} | "
+                f"{entry.get('ratio_to_baseline', '')} | {entry.get('peak_gib', '')} | "
+                f"{diff.get('max_abs', '')} |"
+            )
+    for name in ("server overhead (jpeg)", "throughput (HTTP, concurrent requests)", "micro-batching", "cold start"):
+        if name in phases:
+            lines += ["", f"**{name}**: `{json.dumps(phases[name])}`"]
+    if results["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(results["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=480, help="seconds for everything")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--model", default="random-sdxl")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--levels", default="none,eager,compile")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--skip", default="", help="comma-separated: server, batching, cold")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.levels = args.levels.split(",")
+    args.scale = 1.0 if args.device.startswith("cuda") else 0.3  # phase estimates are for a GPU at 1024x1024
+    run = Run(args.out, args.budget)
+    run.record("environment", {**environment(args.device), "model": args.model, "size": args.size, "steps": args.steps})
+    pipe, level, pipeline_s = measure_levels(run, args)
+    skip = set(args.skip.split(","))
+    if pipe is not None and "server" not in skip:
+        measure_server(run, args, pipe, level, pipeline_s)
+    if pipe is not None and "batching" not in skip:
+        measure_batching(run, args, pipe)
+    del pipe
+    if level in ("compile", "max") and "cold" not in skip:
+        measure_cold_start(run, args, level)
+    run.write()
+    print(f"== done, {run.left():.0f} s of the budget left; results in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
