@@ -105,12 +105,20 @@ def _machine(option: GpuOption) -> str:
 # ---------------------------------------------------------------- build
 
 
-def plan_build(config: Config, store: StateStore, part: str = "server") -> StepResult:
+def _image(config: Config, part: str) -> tuple[Any, str]:
+    """The packed build context of `part` (server or ui) and the image name its digest gives."""
     from sdxlctl.context import container_folder, pack
 
-    n = names(config)
     context = pack(container_folder("model" if part == "server" else "ui"))
-    image = n.image(part, context.tag)
+    return context, names(config).image(part, context.tag)
+
+
+def _record_image(store: StateStore, config: Config, part: str, image: str, *, url: str = "", **details: Any) -> None:
+    _record(store, config, Resource(kind=f"{part}-image", name=image, target="vertex", url=url, details=details))
+
+
+def plan_build(config: Config, store: StateStore, part: str = "server") -> StepResult:
+    context, image = _image(config, part)
     recorded = store.read().get(config.name, f"{part}-image")
     if recorded is not None and recorded.name == image:
         return StepResult(
@@ -132,14 +140,12 @@ def build(
     on_log: Callable[[str], None] = _quiet,
 ) -> StepResult:
     """Build and push the image with Cloud Build, unless an image of the same context exists."""
-    from sdxlctl.context import container_folder, pack
     from sdxlctl.gcp.build import Builds
     from sdxlctl.gcp.storage import Storage
 
     started = time.monotonic()
     c, n = cloud(config), names(config)
-    context = pack(container_folder("model" if part == "server" else "ui"))
-    image = n.image(part, context.tag)
+    context, image = _image(config, part)
     tag = f"ctx-{context.tag}"
     recorded = store.read().get(config.name, f"{part}-image")
     if recorded is not None and recorded.name == image:
@@ -148,16 +154,7 @@ def build(
     progress("looking for an image of this context")
     existing = builds.find_success(tag, image)
     if existing is not None:
-        _record(
-            store,
-            config,
-            Resource(
-                kind=f"{part}-image",
-                name=image,
-                target="vertex",
-                details={"build_id": existing, "context": context.tag},
-            ),
-        )
+        _record_image(store, config, part, image, build_id=existing, context=context.tag)
         return StepResult(
             [Change("unchanged", f"{part} image", image, f"built by {existing}")], image, time.monotonic() - started
         )
@@ -174,16 +171,15 @@ def build(
         progress=progress,
         on_log=on_log,
     )
-    _record(
+    _record_image(
         store,
         config,
-        Resource(
-            kind=f"{part}-image",
-            name=image,
-            target="vertex",
-            url=result.log_url,
-            details={"build_id": result.build_id, "digest": result.digest, "context": context.tag},
-        ),
+        part,
+        image,
+        url=result.log_url,
+        build_id=result.build_id,
+        digest=result.digest,
+        context=context.tag,
     )
     return StepResult(
         [Change("build", f"{part} image", image, f"build {result.build_id}, {result.digest[:19]}")],
@@ -194,11 +190,11 @@ def build(
 
 def build_local(config: Config, store: StateStore, *, on_log: Callable[[str], None] = _quiet) -> StepResult:
     """Build the server image with a local Docker engine (the `docker` package), when one is reachable."""
-    from sdxlctl.context import container_folder, pack
-
     started = time.monotonic()
-    folder = container_folder("model")
-    image = names(config).image("server", pack(folder).tag) if config.gcp.project else f"sdxl-server:{pack(folder).tag}"
+    context, image = _image(config, "server")
+    folder = context.folder
+    if not config.gcp.project:
+        image = f"sdxl-server:{context.tag}"
     try:
         import docker
     except ImportError:
