@@ -203,3 +203,12 @@ def test_a_model_server_that_never_gets_ready_fails_the_deploy(cli: Cli, real_em
     assert result.code == 1
     assert "never became ready" in result.err and "Hugging Face Hub" in result.err
     assert real_emulator.resources()["endpoints"][0].get("deployedModels") is None
+
+
+def test_build_local_says_clearly_that_no_docker_engine_is_reachable(cli: Cli, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    result = cli("build", "--local")
+    assert result.code == 1
+    assert "no Docker engine is reachable" in result.err and "Cloud Build" in result.err
+    assert "Traceback" not in result.err
