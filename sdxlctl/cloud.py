@@ -356,7 +356,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                     model=recorded_model.name,
                     display_name=config.name,
                     gpu=option,
-                    min_replicas=max(d.min_replicas, 1),
+                    min_replicas=d.min_replicas,
                     max_replicas=d.max_replicas,
                 )
                 _update_details(store, config, "endpoint", deploy_operation=operation)
@@ -406,7 +406,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
         deployed_model_id=match.id,
         gpu=option.key,
         machine=option.machine_type,
-        min_replicas=max(d.min_replicas, 1),
+        min_replicas=d.min_replicas,
         deployed_at=deployed_at,
     )
     return StepResult(changes, endpoint.name, time.monotonic() - started)
@@ -484,7 +484,7 @@ def _matching_deployment(endpoint: Any, model_version: str, option: GpuOption, l
             and (not version or deployed.model_version_id == version)
             and machine.machine_type == option.machine_type
             and machine.accelerator_count == option.count
-            and spec.min_replica_count == max(low, 1)
+            and spec.min_replica_count == low
             and spec.max_replica_count == high
         ):
             return deployed
@@ -609,7 +609,7 @@ class Inventory:
         rows += [Change("delete", "Cloud Run service", s.name, s.uri) for s in self.services]
         if self.account:
             rows.append(Change("delete", "service account", self.account))
-        rows += [Change("delete", "image", image) for image in self.images]
+        rows += [Change("delete", "image", image, "every tag") for image in self.images]
         return rows
 
 
@@ -650,8 +650,8 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
     found.account = account.name if account else ""
     if not found.account and found.services:
         found.account = found.services[0].template.service_account
-    if images:
-        found.images = [r.name for kind, r in state.of(config.name).items() if kind.endswith("-image")]
+    if images:  # images carry no labels: their names derive from the deployment's
+        found.images = [f"{config.name}-server", f"{config.name}-ui"]
     return found
 
 
@@ -727,16 +727,16 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
             return "deleted" if ServiceAccounts(c).delete(account_id) else "already gone"
 
         attempt("service account", found.account, delete_account)
-    for image in found.images:
-        changes.append(
-            Change(
-                "keep",
-                "image",
-                image,
-                "not deleted: Artifact Registry is not wired up yet; "
-                f"gcloud artifacts docker images delete {image.split(':')[0]}",
-            )
-        )
+    if found.images:
+        from sdxlctl.gcp.registry import Registry
+
+        registry = Registry(c, config.gcp.artifact_repository)
+        for package in found.images:
+
+            def delete_image(package: str = package) -> str:
+                return "deleted, all tags" if registry.delete_package(package, progress=progress) else "already gone"
+
+            attempt("image", f"{registry.repository}/packages/{package}", delete_image)
     if not failed:
         with store.transaction() as state:
             for kind in list(state.of(config.name)):

@@ -293,7 +293,9 @@ def _cost_so_far(resource: Resource, config: Config, now: datetime) -> float | N
     hourly = pricing.machine_price(resource.details["gpu"], config.gcp.region)
     if hourly is None:
         return None
-    replicas = max(int(resource.details.get("min_replicas", 1)), 1)
+    replicas = int(resource.details.get("min_replicas", 1))
+    if replicas == 0:
+        return None  # scaled to zero: billed only while it is up, which sdxlctl does not see
     since = resource.created_at
     if resource.details.get("deployed_at"):
         since = datetime.fromisoformat(resource.details["deployed_at"])

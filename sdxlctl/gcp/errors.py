@@ -15,6 +15,7 @@ ROLES = {
     "run": "roles/run.admin",
     "storage": "roles/storage.admin",
     "iam": "roles/iam.serviceAccountAdmin",
+    "artifactregistry": "roles/artifactregistry.repoAdmin",
 }
 APIS = {
     "aiplatform": "aiplatform.googleapis.com",
@@ -22,6 +23,7 @@ APIS = {
     "run": "run.googleapis.com",
     "storage": "storage.googleapis.com",
     "iam": "iam.googleapis.com",
+    "artifactregistry": "artifactregistry.googleapis.com",
 }
 
 

@@ -158,8 +158,16 @@ class Vertex:
     def deploy(
         self, *, endpoint: str, model: str, display_name: str, gpu: GpuOption, min_replicas: int, max_replicas: int
     ) -> str:
-        """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation."""
-        aip = self.aip
+        """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation.
+
+        min_replicas 0 is scale to zero: a Preview of the v1beta1 API, on dedicated endpoints only.
+        """
+        if min_replicas == 0:
+            from google.cloud import aiplatform_v1beta1 as aip
+
+            client = self.cloud.client(aip.EndpointServiceClient, f"{self.cloud.region}-aiplatform.googleapis.com")
+        else:
+            aip, client = self.aip, self.endpoints
         resources = aip.DedicatedResources(
             machine_spec=aip.MachineSpec(
                 machine_type=gpu.machine_type,
@@ -169,11 +177,11 @@ class Vertex:
             min_replica_count=min_replicas,
             max_replica_count=max_replicas,
         )
-        if max_replicas > min_replicas:
+        if max_replicas > max(min_replicas, 1):
             resources.autoscaling_metric_specs = [aip.AutoscalingMetricSpec(metric_name=DUTY_CYCLE_METRIC, target=60)]
         deployed = aip.DeployedModel(model=model, display_name=display_name, dedicated_resources=resources)
         with self._call("deploy the model"):
-            operation = self.endpoints.deploy_model(
+            operation = client.deploy_model(
                 endpoint=endpoint, deployed_model=deployed, traffic_split={"0": 100}, retry=self.cloud.retry()
             )
         return str(operation.operation.name)

@@ -205,10 +205,22 @@ def test_a_model_server_that_never_gets_ready_fails_the_deploy(cli: Cli, real_em
     assert real_emulator.resources()["endpoints"][0].get("deployedModels") is None
 
 
-def test_build_local_says_clearly_that_no_docker_engine_is_reachable(cli: Cli, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_local_says_clearly_that_no_docker_engine_is_reachable(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     result = cli("build", "--local")
     assert result.code == 1
     assert "no Docker engine is reachable" in result.err and "Cloud Build" in result.err
     assert "Traceback" not in result.err
+
+
+def test_a_failed_cloud_run_operation_is_a_clear_error_and_the_rerun_finishes(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env()
+    up(cli, env, "build", "upload", "deploy")
+    emulator.fault(path=r"/services$", operation=True, code=500, status="INTERNAL", message="revision failed to start")
+    failed = cli("ui-deploy", env=env)
+    assert failed.code == 1 and "revision failed to start" in failed.err
+    again = cli("ui-deploy", env=env)
+    assert again.code == 0, again.err
+    assert len(emulator.resources()["services"]) == 1

@@ -89,3 +89,31 @@ def test_a_dedicated_endpoint_is_predicted_through_its_own_dns(cli: Cli, emulato
 def test_predict_with_nothing_deployed_says_what_to_do(cli: Cli, emulator: Emulator) -> None:
     result = cli("predict", "a fox", env=emulator.env())
     assert result.code == 1 and "sdxlctl deploy" in result.err
+
+
+def test_scale_to_zero_deploys_through_v1beta1_on_a_dedicated_endpoint(cli: Cli, emulator: Emulator) -> None:
+    env = emulator.env(
+        SDXLCTL_DEPLOY_ENDPOINT="dedicated", SDXLCTL_DEPLOY_MIN_REPLICAS="0", SDXLCTL_DEPLOY_MAX_REPLICAS="2"
+    )
+    plan = cli("deploy", "--dry-run", env=env)
+    assert "scale to zero (Preview)" in plan.err
+    for step in (["build"], ["upload"], ["deploy"]):
+        assert cli(*step, env=env).code == 0
+    (deploy,) = [r for r in emulator.requests() if r["path"].endswith(":deployModel")]
+    assert deploy["path"].startswith("/v1beta1/")
+    assert deploy["body"]["deployedModel"]["dedicatedResources"].get("minReplicaCount", 0) == 0  # proto3 omits 0
+    again = cli("deploy", env=env)
+    assert again.code == 0 and "unchanged" in again.err
+    assert cli("predict", "a fox", "-o", "fox.png", *SMALL, env=env).code == 0
+
+
+def test_teardown_images_deletes_what_the_builds_pushed(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
+    env = emulator.env()
+    for step in (["build"], ["upload"], ["deploy"], ["ui-deploy"]):
+        assert cli(*step, env=env).code == 0
+    assert len(emulator.resources()["packages"]) == 2
+    (tmp_path / ".sdxlctl" / "state.json").unlink()  # names derive from the deployment: no state needed
+    down = cli("teardown", "--yes", "--images", env=env)
+    assert down.code == 0, down.err
+    assert emulator.resources()["packages"] == []
+    assert cli("teardown", "--yes", "--images", env=env).code == 0  # already gone counts as done

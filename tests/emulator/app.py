@@ -19,6 +19,7 @@ from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
 from tests.emulator.core import ApiError, Fault, Recorded, Route, World, read_json
 from tests.emulator.model_servers import ModelServers
+from tests.emulator.registry import Registry
 from tests.emulator.vertex import Vertex
 
 
@@ -69,6 +70,7 @@ def create_app(
         *CloudBuild(world, storage.read, storage.write).routes(),
         *CloudRun(world).routes(),
         *Billing(world).routes(),
+        *Registry(world).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:

@@ -131,6 +131,10 @@ class CloudBuild:
             if failed:
                 build["statusDetail"] = failed
             else:
+                from tests.emulator.registry import push
+
+                for image in build.get("images", []):
+                    push(self.world, image)
                 build["results"] = {
                     "images": [{"name": image, "digest": build["_digest"]} for image in build.get("images", [])]
                 }

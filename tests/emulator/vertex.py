@@ -49,6 +49,7 @@ class Vertex:
             ("GET", LOCATION + r"/endpoints", self.list_endpoints),
             ("DELETE", LOCATION + r"/endpoints/(?P<endpoint>[^/:]+)", self.delete_endpoint),
             ("POST", LOCATION + r"/endpoints/(?P<endpoint>[^/:]+):deployModel", self.deploy_model),
+            ("POST", BETA + r"/endpoints/(?P<endpoint>[^/:]+):deployModel", self.deploy_model),
             ("POST", LOCATION + r"/endpoints/(?P<endpoint>[^/:]+):undeployModel", self.undeploy_model),
             ("POST", LOCATION + r"/endpoints/(?P<endpoint>[^/:]+):predict", self.predict),
             # Endpoint IAM is a v1beta1 method (cloud.google.com/vertex-ai/docs/general/endpoint-access-control)
@@ -205,7 +206,13 @@ class Vertex:
 
     def deploy_model(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         endpoint = self._endpoint(p)
-        deploy = parse(aip.DeployModelRequest, body, "DeployModelRequest")
+        beta = request.url.path.startswith("/v1beta1/")
+        if beta:
+            from google.cloud import aiplatform_v1beta1
+
+            deploy = parse(aiplatform_v1beta1.DeployModelRequest, body, "DeployModelRequest")
+        else:
+            deploy = parse(aip.DeployModelRequest, body, "DeployModelRequest")
         wanted = deploy.get("deployedModel") or {}
         model_name, _, version = wanted.get("model", "").partition("@")
         model = self.world.get("models", model_name, "Model")
@@ -220,10 +227,12 @@ class Vertex:
         machine = resources.get("machineSpec") or {}
         _check_machine(machine)
         low, high = resources.get("minReplicaCount", 0), resources.get("maxReplicaCount", 0)
-        if low < 1:
+        if low < 1 and not beta:
             raise ApiError(
                 400, "dedicated_resources.min_replica_count must be at least 1 in v1 (scale to zero is v1beta1 only)."
             )
+        if low < 1 and not endpoint.get("dedicatedEndpointEnabled"):
+            raise ApiError(400, "Scale to zero (min_replica_count 0) requires a dedicated endpoint.")
         if high and high < low:
             raise ApiError(400, "dedicated_resources.max_replica_count must not be below min_replica_count.")
         deployed_id = self.world.new_id()
