@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdxlctl.gcp.errors import translated
-from sdxlctl.gcp.session import Cloud, Progress, wait_operation
+from sdxlctl.gcp.session import Cloud, Progress, wait_for
 
 
 class CloudRun:
@@ -97,17 +97,6 @@ class CloudRun:
         return True
 
     def wait(self, name: str, *, what: str, progress: Progress, timeout_s: float) -> Any:
-        def get(operation: str) -> Any:
-            with self._call(f"poll {what}"):
-                return self.client.get_operation(request={"name": operation}, retry=self.cloud.retry())
-
-        return wait_operation(
-            get,
-            name,
-            what=what,
-            timeout_s=timeout_s,
-            poll_s=self.cloud.poll_s,
-            progress=progress,
-            api="run",
-            cloud=self.cloud,
+        return wait_for(
+            self.client, name, what=what, timeout_s=timeout_s, progress=progress, api="run", cloud=self.cloud
         )

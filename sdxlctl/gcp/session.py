@@ -128,6 +128,19 @@ def wait_operation(
         time.sleep(poll_s)
 
 
+def wait_for(client: Any, name: str, *, what: str, timeout_s: float, progress: Progress, api: str, cloud: Cloud) -> Any:
+    """`wait_operation` through a GAPIC client's operations mixin (`client.get_operation`)."""
+    from sdxlctl.gcp.errors import translated
+
+    def get(operation: str) -> Any:
+        with translated(f"poll {what}", api=api, project=cloud.project, region=cloud.region):
+            return client.get_operation(request={"name": operation}, retry=cloud.retry())
+
+    return wait_operation(
+        get, name, what=what, timeout_s=timeout_s, poll_s=cloud.poll_s, progress=progress, api=api, cloud=cloud
+    )
+
+
 def _grpc_code(code: int) -> Any:
     import grpc
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdxlctl.gcp.errors import CloudError, translated
-from sdxlctl.gcp.session import Cloud, Progress, wait_operation
+from sdxlctl.gcp.session import Cloud, Progress, wait_for
 from sdxlctl.gpus import GpuOption
 
 DUTY_CYCLE_METRIC = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
@@ -46,17 +46,11 @@ class Vertex:
 
     def wait(self, operation_name: str, *, what: str, timeout_s: float, progress: Progress) -> Any:
         """Wait for an operation by name (also one started by an earlier, interrupted run)."""
-
-        def get(name: str) -> Any:
-            with self._call(f"poll {what}"):
-                return self.endpoints.get_operation(request={"name": name}, retry=self.cloud.retry())
-
-        return wait_operation(
-            get,
+        return wait_for(
+            self.endpoints,
             operation_name,
             what=what,
             timeout_s=timeout_s,
-            poll_s=self.cloud.poll_s,
             progress=progress,
             api="aiplatform",
             cloud=self.cloud,
