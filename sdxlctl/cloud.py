@@ -587,6 +587,38 @@ def _ui_env(endpoint: Resource) -> dict[str, str]:
     return env
 
 
+# ---------------------------------------------------------------- status
+
+
+def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
+    """What Google says of each recorded resource now: serving, ready, gone, ... (one GET each)."""
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    c = cloud(config)
+    states: dict[str, str] = {}
+    for kind, resource in resources.items():
+        if resource.target != "vertex" or not resource.name:
+            continue
+        try:
+            if kind == "endpoint":
+                endpoint = Vertex(c).get_endpoint(resource.name, missing_ok=True)
+                serving = len(endpoint.deployed_models) if endpoint is not None else 0
+                states[kind] = "gone" if endpoint is None else f"serving {serving} model(s)" if serving else "no model"
+            elif kind == "model":
+                Vertex(c).get_model(resource.name)
+                states[kind] = "ready"
+            elif kind == "ui-service":
+                service = CloudRun(c).get(resource.name.rsplit("/", 1)[-1])
+                states[kind] = "gone" if service is None else "ready" if service.uri else "deploying"
+            elif kind.endswith("-image"):
+                states[kind] = "built"
+        except CloudError as exc:
+            states[kind] = "gone" if "not found" in exc.message.lower() else f"unknown ({exc.message[:60]})"
+    return states
+
+
 # ---------------------------------------------------------------- teardown
 
 

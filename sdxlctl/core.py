@@ -267,7 +267,13 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
     """What exists now for this deployment, checked live, and since when."""
     rows = []
     now = datetime.now(UTC)
-    for resource in store.read().of(config.name).values():
+    resources = store.read().of(config.name)
+    cloud_states: dict[str, str] = {}
+    if any(r.target == "vertex" for r in resources.values()):
+        from sdxlctl import cloud
+
+        cloud_states = cloud.live_states(config, resources)
+    for resource in resources.values():
         rows.append(
             ResourceStatus(
                 kind=resource.kind,
@@ -276,7 +282,7 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
                 url=resource.url,
                 created_at=resource.created_at,
                 uptime_s=resource.age_seconds(now),
-                state=_live_state(resource),
+                state=cloud_states.get(resource.kind) or _live_state(resource),
                 details=resource.details,
                 cost_so_far=_cost_so_far(resource, config, now),
             )

@@ -84,9 +84,16 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
         table.add_column(
             column, no_wrap=column in {"where", "since"}, justify="right" if column == "cost so far" else "left"
         )
-    colours = {"ready": "green", "loading": "yellow", "starting": "yellow"}
+    colours = {
+        "ready": "green",
+        "built": "green",
+        "loading": "yellow",
+        "starting": "yellow",
+        "no model": "yellow",
+        "recorded": "dim",
+    }
     for row in rows:
-        colour = colours.get(row.state, "red")
+        colour = "green" if row.state.startswith("serving") else colours.get(row.state, "red")
         table.add_row(
             row.kind,
             row.name,

@@ -117,3 +117,25 @@ def test_teardown_images_deletes_what_the_builds_pushed(cli: Cli, emulator: Emul
     assert down.code == 0, down.err
     assert emulator.resources()["packages"] == []
     assert cli("teardown", "--yes", "--images", env=env).code == 0  # already gone counts as done
+
+
+def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> None:
+    import httpx
+
+    env = emulator.env()
+    for step in (["build"], ["upload"], ["deploy"]):
+        assert cli(*step, env=env).code == 0
+    states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
+    assert states == {"server-image": "built", "model": "ready", "endpoint": "serving 1 model(s)"}
+    (model,) = emulator.resources()["models"]
+    (endpoint,) = emulator.resources()["endpoints"]
+    httpx.post(
+        f"{emulator.url}/v1/{endpoint['name']}:undeployModel",
+        json={"deployedModelId": endpoint["deployedModels"][0]["id"]},
+    ).raise_for_status()
+    for _ in range(3):
+        for operation in list(emulator.world.operations.values()):
+            operation.poll()
+    httpx.delete(f"{emulator.url}/v1/{model['name']}").raise_for_status()
+    states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
+    assert states["endpoint"] == "no model" and states["model"] == "gone"
