@@ -597,17 +597,18 @@ def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str
     from sdxlctl.gcp.vertex import Vertex
 
     c = cloud(config)
+    vertex = Vertex(c) if any(kind in ("endpoint", "model") for kind in resources) else None
     states: dict[str, str] = {}
     for kind, resource in resources.items():
         if resource.target != "vertex" or not resource.name:
             continue
         try:
-            if kind == "endpoint":
-                endpoint = Vertex(c).get_endpoint(resource.name, missing_ok=True)
+            if kind == "endpoint" and vertex is not None:
+                endpoint = vertex.get_endpoint(resource.name, missing_ok=True)
                 serving = len(endpoint.deployed_models) if endpoint is not None else 0
                 states[kind] = "gone" if endpoint is None else f"serving {serving} model(s)" if serving else "no model"
-            elif kind == "model":
-                Vertex(c).get_model(resource.name)
+            elif kind == "model" and vertex is not None:
+                vertex.get_model(resource.name)
                 states[kind] = "ready"
             elif kind == "ui-service":
                 service = CloudRun(c).get(resource.name.rsplit("/", 1)[-1])

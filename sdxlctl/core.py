@@ -368,38 +368,23 @@ def price_table(config: Config, *, live: bool, warn: Progress = _quiet) -> prici
     if not live:
         return table
     cache = config.home / "live-prices.json"
-    data = json.loads(json.dumps(_bundled_data()))
     try:
         cached = json.loads(cache.read_text())
         fresh = time.time() - cached["fetched_at"] < LIVE_PRICES_MAX_AGE_S
     except (OSError, ValueError, KeyError):
         cached, fresh = None, False
     if cached is not None and fresh:
-        regions = cached["regions"]
+        regions, fetched_at = cached["regions"], cached["fetched_at"]
     else:
         try:
             regions = _fetch_live(config, sorted({*table.regions, config.gcp.region}))
         except SdxlctlError as exc:
             warn(f"live prices unavailable ({exc.message}); using the bundled table of {table.date}")
             return table
+        fetched_at = time.time()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"fetched_at": time.time(), "regions": regions}))
-    for region, parts in regions.items():
-        base = data["regions"].setdefault(region, {"location": region, "gpu": {}, "vcpu": {}, "ram": {}})
-        if "derive" in base:  # a live region replaces the estimate derived for it, part by part
-            derived = pricing.from_data(data).regions[region]
-            base = data["regions"][region] = {
-                "location": base["location"],
-                **{k: dict(derived[k]) for k in ("gpu", "vcpu", "ram")},
-            }
-        for kind in ("gpu", "vcpu", "ram"):
-            base.setdefault(kind, {}).update(parts.get(kind, {}))
-    data["date"] = time.strftime("%Y-%m-%d", time.gmtime(cached["fetched_at"] if cached and fresh else time.time()))
-    return pricing.from_data(data, origin="live (Cloud Billing catalog)")
-
-
-def _bundled_data() -> dict[str, Any]:
-    return dict(json.loads((Path(pricing.__file__).parent / "prices.json").read_text()))
+        cache.write_text(json.dumps({"fetched_at": fetched_at, "regions": regions}))
+    return pricing.with_live(table, regions, time.strftime("%Y-%m-%d", time.gmtime(fetched_at)))
 
 
 def _fetch_live(config: Config, regions: list[str]) -> dict[str, Any]:

@@ -238,7 +238,6 @@ def teardown(
     """Stop and delete everything sdxlctl created for this deployment, and nothing else."""
     from sdxlctl import cloud, core
     from sdxlctl.cli import render
-    from sdxlctl.errors import UsageError
 
     config, store = _context()
     if config.target == "vertex":
@@ -253,7 +252,7 @@ def teardown(
             err.print(f"nothing to tear down for {config.name!r}")
             return
         render.changes(plan, title="will delete")
-        _confirm(yes, UsageError)
+        _confirm(yes)
         with progress("tearing down") as update:
             result = cloud.teardown(config, store, found, progress=update)
         render.step(result)
@@ -267,7 +266,7 @@ def teardown(
     render.teardown_plan(plan_local)
     if dry_run:
         return
-    _confirm(yes, UsageError)
+    _confirm(yes)
     with progress("tearing down") as update:
         outcomes = core.teardown(config, store, progress=update)
     render.torn_down(outcomes)
@@ -275,11 +274,13 @@ def teardown(
         raise typer.Exit(1)
 
 
-def _confirm(yes: bool, error: type[Exception]) -> None:
+def _confirm(yes: bool) -> None:
+    from sdxlctl.errors import UsageError
+
     if yes:
         return
     if not sys.stdin.isatty():
-        raise error("teardown deletes the above and needs confirmation", hint="pass --yes")  # type: ignore[call-arg]
+        raise UsageError("teardown deletes the above and needs confirmation", hint="pass --yes")
     typer.confirm("Tear these down?", abort=True, err=True)
 
 

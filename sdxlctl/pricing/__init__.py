@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,19 @@ def from_data(data: dict[str, Any], origin: str = "bundled") -> PriceTable:
             }
         regions[name] = entry
     return PriceTable(data["date"], regions, data["cloud_run"], data["artifact_registry"], origin)
+
+
+def with_live(table: PriceTable, regions: dict[str, dict[str, Any]], date: str) -> PriceTable:
+    """`table` with the catalog's prices laid over it, part by part (what the catalog lacks stays)."""
+    merged = {
+        name: {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
+        for name, entry in table.regions.items()
+    }
+    for region, parts in regions.items():
+        entry = merged.setdefault(region, {"location": region})
+        for kind in ("gpu", "vcpu", "ram"):
+            entry.setdefault(kind, {}).update(parts.get(kind, {}))
+    return replace(table, regions=merged, date=date, origin="live (Cloud Billing catalog)")
 
 
 # ---------------------------------------------------------------- cost

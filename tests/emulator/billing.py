@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from google.cloud import billing_v1
 from starlette.requests import Request
 
-from tests.emulator.core import ApiError, Route, World, parse
+from tests.emulator.core import ApiError, Route, World, parse, routes
 
 VERTEX = "services/C7E2-9256-1C43"
 
@@ -54,7 +53,7 @@ class Billing:
             ("GET", r"/v1/services", self.list_services),
             ("GET", r"/v1/(?P<service>services/[^/]+)/skus", self.list_skus),
         ]
-        return [Route(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in table]
+        return routes(table)
 
     def list_services(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         return {

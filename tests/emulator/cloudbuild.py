@@ -13,7 +13,7 @@ from typing import Any
 from google.cloud.devtools import cloudbuild_v1 as cb
 from starlette.requests import Request
 
-from tests.emulator.core import ApiError, Route, World, now, packed, parse
+from tests.emulator.core import ApiError, Route, World, now, packed, parse, routes
 
 PROJECT = r"/v1/projects/(?P<project>[^/]+)(?:/locations/(?P<location>[^/]+))?"
 FINAL = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
@@ -38,7 +38,7 @@ class CloudBuild:
             ("POST", PROJECT + r"/builds/(?P<build>[^/:]+):cancel", self.cancel_build),
             ("GET", r"/v1/(?P<name>operations/.+|projects/[^/]+/locations/[^/]+/operations/[^/]+)", self.get_operation),
         ]
-        return [Route(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in table]
+        return routes(table)
 
     def create_build(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         build = parse(cb.Build, body, "Build")
@@ -182,10 +182,7 @@ class CloudBuild:
         return _public(build)
 
     def get_operation(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
-        operation = self.world.operations.get(p["name"])
-        if operation is None:
-            raise ApiError(404, f"Operation {p['name']} not found.")
-        result = operation.poll()
+        result = self.world.poll(p["name"])
         build_id = base64.b64decode(p["name"].rsplit("/", 1)[-1]).decode() if "/build/" in p["name"] else None
         if build_id:  # metadata carries the build as it is now
             result["metadata"] = packed(

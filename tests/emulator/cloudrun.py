@@ -7,10 +7,9 @@ import uuid
 from typing import Any
 
 from google.cloud import run_v2
-from google.iam.v1 import iam_policy_pb2, policy_pb2
 from starlette.requests import Request
 
-from tests.emulator.core import ApiError, Route, World, now, packed, parse
+from tests.emulator.core import ApiError, Route, World, now, packed, parse, routes
 
 LOCATION = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 SERVICE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
@@ -38,7 +37,7 @@ class CloudRun:
             ("GET", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts/(?P<account>[^/:]+)", self.get_account),
             ("DELETE", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts/(?P<account>[^/:]+)", self.delete_account),
         ]
-        return [Route(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in table]
+        return routes(table)
 
     def _name(self, p: dict[str, str], service: str | None = None) -> str:
         return f"projects/{p['project']}/locations/{p['location']}/services/{service or p['service']}"
@@ -125,23 +124,14 @@ class CloudRun:
 
     def get_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         record = self.world.get("services", self._name(p), "Service")
-        return self.world.table("service-policies").get(record["name"], {"etag": "ACAB"})
+        return self.world.get_policy("service-policies", record["name"])
 
     def set_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         record = self.world.get("services", self._name(p), "Service")
-        parsed = parse(
-            iam_policy_pb2.SetIamPolicyRequest, {"resource": record["name"], **(body or {})}, "SetIamPolicyRequest"
-        )
-        policy = parse(policy_pb2.Policy, parsed.get("policy", {}), "Policy")
-        policy["etag"] = "BwY" + self.world.new_id()
-        self.world.table("service-policies")[record["name"]] = policy
-        return policy
+        return self.world.set_policy("service-policies", record["name"], body)
 
     def get_operation(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
-        operation = self.world.operations.get(p["name"])
-        if operation is None:
-            raise ApiError(404, f"Operation {p['name']} not found.")
-        return operation.poll()
+        return self.world.poll(p["name"])
 
     # ---------------------------------------------------------------- IAM service accounts
 

@@ -12,7 +12,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -192,6 +192,29 @@ class World:
         self.operations[name] = operation
         return operation.json()
 
+    def poll(self, name: str) -> dict[str, Any]:
+        """GetOperation: the operation advanced by one poll, or 404."""
+        operation = self.operations.get(name)
+        if operation is None:
+            raise ApiError(404, f"Operation {name} not found.")
+        return operation.poll()
+
+    def get_policy(self, table: str, resource: str) -> dict[str, Any]:
+        """GetIamPolicy of `resource` (an empty policy until one is set)."""
+        return self.table(table).get(resource, {"etag": "ACAB"})
+
+    def set_policy(self, table: str, resource: str, body: Any) -> dict[str, Any]:
+        """SetIamPolicy: the request checked against google.iam.v1, the policy stored with a new etag."""
+        from google.iam.v1 import iam_policy_pb2, policy_pb2
+
+        parsed = parse(
+            iam_policy_pb2.SetIamPolicyRequest, {"resource": resource, **(body or {})}, "SetIamPolicyRequest"
+        )
+        policy = parse(policy_pb2.Policy, parsed.get("policy", {}), "Policy")
+        policy["etag"] = "BwY" + self.new_id()
+        self.table(table)[resource] = policy
+        return policy
+
     def take_fault(self, method: str, path: str, *, operation: bool) -> Fault | None:
         for fault in self.faults:
             if fault.operation == operation and fault.method in ("*", method) and re.search(fault.path, path):
@@ -200,6 +223,11 @@ class World:
                     self.faults.remove(fault)
                 return fault
         return None
+
+
+def routes(table: Sequence[tuple[str, str, Handler]]) -> list[Route]:
+    """(method, path regex, handler) rows as Routes; each regex matches the whole path."""
+    return [Route(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in table]
 
 
 def label_filter(expression: str) -> Callable[[dict[str, Any]], bool]:

@@ -7,10 +7,9 @@ from urllib.parse import unquote
 
 import httpx
 from google.cloud.aiplatform_v1 import types as aip
-from google.iam.v1 import iam_policy_pb2, policy_pb2
 from starlette.requests import Request
 
-from tests.emulator.core import ApiError, Route, World, label_filter, now, packed, parse
+from tests.emulator.core import ApiError, Route, World, label_filter, now, packed, parse, routes
 from tests.emulator.model_servers import ModelServers
 
 LOCATION = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
@@ -37,7 +36,6 @@ class Vertex:
         self.world, self.servers = world, servers
 
     def routes(self) -> list[Route]:
-        import re
 
         table = [
             ("POST", LOCATION + r"/models:upload", self.upload_model),
@@ -61,7 +59,7 @@ class Vertex:
                 self.get_operation,
             ),
         ]
-        return [Route(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in table]
+        return routes(table)
 
     # ------------------------------------------------------------------ models
 
@@ -352,24 +350,13 @@ class Vertex:
         }
 
     def set_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
-        endpoint = self._endpoint(p)
-        parsed = parse(
-            iam_policy_pb2.SetIamPolicyRequest, {"resource": endpoint["name"], **(body or {})}, "SetIamPolicyRequest"
-        )
-        policy = parse(policy_pb2.Policy, parsed.get("policy", {}), "Policy")
-        policy["etag"] = "BwY" + self.world.new_id()
-        self.world.table("endpoint-policies")[endpoint["name"]] = policy
-        return policy
+        return self.world.set_policy("endpoint-policies", self._endpoint(p)["name"], body)
 
     def get_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
-        endpoint = self._endpoint(p)
-        return self.world.table("endpoint-policies").get(endpoint["name"], {"etag": "ACAB"})
+        return self.world.get_policy("endpoint-policies", self._endpoint(p)["name"])
 
     def get_operation(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
-        operation = self.world.operations.get(p["name"])
-        if operation is None:
-            raise ApiError(404, f"Operation {p['name']} not found.")
-        return operation.poll()
+        return self.world.poll(p["name"])
 
 
 def _public(model: dict[str, Any]) -> dict[str, Any]:
