@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-wheels
 
 install: $(STAMP)
 
@@ -47,3 +47,11 @@ test: lint $(CHROMIUM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sdxlctl
+
+# What bench/gpu-run.sh installs on a borrowed GPU machine (Python 3.12, torch already there, no network):
+# the model server's pure-Python dependencies, at this project's pins, and pydantic-core built for 3.12.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl -c constraints.txt \
+		diffusers starlette uvicorn pydantic annotated-types typing-inspection importlib-metadata lazy-importer
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl -c constraints.txt \
+		--python-version 3.12 --platform manylinux2014_x86_64 pydantic-core

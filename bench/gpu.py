@@ -1,14 +1,17 @@
 """The model server's speed on one GPU, in one unattended run with a time budget.
 
-    python bench/gpu.py --budget 480 --out results/                  # a GPU: random-sdxl at 1024x1024
+    python bench/gpu.py --budget 540 --out results/                  # a GPU: random-sdxl at 1024x1024
     python bench/gpu.py --model tiny --size 64 --steps 2 --out /tmp/b # a CPU: checks the harness end to end
 
-Phases, each skipped when the budget left is below its estimate, each written to results.json and
-results.md as soon as it ends: environment; the original deployment's pipeline (baseline) and each
-SDXL_OPTIMIZE level (first call, median latency, peak memory, difference from the baseline image);
-the HTTP server's overhead (JSON, JPEG, queue) over the pipeline; throughput at 1, 2 and 4 concurrent
-requests; micro-batching of two same-shape requests; cold start (process to health 200) with an empty
-and with a warm compile cache. Weights are random (no downloads): the arithmetic is SDXL 1.0's.
+--run lists what to measure, in order. Variants: the original deployment's pipeline (`none`, the
+baseline), each SDXL_OPTIMIZE level (`eager`, `compile`, `max`) and their parts alone (`transformers`:
+diffusers' regional recipe; `blocks`: `compile` without CUDA graphs; `unet`: `max` without them), each
+with first call, median latency, peak memory and difference from the baseline image. Phases, on the
+variant measured last: `server` (the HTTP server's overhead: JSON, JPEG, queue), `throughput` (1, 2
+and 4 concurrent requests), `batching` (two same-shape prompts in one batch), `cold` (process start to
+health 200, with the compile cache this run filled and/or an empty one). Each step is skipped when the
+budget left is below its estimate, and written to results.json and results.md as soon as it ends.
+Weights are random (no downloads): the arithmetic is SDXL 1.0's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -160,50 +164,86 @@ def difference(a: Any, b: Any) -> dict[str, float]:
     }
 
 
-def measure_levels(run: Run, args: argparse.Namespace) -> tuple[Any, str, float]:
-    """Each level on one pipeline, in order (none -> eager -> compile); `max` on a fresh one."""
+# What each variant is: the SDXL_OPTIMIZE levels, and the parts of them measured alone.
+VARIANTS: dict[str, Any] = {
+    "none": "none",
+    "eager": "eager",
+    "transformers": {"fuse": True, "compile": ("BasicTransformerBlock",)},  # diffusers' regional recipe
+    "blocks": {"fuse": True, "compile": "BLOCKS"},  # `compile` without CUDA graphs
+    "compile": "compile",
+    "unet": {"fuse": True, "compile": "unet"},  # `max` without CUDA graphs
+    "max": "max",
+}
+PHASES = ("server", "throughput", "batching", "cold")
+ESTIMATE_S = {"none": 25, "eager": 15, "transformers": 60, "blocks": 120, "compile": 15, "unet": 280, "max": 15}
+
+
+def plan(variant: str) -> Any:
+    from sdxl_server import optimize
+
+    spec = VARIANTS[variant]
+    if isinstance(spec, str):
+        return optimize.plan_for(spec)
+    return optimize.Plan(**{**spec, "compile": optimize.BLOCKS if spec["compile"] == "BLOCKS" else spec["compile"]})
+
+
+class Bench:
+    """The pipeline under measurement, and what the steps that follow need from the ones before."""
+
+    def __init__(self) -> None:
+        self.pipe: Any = None
+        self.level = "none"
+        self.baseline_image: Any = None
+        self.baseline_s = 1.0
+        self.pipeline_s = 0.0
+
+
+def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: str) -> None:
+    """One variant: on the pipeline as it is when only CUDA graphs are added, on a fresh one otherwise."""
     import torch
 
     from sdxl_server import optimize
 
-    pipe = None
-    baseline_image, baseline_s, best = None, 1.0, ("none", float("inf"))
-    for level in args.levels:
-        estimate = {"none": 30, "eager": 20, "compile": 150, "max": 420}[level] * args.scale
-        if not run.phase(f"level {level}", estimate):
-            continue
-        if pipe is None or level == "max":
-            if pipe is not None and level == "max":
-                del pipe
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            build_s, pipe = timed(lambda: build(args), args.device)
-            run.record("build", {"seconds": round(build_s, 1), "model": args.model})
-            warm_gpu(args.device)
-        optimize.apply(pipe, level)
-        first_s, images = timed(lambda: generate(pipe, args), args.device)  # noqa: B023
+    if not run.phase(f"variant {variant}", ESTIMATE_S[variant] * args.scale):
+        return
+    wanted = plan(variant)
+    pipe = bench.pipe
+    compiled = getattr(pipe, "_sdxl_compiled", ()) if pipe is not None else ()
+    if pipe is None or compiled not in ((), wanted.compile) or (compiled and not wanted.compile):
+        bench.pipe = pipe = None
         if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        samples = []
-        for _ in range(args.repeats):
-            seconds, images = timed(lambda: generate(pipe, args), args.device)  # noqa: B023
-            samples.append(seconds)
-        entry: dict[str, Any] = {
-            "first_call_s": round(first_s, 2),
-            "median_s": round(statistics.median(samples), 3),
-            "samples_s": [round(s, 3) for s in samples],
-        }
-        if args.device.startswith("cuda"):
-            entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if level == "none":
-            baseline_image, baseline_s = images[0], entry["median_s"]
-        if baseline_image is not None:
-            entry["vs_baseline"] = difference(baseline_image, images[0])
-            entry["ratio_to_baseline"] = round(entry["median_s"] / baseline_s, 3)
-        run.record(f"level {level}", entry)
-        if entry["median_s"] < best[1]:
-            best = (level, entry["median_s"])
-    return pipe, best[0], best[1]
+            torch.cuda.empty_cache()
+        build_s, pipe = timed(lambda: build(args), args.device)
+        run.record("build", {"seconds": round(build_s, 1), "model": args.model})
+        warm_gpu(args.device)
+        bench.pipe = pipe
+    optimize.apply(pipe, wanted)
+    first_s, images = timed(lambda: generate(pipe, args), args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    samples = []
+    for _ in range(args.repeats):
+        seconds, images = timed(lambda: generate(pipe, args), args.device)
+        samples.append(seconds)
+    entry: dict[str, Any] = {
+        "plan": {"fuse": wanted.fuse, "compile": wanted.compile, "cuda_graphs": wanted.cuda_graphs},
+        "first_call_s": round(first_s, 2),
+        "median_s": round(statistics.median(samples), 3),
+        "samples_s": [round(s, 3) for s in samples],
+    }
+    if args.device.startswith("cuda"):
+        entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    graphs = pipe.unet.forward if isinstance(pipe.unet.forward, optimize.GraphedForward) else None
+    if graphs is not None:
+        entry["cuda_graphs"] = {"captured": len(graphs.graphs), "off_because": graphs.broken}
+    if variant == "none":
+        bench.baseline_image, bench.baseline_s = images[0], entry["median_s"]
+    if bench.baseline_image is not None:
+        entry["vs_baseline"] = difference(bench.baseline_image, images[0])
+        entry["ratio_to_baseline"] = round(entry["median_s"] / bench.baseline_s, 3)
+    run.record(f"variant {variant}", entry)
+    bench.level = VARIANTS[variant] if isinstance(VARIANTS[variant], str) else "compile"
+    bench.pipeline_s = entry["median_s"]
 
 
 @contextlib.contextmanager
@@ -272,12 +312,13 @@ def body(args: argparse.Namespace, seed: int, fmt: str = "jpeg") -> dict[str, An
     }
 
 
-def measure_server(run: Run, args: argparse.Namespace, pipe: Any, level: str, pipeline_s: float) -> None:
+def measure_server(run: Run, args: argparse.Namespace, bench: Bench, throughput_too: bool) -> None:
     import httpx
 
-    if not run.phase("server overhead and throughput", 25 * pipeline_s + 20):
+    pipe = bench.pipe
+    if not run.phase("server overhead", (25 if throughput_too else 8) * bench.pipeline_s + 20):
         return
-    with serve(pipe, level, queue=8) as url:
+    with serve(pipe, bench.level, queue=8) as url:
         predict = url + "/predict"
         httpx.post(predict, json=body(args, 0), timeout=600).raise_for_status()  # warm path
         direct = [timed(lambda: generate(pipe, args), args.device)[0] for _ in range(args.repeats)]
@@ -298,6 +339,8 @@ def measure_server(run: Run, args: argparse.Namespace, pipe: Any, level: str, pi
                 "response_bytes": len(response.content),
             },
         )
+        if not throughput_too:
+            return
         throughput = {}
         for concurrency in (1, 2, 4):
             requests = concurrency * 2
@@ -315,8 +358,9 @@ def measure_server(run: Run, args: argparse.Namespace, pipe: Any, level: str, pi
         run.record("throughput (HTTP, concurrent requests)", throughput)
 
 
-def measure_batching(run: Run, args: argparse.Namespace, pipe: Any) -> None:
-    if not run.phase("micro-batching", 10 * run.results["phases"].get("level none", {}).get("median_s", 5) + 10):
+def measure_batching(run: Run, args: argparse.Namespace, bench: Bench) -> None:
+    pipe = bench.pipe
+    if not run.phase("micro-batching", 10 * bench.pipeline_s + 10):
         return
     generate(pipe, args, prompts=2)  # a batch of 2 is a new shape for compiled code
     one = statistics.median(timed(lambda: generate(pipe, args), args.device)[0] for _ in range(args.repeats))
@@ -333,20 +377,28 @@ def measure_batching(run: Run, args: argparse.Namespace, pipe: Any) -> None:
     )
 
 
-def measure_cold_start(run: Run, args: argparse.Namespace, level: str) -> None:
-    """Process start to health 200 with weights on local disk: empty compile cache, then warm."""
-    if not run.phase("cold start", 90 * args.scale):
+def measure_cold_start(run: Run, args: argparse.Namespace, bench: Bench) -> None:
+    """Process start to health 200 with weights on local disk, at the level measured last.
+
+    `warm` starts with the compile cache this run has filled (what a restart, or an image with the
+    cache baked in, sees); `empty` with none (a first deployment's first replica).
+    """
+    from sdxl_server import optimize
+
+    level = bench.level
+    if level not in ("compile", "max") or not run.phase(f"cold start ({level})", 60 * args.scale):
         return
     folder = Path(tempfile.mkdtemp(prefix="sdxl-weights-"))
     pipe = build(args)
     pipe.save_pretrained(folder)  # a diffusers folder, as `python -m sdxl_server.fetch` would make
     del pipe
-    cache = Path(tempfile.mkdtemp(prefix="sdxl-compile-"))
-    results: dict[str, dict[str, Any]] = {}
-    for label in ("empty cache", "warm cache"):
+    optimize.save_cache(args.cache)  # the portable artifacts of all this run compiled
+    results: dict[str, Any] = {"optimize": level}
+    for label in args.cold:
         if run.left() < 30 * args.scale:
-            run.results["skipped"].append(f"cold start, {label}")
+            run.results["skipped"].append(f"cold start, {label} cache")
             break
+        cache = args.cache.folder if label == "warm" else Path(tempfile.mkdtemp(prefix="sdxl-compile-"))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -363,18 +415,18 @@ def measure_cold_start(run: Run, args: argparse.Namespace, level: str) -> None:
             "SDXL_WARMUP": f"{args.size}x{args.size}",
             "PYTHONPATH": os.pathsep.join([str(ROOT / "containers" / "model"), os.environ.get("PYTHONPATH", "")]),
         }
-        log = (run.out / f"cold-{label.split()[0]}.log").open("wb")
+        log = (run.out / f"cold-{level}-{label}.log").open("wb")
         started = time.monotonic()
         process = subprocess.Popen([sys.executable, "-m", "sdxl_server"], env=env, stdout=log, stderr=log)
         try:
             wait_healthy(f"http://127.0.0.1:{port}", run.left() - 5, process)
-            results[label] = {"seconds_to_health_200": round(time.monotonic() - started, 1)}
+            results[f"{label} cache"] = {"seconds_to_health_200": round(time.monotonic() - started, 1)}
         except (TimeoutError, RuntimeError) as exc:
-            results[label] = {"error": str(exc)}
+            results[f"{label} cache"] = {"error": str(exc)}
         finally:
             process.terminate()
             process.wait(30)
-        run.record("cold start", {**results, "optimize": level})
+        run.record(f"cold start ({level})", results)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -384,20 +436,21 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(", ".join(f"{k} {v}" for k, v in env.items()))
     lines += [
         "",
-        "| level | first call s | median s | x baseline | peak GiB | max abs diff vs baseline |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| variant | first call s | median s | x baseline | peak GiB | max abs diff vs baseline | CUDA graphs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in phases.items():
-        if name.startswith("level "):
+        if name.startswith("variant "):
             diff = entry.get("vs_baseline", {})
+            graphs = entry.get("cuda_graphs", {})
             lines.append(
-                f"| {name[6:]} | {entry['first_call_s']} | {entry['median_s']} | "
+                f"| {name[8:]} | {entry['first_call_s']} | {entry['median_s']} | "
                 f"{entry.get('ratio_to_baseline', '')} | {entry.get('peak_gib', '')} | "
-                f"{diff.get('max_abs', '')} |"
+                f"{diff.get('max_abs', '')} | {graphs.get('off_because') or graphs.get('captured', '')} |"
             )
-    for name in ("server overhead (jpeg)", "throughput (HTTP, concurrent requests)", "micro-batching", "cold start"):
-        if name in phases:
-            lines += ["", f"**{name}**: `{json.dumps(phases[name])}`"]
+    for name, entry in phases.items():
+        if not name.startswith(("variant ", "environment", "build")):
+            lines += ["", f"**{name}**: `{json.dumps(entry)}`"]
     if results["skipped"]:
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
@@ -411,28 +464,48 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--levels", default="none,eager,compile")
+    parser.add_argument(
+        "--run",
+        default="none,eager,transformers,blocks,compile,server,throughput,cold,batching,unet,max",
+        help=f"what to measure, in order: variants ({', '.join(VARIANTS)}) and phases ({', '.join(PHASES)})",
+    )
+    parser.add_argument("--cold", default="warm,empty", help="cold starts to measure: warm and/or empty cache")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--skip", default="", help="comma-separated: server, batching, cold")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from sdxl_server import optimize
+
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.levels = args.levels.split(",")
+    args.cold = [label for label in args.cold.split(",") if label]
     args.scale = 1.0 if args.device.startswith("cuda") else 0.3  # phase estimates are for a GPU at 1024x1024
+    steps = args.run.split(",")
+    unknown = [step for step in steps if step not in VARIANTS and step not in PHASES]
+    if unknown:
+        parser.error(f"--run: unknown {', '.join(unknown)}; expected {', '.join([*VARIANTS, *PHASES])}")
+    # What this run compiles, a cold start can start warm from.
+    args.cache = optimize.use_cache(Path(tempfile.mkdtemp(prefix="sdxl-compile-")))
     run = Run(args.out, args.budget)
     run.record("environment", {**environment(args.device), "model": args.model, "size": args.size, "steps": args.steps})
-    pipe, level, pipeline_s = measure_levels(run, args)
-    skip = set(args.skip.split(","))
-    if pipe is not None and "server" not in skip:
-        measure_server(run, args, pipe, level, pipeline_s)
-    if pipe is not None and "batching" not in skip:
-        measure_batching(run, args, pipe)
-    del pipe
-    if level in ("compile", "max") and "cold" not in skip:
-        measure_cold_start(run, args, level)
+    bench = Bench()
+    for step in steps:
+        try:
+            if step in VARIANTS:
+                measure_variant(run, args, bench, step)
+            elif bench.pipe is None:
+                run.results["skipped"].append(f"{step} (no pipeline measured before it)")
+            elif step in ("server", "throughput"):
+                if step == "server" or "server" not in steps:
+                    measure_server(run, args, bench, throughput_too="throughput" in steps)
+            elif step == "batching":
+                measure_batching(run, args, bench)
+            elif step == "cold":
+                measure_cold_start(run, args, bench)
+        except Exception as exc:  # one step's failure is a result too: record it and measure the rest
+            traceback.print_exc()
+            run.record(f"{step} failed", f"{type(exc).__name__}: {exc}")
     run.write()
     print(f"== done, {run.left():.0f} s of the budget left; results in {args.out}", flush=True)
 

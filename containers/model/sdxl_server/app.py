@@ -60,11 +60,10 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         try:
             generator = await asyncio.to_thread(load, settings)
             await asyncio.to_thread(generator.warm_up, _warmup_sizes(settings, generator))
-            if generator.optimize_level in ("compile", "max"):
-                from sdxl_server.loader import compile_cache_folder
-                from sdxl_server.optimize import save_cache
+            if generator.compile_cache is not None:
+                from sdxl_server.loader import save_compile_cache
 
-                await asyncio.to_thread(save_cache, compile_cache_folder(settings))
+                await asyncio.to_thread(save_compile_cache, generator.compile_cache)
         except Exception as exc:
             state.health, state.reason = Health.FAILED, f"{type(exc).__name__}: {exc}"
             logs.log("model failed to load", level=logging.ERROR, source=state.source, reason=state.reason)
@@ -84,13 +83,16 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
 
     async def health(request: Request) -> Response:
         body: dict[str, Any] = {"status": state.health.value}
-        if state.health is Health.READY:
+        if state.health is Health.READY and state.generator is not None:
+            cache = state.generator.compile_cache
             body.update(
                 model=state.source,
                 load_seconds=state.load_seconds,
                 queue=runner.pending,
-                optimize=state.generator.optimize_level if state.generator else "none",
+                optimize=state.generator.optimize_level,
             )
+            if cache is not None:
+                body["compile_cache"] = "warm" if cache.warm else "cold"
             return JSONResponse(body)
         if state.health is Health.FAILED:
             body["reason"] = state.reason

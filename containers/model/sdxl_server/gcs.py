@@ -10,12 +10,12 @@ from typing import Any
 from sdxl_server.errors import ModelLoadError
 
 
-def download_folder(uri: str, cache_dir: Path) -> Path:
-    """Download every object under gs://bucket/prefix to a folder under cache_dir; unchanged files are kept."""
-    bucket_name, _, prefix = uri.removeprefix("gs://").partition("/")
-    prefix = prefix.strip("/")
-    if not bucket_name:
-        raise ModelLoadError(f"{uri!r} is not gs://BUCKET/FOLDER")
+def download_folder(uri: str, cache_dir: Path, *, missing_ok: bool = False) -> Path:
+    """Download every object under gs://bucket/prefix to a folder under cache_dir; unchanged files are kept.
+
+    An empty or missing folder is an error, unless `missing_ok` (a cache nobody has filled yet).
+    """
+    bucket_name, prefix = _split(uri)
     destination = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     try:
         from google.cloud import storage
@@ -26,6 +26,9 @@ def download_folder(uri: str, cache_dir: Path) -> Path:
             for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None)
             if not b.name.endswith("/")
         ]
+        if not blobs and missing_ok:
+            destination.mkdir(parents=True, exist_ok=True)
+            return destination
         if not blobs:
             raise ModelLoadError(f"{uri} is empty or does not exist")
         for blob in blobs:
@@ -41,6 +44,22 @@ def download_folder(uri: str, cache_dir: Path) -> Path:
     except Exception as exc:  # auth, network, permissions: all end the load with a reason
         raise ModelLoadError(f"could not download {uri}: {type(exc).__name__}: {exc}") from exc
     return destination
+
+
+def upload_file(path: Path, uri: str) -> None:
+    """Copy one local file to gs://bucket/folder/<its name>."""
+    bucket_name, prefix = _split(uri)
+    from google.cloud import storage
+
+    name = f"{prefix}/{path.name}" if prefix else path.name
+    _client(storage).bucket(bucket_name).blob(name).upload_from_filename(str(path))
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket_name, _, prefix = uri.removeprefix("gs://").partition("/")
+    if not bucket_name:
+        raise ModelLoadError(f"{uri!r} is not gs://BUCKET/FOLDER")
+    return bucket_name, prefix.strip("/")
 
 
 def _client(storage: Any) -> Any:

@@ -12,15 +12,24 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
     from PIL.Image import Image
 
+    from sdxl_server.optimize import CompileCache
+
 StopCheck = Callable[[], bool]
 
 
 class Generator:
     """One pipeline on one device; `generate` is not re-entrant (the runner serialises calls)."""
 
-    def __init__(self, pipeline: StableDiffusionXLPipeline, *, optimize_level: str = "none") -> None:
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        *,
+        optimize_level: str = "none",
+        compile_cache: CompileCache | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.optimize_level = optimize_level
+        self.compile_cache = compile_cache
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from sdxl_server import optimize
+from sdxl_server import logs, optimize
 from sdxl_server.generator import Generator
 from sdxl_server.settings import Settings
 from sdxl_server.sources import Placement, load_pipeline
@@ -14,17 +15,39 @@ def load_generator(settings: Settings) -> Generator:
     """Load the configured model source onto the configured device, with the configured fast path."""
     placement = Placement.resolve(settings.device, settings.dtype)
     level = optimize.resolve(settings.optimize, placement.device)
-    if level in ("compile", "max"):
-        optimize.use_cache(compile_cache_folder(settings))
+    cache = use_compile_cache(settings) if level in ("compile", "max") else None
     pipeline = load_pipeline(settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir)
     optimize.apply(pipeline, level)
-    return Generator(pipeline, optimize_level=level)
+    return Generator(pipeline, optimize_level=level, compile_cache=cache)
 
 
-def compile_cache_folder(settings: Settings) -> Path:
-    """SDXL_COMPILE_CACHE as a local folder (a gs:// one is downloaded first)."""
-    if settings.compile_cache.startswith("gs://"):
+def use_compile_cache(settings: Settings) -> optimize.CompileCache:
+    """SDXL_COMPILE_CACHE in use: a local folder, or a gs:// one downloaded first (missing: a cold cache)."""
+    uri = settings.compile_cache
+    if uri.startswith("gs://"):
         from sdxl_server.gcs import download_folder
 
-        return download_folder(settings.compile_cache, settings.cache_dir / "gcs")
-    return Path(settings.compile_cache) if settings.compile_cache else settings.cache_dir / "compile"
+        return optimize.use_cache(download_folder(uri, settings.cache_dir / "gcs", missing_ok=True), uri)
+    return optimize.use_cache(Path(uri) if uri else settings.cache_dir / "compile")
+
+
+def save_compile_cache(cache: optimize.CompileCache) -> None:
+    """After warm-up: keep what was compiled for the next start, and publish it to a gs:// cache.
+
+    The first replica of a deployment compiles and publishes; every later start (a restart, another
+    replica, the next deployment of the same image) downloads the artifacts and skips compiling.
+    Artifacts that grew (a shape compiled for the first time) are published again. Failing to publish costs
+    only that: the server serves anyway.
+    """
+    saved = optimize.save_cache(cache)
+    if not cache.uri or saved <= cache.loaded:
+        return
+    from sdxl_server.gcs import upload_file
+
+    artifacts = cache.folder / optimize.ARTIFACTS
+    try:
+        upload_file(artifacts, cache.uri)
+    except Exception as exc:
+        logs.log("compile cache not published", level=logging.WARNING, uri=cache.uri, reason=str(exc))
+        return
+    logs.log("compile cache published", uri=cache.uri, bytes=artifacts.stat().st_size)
