@@ -8,16 +8,18 @@ baseline), each SDXL_OPTIMIZE level (`eager`, `compile`, `max`) and their parts 
 diffusers' regional recipe; `blocks`: `compile` without CUDA graphs; `unet`: `max` without them), each
 with first call, median latency, peak memory and difference from the baseline image. Phases, on the
 variant measured last: `server` (the HTTP server's overhead: JSON, JPEG, queue), `throughput` (1, 2
-and 4 concurrent requests), `batching` (two same-shape prompts in one batch), `cold` (process start to
-health 200, with the compile cache this run filled and/or an empty one). Each step is skipped when the
-budget left is below its estimate, and written to results.json and results.md as soon as it ends.
-Weights are random (no downloads): the arithmetic is SDXL 1.0's.
+and 4 concurrent requests), `breakdown` (prompt encoding, denoising, VAE decode, pixels to the
+host), `attention` (each SDPA backend on SDXL's attention shapes), `batching` (two same-shape
+prompts in one batch), `cold` (process start to health 200, with the compile cache this run filled
+and/or an empty one). Each step is skipped when the budget left is below its estimate, and written
+to results.json and results.md as soon as it ends. Weights are random (no downloads): the arithmetic is SDXL 1.0's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -174,8 +176,17 @@ VARIANTS: dict[str, Any] = {
     "unet": {"fuse": True, "compile": "unet"},  # `max` without CUDA graphs
     "max": "max",
 }
-PHASES = ("server", "throughput", "batching", "cold")
-ESTIMATE_S = {"none": 25, "eager": 15, "transformers": 60, "blocks": 120, "compile": 15, "unet": 280, "max": 15}
+PHASES = ("server", "throughput", "breakdown", "attention", "batching", "cold")
+# Seconds each variant needs on an H200 with an empty compile cache (compile, then three images).
+ESTIMATE_S = {
+    "none": 25,
+    "eager": 15,
+    "transformers": 60,
+    "blocks": 120,
+    "compile": 15,
+    "unet": 280,
+    "max": 15,
+}
 
 
 def plan(variant: str) -> Any:
@@ -192,10 +203,18 @@ class Bench:
 
     def __init__(self) -> None:
         self.pipe: Any = None
+        self.plan: Any = None  # what was applied to `pipe`
         self.level = "none"
         self.baseline_image: Any = None
         self.baseline_s = 1.0
         self.pipeline_s = 0.0
+
+
+def reusable(last: Any, wanted: Any) -> bool:
+    """Whether `wanted` can be had by adding to a pipeline `last` made (compiling is not undone)."""
+    if last.compile and (last.compile, last.attention) != (wanted.compile, wanted.attention):
+        return False
+    return not ((last.fuse and not wanted.fuse) or (last.cuda_graphs and not wanted.cuda_graphs))
 
 
 def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: str) -> None:
@@ -208,8 +227,7 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
         return
     wanted = plan(variant)
     pipe = bench.pipe
-    compiled = getattr(pipe, "_sdxl_compiled", ()) if pipe is not None else ()
-    if pipe is None or compiled not in ((), wanted.compile) or (compiled and not wanted.compile):
+    if pipe is None or not reusable(bench.plan, wanted):
         bench.pipe = pipe = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -218,6 +236,7 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
         warm_gpu(args.device)
         bench.pipe = pipe
     optimize.apply(pipe, wanted)
+    bench.plan = wanted
     first_s, images = timed(lambda: generate(pipe, args), args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -226,7 +245,7 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
         seconds, images = timed(lambda: generate(pipe, args), args.device)
         samples.append(seconds)
     entry: dict[str, Any] = {
-        "plan": {"fuse": wanted.fuse, "compile": wanted.compile, "cuda_graphs": wanted.cuda_graphs},
+        "plan": dataclasses.asdict(wanted),
         "first_call_s": round(first_s, 2),
         "median_s": round(statistics.median(samples), 3),
         "samples_s": [round(s, 3) for s in samples],
@@ -318,25 +337,30 @@ def measure_server(run: Run, args: argparse.Namespace, bench: Bench, throughput_
     pipe = bench.pipe
     if not run.phase("server overhead", (25 if throughput_too else 8) * bench.pipeline_s + 20):
         return
-    with serve(pipe, bench.level, queue=8) as url:
+    with serve(pipe, bench.level, queue=8) as url, httpx.Client(timeout=600) as client:
         predict = url + "/predict"
-        httpx.post(predict, json=body(args, 0), timeout=600).raise_for_status()  # warm path
-        direct = [timed(lambda: generate(pipe, args), args.device)[0] for _ in range(args.repeats)]
-        http = []
-        for i in range(args.repeats):
+        client.post(predict, json=body(args, 0)).raise_for_status()  # warm path (and connection)
+        direct, http, timings = [], [], []
+        for i in range(max(args.repeats, 5)):  # interleaved: clock drift hits both alike
+            direct.append(timed(lambda: generate(pipe, args), args.device)[0])
             request = body(args, i)
-            seconds, response = timed(lambda: httpx.post(predict, json=request, timeout=600), args.device)  # noqa: B023
+            seconds, response = timed(lambda: client.post(predict, json=request), args.device)  # noqa: B023
             response.raise_for_status()
             http.append(seconds)
+            timings.append(server_timing(response.headers.get("server-timing", "")))
         overhead = statistics.median(http) - statistics.median(direct)
         run.record(
             "server overhead (jpeg)",
             {
-                "pipeline_median_s": round(statistics.median(direct), 3),
-                "http_median_s": round(statistics.median(http), 3),
+                "pipeline_median_s": round(statistics.median(direct), 4),
+                "http_median_s": round(statistics.median(http), 4),
                 "overhead_s": round(overhead, 4),
                 "overhead_pct": round(100 * overhead / statistics.median(direct), 2),
+                "server_timing_median_ms": {
+                    name: round(statistics.median(t.get(name, 0.0) for t in timings), 1) for name in timings[0]
+                },
                 "response_bytes": len(response.content),
+                "samples": len(http),
             },
         )
         if not throughput_too:
@@ -356,6 +380,90 @@ def measure_server(run: Run, args: argparse.Namespace, bench: Bench, throughput_
                 "images_per_s": round(requests / elapsed, 3),
             }
         run.record("throughput (HTTP, concurrent requests)", throughput)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`generate;dur=1012.3, encode;dur=9.1` as {"generate": 1012.3, "encode": 9.1}."""
+    out = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name and duration:
+            out[name] = float(duration)
+    return out
+
+
+def measure_breakdown(run: Run, args: argparse.Namespace, bench: Bench) -> None:
+    """Where an image's time goes: prompt encoding, the denoising loop, VAE decode, pixels to the host."""
+    import torch
+
+    from sdxl_server.generator import to_pil
+
+    pipe = bench.pipe
+    if not run.phase("breakdown", 4 * bench.pipeline_s + 10):
+        return
+    prompt = "a red fox in the snow, golden hour"
+    parts: dict[str, list[float]] = {"encode_prompt": [], "denoise": [], "vae_decode": [], "to_pil": []}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            seconds, _ = timed(lambda: pipe.encode_prompt(prompt, device=pipe.device), args.device)
+            parts["encode_prompt"].append(seconds)
+            seconds, latents = timed(
+                lambda: (
+                    pipe(
+                        prompt,
+                        num_inference_steps=args.steps,
+                        guidance_scale=5.0,
+                        width=args.size,
+                        height=args.size,
+                        output_type="latent",
+                        generator=torch.Generator("cpu").manual_seed(1),
+                    ).images
+                ),
+                args.device,
+            )
+            parts["denoise"].append(seconds)  # prompt encoding included
+            scaled = latents / pipe.vae.config.scaling_factor
+            seconds, decoded = timed(lambda: pipe.vae.decode(scaled, return_dict=False)[0], args.device)  # noqa: B023
+            parts["vae_decode"].append(seconds)
+            pixels = pipe.image_processor.postprocess(decoded, output_type="pt")
+            seconds, _ = timed(lambda: to_pil(pixels), args.device)  # noqa: B023
+            parts["to_pil"].append(seconds)
+    run.record("breakdown", {f"{name}_ms": round(1000 * statistics.median(v), 1) for name, v in parts.items()})
+
+
+# SDXL 1.0's attention calls per UNet call at 1024x1024 with guidance (batch 2): (heads, query
+# tokens, key tokens, layers). 64x64 latents' level: 10 layers of 10 heads; 32x32: 60 layers of 20.
+SDXL_ATTENTION = ((10, 4096, 4096, 10), (10, 4096, 77, 10), (20, 1024, 1024, 60), (20, 1024, 77, 60))
+
+
+def measure_attention(run: Run, args: argparse.Namespace, bench: Bench) -> None:
+    """Each SDPA backend on SDXL's attention shapes alone: what one UNet call spends in attention."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not args.device.startswith("cuda") or not run.phase("attention backends", 20):
+        return
+    results: dict[str, Any] = {}
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        total_ms = 0.0
+        try:
+            for heads, queries, keys, layers in SDXL_ATTENTION:
+                q = torch.randn(2, heads, queries, 64, device="cuda", dtype=torch.float16)
+                k = torch.randn(2, heads, keys, 64, device="cuda", dtype=torch.float16)
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    for _ in range(3):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, k)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(50):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, k)
+                    end.record()
+                    end.synchronize()
+                total_ms += start.elapsed_time(end) / 50 * layers
+            results[backend.lower()] = {"per_unet_call_ms": round(total_ms, 2)}
+        except Exception as exc:  # a backend that does not take these shapes here
+            results[backend.lower()] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    run.record("attention backends (SDXL shapes, fp16, batch 2)", results)
 
 
 def measure_batching(run: Run, args: argparse.Namespace, bench: Bench) -> None:
@@ -470,6 +578,7 @@ def main() -> None:
         help=f"what to measure, in order: variants ({', '.join(VARIANTS)}) and phases ({', '.join(PHASES)})",
     )
     parser.add_argument("--cold", default="warm,empty", help="cold starts to measure: warm and/or empty cache")
+    parser.add_argument("--cache", type=Path, help="compile cache folder to start from and leave filled")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -485,8 +594,8 @@ def main() -> None:
     unknown = [step for step in steps if step not in VARIANTS and step not in PHASES]
     if unknown:
         parser.error(f"--run: unknown {', '.join(unknown)}; expected {', '.join([*VARIANTS, *PHASES])}")
-    # What this run compiles, a cold start can start warm from.
-    args.cache = optimize.use_cache(Path(tempfile.mkdtemp(prefix="sdxl-compile-")))
+    # What this run compiles, a cold start can start warm from (and, with --cache, the next run too).
+    args.cache = optimize.use_cache(args.cache or Path(tempfile.mkdtemp(prefix="sdxl-compile-")))
     run = Run(args.out, args.budget)
     run.record("environment", {**environment(args.device), "model": args.model, "size": args.size, "steps": args.steps})
     bench = Bench()
@@ -501,11 +610,16 @@ def main() -> None:
                     measure_server(run, args, bench, throughput_too="throughput" in steps)
             elif step == "batching":
                 measure_batching(run, args, bench)
+            elif step == "breakdown":
+                measure_breakdown(run, args, bench)
+            elif step == "attention":
+                measure_attention(run, args, bench)
             elif step == "cold":
                 measure_cold_start(run, args, bench)
         except Exception as exc:  # one step's failure is a result too: record it and measure the rest
             traceback.print_exc()
             run.record(f"{step} failed", f"{type(exc).__name__}: {exc}")
+    optimize.save_cache(args.cache)
     run.write()
     print(f"== done, {run.left():.0f} s of the budget left; results in {args.out}", flush=True)
 

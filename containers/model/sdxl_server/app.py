@@ -139,9 +139,15 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             format=parsed.output_format,
             **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
         )
+        queued = time.monotonic()
         images = await runner.run(lambda should_stop: generator.generate(parsed, should_stop))
+        generated = time.monotonic()
         payload = await asyncio.to_thread(_render, parsed, images)
-        fields["bytes"] = len(payload)
+        fields.update(
+            bytes=len(payload),
+            generate_ms=round((generated - queued) * 1000, 1),  # waiting in the queue included
+            encode_ms=round((time.monotonic() - generated) * 1000, 1),
+        )
         if len(payload) > settings.max_response_bytes:
             raise PayloadTooLarge(
                 f"the response would be {len(payload) / 1e6:.2f} MB, over the limit of "
@@ -150,7 +156,8 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
                 "(10 MB; raise SDXL_MAX_RESPONSE_BYTES)",
                 field="parameters.output_format",
             )
-        return Response(payload, media_type="application/json")
+        timing = f"generate;dur={fields['generate_ms']}, encode;dur={fields['encode_ms']}"
+        return Response(payload, media_type="application/json", headers={"server-timing": timing})
 
     routes = [
         Route(settings.health_route, health, methods=["GET"]),

@@ -41,6 +41,7 @@ class Plan:
     fuse: bool = False  # fused QKV projections, channels_last, cuDNN autotuning
     compile: tuple[str, ...] | str = ()  # class names to compile regionally, or "unet" for the whole UNet
     cuda_graphs: bool = False  # replay each UNet call as one CUDA graph (GPU only)
+    attention: str = ""  # "cudnn": cuDNN's attention first where it applies (else PyTorch's own order)
 
 
 PLANS = {
@@ -132,13 +133,13 @@ def apply(pipe: Any, level: str | Plan) -> None:
         pipe._sdxl_fused = True
     torch.backends.cudnn.benchmark = True  # image sizes are few and fixed: time each conv algorithm once
     if plan.compile and not getattr(pipe, "_sdxl_compiled", ()):
-        _compile(pipe, plan.compile)
+        _compile(pipe, plan.compile, plan.attention)
         pipe._sdxl_compiled = plan.compile
     if plan.cuda_graphs and pipe.device.type == "cuda" and not isinstance(pipe.unet.forward, GraphedForward):
         pipe.unet.forward = GraphedForward(pipe.unet.forward)
 
 
-def _compile(pipe: Any, what: tuple[str, ...] | str) -> None:
+def _compile(pipe: Any, what: tuple[str, ...] | str, attention: str = "") -> None:
     import torch
 
     # Static shapes: a new image size compiles once more (SDXL_WARMUP does that before health turns
@@ -157,24 +158,32 @@ def _compile(pipe: Any, what: tuple[str, ...] | str) -> None:
     pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     # The compiler's settings are thread-local, and the server compiles in whichever thread first
     # runs a shape: each call carries them.
-    pipe.unet.forward = CompilerSettings(pipe.unet.forward)
-    pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward)
+    pipe.unet.forward = CompilerSettings(pipe.unet.forward, attention)
+    pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward, attention)
 
 
 class CompilerSettings:
     """Calls `forward` with this module's compiler settings in force, in any thread."""
 
-    def __init__(self, forward: Any) -> None:
+    def __init__(self, forward: Any, attention: str = "") -> None:
         self.forward = forward
+        self.attention = attention
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import contextlib
+
         import torch._dynamo.config as dynamo
         import torch._inductor.config as inductor
 
-        with (
-            dynamo.patch(recompile_limit=RECOMPILE_LIMIT),
-            inductor.patch(conv_1x1_as_mm=True),  # 1x1 convolutions (shortcuts, proj in/out) as matmuls
-        ):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(dynamo.patch(recompile_limit=RECOMPILE_LIMIT))
+            # 1x1 convolutions (ResNet shortcuts, proj in/out) as matmuls
+            stack.enter_context(inductor.patch(conv_1x1_as_mm=True))
+            if self.attention == "cudnn":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+                stack.enter_context(sdpa_kernel([*order, SDPBackend.MATH], set_priority=True))
             return self.forward(*args, **kwargs)
 
 
