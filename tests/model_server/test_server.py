@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,11 @@ def test_health_is_503_while_loading_then_200_and_the_contract_example_works(tmp
         assert (prediction["output_format"], prediction["width"], prediction["height"]) == ("jpeg", 1024, 1024)
         image = decode(prediction["images"][0])
         assert (image.format, image.size) == ("JPEG", (1024, 1024))
+        # Where the time went, for the caller (Server-Timing) and in the request's log line.
+        timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+        assert set(timing) == {"generate", "encode"} and all(float(ms) > 0 for ms in timing.values())
+        logged = [json.loads(line) for line in server.log().splitlines() if '"message": "predict"' in line]
+        assert logged[-1]["generate_ms"] > logged[-1]["encode_ms"] > 0
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
