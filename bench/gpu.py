@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "containers" / "model"))  # runs from a checkout, installed or not
 
+from sdxl_server import optimize  # noqa: E402  (light: no torch until a plan is applied)
+
 
 class Run:
     """The budget, and the results written after every phase."""
@@ -167,16 +169,15 @@ def difference(a: Any, b: Any) -> dict[str, float]:
 
 
 # What each variant is: the SDXL_OPTIMIZE levels, and the parts of them measured alone.
-VARIANTS: dict[str, Any] = {
-    "none": "none",
-    "eager": "eager",
-    "transformers": {"fuse": True, "compile": ("BasicTransformerBlock",)},  # diffusers' regional recipe
-    "blocks": {"fuse": True, "compile": "BLOCKS"},  # `compile` without CUDA graphs
-    "compile": "compile",
-    "unet": {"fuse": True, "compile": "unet"},  # `max` without CUDA graphs
-    "max": "max",
+VARIANTS: dict[str, optimize.Plan] = {
+    **{level: optimize.PLANS[level] for level in ("none", "eager")},
+    "transformers": optimize.Plan(fuse=True, compile=("BasicTransformerBlock",)),  # diffusers' regional recipe
+    "blocks": optimize.Plan(fuse=True, compile=optimize.BLOCKS),  # `compile` without CUDA graphs
+    "compile": optimize.PLANS["compile"],
+    "unet": optimize.Plan(fuse=True, compile="unet"),  # `max` without CUDA graphs
+    "max": optimize.PLANS["max"],
     # `compile` with cuDNN's attention preferred: 28% less attention time on an H200 alone (run 5)
-    "cudnn": {"fuse": True, "compile": "BLOCKS", "cuda_graphs": True, "attention": "cudnn"},
+    "cudnn": optimize.Plan(fuse=True, compile=optimize.BLOCKS, cuda_graphs=True, attention="cudnn"),
 }
 PHASES = ("server", "throughput", "breakdown", "attention", "batching", "cold")
 # Seconds each variant needs on an H200 with an empty compile cache (build, compile, four images);
@@ -193,28 +194,19 @@ ESTIMATE_S = {
 }
 
 
-def plan(variant: str) -> Any:
-    from sdxl_server import optimize
-
-    spec = VARIANTS[variant]
-    if isinstance(spec, str):
-        return optimize.plan_for(spec)
-    return optimize.Plan(**{**spec, "compile": optimize.BLOCKS if spec["compile"] == "BLOCKS" else spec["compile"]})
-
-
 class Bench:
     """The pipeline under measurement, and what the steps that follow need from the ones before."""
 
     def __init__(self) -> None:
         self.pipe: Any = None
-        self.plan: Any = None  # what was applied to `pipe`
+        self.plan: optimize.Plan | None = None  # what was applied to `pipe`
         self.level = "none"
         self.baseline_image: Any = None
         self.baseline_s = 1.0
         self.pipeline_s = 0.0
 
 
-def reusable(last: Any, wanted: Any) -> bool:
+def reusable(last: optimize.Plan, wanted: optimize.Plan) -> bool:
     """Whether `wanted` can be had by adding to a pipeline `last` made (compiling is not undone)."""
     if last.compile and (last.compile, last.attention) != (wanted.compile, wanted.attention):
         return False
@@ -225,14 +217,12 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
     """One variant: on the pipeline as it is when only CUDA graphs are added, on a fresh one otherwise."""
     import torch
 
-    from sdxl_server import optimize
-
-    wanted = plan(variant)
-    pipe = bench.pipe
-    adds = pipe is not None and reusable(bench.plan, wanted) and bench.plan.compile == wanted.compile
-    if not run.phase(f"variant {variant}", (15 if adds else ESTIMATE_S[variant]) * args.scale):
+    wanted, last, pipe = VARIANTS[variant], bench.plan, bench.pipe
+    reuse = pipe is not None and last is not None and reusable(last, wanted)
+    adds_only = reuse and last is not None and last.compile == wanted.compile
+    if not run.phase(f"variant {variant}", (15 if adds_only else ESTIMATE_S[variant]) * args.scale):
         return
-    if pipe is None or not reusable(bench.plan, wanted):
+    if not reuse:
         bench.pipe = pipe = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -266,7 +256,7 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
         entry["vs_baseline"] = difference(bench.baseline_image, images[0])
         entry["ratio_to_baseline"] = round(entry["median_s"] / bench.baseline_s, 3)
     run.record(f"variant {variant}", entry)
-    bench.level = VARIANTS[variant] if isinstance(VARIANTS[variant], str) else "compile"
+    bench.level = variant if variant in optimize.LEVELS else "compile"
     bench.pipeline_s = entry["median_s"]
 
 
@@ -496,10 +486,9 @@ def measure_cold_start(run: Run, args: argparse.Namespace, bench: Bench) -> None
     `warm` starts with the compile cache this run has filled (what a restart, or an image with the
     cache baked in, sees); `empty` with none (a first deployment's first replica).
     """
-    from sdxl_server import optimize
 
     level = bench.level
-    if level not in ("compile", "max") or not run.phase(f"cold start ({level})", 60 * args.scale):
+    if not optimize.compiles(level) or not run.phase(f"cold start ({level})", 60 * args.scale):
         return
     folder = Path(tempfile.mkdtemp(prefix="sdxl-weights-"))
     pipe = build(args)
@@ -589,8 +578,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-
-    from sdxl_server import optimize
 
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.cold = [label for label in args.cold.split(",") if label]

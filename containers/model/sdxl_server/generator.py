@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sdxl_server import optimize
 from sdxl_server.errors import TimeLimitExceeded
 from sdxl_server.schema import Job, Request
 
@@ -53,7 +54,7 @@ class Generator:
     def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
         # Compiled code is specialised to its shapes: one image at a time, the sizes warmed up are all
         # there is to compile, instead of another compile (minutes) and CUDA graph per image count.
-        step = 1 if self.optimize_level in ("compile", "max") else len(job.seeds)
+        step = 1 if optimize.compiles(self.optimize_level) else len(job.seeds)
         images: list[Image] = []
         for start in range(0, len(job.seeds), step):
             images += self._batch(job, job.seeds[start : start + step], request, should_stop)

@@ -15,7 +15,7 @@ def load_generator(settings: Settings) -> Generator:
     """Load the configured model source onto the configured device, with the configured fast path."""
     placement = Placement.resolve(settings.device, settings.dtype)
     level = optimize.resolve(settings.optimize, placement.device)
-    cache = use_compile_cache(settings) if level in ("compile", "max") else None
+    cache = use_compile_cache(settings) if optimize.compiles(level) else None
     pipeline = load_pipeline(settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir)
     optimize.apply(pipeline, level)
     return Generator(pipeline, optimize_level=level, compile_cache=cache)

@@ -60,6 +60,11 @@ def resolve(level: str, device: str) -> str:
     return "compile" if device.startswith("cuda") else "none"
 
 
+def compiles(level: str) -> bool:
+    """Whether `level` compiles (and so has a compile cache, and shapes worth keeping few)."""
+    return bool(plan_for(level).compile)
+
+
 def plan_for(level: str | Plan) -> Plan:
     if isinstance(level, Plan):
         return level
