@@ -132,5 +132,5 @@ def test_a_gs_compile_cache_is_filled_by_the_first_start_and_warms_every_later_o
             assert answer.status_code == 200
             published = "compile cache published" in server.log()
             assert published == (run == "cold"), server.log()  # the warm start found nothing new to publish
-        assert bucket.blob(f"sdxl/{optimize.ARTIFACTS}").exists()
+        assert bucket.blob(f"sdxl/{optimize.cache_key('cpu')}/{optimize.ARTIFACTS}").exists()
     assert seconds[1] < seconds[0], seconds

@@ -15,18 +15,23 @@ def load_generator(settings: Settings) -> Generator:
     """Load the configured model source onto the configured device, with the configured fast path."""
     placement = Placement.resolve(settings.device, settings.dtype)
     level = optimize.resolve(settings.optimize, placement.device)
-    cache = use_compile_cache(settings) if optimize.compiles(level) else None
+    cache = use_compile_cache(settings, placement.device) if optimize.compiles(level) else None
     pipeline = load_pipeline(settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir)
     optimize.apply(pipeline, level)
     return Generator(pipeline, optimize_level=level, compile_cache=cache)
 
 
-def use_compile_cache(settings: Settings) -> optimize.CompileCache:
-    """SDXL_COMPILE_CACHE in use: a local folder, or a gs:// one downloaded first (missing: a cold cache)."""
+def use_compile_cache(settings: Settings, device: str) -> optimize.CompileCache:
+    """SDXL_COMPILE_CACHE in use: a local folder, or a gs:// one downloaded first (missing: a cold cache).
+
+    A gs:// cache is shared, by replicas that may run on other GPUs or another image: each torch and
+    kind of device keeps its artifacts in a sub-folder of its own (`optimize.cache_key`).
+    """
     uri = settings.compile_cache
     if uri.startswith("gs://"):
         from sdxl_server.gcs import download_folder
 
+        uri = f"{uri.rstrip('/')}/{optimize.cache_key(device)}"
         return optimize.use_cache(download_folder(uri, settings.cache_dir / "gcs", missing_ok=True), uri)
     return optimize.use_cache(Path(uri) if uri else settings.cache_dir / "compile")
 

@@ -105,6 +105,21 @@ def use_cache(folder: Path, uri: str = "") -> CompileCache:
     return CompileCache(folder, _keys(info), uri)
 
 
+def cache_key(device: str) -> str:
+    """The sub-folder of a shared cache for this torch and this kind of device: compiled code fits only them.
+
+    Replicas on another GPU, or an image with another torch, then neither load artifacts they cannot use
+    nor overwrite the ones that fit the others.
+    """
+    import platform
+    import re
+
+    import torch
+
+    kind = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+    return re.sub(r"[^a-z0-9.]+", "-", f"torch-{torch.__version__}-{kind}".lower()).strip("-")
+
+
 def save_cache(cache: CompileCache) -> frozenset[str]:
     """After warm-up: write the portable artifacts of what was compiled, for the next start; their keys."""
     import torch
