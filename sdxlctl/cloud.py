@@ -27,6 +27,8 @@ LABEL = "sdxlctl-deployment"
 SHARED_LIMIT_BYTES = 1_500_000
 DEDICATED_LIMIT_BYTES = 10_000_000
 OPERATION_TIMEOUT_S = 15 * 60  # creating/deleting an endpoint, model or service
+CACHE_ROLE = "roles/storage.objectUser"  # read, write, list and overwrite objects; no say over the bucket
+WEIGHTS_ROLE = "roles/storage.objectViewer"
 
 
 def _quiet(_: str) -> None:
@@ -77,7 +79,22 @@ class Names:
 
     @property
     def account_id(self) -> str:
-        return f"{self.deployment}-ui-sa"[:30].rstrip("-")
+        """The UI's service account."""
+        return _account_id(self.deployment, "ui")
+
+    @property
+    def server_account_id(self) -> str:
+        """The model server's service account (only when it writes a gs:// compile cache)."""
+        return _account_id(self.deployment, "server")
+
+    def email(self, account_id: str) -> str:
+        return f"{account_id}@{self.project}.iam.gserviceaccount.com"
+
+
+def _account_id(deployment: str, role: str) -> str:
+    """6-30 characters: the deployment name is shortened, never the role (two roles must not collide)."""
+    suffix = f"-{role}-sa"
+    return deployment[: 30 - len(suffix)].rstrip("-") + suffix
 
 
 def names(config: Config) -> Names:
@@ -218,6 +235,29 @@ def build_local(config: Config, store: StateStore, *, on_log: Callable[[str], No
 # ---------------------------------------------------------------- upload
 
 
+def compile_cache(config: Config) -> str:
+    """SDXL_COMPILE_CACHE on Vertex AI; empty when the server keeps compiled code only on its own disk.
+
+    By default a folder of the staging bucket shared by every replica and restart: the first replica
+    to compile publishes the artifacts, and every later start downloads them instead of compiling.
+    """
+    model = config.model
+    if model.optimize in ("none", "eager") or model.compile_cache == "none":
+        return ""
+    if model.compile_cache == "auto":
+        return f"gs://{names(config).bucket}/compile-cache/{config.name}"
+    return model.compile_cache
+
+
+def server_account(config: Config) -> str:
+    """The model server's own service account: only needed to write a gs:// compile cache."""
+    return names(config).email(names(config).server_account_id) if compile_cache(config).startswith("gs://") else ""
+
+
+def _bucket(uri: str) -> str:
+    return uri.removeprefix("gs://").partition("/")[0]
+
+
 def _container_env(config: Config) -> dict[str, str]:
     model = config.model
     dedicated = config.deploy.endpoint == "dedicated"
@@ -231,8 +271,13 @@ def _container_env(config: Config) -> dict[str, str]:
         "SDXL_MAX_REQUEST_BYTES": str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES),
         "SDXL_MAX_RESPONSE_BYTES": str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES),
     }
-    if not model.source.startswith("gs://"):  # gs:// weights travel as the Model's artifact URI instead
+    # gs:// weights travel as the Model's artifact URI, which Vertex AI's own account may read; a server
+    # running as its own account reads them where they are, with the read access `deploy` grants it.
+    if not model.source.startswith("gs://") or server_account(config):
         env["SDXL_MODEL"] = model.source
+    env["SDXL_OPTIMIZE"] = model.optimize
+    if compile_cache(config):
+        env["SDXL_COMPILE_CACHE"] = compile_cache(config)
     return env
 
 
@@ -311,6 +356,16 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
     model = state.get(config.name, "model")
     d = config.deploy
     changes = []
+    if server_account(config):
+        recorded = state.get(config.name, "server-account")
+        changes.append(
+            Change(
+                "keep" if recorded else "create",
+                "service account",
+                server_account(config),
+                f"the model server's: may write its compile cache {compile_cache(config)}",
+            )
+        )
     if endpoint is None:
         detail = f"{d.endpoint} endpoint" + (
             " (up to 1 h per request, 10 MB)" if d.endpoint == "dedicated" else " (60 s per request, 1.5 MB)"
@@ -337,9 +392,10 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
     model = vertex.get_model(recorded_model.name)
     vertex.check_dedicated(model)
     changes: list[Change] = []
+    account = _ensure_server_account(config, store, progress, changes)
     endpoint = _ensure_endpoint(config, store, vertex, n, progress, changes)
     timeout_s = d.timeout_min * 60
-    match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas)
+    match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
     if match is None:
         pending = store.read().get(config.name, "endpoint")
         operation = pending.details.get("deploy_operation") if pending else None
@@ -358,6 +414,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                     gpu=option,
                     min_replicas=d.min_replicas,
                     max_replicas=d.max_replicas,
+                    service_account=account,
                 )
                 _update_details(store, config, "endpoint", deploy_operation=operation)
         try:
@@ -375,7 +432,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
             raise
         _update_details(store, config, "endpoint", deploy_operation=None)
         endpoint = vertex.get_endpoint(endpoint.name)
-        match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas)
+        match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
         if match is None:
             raise DeployError(f"the deployment finished but {endpoint.name} does not serve {recorded_model.name}")
         changes.append(
@@ -410,6 +467,31 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
         deployed_at=deployed_at,
     )
     return StepResult(changes, endpoint.name, time.monotonic() - started)
+
+
+def _ensure_server_account(config: Config, store: StateStore, progress: Progress, changes: list[Change]) -> str:
+    """The account the model server runs as, when it needs one: it may write the compile cache (and read
+    gs:// weights), nothing else. Empty: Vertex AI's own account, which may only read the artifacts."""
+    email = server_account(config)
+    if not email:
+        return ""
+    from sdxlctl.gcp.iam import ServiceAccounts
+    from sdxlctl.gcp.storage import Storage
+
+    c, n = cloud(config), names(config)
+    progress("giving the model server an account that may write its compile cache")
+    ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
+    _record(store, config, Resource(kind="server-account", name=email, target="vertex"))
+    cache = Storage(c, _bucket(compile_cache(config)), n.labels)
+    cache.ensure_bucket()
+    granted = cache.grant(CACHE_ROLE, f"serviceAccount:{email}")
+    detail = f"{CACHE_ROLE} on gs://{cache.bucket_name}"
+    if config.model.source.startswith("gs://"):
+        weights = Storage(c, _bucket(config.model.source), n.labels)
+        granted |= weights.grant(WEIGHTS_ROLE, f"serviceAccount:{email}")
+        detail += f", {WEIGHTS_ROLE} on gs://{weights.bucket_name}"
+    changes.append(Change("update" if granted else "keep", "service account", email, detail))
+    return email
 
 
 def _ensure_endpoint(
@@ -474,7 +556,9 @@ def _endpoint_resource(endpoint: Any, previous: Resource | None) -> Resource:
     )
 
 
-def _matching_deployment(endpoint: Any, model_version: str, option: GpuOption, low: int, high: int) -> Any:
+def _matching_deployment(
+    endpoint: Any, model_version: str, option: GpuOption, low: int, high: int, account: str
+) -> Any:
     model, _, version = model_version.partition("@")
     for deployed in endpoint.deployed_models:
         spec = deployed.dedicated_resources
@@ -486,6 +570,7 @@ def _matching_deployment(endpoint: Any, model_version: str, option: GpuOption, l
             and machine.accelerator_count == option.count
             and spec.min_replica_count == low
             and spec.max_replica_count == high
+            and deployed.service_account == account
         ):
             return deployed
     return None
@@ -615,6 +700,10 @@ def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str
                 states[kind] = "gone" if service is None else "ready" if service.uri else "deploying"
             elif kind.endswith("-image"):
                 states[kind] = "built"
+            elif kind.endswith("-account"):
+                from sdxlctl.gcp.iam import ServiceAccounts
+
+                states[kind] = "ready" if ServiceAccounts(c).exists(resource.name) else "gone"
         except CloudError as exc:
             states[kind] = "gone" if "not found" in exc.message.lower() else f"unknown ({exc.message[:60]})"
     return states
@@ -630,7 +719,8 @@ class Inventory:
     endpoints: list[Any] = field(default_factory=list)
     models: list[Any] = field(default_factory=list)
     services: list[Any] = field(default_factory=list)
-    account: str = ""
+    accounts: list[str] = field(default_factory=list)  # emails: the UI's, the model server's
+    cache: str = ""  # the compile cache sdxlctl chose (gs://), deleted with the deployment
     images: list[str] = field(default_factory=list)
 
     def changes(self) -> list[Change]:
@@ -640,8 +730,9 @@ class Inventory:
             rows.append(Change("delete", "endpoint", endpoint.name, f"{deployed} deployed model(s), undeployed first"))
         rows += [Change("delete", "model", m.name, f"version {m.version_id}") for m in self.models]
         rows += [Change("delete", "Cloud Run service", s.name, s.uri) for s in self.services]
-        if self.account:
-            rows.append(Change("delete", "service account", self.account))
+        rows += [Change("delete", "service account", account) for account in self.accounts]
+        if self.cache:
+            rows.append(Change("delete", "compile cache", self.cache, "every object under it"))
         rows += [Change("delete", "image", image, "every tag") for image in self.images]
         return rows
 
@@ -652,6 +743,7 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
         "model": "model",
         "ui-service": "Cloud Run service",
         "ui-account": "service account",
+        "server-account": "service account",
     }
     if images:
         kinds.update({"server-image": "image", "ui-image": "image"})
@@ -660,10 +752,17 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
         for kind, r in store.read().of(config.name).items()
         if kind in kinds
     ]
+    if _own_cache(config):
+        changes.append(Change("delete", "compile cache", _own_cache(config), "every object under it"))
     changes.append(
         Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
     )
     return StepResult(changes, dry_run=True)
+
+
+def _own_cache(config: Config) -> str:
+    """The compile cache sdxlctl chose for this deployment (a folder the user named is theirs to keep)."""
+    return compile_cache(config) if config.model.compile_cache == "auto" else ""
 
 
 def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
@@ -679,10 +778,12 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
         services=run.find((LABEL, config.name)),
     )
     state = store.read()
-    account = state.get(config.name, "ui-account")
-    found.account = account.name if account else ""
-    if not found.account and found.services:
-        found.account = found.services[0].template.service_account
+    accounts = [state.get(config.name, kind) for kind in ("ui-account", "server-account")]
+    found.accounts = [account.name for account in accounts if account is not None]
+    found.accounts += [service.template.service_account for service in found.services]
+    found.accounts += [d.service_account for endpoint in found.endpoints for d in endpoint.deployed_models]
+    found.accounts = [account for account in dict.fromkeys(found.accounts) if account]
+    found.cache = _own_cache(config)
     if images:  # images carry no labels: their names derive from the deployment's
         found.images = [f"{config.name}-server", f"{config.name}-ui"]
     return found
@@ -693,6 +794,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     from sdxlctl.gcp.errors import CloudError
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.storage import Storage
     from sdxlctl.gcp.vertex import Vertex
 
     started = time.monotonic()
@@ -754,12 +856,22 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
             return "already gone" if gone else "deleted"
 
         attempt("Cloud Run service", service.name, delete_service)
-    if found.account:
+    for email in found.accounts:
 
-        def delete_account(account_id: str = found.account.split("@")[0]) -> str:
-            return "deleted" if ServiceAccounts(c).delete(account_id) else "already gone"
+        def delete_account(email: str = email) -> str:
+            for uri in (compile_cache(config), config.model.source):  # its grants first: none left dangling
+                if uri.startswith("gs://"):
+                    Storage(c, _bucket(uri), {}).revoke(f"serviceAccount:{email}")
+            return "deleted" if ServiceAccounts(c).delete(email.split("@")[0]) else "already gone"
 
-        attempt("service account", found.account, delete_account)
+        attempt("service account", email, delete_account)
+    if found.cache:
+
+        def delete_cache(uri: str = found.cache) -> str:
+            bucket, _, folder = uri.removeprefix("gs://").partition("/")
+            return f"{Storage(c, bucket, {}).delete_folder(folder)} object(s) deleted"
+
+        attempt("compile cache", found.cache, delete_cache)
     if found.images:
         from sdxlctl.gcp.registry import Registry
 

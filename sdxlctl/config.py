@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdxlctl.errors import ConfigError
 
@@ -43,6 +43,23 @@ class Model(Section):
     queue_size: int = Field(4, ge=0, le=1000)
     time_limit_s: float = Field(55.0, gt=0, le=3600)
     max_images: int = Field(4, ge=1, le=16)
+    optimize: Literal["auto", "none", "eager", "compile", "max"] = Field(
+        "auto", description="the fast path: auto (compile on a GPU, none on a CPU), none, eager, compile, max"
+    )
+    compile_cache: str = Field(
+        "auto",
+        description="where compiled code is kept: auto, none, a gs:// folder, or a folder the server can reach",
+    )
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _cache(cls, value: str) -> str:
+        value = value.strip()
+        if value in {"auto", "none"} or value.startswith("/"):
+            return value
+        if value.startswith("gs://") and len(value) > len("gs://") and not value.startswith("gs:///"):
+            return value.rstrip("/")
+        raise ValueError("expected auto, none, a gs://bucket/folder, or an absolute folder path")
 
 
 class Deploy(Section):
@@ -168,7 +185,7 @@ def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, .
             hint=f"allowed in {'[' + section[0] + ']' if section else 'the top level'}: {allowed}",
         )
     value = error.get("input")
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "string_pattern_mismatch" and location == ("name",):
         message = "must be 2-32 lowercase letters, digits or '-', starting with a letter (it names cloud resources)"
     return ConfigError(f"{where} = {value!r}: {message}")

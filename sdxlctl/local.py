@@ -48,9 +48,12 @@ def server_spec(config: Config) -> ProcessSpec:
         "SDXL_QUEUE_SIZE": str(model.queue_size),
         "SDXL_TIME_LIMIT": str(model.time_limit_s),
         "SDXL_MAX_IMAGES": str(model.max_images),
+        "SDXL_OPTIMIZE": model.optimize,
         "SDXL_HOST": config.local.host,
         "AIP_HTTP_PORT": str(config.local.server_port),
     }
+    if model.compile_cache not in ("auto", "none"):  # else the server's own folder, kept between starts
+        env["SDXL_COMPILE_CACHE"] = model.compile_cache
     return ProcessSpec("local-server", "sdxl_server", config.local.server_port, env)
 
 

@@ -45,6 +45,20 @@ class Emulator:
     def resources(self) -> dict[str, list[dict[str, Any]]]:
         return dict(httpx.get(f"{self.url}/_emulator/resources").json())
 
+    def storage(self) -> Any:
+        """A real google-cloud-storage client on the GCS emulator (anonymous)."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": self.gcs_url}
+        )
+
+    def bucket_roles(self, bucket: str, member: str) -> list[str]:
+        """The roles `member` holds on `bucket`, as the bucket's IAM policy says."""
+        policy = self.storage().bucket(bucket).get_iam_policy(requested_policy_version=3)
+        return sorted(binding["role"] for binding in policy.bindings if member in binding["members"])
+
     def labelled(self, deployment: str = "sdxl") -> list[str]:
         """Names of every emulated resource that carries sdxlctl's label for `deployment`."""
         return [

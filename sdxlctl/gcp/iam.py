@@ -25,10 +25,13 @@ class ServiceAccounts:
     def email(self, account_id: str) -> str:
         return f"{account_id}@{self.cloud.project}.iam.gserviceaccount.com"
 
+    def exists(self, email: str) -> bool:
+        return self._send("GET", f"{self.base}/{email}", ok=(200, 404)).status_code == 200
+
     def ensure(self, account_id: str, display_name: str) -> str:
         """Create the account unless it exists; return its email."""
         email = self.email(account_id)
-        if self._send("GET", f"{self.base}/{email}", ok=(200, 404)).status_code == 200:
+        if self.exists(email):
             return email
         self._send(
             "POST",

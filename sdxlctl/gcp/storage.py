@@ -1,4 +1,4 @@
-"""Cloud Storage: the staging bucket for build sources and logs."""
+"""Cloud Storage: the staging bucket for build sources, logs and the compile cache, and who may use it."""
 
 from __future__ import annotations
 
@@ -43,3 +43,46 @@ class Storage:
         except (NotFound, RequestRangeNotSatisfiable):
             return b""
         return bytes(data)
+
+    def grant(self, role: str, member: str) -> bool:
+        """Give `member` `role` on the whole bucket unless it has it; True when the policy changed."""
+        with translated(f"grant {role} on gs://{self.bucket_name}", api="storage", project=self.cloud.project):
+            bucket = self.client.bucket(self.bucket_name)
+            policy = bucket.get_iam_policy(requested_policy_version=3)
+            for binding in policy.bindings:
+                if binding["role"] == role and member in binding["members"] and not binding.get("condition"):
+                    return False
+            policy.bindings.append({"role": role, "members": {member}})
+            bucket.set_iam_policy(policy)
+        return True
+
+    def revoke(self, member: str) -> bool:
+        """Take every role of `member` on the bucket away; True when it had any."""
+        from google.api_core.exceptions import NotFound
+
+        with translated(f"revoke {member} on gs://{self.bucket_name}", api="storage", project=self.cloud.project):
+            bucket = self.client.bucket(self.bucket_name)
+            try:
+                policy = bucket.get_iam_policy(requested_policy_version=3)
+            except NotFound:
+                return False
+            kept, had = [], False
+            for binding in policy.bindings:
+                members = set(binding["members"])
+                had = had or member in members
+                members.discard(member)
+                if members:
+                    kept.append({**binding, "members": members})
+            if not had:
+                return False
+            policy.bindings = kept
+            bucket.set_iam_policy(policy)
+        return True
+
+    def delete_folder(self, prefix: str) -> int:
+        """Delete every object under `prefix`/; how many there were."""
+        with translated(f"delete gs://{self.bucket_name}/{prefix}", api="storage", project=self.cloud.project):
+            blobs = list(self.client.list_blobs(self.bucket_name, prefix=prefix.strip("/") + "/"))
+            for blob in blobs:
+                blob.delete()
+        return len(blobs)

@@ -150,11 +150,21 @@ class Vertex:
         return str(operation.operation.name)
 
     def deploy(
-        self, *, endpoint: str, model: str, display_name: str, gpu: GpuOption, min_replicas: int, max_replicas: int
+        self,
+        *,
+        endpoint: str,
+        model: str,
+        display_name: str,
+        gpu: GpuOption,
+        min_replicas: int,
+        max_replicas: int,
+        service_account: str = "",
     ) -> str:
         """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation.
 
         min_replicas 0 is scale to zero: a Preview of the v1beta1 API, on dedicated endpoints only.
+        `service_account`: what the container runs as (empty: Vertex AI's own, which may only read the
+        Model's artifacts).
         """
         if min_replicas == 0:
             from google.cloud import aiplatform_v1beta1 as aip
@@ -173,7 +183,9 @@ class Vertex:
         )
         if max_replicas > max(min_replicas, 1):
             resources.autoscaling_metric_specs = [aip.AutoscalingMetricSpec(metric_name=DUTY_CYCLE_METRIC, target=60)]
-        deployed = aip.DeployedModel(model=model, display_name=display_name, dedicated_resources=resources)
+        deployed = aip.DeployedModel(
+            model=model, display_name=display_name, dedicated_resources=resources, service_account=service_account
+        )
         with self._call("deploy the model"):
             operation = client.deploy_model(
                 endpoint=endpoint, deployed_model=deployed, traffic_split={"0": 100}, retry=self.cloud.retry()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from sdxlctl import local
@@ -86,11 +87,12 @@ def test_a_changed_config_restarts_the_server(cli: Cli, tmp_path: Path) -> None:
     first = server_pid(tmp_path)
     assert first is not None
     try:
-        changed = cli("deploy", env={"SDXLCTL_LOCAL_SERVER_PORT": port, "SDXLCTL_MODEL_QUEUE_SIZE": "1"})
+        changed = cli("deploy", env={"SDXLCTL_LOCAL_SERVER_PORT": port, "SDXLCTL_MODEL_OPTIMIZE": "eager"})
         assert changed.code == 0 and "restarted" in changed.err
         second = server_pid(tmp_path)
         assert second is not None and second != first
         assert gone(first) and not gone(second)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["optimize"] == "eager"
     finally:
         cli("teardown", "--yes")
     assert second is not None and gone(second)

@@ -126,7 +126,12 @@ def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> Non
     for step in (["build"], ["upload"], ["deploy"]):
         assert cli(*step, env=env).code == 0
     states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
-    assert states == {"server-image": "built", "model": "ready", "endpoint": "serving 1 model(s)"}
+    assert states == {
+        "server-image": "built",
+        "model": "ready",
+        "endpoint": "serving 1 model(s)",
+        "server-account": "ready",
+    }
     (model,) = emulator.resources()["models"]
     (endpoint,) = emulator.resources()["endpoints"]
     httpx.post(

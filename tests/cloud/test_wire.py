@@ -22,8 +22,9 @@ def test_the_requests_are_what_the_apis_expect(cli: Cli, emulator: Emulator) -> 
     for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"]):
         assert cli(*step, env=env).code == 0
     requests = emulator.requests()
-    # The service methods ask for JSON with numeric enums; the operations mixin polls without it.
-    calls = [r for r in requests if "/operations/" not in r["path"]]
+    # The service methods ask for JSON with numeric enums; the operations mixin polls without it, and
+    # IAM's plain REST API knows no such parameter.
+    calls = [r for r in requests if "/operations/" not in r["path"] and "/serviceAccounts" not in r["path"]]
     assert [r["path"] for r in calls if r["query"].get("$alt") != "json;enum-encoding=int"] == []
 
     build = only(requests, "POST", rf"^/v1/projects/{PROJECT}/builds$")["body"]
@@ -46,6 +47,8 @@ def test_the_requests_are_what_the_apis_expect(cli: Cli, emulator: Emulator) -> 
     env_vars = {e["name"]: e["value"] for e in spec["env"]}
     assert env_vars["SDXL_MODEL"] == "tiny" and float(env_vars["SDXL_TIME_LIMIT"]) < 60
     assert not any(name.startswith("AIP_") for name in env_vars)  # Vertex AI sets those, never the Model
+    assert env_vars["SDXL_OPTIMIZE"] == "auto"  # compile on the GPU
+    assert env_vars["SDXL_COMPILE_CACHE"] == f"gs://{PROJECT}-sdxlctl/compile-cache/sdxl"
 
     create = only(requests, "POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/endpoints$")["body"]
     assert create["labels"]["sdxlctl-deployment"] == "sdxl"
@@ -61,6 +64,11 @@ def test_the_requests_are_what_the_apis_expect(cli: Cli, emulator: Emulator) -> 
     assert (resources["minReplicaCount"], resources["maxReplicaCount"]) == (1, 1)
     assert deploy["trafficSplit"] == {"0": 100}
     assert "@" in deploy["deployedModel"]["model"]  # a pinned version, not "whatever is latest"
+    # Vertex AI's own account may only read the Model's artifacts: the server runs as one that may
+    # also write the compile cache, and nothing else.
+    account = f"sdxl-server-sa@{PROJECT}.iam.gserviceaccount.com"
+    assert deploy["deployedModel"]["serviceAccount"] == account
+    assert emulator.bucket_roles(f"{PROJECT}-sdxlctl", f"serviceAccount:{account}") == ["roles/storage.objectUser"]
 
 
 def test_autoscaling_uses_the_gpu_duty_cycle(cli: Cli, emulator: Emulator) -> None:

@@ -233,6 +233,9 @@ class Vertex:
             raise ApiError(400, "Scale to zero (min_replica_count 0) requires a dedicated endpoint.")
         if high and high < low:
             raise ApiError(400, "dedicated_resources.max_replica_count must not be below min_replica_count.")
+        account = wanted.get("serviceAccount", "")
+        if account and account not in self.world.table("accounts"):
+            raise ApiError(400, f"Service account {account} does not exist.", "INVALID_ARGUMENT")
         deployed_id = self.world.new_id()
         replica = self.servers.start(
             deployed_id, model_version, endpoint["name"].rsplit("/", 1)[-1], machine, self.world.project_number
