@@ -178,6 +178,11 @@ VARIANTS: dict[str, optimize.Plan] = {
     "max": optimize.PLANS["max"],
     # `compile` with cuDNN's attention preferred: 28% less attention time on an H200 alone (run 5)
     "cudnn": optimize.Plan(fuse=True, compile=optimize.BLOCKS, cuda_graphs=True, attention="cudnn"),
+    # `compile` with Triton templates timed against cuBLAS and cuDNN for every matmul and convolution
+    "autotune": optimize.Plan(fuse=True, compile=optimize.BLOCKS, cuda_graphs=True, autotune=True),
+    "cudnn-autotune": optimize.Plan(
+        fuse=True, compile=optimize.BLOCKS, cuda_graphs=True, attention="cudnn", autotune=True
+    ),
 }
 PHASES = ("server", "throughput", "breakdown", "attention", "batching", "cold")
 # Seconds each variant needs on an H200 with an empty compile cache (build, compile, four images);
@@ -191,6 +196,8 @@ ESTIMATE_S = {
     "unet": 280,
     "max": 280,
     "cudnn": 120,
+    "autotune": 420,  # a guess: not measured yet
+    "cudnn-autotune": 420,
 }
 
 
@@ -208,7 +215,11 @@ class Bench:
 
 def reusable(last: optimize.Plan, wanted: optimize.Plan) -> bool:
     """Whether `wanted` can be had by adding to a pipeline `last` made (compiling is not undone)."""
-    if last.compile and (last.compile, last.attention) != (wanted.compile, wanted.attention):
+    if last.compile and (last.compile, last.attention, last.autotune) != (
+        wanted.compile,
+        wanted.attention,
+        wanted.autotune,
+    ):
         return False
     return not ((last.fuse and not wanted.fuse) or (last.cuda_graphs and not wanted.cuda_graphs))
 
@@ -226,6 +237,10 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
         bench.pipe = pipe = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        # Dynamo keeps compiled code per Python function, and its guards do not cover the compiler's
+        # settings or the attention backend: without a reset a fresh pipeline's blocks would run the
+        # code compiled for the variant before (a server compiles once per process: no such problem).
+        torch._dynamo.reset()
         build_s, pipe = timed(lambda: build(args), args.device)
         run.record("build", {"seconds": round(build_s, 1), "model": args.model})
         warm_gpu(args.device)

@@ -43,6 +43,7 @@ class Plan:
     compile: tuple[str, ...] | str = ()  # class names to compile regionally, or "unet" for the whole UNet
     cuda_graphs: bool = False  # replay each UNet call as one CUDA graph (GPU only)
     attention: str = ""  # "cudnn": cuDNN's attention first where it applies (else PyTorch's own order)
+    autotune: bool = False  # time Triton templates against cuBLAS/cuDNN for each matmul and conv (minutes more)
 
 
 PLANS = {
@@ -154,15 +155,16 @@ def apply(pipe: Any, level: str | Plan) -> None:
         pipe._sdxl_fused = True
     torch.backends.cudnn.benchmark = True  # image sizes are few and fixed: time each conv algorithm once
     if plan.compile and not getattr(pipe, "_sdxl_compiled", ()):
-        _compile(pipe, plan.compile, plan.attention)
+        _compile(pipe, plan)
         pipe._sdxl_compiled = plan.compile
     if plan.cuda_graphs and pipe.device.type == "cuda" and not isinstance(pipe.unet.forward, GraphedForward):
         pipe.unet.forward = GraphedForward(pipe.unet.forward)
 
 
-def _compile(pipe: Any, what: tuple[str, ...] | str, attention: str = "") -> None:
+def _compile(pipe: Any, plan: Plan) -> None:
     import torch
 
+    what = plan.compile
     # Static shapes: a new image size compiles once more (SDXL_WARMUP does that before health turns
     # 200), and every kernel is specialised to its shape instead of being generic in it. No fullgraph:
     # past the recompile limit a block runs eagerly instead of failing the request.
@@ -179,16 +181,17 @@ def _compile(pipe: Any, what: tuple[str, ...] | str, attention: str = "") -> Non
     pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     # The compiler's settings are thread-local, and the server compiles in whichever thread first
     # runs a shape: each call carries them.
-    pipe.unet.forward = CompilerSettings(pipe.unet.forward, attention)
-    pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward, attention)
+    pipe.unet.forward = CompilerSettings(pipe.unet.forward, plan)
+    pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward, plan)
 
 
 class CompilerSettings:
-    """Calls `forward` with this module's compiler settings in force, in any thread."""
+    """Calls `forward` with this plan's compiler settings in force, in any thread."""
 
-    def __init__(self, forward: Any, attention: str = "") -> None:
+    def __init__(self, forward: Any, plan: Plan) -> None:
         self.forward = forward
-        self.attention = attention
+        self.attention = plan.attention
+        self.autotune = plan.autotune
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import contextlib
@@ -200,6 +203,8 @@ class CompilerSettings:
             stack.enter_context(dynamo.patch(recompile_limit=RECOMPILE_LIMIT))
             # 1x1 convolutions (ResNet shortcuts, proj in/out) as matmuls
             stack.enter_context(inductor.patch(conv_1x1_as_mm=True))
+            if self.autotune:  # what mode="max-autotune-no-cudagraphs" sets (the CUDA graphs are our own)
+                stack.enter_context(inductor.patch(max_autotune=True, coordinate_descent_tuning=True))
             if self.attention == "cudnn":
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
