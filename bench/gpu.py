@@ -5,7 +5,8 @@
 
 --run lists what to measure, in order. Variants: the original deployment's pipeline (`none`, the
 baseline), each SDXL_OPTIMIZE level (`eager`, `compile`, `max`) and their parts alone (`transformers`:
-diffusers' regional recipe; `blocks`: `compile` without CUDA graphs; `unet`: `max` without them), each
+diffusers' regional recipe; `blocks`: `compile` without CUDA graphs; `unet`: `max` without them) and
+candidates for a level (`cudnn`: cuDNN attention; `autotune`: Triton templates timed; both), each
 with first call, median latency, peak memory and difference from the baseline image. Phases, on the
 variant measured last: `server` (the HTTP server's overhead: JSON, JPEG, queue), `throughput` (1, 2
 and 4 concurrent requests), `breakdown` (prompt encoding, denoising, VAE decode, pixels to the
