@@ -276,6 +276,8 @@ def _container_env(config: Config) -> dict[str, str]:
     if not model.source.startswith("gs://") or server_account(config):
         env["SDXL_MODEL"] = model.source
     env["SDXL_OPTIMIZE"] = model.optimize
+    if model.warmup:
+        env["SDXL_WARMUP"] = ",".join(model.warmup)
     if compile_cache(config):
         env["SDXL_COMPILE_CACHE"] = compile_cache(config)
     return env

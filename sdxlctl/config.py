@@ -46,10 +46,29 @@ class Model(Section):
     optimize: Literal["auto", "none", "eager", "compile", "max"] = Field(
         "auto", description="the fast path: auto (compile on a GPU, none on a CPU), none, eager, compile, max"
     )
+    warmup: list[str] = Field(
+        default_factory=list,
+        description="sizes warmed up (and compiled) before the server reports ready, as WIDTHxHEIGHT; "
+        "empty: the model's native size",
+    )
     compile_cache: str = Field(
         "auto",
         description="where compiled code is kept: auto, none, a gs:// folder, or a folder the server can reach",
     )
+
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: "1024x1024,768x1344"
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            return value
+        for size in value:
+            width, _, height = str(size).strip().lower().partition("x")
+            sides = [int(side) if side.isdigit() else 0 for side in (width, height)]
+            if not all(64 <= side <= 2048 and side % 8 == 0 for side in sides):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with sides multiples of 8 from 64 to 2048")
+        return [str(size).strip().lower() for size in value]
 
     @field_validator("compile_cache")
     @classmethod

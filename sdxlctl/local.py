@@ -52,6 +52,8 @@ def server_spec(config: Config) -> ProcessSpec:
         "SDXL_HOST": config.local.host,
         "AIP_HTTP_PORT": str(config.local.server_port),
     }
+    if model.warmup:
+        env["SDXL_WARMUP"] = ",".join(model.warmup)
     if model.compile_cache not in ("auto", "none"):  # else the server's own folder, kept between starts
         env["SDXL_COMPILE_CACHE"] = model.compile_cache
     return ProcessSpec("local-server", "sdxl_server", config.local.server_port, env)

@@ -66,3 +66,31 @@ def test_environment_overrides_file_values(tmp_path: Path) -> None:
 def test_an_environment_error_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="SDXLCTL_DEPLOY_GPU"):
         load_config(None, {"SDXLCTL_DEPLOY_GPU": "a1000"})
+
+
+def test_the_fast_path_settings_reach_both_targets(tmp_path: Path) -> None:
+    from sdxlctl import cloud, local
+
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\noptimize = "compile"\nwarmup = ["1024x1024", "768X1344"]\n')
+    config = load_config(path, {"SDXLCTL_MODEL_COMPILE_CACHE": "/srv/compile-cache"})
+    assert config.model.warmup == ["1024x1024", "768x1344"]
+    for env in (local.server_spec(config).env, cloud._container_env(config)):
+        assert env["SDXL_OPTIMIZE"] == "compile" and env["SDXL_WARMUP"] == "1024x1024,768x1344"
+        assert env["SDXL_COMPILE_CACHE"] == "/srv/compile-cache"
+    from_env = load_config(None, {"SDXLCTL_MODEL_WARMUP": "1024x1024, 832x1216"})
+    assert from_env.model.warmup == ["1024x1024", "832x1216"]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("SDXLCTL_MODEL_WARMUP", "1024x1001", "multiples of 8"),
+        ("SDXLCTL_MODEL_OPTIMIZE", "turbo", "compile"),
+        ("SDXLCTL_MODEL_COMPILE_CACHE", "cache/", "gs://"),
+    ],
+)
+def test_a_bad_fast_path_setting_names_the_variable_and_the_fix(var: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {var: value})
+    assert var in str(raised.value) and says in str(raised.value)

@@ -76,6 +76,28 @@ def test_compile_matches_none_and_writes_a_portable_cache(reference: np.ndarray,
     assert (tmp_path / optimize.ARTIFACTS).stat().st_size > 0
 
 
+def test_after_warm_up_a_size_not_warmed_up_runs_uncompiled(caplog: pytest.LogCaptureFixture) -> None:
+    """Compiling a new size takes a minute or more on a GPU: mid-request it would hold the queue past a
+    shared endpoint's 60 s. After warm-up a new size runs as `eager` would, and the log says what to do."""
+    from torch._dynamo.utils import counters
+
+    pipe = build_tiny_pipeline()
+    optimize.apply(pipe, "compile")
+    generator = Generator(pipe, optimize_level="compile")
+    generator.warm_up(((64, 64),))
+    assert generator.fast_sizes == {(64, 64)}
+    job = Job("a lighthouse", None, None, None, (5,), model_garden=False)
+    new_size = Request((job,), steps=3, guidance_scale=5.0, width=128, height=64, output_format="png", quality=90)
+    counters.clear()
+    (images,) = generator.generate(new_size)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])  # nothing compiled
+    (plain,) = Generator(build_tiny_pipeline()).generate(new_size)
+    assert np.abs(np.asarray(images[0]).astype(int) - np.asarray(plain[0]).astype(int)).max() <= TOLERANCE
+    (told,) = [r for r in caplog.records if r.getMessage().startswith("size not warmed up")]
+    fields = told.__dict__["fields"]  # what logs.log attaches
+    assert fields["size"] == "128x64" and "SDXL_WARMUP" in fields["hint"]
+
+
 def test_cuda_graphs_stand_aside_off_a_gpu(reference: np.ndarray) -> None:
     """On a CPU the UNet runs as it is (on a GPU the benchmark checks the graphs' images)."""
     pipe = build_tiny_pipeline()
@@ -123,6 +145,7 @@ def test_a_gs_compile_cache_is_filled_by_the_first_start_and_warms_every_later_o
             seconds.append(time.monotonic() - started)
             assert health.json()["optimize"] == "compile"
             assert health.json()["compile_cache"] == run
+            assert health.json()["compiled_sizes"] == ["64x64"]  # SDXL_WARMUP; any other size runs uncompiled
             answer = server.predict(
                 {
                     "instances": [{"prompt": "a fox", "seed": 1}],

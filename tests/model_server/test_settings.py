@@ -58,6 +58,7 @@ def test_model_source_prefers_sdxl_model_then_the_vertex_artifact() -> None:
         ("SDXL_TIME_LIMIT", "0"),
         ("SDXL_DTYPE", "int8"),
         ("SDXL_WARMUP", "1024"),
+        ("SDXL_WARMUP", "1024x1000,1023x1024"),  # SDXL's sides are multiples of 8
         ("SDXL_LOG_PROMPTS", "maybe"),
         ("SDXL_MAX_IMAGES", "many"),
     ],

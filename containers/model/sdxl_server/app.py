@@ -93,6 +93,8 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             )
             if cache is not None:
                 body["compile_cache"] = "warm" if cache.warm else "cold"
+            if state.generator.fast_sizes is not None:  # compiled; other sizes run uncompiled
+                body["compiled_sizes"] = [f"{w}x{h}" for w, h in sorted(state.generator.fast_sizes)]
             return JSONResponse(body)
         if state.health is Health.FAILED:
             body["reason"] = state.reason

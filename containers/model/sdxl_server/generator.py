@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sdxl_server import optimize
+from sdxl_server import logs, optimize
 from sdxl_server.errors import TimeLimitExceeded
 from sdxl_server.schema import Job, Request
 
@@ -31,6 +32,8 @@ class Generator:
         self.pipeline = pipeline
         self.optimize_level = optimize_level
         self.compile_cache = compile_cache
+        self.fast_sizes: frozenset[tuple[int, int]] | None = None  # after warm-up of a compiled level
+        self._told: set[tuple[int, int]] = set()
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -40,16 +43,31 @@ class Generator:
 
     def generate(self, request: Request, should_stop: StopCheck = lambda: False) -> list[list[Image]]:
         """Images for each job of the request, in order; raises TimeLimitExceeded when told to stop."""
+        size = (request.width, request.height)
+        if self.fast_sizes is not None and size not in self.fast_sizes and size not in self._told:
+            self._told.add(size)
+            logs.log(
+                "size not warmed up: it runs uncompiled",
+                level=logging.WARNING,
+                size=f"{size[0]}x{size[1]}",
+                hint="add it to SDXL_WARMUP (sdxlctl: [model] warmup) to compile it at start",
+            )
         return [self._run(job, request, should_stop) for job in request.jobs]
 
     def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
-        """Run two steps at each size, so the first real request pays no first-call costs."""
+        """Run two steps at each size, so the first real request pays no first-call costs.
+
+        On a compiled level these are the sizes that get compiled code and CUDA graphs: afterwards
+        nothing more is compiled (`optimize.freeze`), and other sizes run uncompiled.
+        """
         for width, height in sizes:
             job = Job("warm-up", None, None, None, (0,), model_garden=False)
             request = Request(
                 (job,), steps=2, guidance_scale=5.0, width=width, height=height, output_format="jpeg", quality=90
             )
             self.generate(request)
+        if optimize.compiles(self.optimize_level) and optimize.freeze(self.pipeline):
+            self.fast_sizes = frozenset(sizes)
 
     def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
         # Compiled code is specialised to its shapes: one image at a time, the sizes warmed up are all

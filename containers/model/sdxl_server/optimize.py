@@ -8,6 +8,10 @@
     max      like compile, but the whole UNet as one graph (minutes to compile without a warm cache)
     auto     compile on a GPU, none on a CPU (inductor on a CPU is slow to compile and gains little)
 
+Compiling and capturing happen for the sizes in SDXL_WARMUP, before health turns 200; after that
+(`freeze`) a size not warmed up runs uncompiled, at about the `eager` speed, instead of holding the
+queue for a minute or more of compiling.
+
 Compiled code is cached in SDXL_COMPILE_CACHE (inductor's and Triton's caches, plus a portable
 artifact file), so a restart with a warm cache does not compile again. The cache folder can be baked
 into the image, kept on a volume, or restored from (and published to) a gs:// folder.
@@ -161,6 +165,20 @@ def apply(pipe: Any, level: str | Plan) -> None:
         pipe.unet.forward = GraphedForward(pipe.unet.forward)
 
 
+def freeze(pipe: Any) -> bool:
+    """After warm-up: compile nothing and capture no CUDA graph from now on; True if there was any to stop.
+
+    A size that was not warmed up then runs uncompiled (at about the `eager` speed) instead of stalling
+    the queue for a compile of a minute or more, which a shared endpoint's 60 s cannot absorb.
+    """
+    frozen = False
+    for forward in (pipe.unet.forward, pipe.vae.decoder.forward):
+        while isinstance(forward, (GraphedForward, CompilerSettings)):
+            forward.frozen = frozen = True
+            forward = forward.forward
+    return frozen
+
+
 def _compile(pipe: Any, plan: Plan) -> None:
     import torch
 
@@ -192,6 +210,7 @@ class CompilerSettings:
         self.forward = forward
         self.attention = plan.attention
         self.autotune = plan.autotune
+        self.frozen = False  # after warm-up: shapes without compiled code run eagerly (see `freeze`)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import contextlib
@@ -200,6 +219,10 @@ class CompilerSettings:
         import torch._inductor.config as inductor
 
         with contextlib.ExitStack() as stack:
+            if self.frozen:
+                import torch
+
+                stack.enter_context(torch.compiler.set_stance("eager_on_recompile"))
             stack.enter_context(dynamo.patch(recompile_limit=RECOMPILE_LIMIT))
             # 1x1 convolutions (ResNet shortcuts, proj in/out) as matmuls
             stack.enter_context(inductor.patch(conv_1x1_as_mm=True))
@@ -228,6 +251,7 @@ class GraphedForward:
         self.graphs: dict[tuple[Any, ...], _Graph] = {}
         self.pool: Any = None
         self.broken = ""
+        self.frozen = False  # after warm-up: no new captures, a new shape runs the forward as is
 
     def __call__(
         self,
@@ -260,6 +284,10 @@ class GraphedForward:
             )
         key = tuple((name, tuple(value.shape), value.dtype, value.device) for name, value in inputs.items())
         graph = self.graphs.get(key)
+        if graph is None and self.frozen:
+            return self.forward(
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=return_dict
+            )
         if graph is None:
             try:
                 graph = self.graphs[key] = self._capture(inputs)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_server.errors import SettingsError
+from sdxl_server.schema import MAX_SIDE, MIN_SIDE, SIDE_STEP
 
 MB = 1_000_000
 # Vertex AI documents "1.5 MB" for a shared public endpoint; the decimal reading is the safe one.
@@ -34,7 +35,10 @@ def _parse_sizes(raw: str) -> tuple[tuple[int, int], ...]:
         width, sep, height = part.strip().partition("x")
         if not sep or not width.isdigit() or not height.isdigit():
             raise ValueError(f"{part!r} is not WIDTHxHEIGHT")
-        sizes.append((int(width), int(height)))
+        size = (int(width), int(height))
+        if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_STEP == 0 for side in size):
+            raise ValueError(f"{part!r}: each side must be a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}")
+        sizes.append(size)
     return tuple(sizes)
 
 
