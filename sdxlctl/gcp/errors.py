@@ -63,6 +63,15 @@ def explain(exc: Exception, action: str, *, api: str, project: str, region: str 
             f"{action}: the {service} API is not enabled in project {project}",
             hint=f"gcloud services enable {service} --project {project}",
         )
+    if "iam.serviceaccounts.actas" in lowered:  # deploying a model that runs as its own account
+        account = re.search(r"[\w.-]+@[\w.-]+\.iam\.gserviceaccount\.com", message)
+        email = account.group(0) if account else "ACCOUNT"
+        return CloudError(
+            text,
+            hint=f"you may not act as {email}: gcloud iam service-accounts add-iam-policy-binding {email} "
+            f"--member=user:YOU@example.com --role=roles/iam.serviceAccountUser --project {project}; "
+            'or set [model] compile_cache = "none" (the server then compiles at every start)',
+        )
     if isinstance(exc, gexc.PermissionDenied | gexc.Forbidden):
         role = ROLES.get(api, "the needed role")
         return CloudError(

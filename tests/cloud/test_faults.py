@@ -224,3 +224,20 @@ def test_a_failed_cloud_run_operation_is_a_clear_error_and_the_rerun_finishes(cl
     again = cli("ui-deploy", env=env)
     assert again.code == 0, again.err
     assert len(emulator.resources()["services"]) == 1
+
+
+def test_deploying_as_the_server_account_without_act_as_says_how_to_get_it(cli: Cli, emulator: Emulator) -> None:
+    """Deploying a model that runs as a service account needs iam.serviceAccounts.actAs on that account."""
+    env = emulator.env()
+    up(cli, env, "build", "upload")
+    account = "sdxl-server-sa@demo-project.iam.gserviceaccount.com"
+    emulator.fault(
+        path=r":deployModel$",
+        code=403,
+        status="PERMISSION_DENIED",
+        message=f"Permission 'iam.serviceAccounts.actAs' denied on service account {account} (or it may not exist).",
+    )
+    result = cli("deploy", env=env)
+    assert result.code == 1
+    assert f"gcloud iam service-accounts add-iam-policy-binding {account}" in result.err, result.err
+    assert "roles/iam.serviceAccountUser" in result.err and 'compile_cache = "none"' in result.err
