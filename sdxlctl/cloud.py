@@ -244,9 +244,7 @@ def compile_cache(config: Config) -> str:
     model = config.model
     if model.optimize in ("none", "eager") or model.compile_cache == "none":
         return ""
-    if model.compile_cache == "auto":
-        return f"gs://{names(config).bucket}/compile-cache/{config.name}"
-    return model.compile_cache
+    return _own_cache(config) or model.compile_cache
 
 
 def server_account(config: Config) -> str:
@@ -763,8 +761,15 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
 
 
 def _own_cache(config: Config) -> str:
-    """The compile cache sdxlctl chose for this deployment (a folder the user named is theirs to keep)."""
-    return compile_cache(config) if config.model.compile_cache == "auto" else ""
+    """The compile cache sdxlctl chooses for this deployment, whether in use now or not (a folder the
+    user named is theirs to keep)."""
+    return f"gs://{names(config).bucket}/compile-cache/{config.name}" if config.model.compile_cache == "auto" else ""
+
+
+def _server_buckets(config: Config) -> set[str]:
+    """Every bucket the model server's account may have been given a role on."""
+    uris = (_own_cache(config), config.model.compile_cache, config.model.source)
+    return {_bucket(uri) for uri in uris if uri.startswith("gs://")}
 
 
 def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
@@ -861,9 +866,8 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     for email in found.accounts:
 
         def delete_account(email: str = email) -> str:
-            for uri in (compile_cache(config), config.model.source):  # its grants first: none left dangling
-                if uri.startswith("gs://"):
-                    Storage(c, _bucket(uri), {}).revoke(f"serviceAccount:{email}")
+            for bucket in sorted(_server_buckets(config)):  # its grants first: none left dangling
+                Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
             return "deleted" if ServiceAccounts(c).delete(email.split("@")[0]) else "already gone"
 
         attempt("service account", email, delete_account)

@@ -44,10 +44,12 @@ def test_teardown_deletes_the_cache_and_the_account_and_revokes_what_it_was_give
     theirs = staging.blob(f"compile-cache/sdxl-two/torch-2.11.0-cu130-nvidia-l4/{ARTIFACTS}")
     theirs.upload_from_string(b"another deployment's")
 
-    plan = cli("teardown", "--dry-run", env=env)
+    # Teardown finds what the deploy made even when the config no longer asks for it.
+    changed = {**env, "SDXLCTL_MODEL_OPTIMIZE": "none"}
+    plan = cli("teardown", "--dry-run", env=changed)
     assert plan.code == 0 and "sdxl-server-sa@" in plan.err and f"gs://{STAGING}/compile-cache/sdxl" in plan.err
 
-    down = cli("teardown", "--yes", env=env)
+    down = cli("teardown", "--yes", env=changed)
     assert down.code == 0, down.err
     assert emulator.resources().get("accounts", []) == []
     assert emulator.bucket_roles(STAGING, ACCOUNT) == []
