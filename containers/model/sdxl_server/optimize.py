@@ -183,8 +183,8 @@ def _compile(pipe: Any, plan: Plan) -> None:
     import torch
 
     what = plan.compile
-    # Static shapes: a new image size compiles once more (SDXL_WARMUP does that before health turns
-    # 200), and every kernel is specialised to its shape instead of being generic in it. No fullgraph:
+    # Static shapes: each image size compiles once (SDXL_WARMUP's, before health turns 200; after that
+    # `freeze`), and every kernel is specialised to its shape instead of being generic in it. No fullgraph:
     # past the recompile limit a block runs eagerly instead of failing the request.
     if what == "unet":
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
