@@ -429,5 +429,6 @@ def cost(
 def cost_compare(
     config: Config, *, region: str | None = None, steps: int = 30, live: bool = False, warn: Progress = _quiet
 ) -> list[pricing.Comparison]:
-    """Every GPU option side by side in the region."""
-    return pricing.compare(region or config.gcp.region, steps, price_table(config, live=live, warn=warn))
+    """Every GPU option side by side in the region, at the config's fast-path level."""
+    table = price_table(config, live=live, warn=warn)
+    return pricing.compare(region or config.gcp.region, steps, table, config.model.optimize)

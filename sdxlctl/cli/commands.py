@@ -302,7 +302,7 @@ def cost(
     warn = render.warning
     if compare:
         rows = core.cost_compare(config, region=region, steps=steps, live=live, warn=warn)
-        render.comparison(rows, region or config.gcp.region, steps, as_json=as_json)
+        render.comparison(rows, region or config.gcp.region, steps, optimize=config.model.optimize, as_json=as_json)
         return
     estimate = core.cost(config, days=days, gpu_key=gpu.value if gpu else None, region=region, live=live, warn=warn)
     render.estimate(estimate, as_json=as_json)

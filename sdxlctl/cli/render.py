@@ -207,11 +207,13 @@ def estimate(result: Estimate, *, as_json: bool) -> None:
         err.print(f"[yellow]unverified:[/] {escape(note)}")
 
 
-def comparison(rows: list[Comparison], region: str, steps: int, *, as_json: bool) -> None:
+def comparison(rows: list[Comparison], region: str, steps: int, *, optimize: str = "auto", as_json: bool) -> None:
     if as_json:
-        _json({"region": region, "steps": steps, "estimate": True, "gpus": [r.as_dict() for r in rows]})
+        summary = {"region": region, "steps": steps, "optimize": optimize, "estimate": True}
+        _json({**summary, "gpus": [r.as_dict() for r in rows]})
         return
-    table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps, one replica", title_justify="left")
+    level = "" if optimize in ("auto", "compile") else f", SDXL_OPTIMIZE={optimize}"
+    table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps{level}, one replica", title_justify="left")
     for column in ("gpu", "machine", "$/hour", "$/day", "s/image", "images/hour", "$/1000 images", "60 s limit"):
         table.add_column(column, justify="left" if column in ("gpu", "machine", "60 s limit") else "right")
     for row in rows:

@@ -84,6 +84,20 @@ def test_compare_lists_every_gpu_and_recommends_l4() -> None:
     assert fewer[1].latency.seconds < rows["l4"].latency.seconds
 
 
+def test_compare_follows_the_configured_fast_path(cli: Cli) -> None:
+    """Without the fast path every GPU is slower by what the H200 measured; the T4's figure, a lower
+    bound measured on the 2023 (uncompiled) pipeline, stays as it is."""
+    fast = json.loads(cli("cost", "--compare", "--json").out)
+    plain = json.loads(cli("cost", "--compare", "--json", env={"SDXLCTL_MODEL_OPTIMIZE": "none"}).out)
+    assert (fast["optimize"], plain["optimize"]) == ("auto", "none")
+    seconds = [{row["gpu"]: row["seconds_per_image"] for row in r["gpus"]} for r in (fast, plain)]
+    assert seconds[1]["h200"] == pytest.approx(1.874, abs=0.01)  # run 4's baseline
+    assert seconds[1]["l4"] == pytest.approx(seconds[0]["l4"] * 1.804, abs=0.02)
+    assert seconds[1]["t4"] == seconds[0]["t4"]
+    shown = cli("cost", "--compare", env={"SDXLCTL_MODEL_OPTIMIZE": "none"}).out
+    assert "SDXL_OPTIMIZE=none" in shown
+
+
 def test_compare_is_fast_and_imports_no_cloud_or_torch(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys, time
