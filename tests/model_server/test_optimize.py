@@ -84,6 +84,8 @@ def test_after_warm_up_a_size_not_warmed_up_runs_uncompiled(caplog: pytest.LogCa
     pipe = build_tiny_pipeline()
     optimize.apply(pipe, "compile")
     generator = Generator(pipe, optimize_level="compile")
+    generator.warm_up(())  # SDXL_WARMUP=none: sizes compile when first asked for
+    assert generator.fast_sizes is None and not pipe.vae.decoder.forward.frozen
     generator.warm_up(((64, 64),))
     assert generator.fast_sizes == {(64, 64)}
     job = Job("a lighthouse", None, None, None, (5,), model_garden=False)

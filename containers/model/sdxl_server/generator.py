@@ -66,7 +66,8 @@ class Generator:
                 (job,), steps=2, guidance_scale=5.0, width=width, height=height, output_format="jpeg", quality=90
             )
             self.generate(request)
-        if optimize.compiles(self.optimize_level) and optimize.freeze(self.pipeline):
+        # No sizes (SDXL_WARMUP=none): each size compiles on its first request, as asked.
+        if sizes and optimize.compiles(self.optimize_level) and optimize.freeze(self.pipeline):
             self.fast_sizes = frozenset(sizes)
 
     def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
