@@ -298,9 +298,7 @@ def serve(pipe: Any, level: str, queue: int) -> Iterator[str]:
         compile_cache=tempfile.mkdtemp(prefix="sdxl-bench-cache-"),
     )
     app = create_app(settings, load=lambda _: Generator(pipe, optimize_level=level))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -311,6 +309,12 @@ def serve(pipe: Any, level: str, queue: int) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> float:
@@ -520,9 +524,7 @@ def measure_cold_start(run: Run, args: argparse.Namespace, bench: Bench) -> None
             run.results["skipped"].append(f"cold start, {label} cache")
             break
         cache = args.cache.folder if label == "warm" else Path(tempfile.mkdtemp(prefix="sdxl-compile-"))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         env = {
             **os.environ,
             "SDXL_MODEL": str(folder),

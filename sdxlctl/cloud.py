@@ -249,7 +249,10 @@ def compile_cache(config: Config) -> str:
 
 def server_account(config: Config) -> str:
     """The model server's own service account: only needed to write a gs:// compile cache."""
-    return names(config).email(names(config).server_account_id) if compile_cache(config).startswith("gs://") else ""
+    if not compile_cache(config).startswith("gs://"):
+        return ""
+    n = names(config)
+    return n.email(n.server_account_id)
 
 
 def _bucket(uri: str) -> str:
@@ -276,8 +279,8 @@ def _container_env(config: Config) -> dict[str, str]:
     env["SDXL_OPTIMIZE"] = model.optimize
     if model.warmup:
         env["SDXL_WARMUP"] = ",".join(model.warmup)
-    if compile_cache(config):
-        env["SDXL_COMPILE_CACHE"] = compile_cache(config)
+    if cache := compile_cache(config):
+        env["SDXL_COMPILE_CACHE"] = cache
     return env
 
 
@@ -866,8 +869,9 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     for email in found.accounts:
 
         def delete_account(email: str = email) -> str:
-            for bucket in sorted(_server_buckets(config)):  # its grants first: none left dangling
-                Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
+            if email.split("@")[0] == names(config).server_account_id:  # its grants first: none left dangling
+                for bucket in sorted(_server_buckets(config)):
+                    Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
             return "deleted" if ServiceAccounts(c).delete(email.split("@")[0]) else "already gone"
 
         attempt("service account", email, delete_account)

@@ -171,6 +171,16 @@ CAVEAT = (
 )
 
 
+PARTS = {
+    "gpu": "GPU",
+    "vcpu": "vCPU",
+    "ram": "RAM",
+    "ui": "UI (Cloud Run)",
+    "storage": "images (storage)",
+    "total": "[bold]total[/]",
+}
+
+
 def estimate(result: Estimate, *, as_json: bool) -> None:
     if as_json:
         _json(result.as_dict())
@@ -189,15 +199,7 @@ def estimate(result: Estimate, *, as_json: bool) -> None:
     ranged = replicas[0] != replicas[1]
     if ranged:
         table.add_column(f"USD at {replicas[1]} replicas", justify="right")
-    for part in ("gpu", "vcpu", "ram", "ui", "storage", "total"):
-        label = {
-            "gpu": "GPU",
-            "vcpu": "vCPU",
-            "ram": "RAM",
-            "ui": "UI (Cloud Run)",
-            "storage": "images (storage)",
-            "total": "[bold]total[/]",
-        }[part]
+    for part, label in PARTS.items():
         values = [f"{getattr(low, part):,.2f}"] + ([f"{getattr(high, part):,.2f}"] if ranged else [])
         table.add_row(label, *values)
     out.print(table)

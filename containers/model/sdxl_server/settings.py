@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_server.errors import SettingsError
+from sdxl_server.optimize import LEVELS
 from sdxl_server.schema import MAX_SIDE, MIN_SIDE, SIDE_STEP
 
 MB = 1_000_000
@@ -134,6 +135,6 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "warmup": ("SDXL_WARMUP", _parse_sizes),
     "cache_dir": ("SDXL_CACHE_DIR", Path),
     "log_prompts": ("SDXL_LOG_PROMPTS", _parse_bool),
-    "optimize": ("SDXL_OPTIMIZE", _choice("auto", "none", "eager", "compile", "max")),
+    "optimize": ("SDXL_OPTIMIZE", _choice("auto", *LEVELS)),
     "compile_cache": ("SDXL_COMPILE_CACHE", str),
 }
