@@ -599,7 +599,29 @@ def predict(config: Config, store: StateStore, body: dict[str, Any], *, timeout_
         endpoint = found[0]
     if not endpoint.deployed_models:
         raise DeployError(f"endpoint {endpoint.name} serves no model", hint="run `sdxlctl deploy`")
-    return vertex.predict(endpoint, body, timeout_s=timeout_s)
+    answer = vertex.predict(endpoint, body, timeout_s=timeout_s)
+    # Vertex AI carries predictions as protobuf Values, whose numbers are doubles: 42 comes back as 42.0.
+    # The contract's integers are made integers again. Seeds travel as JSON numbers both ways: the server's
+    # are below 2**32, and every integer below 2**53 is exact in a double, so none is ever rounded.
+    for prediction in answer.get("predictions", []):
+        if isinstance(prediction, dict):
+            for key in INTEGER_FIELDS & prediction.keys():
+                prediction[key] = _integral(prediction[key])
+    return answer
+
+
+INTEGER_FIELDS = {"seeds", "width", "height"}
+
+
+def _integral(value: Any) -> Any:
+    """42.0 -> 42, in lists too; anything else as it is (the caller checks the contract)."""
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 
 
 # ---------------------------------------------------------------- ui-deploy
