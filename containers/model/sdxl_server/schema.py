@@ -22,8 +22,22 @@ from sdxl_server.errors import InvalidRequest
 from sdxl_server.styles import styles
 
 MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
-MAX_SEED = 2**32 - 1
+# Seeds are 32-bit (what the CLI, gcloud's JSON and every SD front end pass around) and image i of an
+# instance uses (seed + i) mod 2**32, so every seed the server returns is one it accepts back.
+SEED_SPACE = 2**32
+MAX_SEED = SEED_SPACE - 1
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
+MIN_STEPS, MAX_STEPS = 1, 150
+MIN_GUIDANCE, MAX_GUIDANCE = 0, 30
+MIN_QUALITY, MAX_QUALITY = 1, 100
+# A valid body is three levels deep ({"instances": [{"prompt": ...}]}); deeper JSON is never a request,
+# and walking it would cost time for nothing.
+MAX_DEPTH = 8
+
+
+def seeds_from(first: int, count: int) -> tuple[int, ...]:
+    """The seeds of `count` images starting at `first`, wrapping past MAX_SEED to 0."""
+    return tuple((first + i) % SEED_SPACE for i in range(count))
 
 
 def _whole(value: Any) -> Any:
@@ -50,9 +64,11 @@ class Instance(BaseModel):
     negative_prompt_2: Prompt | None = None
     style: StrictStr | None = None
     seed: Annotated[Whole, Field(ge=0, le=MAX_SEED)] | None = None
+    lora_id: Any = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Instance:
+        _no_adapters(self.lora_id)
         if self.prompt is not None and self.text is not None:
             raise _FieldError("text", "give either prompt or text (Model Garden's name for it), not both")
         if not (self.prompt if self.prompt is not None else self.text or "").strip():
@@ -67,13 +83,26 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_inference_steps: Annotated[Whole, Field(ge=1, le=150)] = 30
-    guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=0, le=30)] = 5.0
+    num_inference_steps: Annotated[Whole, Field(ge=MIN_STEPS, le=MAX_STEPS)] = 30
+    guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 5.0
     width: Side | None = None
     height: Side | None = None
     num_images: Annotated[Whole, Field(ge=1)] = 1
     output_format: Literal["png", "jpeg", "webp"] = "jpeg"
-    quality: Annotated[Whole, Field(ge=1, le=100)] = 90
+    quality: Annotated[Whole, Field(ge=MIN_QUALITY, le=MAX_QUALITY)] = 90
+    # Model Garden's SDXL container takes the negative prompt here, for every instance without its own.
+    negative_prompt: Prompt | None = None
+    lora_id: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> Parameters:
+        _no_adapters(self.lora_id)
+        return self
+
+
+def _no_adapters(lora_id: Any) -> None:
+    if lora_id is not None:
+        raise _FieldError("lora_id", "LoRA adapters are not supported yet: leave lora_id out")
 
 
 class PredictBody(BaseModel):
@@ -127,13 +156,23 @@ class Request:
 
 
 def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any) -> Request:
-    """Parse and validate a request body; raise InvalidRequest naming the field and what is allowed."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", field="body") from None
+    """Parse and validate a request body; raise InvalidRequest naming the field and what is allowed.
+
+    Blocking and CPU-bound on large bodies: call it off the event loop. The cheap checks (JSON, shape,
+    instance count, depth) come before pydantic looks at any instance, so a body of a million empty
+    instances costs one json.loads, not a million validations.
+    """
+    data = _load_json(body)
     if not isinstance(data, dict):
         raise InvalidRequest('the body must be a JSON object {"instances": [...], "parameters": {...}}', field="body")
+    instances = data.get("instances")
+    if isinstance(instances, list) and len(instances) > max_images:
+        raise InvalidRequest(
+            f"instances: {len(instances)} instances; at most {max_images} images per request (SDXL_MAX_IMAGES)",
+            field="instances",
+        )
+    if _depth_over(data, MAX_DEPTH):
+        raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body")
     try:
         parsed = PredictBody.model_validate(data)
     except ValidationError as exc:
@@ -149,7 +188,7 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
         )
     width, height = params.width or default_size[0], params.height or default_size[1]
     return Request(
-        jobs=tuple(_job(instance, params.num_images, draw_seed) for instance in parsed.instances),
+        jobs=tuple(_job(instance, params, draw_seed) for instance in parsed.instances),
         steps=params.num_inference_steps,
         guidance_scale=float(params.guidance_scale),
         width=width,
@@ -159,9 +198,40 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
     )
 
 
-def _job(instance: Instance, num_images: int, draw_seed: Any) -> Job:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_json(body: bytes) -> Any:
+    """json.loads, with every way it can fail (bad UTF-8, bad syntax, NaN, a 5,000-digit integer,
+    nesting deeper than the interpreter's recursion limit) turned into a 400 on the body."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and int's digit limit are ValueErrors
+        raise InvalidRequest(f"the body is not valid JSON: {_short(str(exc))}", field="body") from None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _depth_over(data: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` deep; iterative, so no depth can overflow the stack."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _job(instance: Instance, params: Parameters, draw_seed: Any) -> Job:
     prompt = instance.prompt if instance.prompt is not None else instance.text or ""
-    negative = instance.negative_prompt
+    negative = instance.negative_prompt if instance.negative_prompt is not None else params.negative_prompt
     style = styles().get((instance.style or "none").lower())
     if style is not None:
         prompt, negative = style.apply(prompt, negative)
@@ -171,7 +241,7 @@ def _job(instance: Instance, num_images: int, draw_seed: Any) -> Job:
         negative_prompt=negative or None,
         prompt_2=instance.prompt_2,
         negative_prompt_2=instance.negative_prompt_2,
-        seeds=tuple(seed + i for i in range(num_images)),
+        seeds=seeds_from(seed, params.num_images),
         model_garden=instance.text is not None,
     )
 

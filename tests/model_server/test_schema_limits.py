@@ -1,0 +1,159 @@
+"""Every limit of the request schema, exactly at it and one past it, and the seed rule."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sdxl_server.errors import InvalidRequest
+from sdxl_server.schema import MAX_SEED, Request, parse_request
+
+MAX_IMAGES = 4
+
+
+def parse(body: Any, *, draw: int = 7) -> Request:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, max_images=MAX_IMAGES, default_size=(1024, 1024), draw_seed=lambda: draw)
+
+
+def refused(body: Any) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as raised:
+        parse(body)
+    return raised.value
+
+
+def body(instance: dict[str, Any] | None = None, **parameters: Any) -> dict[str, Any]:
+    return {"instances": [{"prompt": "a fox", **(instance or {})}], "parameters": parameters}
+
+
+# (parameter, accepted values at the limits, refused values one past them)
+PARAMETER_LIMITS: list[tuple[str, list[Any], list[Any]]] = [
+    ("num_inference_steps", [1, 150], [0, 151]),
+    ("guidance_scale", [0, 0.0, 30, 30.0], [-0.001, 30.001, 31]),
+    ("width", [64, 72, 2040, 2048], [56, 63, 65, 2049, 2056]),
+    ("height", [64, 2048], [56, 2056, 1020]),
+    ("quality", [1, 100], [0, 101]),
+    ("num_images", [1, MAX_IMAGES], [0, MAX_IMAGES + 1]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, value) for name, ok, _ in PARAMETER_LIMITS for value in ok], ids=str
+)
+def test_a_parameter_exactly_at_its_limit_is_accepted(name: str, value: Any) -> None:
+    request = parse(body(**{name: value}))
+    attribute = {"num_inference_steps": "steps", "num_images": None}.get(name, name)
+    if attribute is None:
+        assert request.num_images == value
+    else:
+        assert getattr(request, attribute) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, value) for name, _, bad in PARAMETER_LIMITS for value in bad], ids=str
+)
+def test_a_parameter_one_past_its_limit_is_refused_naming_it(name: str, value: Any) -> None:
+    error = refused(body(**{name: value}))
+    assert error.field == f"parameters.{name}"
+    assert name in error.message
+
+
+def test_prompts_of_exactly_2000_characters_pass_and_2001_do_not() -> None:
+    for field in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+        assert parse(body({field: "x" * 2000}))
+        error = refused(body({field: "x" * 2001}))
+        assert error.field == f"instances[0].{field}" and "2000" in error.message
+    assert parse(body(negative_prompt="x" * 2000))
+    assert refused(body(negative_prompt="x" * 2001)).field == "parameters.negative_prompt"
+
+
+def test_seeds_from_0_to_2_pow_32_minus_1() -> None:
+    assert parse(body({"seed": 0})).jobs[0].seeds == (0,)
+    assert parse(body({"seed": MAX_SEED})).jobs[0].seeds == (2**32 - 1,)
+    assert MAX_SEED == 2**32 - 1
+    for bad in (-1, 2**32, 2**53 + 1, 2**64):
+        assert refused(body({"seed": bad})).field == "instances[0].seed"
+
+
+def test_image_seeds_wrap_to_0_so_every_returned_seed_is_accepted_back() -> None:
+    request = parse(body({"seed": MAX_SEED}, num_images=3))
+    assert request.jobs[0].seeds == (MAX_SEED, 0, 1)
+    for seed in request.jobs[0].seeds:
+        assert parse(body({"seed": seed})).jobs[0].seeds == (seed,)
+    drawn = parse(body(num_images=2), draw=MAX_SEED)
+    assert drawn.jobs[0].seeds == (MAX_SEED, 0)
+
+
+def test_max_images_counts_instances_times_num_images() -> None:
+    assert parse({"instances": [{"prompt": "a"}] * 2, "parameters": {"num_images": 2}}).num_images == 4
+    error = refused({"instances": [{"prompt": "a"}] * 2, "parameters": {"num_images": 3}})
+    assert error.field == "parameters.num_images" and "at most 4" in error.message
+    assert parse({"instances": [{"prompt": "a"}] * MAX_IMAGES}).num_images == MAX_IMAGES
+    assert refused({"instances": [{"prompt": "a"}] * (MAX_IMAGES + 1)}).field == "instances"
+
+
+def test_the_instance_count_is_checked_before_any_instance_is_validated() -> None:
+    """350,000 empty instances: refused for their number, not after validating each (issue 12, point 1)."""
+    error = refused(b'{"instances":[' + b",".join([b"{}"] * 350_000) + b"]}")
+    assert error.field == "instances"
+    assert "350000 instances" in error.message and "at most 4" in error.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"[" * 100_000, "nested"),
+        (b'{"instances":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested"),
+        (b'{"instances":[{"prompt":"a","x":[[[[[[[[[[1]]]]]]]]]]}]}', "nested"),
+        (b'{"instances":[{"prompt":"a","seed":' + b"9" * 5000 + b"}]}", "not valid JSON"),
+        (b'{"instances":[{"prompt":"a","seed":NaN}]}', "not valid JSON"),
+        (b'{"instances":[{"prompt":"a"}],"parameters":{"guidance_scale":Infinity}}', "not valid JSON"),
+        (b'{"instances":[{"prompt":"a"}],"parameters":{"guidance_scale":-Infinity}}', "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+    ids=["brackets", "deep-instances", "deep-objects", "depth-11", "5000-digits", "nan", "infinity", "-infinity",
+         "empty"],
+)
+def test_malformed_json_of_every_kind_is_a_400_on_the_body(raw: bytes, why: str) -> None:
+    error = refused(raw)
+    assert error.status == 400 and error.field == "body"
+    assert why in error.message
+
+
+def test_huge_numbers_are_out_of_range_not_errors() -> None:
+    assert refused(body(guidance_scale=1e308)).field == "parameters.guidance_scale"
+    assert refused(b'{"instances":[{"prompt":"a"}],"parameters":{"guidance_scale":1e999}}').field == (
+        "parameters.guidance_scale"
+    )
+    assert refused(body({"seed": 1e300})).field == "instances[0].seed"
+    assert refused(body(num_inference_steps=2**64)).field == "parameters.num_inference_steps"
+
+
+def test_model_garden_shape_in_full() -> None:
+    request = parse(
+        {
+            "instances": [{"text": "a fox"}, {"text": "a cat", "negative_prompt": "dogs"}],
+            "parameters": {
+                "negative_prompt": "blurry",
+                "height": 512,
+                "width": 768,
+                "num_inference_steps": 20,
+                "guidance_scale": 7.5,
+            },
+        }
+    )
+    assert [job.negative_prompt for job in request.jobs] == ["blurry", "dogs"]  # the instance's own wins
+    assert all(job.model_garden for job in request.jobs)
+    assert (request.width, request.height, request.steps, request.guidance_scale) == (768, 512, 20, 7.5)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [(body(lora_id="pixel-art"), "parameters.lora_id"), (body({"lora_id": "x"}), "instances[0].lora_id")],
+)
+def test_lora_id_is_refused_as_not_supported_yet(payload: dict[str, Any], field: str) -> None:
+    error = refused(payload)
+    assert error.field == field and "not supported yet" in error.message
