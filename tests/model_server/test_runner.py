@@ -84,3 +84,78 @@ def test_an_error_in_the_work_reaches_the_caller_and_the_runner_goes_on() -> Non
         return result
 
     assert asyncio.run(main()) == "fine"
+
+
+def blocker(release: threading.Event, log: list[str]) -> Callable[[Callable[[], bool]], str]:
+    def work(should_stop: Callable[[], bool]) -> str:
+        while not release.wait(0.01):
+            if should_stop():
+                log.append("stopped")
+                raise TimeLimitExceeded("stopped")
+        return "released"
+
+    return work
+
+
+def test_retry_after_follows_the_work_queued_not_a_mean_of_past_durations() -> None:
+    """Big requests measured, then small ones queued: the queue drains at once, Retry-After says 1 s."""
+
+    async def main() -> tuple[int, int]:
+        runner, log, release = Runner(queue_size=2, time_limit_s=30), list[str](), threading.Event()
+        await runner.run(sleeper(0.3, log, "big"), cost=1000)  # about 0.0003 s per unit from now on
+        running = asyncio.ensure_future(runner.run(blocker(release, log), cost=1))
+        small = [asyncio.ensure_future(runner.run(lambda stop: "small", cost=1)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(QueueFull) as after_small:
+            await runner.run(lambda stop: "refused", cost=1)
+        release.set()
+        await asyncio.gather(running, *small)
+        release.clear()
+        running = asyncio.ensure_future(runner.run(blocker(release, log), cost=1))
+        large = [asyncio.ensure_future(runner.run(lambda stop: "large", cost=100_000)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(QueueFull) as after_large:
+            await runner.run(lambda stop: "refused", cost=1)
+        release.set()
+        await asyncio.gather(running, *large)
+        await runner.close()
+        return int(after_small.value.retry_after or 0), int(after_large.value.retry_after or 0)
+
+    small, large = asyncio.run(main())
+    assert small == 1
+    # 200,000 units queued at the measured rate: tens of seconds, in proportion to the work.
+    assert large > 10 * small
+
+
+def test_a_caller_that_leaves_frees_its_queue_slot_at_once() -> None:
+    async def main() -> tuple[int, str]:
+        runner, log, release = Runner(queue_size=1, time_limit_s=30), list[str](), threading.Event()
+        running = asyncio.ensure_future(runner.run(blocker(release, log)))
+        queued = asyncio.ensure_future(runner.run(lambda stop: "never"))
+        await asyncio.sleep(0.05)
+        queued.cancel()  # its client disconnected
+        await asyncio.gather(queued, return_exceptions=True)
+        pending = runner.pending
+        late = asyncio.ensure_future(runner.run(lambda stop: "late"))  # would be QueueFull if the slot stayed taken
+        release.set()
+        await running
+        result = await late
+        await runner.close()
+        return pending, result
+
+    assert asyncio.run(main()) == (1, "late")
+
+
+def test_a_cancelled_caller_returns_once_its_running_work_has_stopped() -> None:
+    async def main() -> tuple[list[str], str]:
+        runner, log, release = Runner(queue_size=2, time_limit_s=30), list[str](), threading.Event()
+        running = asyncio.ensure_future(runner.run(blocker(release, log)))
+        await asyncio.sleep(0.05)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        seen = list(log)  # the work had stopped when the caller's cancellation completed
+        after = await runner.run(lambda stop: "next")
+        await runner.close()
+        return seen, after
+
+    assert asyncio.run(main()) == (["stopped"], "next")

@@ -16,12 +16,18 @@ from sdxl_server.errors import QueueFull, TimeLimitExceeded
 T = TypeVar("T")
 Work = Callable[[Callable[[], bool]], T]  # receives should_stop(); returns the result
 
+# Before anything has run, one unit of work (see Runner.run's `cost`) is taken to last this long.
+DEFAULT_SECONDS_PER_COST = 1.0
+
 
 @dataclass(eq=False)
 class _Task(Generic[T]):
     work: Work[T]
     deadline: float
     future: asyncio.Future[T]
+    cost: float
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float | None = None
     cancelled: bool = False
 
     def should_stop(self) -> bool:
@@ -33,9 +39,10 @@ class Runner:
     """Runs blocking work on one worker thread, in arrival order.
 
     At most `queue_size` requests wait behind the running one; more get QueueFull (HTTP 429) with a
-    Retry-After estimated from recent durations. A request not finished `time_limit_s` after it arrived
+    Retry-After estimated from the work queued. A request not finished `time_limit_s` after it arrived
     gets TimeLimitExceeded (HTTP 504) at once, and its work is told to stop at the next step, so the
-    GPU moves on to the next request instead of finishing an image nobody will receive.
+    GPU moves on to the next request instead of finishing an image nobody will receive. A caller that
+    is cancelled (its client went away) leaves the queue at once, or stops its work at the next step.
     """
 
     queue_size: int
@@ -45,22 +52,26 @@ class Runner:
     _wakeup: asyncio.Event | None = None
     _worker: asyncio.Task[None] | None = None
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "sdxl-generate"))
-    _recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+    _seconds_per_cost: float | None = None  # measured on finished work
 
     @property
     def pending(self) -> int:
         """Requests waiting or running."""
         return len(self._queue) + (self._running is not None)
 
-    async def run(self, work: Work[T]) -> T:
-        """Queue `work`, wait for its result, or raise QueueFull / TimeLimitExceeded."""
+    async def run(self, work: Work[T], *, cost: float = 1.0) -> T:
+        """Queue `work`, wait for its result, or raise QueueFull / TimeLimitExceeded.
+
+        `cost` is the work's size in any unit proportional to its duration (the app uses steps x pixels
+        x images); Retry-After is the cost queued times the seconds per unit measured so far.
+        """
         if self.pending > self.queue_size:
             raise QueueFull(
                 f"{self.pending} requests are waiting or running, the queue holds {self.queue_size}; retry later",
                 retry_after=self.retry_after(),
             )
         loop = asyncio.get_running_loop()
-        task: _Task[T] = _Task(work, time.monotonic() + self.time_limit_s, loop.create_future())
+        task: _Task[T] = _Task(work, time.monotonic() + self.time_limit_s, loop.create_future(), cost)
         self._queue.append(task)
         self._ensure_worker()
         try:
@@ -71,13 +82,27 @@ class Runner:
                 f"not finished within the time limit of {self.time_limit_s:g} s (SDXL_TIME_LIMIT); "
                 "use fewer steps, a smaller size or fewer images, or a dedicated endpoint with a longer limit"
             ) from None
+        except asyncio.CancelledError:
+            # The caller is gone: returning only once the work has stopped lets it report what ran.
+            task.cancelled = True
+            if task.started is not None:
+                await task.ended.wait()
+            raise
         finally:
-            task.cancelled = True  # also when the client went away: the worker skips it
+            task.cancelled = True
+            if task.started is None and task in self._queue:
+                self._queue.remove(task)  # a slot for the next caller now, not when the worker gets here
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue times the recent mean duration, 1 s at least."""
-        mean = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
-        return max(1, math.ceil(mean * self.pending))
+        """Seconds until the work now queued or running is likely done, 1 s at least."""
+        rate = self._seconds_per_cost
+        if rate is None:
+            return max(1, math.ceil(DEFAULT_SECONDS_PER_COST * self.pending))
+        left = sum(task.cost for task in self._queue if not task.cancelled) * rate
+        running = self._running
+        if running is not None and running.started is not None:
+            left += max(0.0, running.cost * rate - (time.monotonic() - running.started))
+        return max(1, math.ceil(left))
 
     async def close(self) -> None:
         """Stop the worker; running work finishes on its thread."""
@@ -92,6 +117,12 @@ class Runner:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work_loop())
 
+    def _measured(self, task: _Task[Any], seconds: float) -> None:
+        """Seconds per unit of cost, weighted towards the latest (the GPU's speed does not drift much)."""
+        rate = seconds / max(task.cost, 1e-9)
+        previous = self._seconds_per_cost
+        self._seconds_per_cost = rate if previous is None else 0.5 * previous + 0.5 * rate
+
     async def _work_loop(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
@@ -102,17 +133,19 @@ class Runner:
                 continue
             task = self._queue.popleft()
             if task.should_stop():  # timed out while waiting, or the caller left
+                task.ended.set()
                 continue
             self._running = task
-            started = time.monotonic()
+            task.started = time.monotonic()
             try:
                 result = await loop.run_in_executor(self._executor, task.work, task.should_stop)
             except Exception as exc:  # delivered to the caller, who maps it to a status code
                 if not task.future.done() and not task.cancelled:
                     task.future.set_exception(exc)
             else:
-                self._recent_s.append(time.monotonic() - started)
+                self._measured(task, time.monotonic() - task.started)
                 if not task.future.done() and not task.cancelled:
                     task.future.set_result(result)
             finally:
                 self._running = None
+                task.ended.set()
