@@ -21,6 +21,7 @@ COMMANDS = {
     "sdxlctl --help": [sys.executable, "-m", "sdxlctl", "--help"],
     "sdxlctl status": [sys.executable, "-m", "sdxlctl", "status"],
     "sdxlctl --version": [sys.executable, "-m", "sdxlctl", "--version"],
+    "sdxlctl cost --compare": [sys.executable, "-m", "sdxlctl", "cost", "--compare", "--json"],
 }
 
 
