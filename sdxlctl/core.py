@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +18,8 @@ from typing import Any, Literal
 
 from sdxlctl import client, local, pricing
 from sdxlctl.config import Config
-from sdxlctl.errors import DeployError, SdxlctlError, UsageError
-from sdxlctl.state import Resource, StateStore
+from sdxlctl.errors import DeployError, Interrupted, PredictError, SdxlctlError, UsageError
+from sdxlctl.state import Resource, State, StateStore
 
 Progress = Callable[[str], None]
 SERVER = "local-server"
@@ -58,48 +60,116 @@ def _ensure_process(
     config: Config, store: StateStore, spec: local.ProcessSpec, progress: Progress, *, what: str
 ) -> DeployResult:
     started = time.monotonic()
-    with store.transaction() as state:
-        current = state.get(config.name, spec.kind)
-        alive = current is not None and local.is_running(current.details.get("pid", -1), spec.module)
-        if current is not None and alive and current.details.get("digest") == spec.digest:
-            resource = current
-            action: Literal["started", "restarted", "unchanged", "resumed"] = "unchanged"
-        else:
-            if current is not None and alive:
-                progress(f"stopping the {what} started with the previous config")
-                local.stop(current.details["pid"], spec.module)
-            state.remove(config.name, spec.kind)
-            progress(f"starting the {what}")
-            log_path = config.home / "logs" / f"{config.name}-{spec.kind.removeprefix('local-')}.log"
-            # Recorded before waiting, so that an interrupted wait leaves a process that status, deploy
-            # and teardown all know about; and no Ctrl-C between start and record, or it would run unknown.
-            with interrupts_deferred():
-                pid = local.start(spec, log_path)
-                resource = Resource(
-                    kind=spec.kind,
-                    name=f"{config.name}-{spec.kind.removeprefix('local-')}",
-                    target="local",
-                    url=f"http://{config.local.host}:{spec.port}",
-                    details={
-                        "pid": pid,
-                        "port": spec.port,
-                        "digest": spec.digest,
-                        "log": str(log_path),
-                        "module": spec.module,
-                        "model": config.model.source,
-                        "health_route": spec.health_route,
-                        "predict_route": "/predict",
-                    },
-                )
-                state.put(config.name, resource)
-                store.write(state)
-            action = "restarted" if current is not None else "started"
-    ready_at_once = action == "unchanged" and local.health(_health_url(resource))[0] == 200
-    if not ready_at_once:
-        _wait_until_ready(config, store, resource, progress, what=what)
-        if action == "unchanged":
-            action = "resumed"
+    resource: Resource | None = None
+    try:
+        mark = local.marker(config.home, config.name, spec.kind)
+        with store.transaction() as state:
+            current = state.get(config.name, spec.kind)
+            if current is None:  # the state file lost it (damaged and moved aside): the process may still run
+                current = _lost_processes(store, config, state).get(spec.kind)
+                if current is not None:
+                    progress(f"found the {what} this folder started before (pid {current.details.get('pid')})")
+                    state.put(config.name, current)
+            alive = current is not None and local.owns(_details(current))
+            if current is not None and alive and current.details.get("digest") == spec.digest:
+                resource = current
+                action: Literal["started", "restarted", "unchanged", "resumed"] = "unchanged"
+            else:
+                if current is not None and alive:
+                    progress(f"stopping the {what} started with the previous config")
+                    local.stop(_details(current))
+                state.remove(config.name, spec.kind)
+                store.forget_process(config.name, spec.kind)
+                progress(f"starting the {what}")
+                log_path = config.home / "logs" / f"{config.name}-{spec.kind.removeprefix('local-')}.log"
+                # Recorded before waiting, so that an interrupted wait leaves a process that status, deploy
+                # and teardown all know about; and no Ctrl-C between start and record, or it would run unknown.
+                with interrupts_deferred():
+                    pid = local.start(spec, log_path, mark=mark)
+                    who = local.identity_after_start(pid)  # tells it apart from a later process with its pid
+                    resource = Resource(
+                        kind=spec.kind,
+                        name=f"{config.name}-{spec.kind.removeprefix('local-')}",
+                        target="local",
+                        url=f"http://{config.local.host}:{spec.port}",
+                        details={
+                            "pid": pid,
+                            **(who.details() if who else {}),
+                            "marker": mark,
+                            "port": spec.port,
+                            "digest": spec.digest,
+                            "log": str(log_path),
+                            "module": spec.module,
+                            "model": config.model.source,
+                            "health_route": spec.health_route,
+                            "predict_route": "/predict",
+                        },
+                    )
+                    try:
+                        store.record_process(config.name, resource)
+                        state.put(config.name, resource)
+                        store.write(state)
+                    except BaseException:
+                        local.stop(_details(resource))  # unrecorded, it would hold the port with nobody to stop it
+                        store.forget_process(config.name, spec.kind)
+                        raise
+                action = "restarted" if current is not None else "started"
+        ready_at_once = action == "unchanged" and local.health(_health_url(resource))[0] == 200
+        if not ready_at_once:
+            _wait_until_ready(config, store, resource, progress, what=what)
+            if action == "unchanged":
+                action = "resumed"
+    except KeyboardInterrupt:
+        raise _interrupted(resource, what) from None
     return DeployResult(action, resource, time.monotonic() - started, what)
+
+
+def _interrupted(resource: Resource | None, what: str) -> Interrupted:
+    """What a Ctrl-C during deploy or ui-deploy left: a recorded process still starting, or nothing new."""
+    command = "ui-deploy" if what == "UI" else "deploy"
+    if resource is None:
+        return Interrupted(
+            f"interrupted before the {what} was started; nothing new runs",
+            hint=f"`sdxlctl {command}` starts it; `sdxlctl status` shows what is recorded",
+        )
+    return Interrupted(
+        f"interrupted while waiting for the {what}; it is still starting (pid {resource.details.get('pid')}, "
+        "recorded)",
+        hint=f"`sdxlctl {command}` waits again, `sdxlctl teardown` stops it; log: {resource.details.get('log')}",
+    )
+
+
+def _details(resource: Resource) -> dict[str, Any]:
+    """A record's details as local.owns and local.stop read them."""
+    return {"kind": resource.kind, **resource.details}
+
+
+def _lost_processes(store: StateStore, config: Config, state: State) -> dict[str, Resource]:
+    """Local processes of this deployment that run but that `state` does not hold, by kind.
+
+    Found by their records in run/ or, failing those, by the marker in their environment: so that a
+    damaged or deleted state file does not leave a server running that nothing can stop.
+    """
+    found = {}
+    kinds = {"local-server": "sdxl_server", "local-ui": "sdxl_ui"}
+    records = store.process_records(config.name)
+    for kind, module in kinds.items():
+        if state.get(config.name, kind) is not None:
+            continue
+        record = records.get(kind)
+        if record is not None and local.owns(_details(record)):
+            found[kind] = record
+            continue
+        mark = local.marker(config.home, config.name, kind)
+        for pid in local.find_marked(mark):
+            who = local.identity(pid)
+            if who is None:
+                continue
+            name = f"{config.name}-{kind.removeprefix('local-')}"
+            details = {"pid": pid, **who.details(), "marker": mark, "module": module}
+            found[kind] = Resource(kind=kind, name=name, target="local", details=details)
+            break
+    return found
 
 
 @contextmanager
@@ -120,25 +190,26 @@ def _health_url(resource: Resource) -> str:
 
 
 def _wait_until_ready(config: Config, store: StateStore, resource: Resource, progress: Progress, *, what: str) -> None:
-    pid, log_path, module = resource.details["pid"], Path(resource.details["log"]), resource.details["module"]
+    pid, log_path = resource.details["pid"], Path(resource.details["log"])
+    command = "ui-deploy" if resource.kind == "local-ui" else "deploy"
     deadline = time.monotonic() + config.local.startup_timeout_s
     while time.monotonic() < deadline:
         status, body = local.health(_health_url(resource))
         if status == 200:
             return
-        if body.get("status") == "failed" or not local.is_running(pid, module) or local.is_zombie(pid):
-            local.stop(pid, module)
+        if body.get("status") == "failed" or not local.owns(_details(resource)):
+            local.stop(_details(resource))
             with store.transaction() as state:
                 state.remove(config.name, resource.kind)
+            store.forget_process(config.name, resource.kind)
             reason = body.get("reason") or local.tail(log_path) or "it exited"
             raise DeployError(f"the {what} did not start: {reason}", hint=f"full log: {log_path}")
-        progress(
-            f"starting the {what}" + (f" (model {config.model.source!r}: {body['status']})" if "status" in body else "")
-        )
+        model = f" (model {config.model.source!r}: {body['status']})" if "status" in body else ""
+        progress(f"starting the {what}{model}")
         time.sleep(0.2)
     raise DeployError(
         f"the {what} was not ready after {config.local.startup_timeout_s:g} s",
-        hint=f"it is still running (pid {pid}); `sdxlctl deploy` waits again, `sdxlctl teardown` stops it; "
+        hint=f"it is still running (pid {pid}); `sdxlctl {command}` waits again, `sdxlctl teardown` stops it; "
         f"log: {log_path}",
     )
 
@@ -214,35 +285,90 @@ class PredictResult:
 def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
+    paths = check_output(options.output, options.num_images)  # before the request: never generate for nothing
     started = time.monotonic()
-    if config.target == "vertex":
-        from sdxlctl import cloud
+    try:
+        if config.target == "vertex":
+            from sdxlctl import cloud
 
-        answer = cloud.predict(config, store, body, timeout_s=config.model.time_limit_s + 10)
-        url = config.name
-    else:
-        resource = store.read().get(config.name, SERVER)
-        if resource is None:
-            raise DeployError(
-                f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first"
-            )
-        url = resource.url + resource.details.get("predict_route", "/predict")
-        answer = client.predict(url, body, timeout_s=config.model.time_limit_s + 10)
+            answer = cloud.predict(config, store, body, timeout_s=config.model.time_limit_s + 10)
+            url = config.name
+        else:
+            resource = store.read().get(config.name, SERVER)
+            if resource is None:
+                raise DeployError(
+                    f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first"
+                )
+            url = resource.url + resource.details.get("predict_route", "/predict")
+            answer = client.predict(url, body, timeout_s=config.model.time_limit_s + 10)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted while waiting for the images; nothing was written",
+            hint="the deployment keeps running; `sdxlctl predict` asks again",
+        ) from None
     seconds = time.monotonic() - started
     prediction = answer["predictions"][0]
-    paths = write_images(options.output, [base64.b64decode(image) for image in prediction["images"]])
+    try:
+        images = [base64.b64decode(image, validate=True) for image in prediction["images"]]
+    except ValueError:
+        raise PredictError(f"the answer from {url} carries an image that is not base64") from None
+    paths = write_images(paths[: len(images)], images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
     return PredictResult(
         paths, prediction["seeds"], prediction["width"], prediction["height"], prediction["output_format"], seconds, url
     )
 
 
-def write_images(output: Path, images: list[bytes]) -> list[Path]:
+def image_paths(output: Path, count: int) -> list[Path]:
     """out.png, out-1.png, out-2.png, ...: the first keeps the name asked for."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
-    for path, data in zip(paths, images, strict=True):
-        path.write_bytes(data)
+    return [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def check_output(output: Path, count: int) -> list[Path]:
+    """The files predict will write, checked before the request: their folder exists (or is made) and takes files."""
+    paths = image_paths(output, count)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        # The one reliable test of "may I write here" (permissions, read-only mounts, ACLs) is to write.
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".sdxlctl-probe-"):
+            pass
+    except OSError as exc:
+        raise PredictError(
+            f"cannot write -o {output}: {exc.filename or output.parent}: {exc.strerror or exc}",
+            hint="choose a file in a folder you may write (-o images/fox.png makes the folder)",
+        ) from None
     return paths
+
+
+def write_images(paths: list[Path], images: list[bytes], *, rescue: list[Path], seeds: list[int]) -> list[Path]:
+    """Write each image to its path; if that fails, keep them all in the first rescue folder that takes them."""
+    try:
+        for path, data in zip(paths, images, strict=True):
+            path.write_bytes(data)
+        return paths
+    except OSError as exc:
+        failed = exc
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in [*rescue, Path(tempfile.gettempdir()) / "sdxlctl-rescued"]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            saved = [folder / f"{stamp}-{path.name}" for path in paths]
+            for path, data in zip(saved, images, strict=True):
+                path.write_bytes(data)
+        except OSError:
+            continue
+        raise PredictError(
+            f"could not write {failed.filename}: {failed.strerror}; the {len(images)} image(s) are saved in "
+            f"{folder} (seeds {', '.join(map(str, seeds))})",
+            hint="copy them from there; fix the -o folder (space, permissions) for the next ones",
+        )
+    raise PredictError(
+        f"could not write {failed.filename}: {failed.strerror}, nor save the images anywhere else "
+        f"(seeds {', '.join(map(str, seeds))})",
+        hint="free disk space; the same seeds and parameters make the same images again",
+    )
 
 
 # ---------------------------------------------------------------- status
@@ -311,8 +437,7 @@ def _cost_so_far(resource: Resource, config: Config, now: datetime) -> float | N
 def _live_state(resource: Resource) -> str:
     if resource.target != "local":
         return "recorded"
-    module = resource.details.get("module", "sdxl_")
-    if not local.is_running(resource.details.get("pid", -1), module) or local.is_zombie(resource.details["pid"]):
+    if not local.owns(_details(resource)):
         return "stopped"
     code, body = local.health(_health_url(resource))
     return str(body.get("status") or ("ready" if code == 200 else "starting"))
@@ -332,29 +457,53 @@ class TeardownOutcome:
 
 
 def teardown_plan(config: Config, store: StateStore) -> list[Resource]:
-    """What teardown would remove (target local)."""
-    return list(store.read().of(config.name).values())
+    """What teardown would remove (target local): the recorded, and the running ones the state file lost."""
+    state = store.read()
+    return [*state.of(config.name).values(), *_lost_processes(store, config, state).values()]
 
 
 def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) -> list[TeardownOutcome]:
     """Stop and forget everything of this deployment; keep going past a failure."""
     outcomes = []
+    interrupted: Resource | None = None
     with store.transaction() as state:
-        for kind, resource in list(state.of(config.name).items()):
+        found = {**_lost_processes(store, config, state), **state.of(config.name)}
+        for kind, resource in found.items():
             progress(f"stopping {resource.name}")
             try:
-                if resource.target == "local":
-                    pid = resource.details.get("pid", -1)
-                    module = resource.details.get("module", "sdxl_")
-                    local.stop(pid, module)
-                    if local.is_running(pid, module) and not local.is_zombie(pid):
-                        raise DeployError(f"pid {pid} is still running")
+                message = _stop_local(resource) if resource.target == "local" else "forgotten"
+            except KeyboardInterrupt:  # what is stopped so far is written; the rest stays recorded
+                interrupted = resource
+                break
             except Exception as exc:  # reported per resource; the others still go
                 outcomes.append(TeardownOutcome(kind, resource.name, False, str(exc)))
                 continue
             state.remove(config.name, kind)
-            outcomes.append(TeardownOutcome(kind, resource.name, True, "stopped"))
+            store.forget_process(config.name, kind)
+            outcomes.append(TeardownOutcome(kind, resource.name, True, message))
+    if interrupted is not None:
+        left = len(found) - len(outcomes)
+        raise Interrupted(
+            f"interrupted while stopping {interrupted.name}; {len(outcomes)} removed, {left} still recorded "
+            f"(pid {interrupted.details.get('pid')} may still run)",
+            hint="`sdxlctl teardown` finishes it",
+        )
     return outcomes
+
+
+def _stop_local(resource: Resource) -> str:
+    """Stop a recorded local process if it is still the one sdxlctl started; say what happened."""
+    details = _details(resource)
+    pid = details.get("pid")
+    if local.stop(details):
+        if local.owns(details):
+            raise DeployError(f"pid {pid} is still running after SIGKILL")
+        return "stopped"
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return f"no usable pid recorded ({pid!r}): nothing signalled, forgotten"
+    if local.identity(pid) is None:
+        return f"already gone (pid {pid}), forgotten"
+    return f"pid {pid} is not the process sdxlctl started (pid reused or record wrong): left alone, forgotten"
 
 
 # ---------------------------------------------------------------- cost

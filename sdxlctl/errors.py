@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 
 
 class ExitCode(enum.IntEnum):
@@ -49,3 +50,30 @@ class DeployError(SdxlctlError):
 
 class PredictError(SdxlctlError):
     """The model server refused or failed a prediction."""
+
+
+class Interrupted(SdxlctlError):
+    """Ctrl-C: the message says what was interrupted and what still runs or is recorded."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+OS_HINTS = {
+    errno.EACCES: "check the permissions of that path, or use a folder you may write",
+    errno.EPERM: "check the permissions (and attributes) of that path, or use a folder you may write",
+    errno.EROFS: "the file system is read-only: use a folder you may write",
+    errno.ENOSPC: "free some disk space and run the command again",
+    errno.EDQUOT: "your disk quota is used up: free some space and run the command again",
+    errno.EFBIG: "the file grew past a size limit (ulimit -f or the file system's)",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: move it aside or choose another path",
+    errno.EEXIST: "something of that name is in the way: move it aside or choose another path",
+    errno.EISDIR: "that path is a folder: name a file",
+    errno.ENOENT: "that path does not exist",
+}
+
+
+def from_os_error(exc: OSError) -> SdxlctlError:
+    """An OS error nobody caught closer to its cause, as one line naming the path, with a hint."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = OS_HINTS.get(exc.errno or 0, "fix the cause and run the command again")
+    return SdxlctlError(f"{where}{exc.strerror or exc}", hint=hint)

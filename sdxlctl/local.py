@@ -76,7 +76,15 @@ def ui_spec(config: Config, server_url: str) -> ProcessSpec:
     return ProcessSpec("local-ui", "sdxl_ui", config.local.ui_port, env, health_route="/")
 
 
-def start(spec: ProcessSpec, log_path: Path) -> int:
+MARKER_VAR = "SDXLCTL_PROCESS"  # in each started process's environment: found again without the state file
+
+
+def marker(home: Path, deployment: str, kind: str) -> str:
+    """What marks a process as this folder's deployment's: two folders may both deploy `sdxl`."""
+    return f"{home.resolve()}::{deployment}/{kind}"
+
+
+def start(spec: ProcessSpec, log_path: Path, *, mark: str = "") -> int:
     """Start the process detached from this terminal (Ctrl-C here does not reach it); return its pid."""
     if not port_is_free(spec.port):
         raise DeployError(
@@ -86,6 +94,8 @@ def start(spec: ProcessSpec, log_path: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # No network for the Hub client unless the source needs it; never phone home.
     env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False", **spec.env}
+    if mark:
+        env[MARKER_VAR] = mark
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", spec.module],
@@ -98,21 +108,182 @@ def start(spec: ProcessSpec, log_path: Path) -> int:
     return process.pid
 
 
-def is_running(pid: int, module: str) -> bool:
-    """Whether `pid` is alive and still the process we started (pids are reused)."""
+# ---------------------------------------------------------------- which process is ours
+
+HAVE_PROC = Path("/proc/self/stat").exists()
+PORT_VARS = {"local-server": "AIP_HTTP_PORT", "local-ui": "PORT"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What tells a process apart from a later one that reuses its pid."""
+
+    started: str  # boot id and start time in clock ticks (/proc/<pid>/stat field 22)
+    cmdline: list[str]
+
+    def details(self) -> dict[str, object]:
+        return {"started": self.started, "cmdline": self.cmdline}
+
+
+def _boot_id() -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def identity(pid: int) -> Identity | None:
+    """The start time and command line of a live process; None when there is none (or it is a zombie)."""
+    if not _valid_pid(pid):
+        return None
+    if not HAVE_PROC:
+        return _identity_from_ps(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _identity_from_ps(pid)
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return Identity(f"{_boot_id()}:{fields[19]}", [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]])
+
+
+def identity_after_start(pid: int, timeout_s: float = 5.0) -> Identity | None:
+    """The identity of a process just started: its command line reads empty until exec has settled."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = identity(pid)
+        if now is None or now.cmdline or time.monotonic() > deadline:
+            return now
+        time.sleep(0.01)
+
+
+def _identity_from_ps(pid: int) -> Identity | None:
+    """Where there is no /proc (macOS): ps knows the start time (to the second) and the command."""
+    try:
+        started = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if started.returncode != 0 or not started.stdout.strip():
+        return None
+    return Identity(started.stdout.strip(), command.stdout.split())
+
+
+def _valid_pid(pid: object) -> bool:
+    """Never 0 (our own group), 1 (init), negative (every process) nor a non-number; never ourselves."""
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 1 and pid != os.getpid()
+
+
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment where we may read it (our own uid), else empty."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if b"=" in item)
+    return {key: value for key, _, value in pairs}
+
+
+def owns(details: dict[str, object]) -> bool:
+    """Whether the recorded pid is still the very process sdxlctl started: same start time and command line.
+
+    A pid that is 0, 1, missing, ours, our process group's, or that now names another process is not.
+    """
+    pid = details.get("pid")
+    if not _valid_pid(pid) or pid == os.getpgrp():
         return False
-    except PermissionError:
-        return False  # alive, but another user's: not ours
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
+    assert isinstance(pid, int)
+    now = identity(pid)
+    if now is None:
+        return False
+    if "started" in details:
+        same = now.started == details["started"] and now.cmdline == details.get("cmdline")
+        # And the marker start() put in its environment: a record copied from another process, even
+        # with its start time, names no process of ours. (Without /proc, ps cannot show environments.)
+        mark = details.get("marker")
+        marked = isinstance(mark, str) and bool(mark) and environ(pid).get(MARKER_VAR) == mark
+        return same and (marked or not HAVE_PROC)
+    # Recorded before start times were: `python -m <module>` leading its own session, on the recorded port.
+    module, kind = details.get("module"), details.get("kind", "local-server")
+    port_var = PORT_VARS.get(str(kind), "AIP_HTTP_PORT")
+    return (
+        now.cmdline[1:] == ["-m", str(module)]
+        and _session(pid) == pid
+        and environ(pid).get(port_var) == str(details.get("port"))
+    )
+
+
+def _session(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1
+
+
+def find_marked(mark: str) -> list[int]:
+    """Pids of this user's live processes whose environment carries `mark` (Linux; elsewhere none)."""
+    found = []
+    uid = os.getuid()
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            return module in cmdline.read_bytes().decode(errors="replace")
+            if entry.stat().st_uid != uid:
+                continue
         except OSError:
-            return False
+            continue
+        pid = int(entry.name)
+        if _valid_pid(pid) and environ(pid).get(MARKER_VAR) == mark and identity(pid) is not None:
+            found.append(pid)
+    return sorted(found)
+
+
+def stop(details: dict[str, object], timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """SIGTERM the recorded process (its group when it leads one), wait, then SIGKILL.
+
+    Signals nothing unless `owns(details)`; returns whether there was a process of ours to stop.
+    """
+    if not owns(details):
+        return False
+    pid = details["pid"]
+    assert isinstance(pid, int)
+    # start() makes each process lead its own group: the group takes its children along. A process
+    # that leads none (recorded by hand, or it called setsid) gets the signal alone.
+    group = _session(pid) == pid and os.getpgid(pid) == pid and pid != os.getpgrp()
+    _signal(pid, signal.SIGTERM, group=group)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not owns(details):
+            return True
+        time.sleep(0.05)
+    _signal(pid, signal.SIGKILL, group=group)
+    deadline = time.monotonic() + 5.0  # SIGKILL cannot be refused; the kernel still takes a moment
+    while owns(details) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.05)
     return True
+
+
+def _signal(pid: int, signum: int, *, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def is_running(pid: int, module: str) -> bool:
+    """Whether `pid` is alive and its command line names `module` (a check for tests and old records)."""
+    now = identity(pid)
+    return now is not None and any(module in part for part in now.cmdline)
 
 
 def is_zombie(pid: int) -> bool:
@@ -121,28 +292,6 @@ def is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
-
-
-def stop(pid: int, module: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group, wait, then SIGKILL; return once it is gone."""
-    if not is_running(pid, module):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not is_running(pid, module) or is_zombie(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

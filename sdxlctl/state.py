@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,48 +55,140 @@ class State(BaseModel):
         self.resources.pop(f"{deployment}/{kind}", None)
 
 
+class StateError(SdxlctlError):
+    """The state folder or file cannot be read or written: an ordinary OS error, with what to do."""
+
+
+def _os_error(exc: OSError, home: Path, doing: str) -> StateError:
+    """One line naming the path and the cause, and a hint that fits the cause."""
+    where = exc.filename or home
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return StateError(
+            f"cannot {doing}: {where} is a file, not a folder",
+            hint=f"sdxlctl keeps its state in the folder {home} (beside sdxlctl.toml): move the file aside",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StateError(
+            f"cannot {doing}: {where}: {exc.strerror}",
+            hint=f"make {home} writable, or run sdxlctl beside an sdxlctl.toml in a folder you may write",
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StateError(
+            f"cannot {doing}: {where}: {exc.strerror}",
+            hint="free some disk space and run the command again; the previous state file is intact",
+        )
+    return StateError(f"cannot {doing}: {where}: {exc.strerror or exc}", hint="fix the cause and run the command again")
+
+
 class StateStore:
-    """The state file of one folder. Read freely; change only inside `transaction()`."""
+    """The state file of one folder. Read freely; change only inside `transaction()`.
+
+    Beside it, run/ holds one record per local process (the same Resource), so that a process stays
+    findable, and stoppable, when state.json is damaged or lost.
+    """
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self.path = home / "state.json"
+        self.run = home / "run"
 
     def read(self) -> State:
         """The current state (empty when nothing was created yet)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return State()
+        except OSError as exc:
+            raise _os_error(exc, self.home, "read the state file") from None
         try:
-            return State.model_validate_json(text)
+            return State.model_validate_json(data)
         except ValidationError as exc:
-            raise SdxlctlError(
+            aside = self.path.with_name("state.json.damaged")
+            raise StateError(
                 f"{self.path} is not a state file sdxlctl can read ({exc.error_count()} problems)",
-                hint="move it aside; `sdxlctl teardown` still finds cloud resources by label",
+                hint=f"move it aside (mv {self.path} {aside}): `sdxlctl teardown` still finds local processes by "
+                f"their records in {self.run} and cloud resources by label",
             ) from None
+
+    def _prepare(self) -> None:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, self.home, "create the state folder") from None
 
     @contextmanager
     def transaction(self) -> Iterator[State]:
         """Read, let the caller change, write back atomically: all under one lock held across processes."""
-        from filelock import FileLock
+        from filelock import FileLock, Timeout
 
-        self.home.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.home / "state.lock"), timeout=60):
+        self._prepare()
+        lock = FileLock(str(self.home / "state.lock"), timeout=60)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StateError(
+                f"another sdxlctl has been changing {self.home} for 60 s",
+                hint="wait for it to finish; if none runs, delete state.lock there",
+            ) from None
+        except OSError as exc:
+            raise _os_error(exc, self.home, "lock the state file") from None
+        try:
             state = self.read()
             yield state
             self.write(state)
+        finally:
+            lock.release()
 
     def write(self, state: State) -> None:
         """Write `state` now; only inside `transaction()`, which holds the lock (and writes again at its end)."""
+        self._write(self.path, json.dumps(state.model_dump(mode="json"), indent=2) + "\n", "write the state file")
+
+    def _write(self, path: Path, text: str, doing: str) -> None:
         # Write a sibling file, fsync, rename: a reader sees the old file or the new one, never half of one.
-        handle, temporary = tempfile.mkstemp(dir=self.home, prefix=".state-", suffix=".json")
+        try:
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+        except OSError as exc:
+            raise _os_error(exc, self.home, doing) from None
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(json.dumps(state.model_dump(mode="json"), indent=2) + "\n")
+                file.write(text)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
+            os.replace(temporary, path)
+        except BaseException as exc:
             Path(temporary).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _os_error(exc, self.home, doing) from None
             raise
+
+    # ------------------------------------------------------------ per-process records
+
+    def _record_path(self, deployment: str, kind: str) -> Path:
+        return self.run / f"{deployment}.{kind}.json"
+
+    def record_process(self, deployment: str, resource: Resource) -> None:
+        """Keep a copy of a local process's record in run/, apart from state.json."""
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, self.home, "create the process records' folder") from None
+        path = self._record_path(deployment, resource.kind)
+        self._write(path, resource.model_dump_json(indent=2) + "\n", "write a process record")
+
+    def process_records(self, deployment: str) -> dict[str, Resource]:
+        """The run/ records of one deployment, by kind; unreadable ones are skipped (they name no process)."""
+        records = {}
+        for path in sorted(self.run.glob(f"{deployment}.*.json")):
+            try:
+                resource = Resource.model_validate_json(path.read_bytes())
+            except (OSError, ValidationError):
+                continue
+            if path.name == f"{deployment}.{resource.kind}.json":
+                records[resource.kind] = resource
+        return records
+
+    def forget_process(self, deployment: str, kind: str) -> None:
+        """Drop a process's run/ record (it was stopped, or it is not ours)."""
+        # Left behind it names a process that owns() no longer recognises: harmless, dropped next time.
+        with suppress(OSError):
+            self._record_path(deployment, kind).unlink(missing_ok=True)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 
 from sdxlctl import __version__
 from sdxlctl.cli.console import err
-from sdxlctl.errors import ExitCode, SdxlctlError
+from sdxlctl.errors import ExitCode, SdxlctlError, from_os_error
 
 app = typer.Typer(
     name="sdxlctl",
@@ -67,18 +72,24 @@ def run(argv: list[str]) -> int:
     from sdxlctl.cli import commands  # noqa: F401  (registers the commands)
 
     options.config_path, options.debug = None, "--debug" in argv
+    interrupted: list[bool] = []
     try:
-        result = app(args=argv, prog_name="sdxlctl", standalone_mode=False)
+        with _noting_interrupts(interrupted):
+            result = app(args=argv, prog_name="sdxlctl", standalone_mode=False)
+    except OSError as exc:  # an ordinary OS error nobody caught closer to its cause: still one line
+        if options.debug:
+            raise
+        return _show(from_os_error(exc))
     except SdxlctlError as exc:
         if options.debug:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-        if exc.hint:
-            err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)
-        return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("interrupted")
+        return _show(exc)
+    except KeyboardInterrupt:
+        err.print(INTERRUPTED)
         return ExitCode.INTERRUPTED
+    except typer.Abort:  # a confirmation answered no, or Ctrl-C at it: before anything was done
+        err.print("aborted: nothing was changed")
+        return ExitCode.INTERRUPTED if interrupted else ExitCode.FAILED
     except typer.TyperException as exc:  # usage errors of typer's (vendored) click
         show = getattr(exc, "show", None)
         if show is not None:
@@ -92,7 +103,41 @@ def run(argv: list[str]) -> int:
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err.print("[dim]hint:[/] run again with --debug for the traceback, and report it")
         return ExitCode.FAILED
+    if result == ExitCode.INTERRUPTED and interrupted:
+        # Typer turns Ctrl-C into a silent Exit(130) where no step said what it left behind.
+        err.print(INTERRUPTED, soft_wrap=True)
     return result if isinstance(result, int) else ExitCode.OK
+
+
+INTERRUPTED = "interrupted; `sdxlctl status` shows what exists and runs"
+
+
+def _show(exc: SdxlctlError) -> int:
+    from rich.markup import escape
+
+    # soft_wrap: one line stays one line in a log or a pipe; a terminal still wraps it for the eye.
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
+    if exc.hint:
+        err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+    return exc.exit_code
+
+
+@contextmanager
+def _noting_interrupts(seen: list[bool]) -> Iterator[None]:
+    """Ctrl-C still raises KeyboardInterrupt where it lands, and leaves a note that it came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        seen.append(True)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main() -> None:

@@ -142,6 +142,9 @@ def test_ctrl_c_during_deploy_leaves_consistent_state_and_a_rerun_resumes(tmp_pa
     try:
         assert deploying.returncode == 130, stderr
         assert "Traceback" not in stderr
+        # SkyPilot-style: what was interrupted, what still runs, and how to go on or stop it.
+        assert "interrupted while waiting for the model server" in stderr, stderr
+        assert f"pid {pid}" in stderr and "sdxlctl deploy" in stderr and "sdxlctl teardown" in stderr
         assert server_pid(tmp_path) == pid and not gone(pid)  # recorded and still loading: nothing lost
 
         resumed = subprocess.run([*cli, "deploy"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
