@@ -79,10 +79,16 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
     if not rows:
         err.print(f"nothing deployed for {config.name!r} (target {config.target}); `sdxlctl deploy` starts it")
         return
-    table = Table(title=f"{config.name} ({config.target})", title_justify="left")
-    for column in ("what", "name", "state", "where", "up for", "since", "cost so far"):
+    # Narrow (80 columns, or piped, where rich assumes 80) drops "since" ("up for" says the same) and
+    # lets long cells fold onto more lines: a name or a state is never cut to "re…".
+    wide = out.width >= WIDE
+    table = Table(title=f"{config.name} ({config.target})", title_justify="left", show_edge=wide, expand=False)
+    columns = ["what", "name", "state", "where", "up for"] + (["since"] if wide else []) + ["cost so far"]
+    for column in columns:
+        longest = max(len(column.split()[0]), *(_longest_word(_status_cells(row)[column]) for row in rows))
+        shortest = {"where": 12, "name": 12}.get(column, longest)  # long names and URLs fold instead
         table.add_column(
-            column, no_wrap=column in {"where", "since"}, justify="right" if column == "cost so far" else "left"
+            column, overflow="fold", min_width=shortest, justify="right" if column == "cost so far" else "left"
         )
     colours = {
         "ready": "green",
@@ -94,15 +100,30 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
     }
     for row in rows:
         colour = "green" if row.state.startswith("serving") else colours.get(row.state, "red")
-        table.add_row(
-            row.kind,
-            row.name,
-            f"[{colour}]{row.state}[/]",
-            row.url,
-            duration(row.uptime_s),
-            row.created_at.strftime("%Y-%m-%d %H:%M UTC"),
-        )
+        cells = _status_cells(row)
+        cells["state"] = f"[{colour}]{escape(row.state)}[/]"
+        table.add_row(*(cells[column] for column in columns))
     out.print(table)
+
+
+WIDE = 120  # columns from which `status` shows every column
+
+
+def _status_cells(row: ResourceStatus) -> dict[str, str]:
+    """The text of each column: cost so far is 0.00 for local things, — where sdxlctl cannot tell."""
+    return {
+        "what": row.kind,
+        "name": escape(row.name),
+        "state": escape(row.state),
+        "where": escape(row.url),
+        "up for": duration(row.uptime_s),
+        "since": row.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+        "cost so far": "—" if row.cost_so_far is None else f"{row.cost_so_far:,.2f}",
+    }
+
+
+def _longest_word(text: str) -> int:
+    return max((len(word) for word in text.split()), default=0)
 
 
 def teardown_plan(plan: list[Resource]) -> None:
