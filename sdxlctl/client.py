@@ -35,6 +35,11 @@ def predict(
             ) from None
         except httpx.TimeoutException:
             raise PredictError(f"no answer from {url} within {timeout_s:g} s") from None
+        except httpx.HTTPError as exc:  # the connection broke, or the answer was not HTTP
+            raise PredictError(
+                f"the connection to {url} broke before an answer ({type(exc).__name__}: {exc})",
+                hint="the server may have restarted or crashed: `sdxlctl status` shows it; then try again",
+            ) from None
         if response.status_code in (429, 503) and attempt < MAX_RETRIES:
             sleep(min(_retry_after(response), MAX_RETRY_WAIT_S))
             continue
@@ -43,10 +48,18 @@ def predict(
 
 
 def _retry_after(response: Any) -> float:
+    """Retry-After in seconds or as an HTTP date (RFC 9110); 2 s when absent or unreadable; at least 1 s."""
+    value = response.headers.get("retry-after", "2").strip()
     try:
-        return max(1.0, float(response.headers.get("retry-after", "2")))
+        seconds = float(value)
     except ValueError:
-        return 2.0
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            seconds = 2.0
+    return max(1.0, seconds) if seconds == seconds else 2.0  # NaN is not a wait
 
 
 def _answer(response: Any) -> dict[str, Any]:
@@ -55,6 +68,12 @@ def _answer(response: Any) -> dict[str, Any]:
     except ValueError:
         data = None
     if response.status_code == 200 and isinstance(data, dict) and "predictions" in data:
+        problem = _contract_problem(data)
+        if problem:
+            raise PredictError(
+                f"the answer from {response.url} does not follow the model server's contract: {problem}",
+                hint="is the endpoint serving sdxlctl's model server? `sdxlctl status` shows what is deployed",
+            )
         return data
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
@@ -68,4 +87,28 @@ def _answer(response: Any) -> dict[str, Any]:
         raise PredictError(
             f"the server answered {response.status_code}: {message}", hint=hints.get(response.status_code)
         )
-    raise PredictError(f"unexpected answer {response.status_code} from {response.url}: {response.text[:200]}")
+    text = " ".join(response.text[:200].split())  # one line, whatever a proxy's error page looks like
+    raise PredictError(f"unexpected answer {response.status_code} from {response.url}: {text or '(empty)'}")
+
+
+def _contract_problem(data: dict[str, Any]) -> str:
+    """What is wrong with a 200 answer's first prediction, or "" when it has what predict reads."""
+    predictions = data["predictions"]
+    if not isinstance(predictions, list) or not predictions or not isinstance(predictions[0], dict):
+        return "predictions is not a list of objects"
+    first = predictions[0]
+    images, seeds = first.get("images"), first.get("seeds")
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        return "predictions[0].images is not a list of base64 strings"
+    if not isinstance(seeds, list) or len(seeds) != len(images) or not all(_is_int(s) for s in seeds):
+        return "predictions[0].seeds is not one integer per image"
+    for key in ("width", "height"):
+        if not _is_int(first.get(key)):
+            return f"predictions[0].{key} is not an integer"
+    if not isinstance(first.get("output_format"), str):
+        return "predictions[0].output_format is missing"
+    return ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
