@@ -2,83 +2,25 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from sdxlctl import client
 from sdxlctl.errors import PredictError
+from tests.cli.scripted import GOOD, PNG, Answer, Script, scripted_server
 from tests.servers import free_port
 
-PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
-GOOD = {"predictions": [{"images": [PNG], "seeds": [7], "width": 64, "height": 64, "output_format": "png"}]}
 BODY = {"instances": [{"prompt": "a fox"}], "parameters": {"num_images": 1}}
-
-
-@dataclass
-class Answer:
-    status: int = 200
-    body: Any = field(default_factory=lambda: GOOD)  # a dict/list is sent as JSON, str/bytes as they are
-    headers: dict[str, str] = field(default_factory=dict)
-    drop: bool = False  # close the connection without answering
-    hang_s: float = 0.0
-
-
-@dataclass
-class Script:
-    url: str
-    answers: list[Answer]
-    seen: list[dict[str, Any]] = field(default_factory=list)
 
 
 @pytest.fixture
 def scripted() -> Iterator[Script]:
-    script = Script("", [])
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", 0))
-            script.seen.append(json.loads(self.rfile.read(length)))
-            answer = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
-            if answer.hang_s:
-                time.sleep(answer.hang_s)
-            if answer.drop:
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            data = answer.body
-            raw = data if isinstance(data, bytes) else (data if isinstance(data, str) else json.dumps(data)).encode()
-            self.send_response(answer.status)
-            is_json = not isinstance(data, (str, bytes))
-            self.send_header("content-type", "application/json" if is_json else "text/html")
-            for key, value in answer.headers.items():
-                self.send_header(key, value)
-            self.send_header("content-length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    script.url = f"http://127.0.0.1:{server.server_address[1]}/predict"
-    try:
+    with scripted_server() as script:
         yield script
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def error(code: int, message: str) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from sdxlctl.state import Resource, StateStore
 from tests.conftest import Cli
 
 BAD_CONFIGS: list[tuple[str, str, str]] = [
@@ -92,15 +95,22 @@ def test_a_bad_flag_exits_2_naming_the_flag(cli: Cli, args: list[str], names: st
     assert "Traceback" not in result.err + result.out
 
 
-def test_vertex_without_a_project_says_so_and_exits_2(cli: Cli) -> None:
+def test_vertex_without_a_project_says_so_and_exits_2(cli: Cli, tmp_path: Path) -> None:
     for args in (["deploy"], ["build"], ["upload"], ["teardown", "--yes"], ["predict", "fox"]):
         result = cli(*args, env={"SDXLCTL_TARGET": "vertex"})
         assert result.code == 2 and "[gcp] project" in result.err, (args, result)
+        assert result.out == "" and list(tmp_path.iterdir()) == [], args  # refused before doing anything
 
 
-def test_build_and_upload_are_no_ops_on_the_local_target(cli: Cli) -> None:
-    assert cli("build").code == 0
-    assert cli("upload").code == 0
+def test_build_and_upload_are_no_ops_on_the_local_target(cli: Cli, tmp_path: Path) -> None:
+    store = StateStore(tmp_path / ".sdxlctl")
+    with store.transaction() as state:  # something deployed: a no-op must leave its record as it is
+        state.put("sdxl", Resource(kind="local-server", name="sdxl-server", target="local", details={"pid": 0}))
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for command, says in (("build", "no image to build"), ("upload", "nothing to upload")):
+        result = cli(command)
+        assert result.code == 0 and says in result.err and result.out == "", result
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 def test_predict_with_nothing_deployed_says_what_to_do(cli: Cli) -> None:

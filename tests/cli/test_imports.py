@@ -33,4 +33,5 @@ def test_light_commands_import_nothing_heavy(args: list[str], tmp_path: Path) ->
         sys.exit(code)
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # a command that failed early would import nothing either
     assert "HEAVY=\n" in result.stderr, result.stderr
