@@ -119,6 +119,9 @@ def gcs_emulator() -> Iterator[str]:
     """gcp-storage-emulator in memory on a free loopback port; yields its URL for STORAGE_EMULATOR_HOST."""
     from gcp_storage_emulator.server import create_server
 
+    from tests.emulator.gcs_iam import install
+
+    install()  # bucket metadata on create, and IAM conditions only with uniform access, as GCS does
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()

@@ -18,6 +18,7 @@ from tests.emulator.billing import Billing
 from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
 from tests.emulator.core import ApiError, Fault, Recorded, Route, World, read_json
+from tests.emulator.iam_roles import IamRoles
 from tests.emulator.model_servers import ModelServers
 from tests.emulator.registry import Registry
 from tests.emulator.vertex import Vertex
@@ -71,6 +72,7 @@ def create_app(
         *CloudRun(world).routes(),
         *Billing(world).routes(),
         *Registry(world).routes(),
+        *IamRoles(world).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:

@@ -10,6 +10,7 @@ from google.cloud.aiplatform_v1 import types as aip
 from starlette.requests import Request
 
 from tests.emulator.core import ApiError, Route, World, label_filter, now, packed, parse, routes
+from tests.emulator.iam_roles import check_bound_roles
 from tests.emulator.model_servers import ModelServers
 
 LOCATION = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
@@ -353,6 +354,7 @@ class Vertex:
         }
 
     def set_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
+        check_bound_roles(self.world, body)
         return self.world.set_policy("endpoint-policies", self._endpoint(p)["name"], body)
 
     def get_iam_policy(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
