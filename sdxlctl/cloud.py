@@ -29,6 +29,11 @@ DEDICATED_LIMIT_BYTES = 10_000_000
 OPERATION_TIMEOUT_S = 15 * 60  # creating/deleting an endpoint, model or service
 CACHE_ROLE = "roles/storage.objectUser"  # read, write, list and overwrite objects; no say over the bucket
 WEIGHTS_ROLE = "roles/storage.objectViewer"
+# The UI's account may call predict on its endpoint and nothing else (not undeploy, update or delete, which
+# roles/aiplatform.user would allow): a project role shared by every deployment, kept by teardown.
+PREDICT_ROLE_ID = "sdxlctlEndpointPredictor"
+PREDICT_PERMISSIONS = ["aiplatform.endpoints.predict"]
+PREDICT_FALLBACK_ROLE = "roles/aiplatform.user"
 
 
 def _quiet(_: str) -> None:
@@ -485,16 +490,36 @@ def _ensure_server_account(config: Config, store: StateStore, progress: Progress
     progress("giving the model server an account that may write its compile cache")
     ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
     _record(store, config, Resource(kind="server-account", name=email, target="vertex"))
-    cache = Storage(c, _bucket(compile_cache(config)), n.labels)
-    cache.ensure_bucket()
-    granted = cache.grant(CACHE_ROLE, f"serviceAccount:{email}")
-    detail = f"{CACHE_ROLE} on gs://{cache.bucket_name}"
+    Storage(c, _bucket(compile_cache(config)), n.labels).ensure_bucket()
+    granted, details = _grant_folder(c, CACHE_ROLE, email, compile_cache(config), changes)
     if config.model.source.startswith("gs://"):
-        weights = Storage(c, _bucket(config.model.source), n.labels)
-        granted |= weights.grant(WEIGHTS_ROLE, f"serviceAccount:{email}")
-        detail += f", {WEIGHTS_ROLE} on gs://{weights.bucket_name}"
-    changes.append(Change("update" if granted else "keep", "service account", email, detail))
+        weights_granted, weights = _grant_folder(c, WEIGHTS_ROLE, email, config.model.source, changes)
+        granted, details = granted or weights_granted, f"{details}, {weights}"
+    changes.append(Change("update" if granted else "keep", "service account", email, details))
     return email
+
+
+def _grant_folder(c: Cloud, role: str, email: str, uri: str, changes: list[Change]) -> tuple[bool, str]:
+    """`role` on the objects of the gs:// folder `uri` only, when its bucket lets IAM conditions say so;
+    else on the whole bucket, with a warning. Whether the policy changed, and what was granted."""
+    from sdxlctl.gcp.storage import Storage
+
+    bucket, _, folder = uri.removeprefix("gs://").partition("/")
+    folder = folder.strip("/")
+    storage = Storage(c, bucket, {})
+    if folder and not storage.uniform_access():
+        changes.append(
+            Change(
+                "warn",
+                "bucket",
+                f"gs://{bucket}",
+                f"without uniform bucket-level access IAM conditions are refused: {role} covers every object, "
+                f"not only {folder}/ (gcloud storage buckets update gs://{bucket} --uniform-bucket-level-access)",
+            )
+        )
+        folder = ""
+    granted = storage.grant(role, f"serviceAccount:{email}", prefix=folder)
+    return granted, f"{role} on " + (f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}")
 
 
 def _ensure_endpoint(
@@ -637,7 +662,7 @@ def plan_ui(config: Config, store: StateStore, *, public: bool) -> StepResult:
             "create",
             "service account",
             f"{n.account_id}@{config.gcp.project}.iam.gserviceaccount.com",
-            "may call only this deployment's endpoint (roles/aiplatform.user on it)",
+            f"may only call predict on this deployment's endpoint (custom role {PREDICT_ROLE_ID} on it)",
         ),
         Change("create", "Cloud Run service", n.service_id, f"{access}; 1 vCPU, 1 GiB, 0..4 instances"),
     ]
@@ -668,8 +693,9 @@ def ui_deploy(
     accounts = ServiceAccounts(c)
     email = accounts.ensure(n.account_id, f"sdxlctl UI of {config.name}")
     _record(store, config, Resource(kind="ui-account", name=email, target="vertex"))
-    Vertex(c).allow_predict(endpoint.name, f"serviceAccount:{email}")
-    changes.append(Change("keep", "service account", email, "roles/aiplatform.user on the endpoint only"))
+    role = _predict_role(c, changes)
+    granted = Vertex(c).allow_predict(endpoint.name, f"serviceAccount:{email}", role)
+    changes.append(Change("update" if granted else "keep", "service account", email, f"{role} on the endpoint only"))
     progress("deploying the UI to Cloud Run")
     service = CloudRun(c).deploy(
         service_id=n.service_id,
@@ -688,6 +714,38 @@ def ui_deploy(
     )
     changes.append(Change("deploy", "Cloud Run service", service.name, "public" if public else "private"))
     return StepResult(changes, service.uri, time.monotonic() - started)
+
+
+def _predict_role(c: Cloud, changes: list[Change]) -> str:
+    """The project's predict-only role, made when missing; roles/aiplatform.user, with a warning that says
+    how to make it, when the caller may not manage roles."""
+    from sdxlctl.gcp.iam import Roles, RolesDenied
+
+    roles = Roles(c)
+    name = roles.name(PREDICT_ROLE_ID)
+    try:
+        done = roles.ensure(
+            PREDICT_ROLE_ID,
+            title="sdxlctl endpoint predictor",
+            description="Call predict on a Vertex AI endpoint, nothing else (sdxlctl's UI accounts)",
+            permissions=PREDICT_PERMISSIONS,
+        )
+    except RolesDenied as denied:
+        changes.append(
+            Change(
+                "warn",
+                "custom role",
+                name,
+                f"{denied.message}: the UI gets {PREDICT_FALLBACK_ROLE}, which may also undeploy, update and "
+                f"delete the endpoint. Have a role administrator run `gcloud iam roles create {PREDICT_ROLE_ID} "
+                f"--project={c.project} --title='sdxlctl endpoint predictor' "
+                f"--permissions={','.join(PREDICT_PERMISSIONS)} --stage=GA`, then run ui-deploy again",
+            )
+        )
+        return PREDICT_FALLBACK_ROLE
+    action = {"created": "create", "restored": "update", "corrected": "update"}.get(done, "keep")
+    changes.append(Change(action, "custom role", name, f"{', '.join(PREDICT_PERMISSIONS)} only ({done})"))
+    return name
 
 
 def _ui_env(endpoint: Resource) -> dict[str, str]:
@@ -783,6 +841,40 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
         Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
     )
     return StepResult(changes, dry_run=True)
+
+
+def _revoke_grants(config: Config, store: StateStore, found: Inventory, email: str) -> None:
+    """What sdxlctl granted the account: the server's roles on buckets; the UI's role on an endpoint that
+    teardown could not delete (a deleted endpoint took its policy with it)."""
+    from sdxlctl.gcp.storage import Storage
+    from sdxlctl.gcp.vertex import Vertex
+
+    c, n, account_id = cloud(config), names(config), email.split("@")[0]
+    if account_id == n.server_account_id:
+        for bucket in sorted(_server_buckets(config)):
+            Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
+    if account_id == n.account_id:
+        recorded = store.read().get(config.name, "endpoint")
+        endpoints = [e.name for e in found.endpoints] + ([recorded.name] if recorded and recorded.name else [])
+        for endpoint in dict.fromkeys(endpoints):
+            Vertex(c).revoke(endpoint, f"serviceAccount:{email}")
+
+
+def _kept_role(config: Config, found: Inventory) -> list[Change]:
+    """The predict-only role stays: every sdxlctl UI in the project holds it, and a deleted role's id is
+    taken for weeks. Said once the UI's account is gone, with how to delete it."""
+    if not any(email.split("@")[0] == names(config).account_id for email in found.accounts):
+        return []
+    project = config.gcp.project
+    return [
+        Change(
+            "keep",
+            "custom role",
+            f"projects/{project}/roles/{PREDICT_ROLE_ID}",
+            f"shared by every sdxlctl UI in the project; once none is left: "
+            f"gcloud iam roles delete {PREDICT_ROLE_ID} --project={project}",
+        )
+    ]
 
 
 def _own_cache(config: Config) -> str:
@@ -891,12 +983,11 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     for email in found.accounts:
 
         def delete_account(email: str = email) -> str:
-            if email.split("@")[0] == names(config).server_account_id:  # its grants first: none left dangling
-                for bucket in sorted(_server_buckets(config)):
-                    Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
+            _revoke_grants(config, store, found, email)  # first: none left dangling
             return "deleted" if ServiceAccounts(c).delete(email.split("@")[0]) else "already gone"
 
         attempt("service account", email, delete_account)
+    changes += _kept_role(config, found)
     if found.cache:
 
         def delete_cache(uri: str = found.cache) -> str:

@@ -19,6 +19,8 @@ class Storage:
         self.client: Any = storage.Client(project=cloud.project, credentials=cloud.credentials())
 
     def ensure_bucket(self) -> None:
+        """The bucket, created when missing with IAM as its only access control (uniform bucket-level access,
+        which IAM conditions need) and never public."""
         from google.api_core.exceptions import NotFound
 
         with translated(f"bucket gs://{self.bucket_name}", api="storage", project=self.cloud.project):
@@ -27,7 +29,15 @@ class Storage:
             except NotFound:
                 bucket = self.client.bucket(self.bucket_name)
                 bucket.labels = self.labels
+                bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+                bucket.iam_configuration.public_access_prevention = "enforced"
                 self.client.create_bucket(bucket, location=self.cloud.region)
+
+    def uniform_access(self) -> bool:
+        """Whether only IAM decides who may use the bucket's objects (no object ACLs): conditions need it."""
+        with translated(f"bucket gs://{self.bucket_name}", api="storage", project=self.cloud.project):
+            bucket = self.client.get_bucket(self.bucket_name)
+        return bool(bucket.iam_configuration.uniform_bucket_level_access_enabled)
 
     def upload(self, name: str, data: bytes, content_type: str = "application/gzip") -> str:
         with translated(f"upload gs://{self.bucket_name}/{name}", api="storage", project=self.cloud.project):
@@ -44,15 +54,34 @@ class Storage:
             return b""
         return bytes(data)
 
-    def grant(self, role: str, member: str) -> bool:
-        """Give `member` `role` on the whole bucket unless it has it; True when the policy changed."""
+    def grant(self, role: str, member: str, *, prefix: str = "") -> bool:
+        """Give `member` `role` on the whole bucket, or with `prefix` only on the objects under `prefix`/;
+        True when the policy changed. A grant of `role` to `member` other than the one asked for goes.
+
+        The prefix is an IAM condition, which needs uniform bucket-level access (`uniform_access`).
+        """
+        condition = prefix_condition(self.bucket_name, prefix) if prefix.strip("/") else None
+        wanted = condition["expression"] if condition else None
         with translated(f"grant {role} on gs://{self.bucket_name}", api="storage", project=self.cloud.project):
             bucket = self.client.bucket(self.bucket_name)
             policy = bucket.get_iam_policy(requested_policy_version=3)
+            kept, present, dropped = [], False, False
             for binding in policy.bindings:
-                if binding["role"] == role and member in binding["members"] and not binding.get("condition"):
-                    return False
-            policy.bindings.append({"role": role, "members": {member}})
+                if binding["role"] == role and member in binding["members"]:
+                    if (binding.get("condition") or {}).get("expression") == wanted and not present:
+                        present = True
+                    else:  # the same role more widely (an earlier sdxlctl) or on another prefix
+                        binding = {**binding, "members": set(binding["members"]) - {member}}
+                        dropped = True
+                if binding["members"]:
+                    kept.append(binding)
+            if present and not dropped:
+                return False
+            if not present:
+                kept.append({"role": role, "members": {member}, **({"condition": condition} if condition else {})})
+            policy.bindings = kept
+            if any(binding.get("condition") for binding in kept):
+                policy.version = 3  # conditions are refused in an older policy version
             bucket.set_iam_policy(policy)
         return True
 
@@ -86,3 +115,20 @@ class Storage:
             for blob in blobs:
                 blob.delete()
         return len(blobs)
+
+
+def prefix_condition(bucket: str, prefix: str) -> dict[str, str]:
+    """An IAM condition that holds for the objects under `prefix`/ and for listing them, nothing else.
+
+    Listing is checked against the bucket, not an object, so a condition on object names alone would deny
+    it: the list request's own prefix (the objectListPrefix API attribute) must start with the folder too.
+    """
+    folder = prefix.strip("/") + "/"
+    return {
+        "title": f"only {folder}"[:100],
+        "description": f"sdxlctl: objects under gs://{bucket}/{folder} and listing them",
+        "expression": (
+            f'resource.name.startsWith("projects/_/buckets/{bucket}/objects/{folder}") || '
+            f'api.getAttribute("storage.googleapis.com/objectListPrefix", "").startsWith("{folder}")'
+        ),
+    }

@@ -203,21 +203,43 @@ class Vertex:
         with self._call(f"delete endpoint {name}"):
             return str(self.endpoints.delete_endpoint(name=name, retry=self.cloud.retry()).operation.name)
 
-    def allow_predict(self, endpoint: str, member: str, role: str = "roles/aiplatform.user") -> None:
-        """Grant `member` `role` on this endpoint only (endpoint IAM is a v1beta1 method)."""
-        from google.cloud import aiplatform_v1beta1
+    def allow_predict(self, endpoint: str, member: str, role: str) -> bool:
+        """Make `role` the only role `member` holds on this endpoint (endpoint IAM is a v1beta1 method);
+        True when the policy changed."""
         from google.iam.v1 import policy_pb2
 
-        client = self.cloud.client(
-            aiplatform_v1beta1.EndpointServiceClient, f"{self.cloud.region}-aiplatform.googleapis.com"
-        )
+        client = self._endpoint_iam()
         with self._call("allow the UI to call the endpoint"):
             policy = client.get_iam_policy(request={"resource": endpoint}, retry=self.cloud.retry())
-            for binding in policy.bindings:
-                if binding.role == role and member in binding.members:
-                    return
+            holds = [binding.role for binding in policy.bindings if member in binding.members]
+            if holds == [role]:
+                return False
+            _drop_member(policy, member)
             policy.bindings.append(policy_pb2.Binding(role=role, members=[member]))
             client.set_iam_policy(request={"resource": endpoint, "policy": policy}, retry=self.cloud.retry())
+        return True
+
+    def revoke(self, endpoint: str, member: str) -> bool:
+        """Take every role of `member` on this endpoint away; True when it had any (False: endpoint gone)."""
+        from google.api_core import exceptions as gexc
+
+        client = self._endpoint_iam()
+        with self._call(f"revoke {member} on the endpoint"):
+            try:
+                policy = client.get_iam_policy(request={"resource": endpoint}, retry=self.cloud.retry())
+            except gexc.NotFound:
+                return False
+            if not _drop_member(policy, member):
+                return False
+            client.set_iam_policy(request={"resource": endpoint, "policy": policy}, retry=self.cloud.retry())
+        return True
+
+    def _endpoint_iam(self) -> Any:
+        from google.cloud import aiplatform_v1beta1
+
+        return self.cloud.client(
+            aiplatform_v1beta1.EndpointServiceClient, f"{self.cloud.region}-aiplatform.googleapis.com"
+        )
 
     # ------------------------------------------------------------------ predict
 
@@ -247,3 +269,22 @@ class Vertex:
         with self._call("predict"):
             response = client.predict(request=request, timeout=timeout_s, retry=self.cloud.retry())
         return json_format.MessageToDict(response._pb)
+
+
+def _drop_member(policy: Any, member: str) -> bool:
+    """Remove `member` from every binding of `policy` (and bindings left empty); whether it was in any."""
+    from google.iam.v1 import policy_pb2
+
+    kept, had = [], False
+    for binding in policy.bindings:
+        members = [m for m in binding.members if m != member]
+        had = had or len(members) != len(binding.members)
+        if members:
+            copy = policy_pb2.Binding()
+            copy.CopyFrom(binding)
+            del copy.members[:]
+            copy.members.extend(members)
+            kept.append(copy)
+    del policy.bindings[:]
+    policy.bindings.extend(kept)
+    return had
