@@ -80,6 +80,11 @@ def test_a_cache_folder_the_user_named_is_kept_and_gs_weights_are_read_where_the
     assert container["SDXL_MODEL"] == "gs://team-weights/sdxl"  # its own account reads them where they are
     assert emulator.bucket_roles("team-cache", ACCOUNT) == ["roles/storage.objectUser"]
     assert emulator.bucket_roles("team-weights", ACCOUNT) == ["roles/storage.objectViewer"]
+    # sdxlctl made team-cache (uniform access): the grant is its folder only; team-weights has object ACLs,
+    # where IAM conditions are refused, so the read grant covers that bucket.
+    (cache_grant,) = conditions(emulator, "team-cache")
+    assert 'objects/sdxl/")' in cache_grant["expression"]
+    assert conditions(emulator, "team-weights") == [None]
     kept = emulator.storage().bucket("team-cache").blob(f"sdxl/torch-2.11.0-cu130-nvidia-l4/{ARTIFACTS}")
     kept.upload_from_string(b"shared")
 
@@ -87,6 +92,11 @@ def test_a_cache_folder_the_user_named_is_kept_and_gs_weights_are_read_where_the
     assert kept.exists()
     assert emulator.bucket_roles("team-cache", ACCOUNT) == []
     assert emulator.bucket_roles("team-weights", ACCOUNT) == []
+
+
+def conditions(emulator: Emulator, bucket: str) -> list[Any]:
+    policy = emulator.storage().bucket(bucket).get_iam_policy(requested_policy_version=3)
+    return [binding.get("condition") for binding in policy.bindings if ACCOUNT in binding["members"]]
 
 
 def test_a_bad_cache_setting_names_the_key_and_what_it_takes(cli: Cli, emulator: Emulator) -> None:

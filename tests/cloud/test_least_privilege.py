@@ -127,6 +127,21 @@ def test_without_permission_to_create_roles_the_ui_gets_aiplatform_user_and_a_wa
     assert endpoint_policy(emulator, the_endpoint(emulator)) == {ROLE: [UI]}
 
 
+def test_a_user_who_may_not_read_roles_still_gets_the_role_an_administrator_made(cli: Cli, emulator: Emulator) -> None:
+    """iam.roles.get denied, iam.roles.create answers 409: the role exists, and binding it needs neither."""
+    env = emulator.env()
+    up(cli, env, "build", "upload", "deploy")
+    made = httpx.post(
+        f"{emulator.url}/v1/projects/{PROJECT}/roles",
+        json={"roleId": "sdxlctlEndpointPredictor", "role": {"includedPermissions": ["aiplatform.endpoints.predict"]}},
+    )
+    assert made.status_code == 200, made.text
+    emulator.fault(method="GET", path=r"/roles/sdxlctlEndpointPredictor$", code=403, status="PERMISSION_DENIED")
+    ui = cli("ui-deploy", env=env)
+    assert ui.code == 0, ui.err
+    assert endpoint_policy(emulator, the_endpoint(emulator)) == {ROLE: [UI]}
+
+
 def test_teardown_revokes_the_ui_grant_on_an_endpoint_it_could_not_delete_and_keeps_the_shared_role(
     cli: Cli, emulator: Emulator
 ) -> None:
