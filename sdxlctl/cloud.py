@@ -371,7 +371,8 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
                 "keep" if recorded else "create",
                 "service account",
                 server_account(config),
-                f"the model server's: may write its compile cache {compile_cache(config)}",
+                f"the model server's: {CACHE_ROLE} on its compile cache {compile_cache(config)}/ only, "
+                "and bucket-wide where the bucket has no uniform bucket-level access",
             )
         )
     if endpoint is None:
