@@ -14,6 +14,7 @@ from sdxl_server.app import create_app
 from sdxl_server.errors import ModelLoadError
 from sdxl_server.generator import Generator
 from sdxl_server.settings import Settings
+from tests.model_server.rawhttp import connect, request
 from tests.servers import Server, serve_app, server_process
 
 SMALL = {
@@ -135,3 +136,64 @@ def test_the_process_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
 
 def test_server_fixture_type() -> None:
     assert Server(url="http://127.0.0.1:1").predict_route == "/predict"
+
+
+def test_an_error_outside_predict_is_a_json_500_without_internals(tiny_pipeline) -> None:
+    class BrokenHealth(Generator):
+        warmed = False
+
+        def warm_up(self, sizes):
+            super().warm_up(sizes)
+            self.warmed = True
+
+        @property
+        def optimize_level(self):  # health reads it once the model is ready
+            if self.warmed:
+                raise KeyError("/secret/internal/path")
+            return "none"
+
+        @optimize_level.setter
+        def optimize_level(self, value) -> None:
+            pass
+
+    with serve_app(create_app(settings(), load=lambda _: BrokenHealth(tiny_pipeline))) as server:
+        deadline = time.monotonic() + 60
+        while (response := server.health()).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["code"] == 500 and "request id" in response.json()["error"]["message"]
+        assert "secret" not in response.text
+
+
+def test_a_client_that_leaves_mid_generation_is_logged_499_with_the_steps_it_ran(
+    tiny_pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = threading.Event()
+
+    class Slow(Generator):
+        def generate(self, request, should_stop=lambda: False):
+            def tell() -> bool:
+                started.set()
+                return should_stop()
+
+            return super().generate(request, tell)
+
+    logs.configure()
+    with serve_app(create_app(settings(), load=lambda _: Slow(tiny_pipeline))) as server:
+        server.wait_until("ready")
+        started.clear()  # set by the warm-up
+        body = {**SMALL, "parameters": {"num_inference_steps": 150, "width": 256, "height": 256}}
+        with connect(server.url) as sock:
+            sock.sendall(request("POST", "/predict", json.dumps(body).encode()))
+            assert started.wait(60)  # it is running: now the client goes away
+        deadline = time.monotonic() + 60
+        while server.health().json()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.predict(SMALL).status_code == 200
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    predicts = [line for line in lines if line["message"] == "predict"]
+    assert [line["status"] for line in predicts] == [499, 200]
+    assert "client closed request" in predicts[0]["error"]
+    assert 1 <= predicts[0]["steps_run"] < 150
+    assert predicts[1]["steps_run"] == 2

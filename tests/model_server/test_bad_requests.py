@@ -21,6 +21,10 @@ def req(instance: dict[str, Any] | None = None, **parameters: Any) -> dict[str, 
 BAD: list[tuple[str, Any, int, str]] = [
     # (id, body (bytes are sent raw), status, field)
     ("not-json", b'{"instances": [', 400, "body"),
+    ("brackets-100000", b"[" * 100_000, 400, "body"),
+    ("seed-5000-digits", b'{"instances": [{"prompt": "a fox", "seed": ' + b"7" * 5000 + b"}]}", 400, "body"),
+    ("350000-empty-instances", b'{"instances":[' + b",".join([b"{}"] * 350_000) + b"]}", 400, "instances"),
+    ("lora-id", req(lora_id="pixel-art"), 400, "parameters.lora_id"),
     ("not-utf8", b"\xff\xfe\x00", 400, "body"),
     ("json-array", b"[1, 2]", 400, "body"),
     ("json-string", b'"a fox"', 400, "body"),
@@ -114,9 +118,20 @@ def test_after_every_bad_request_the_server_is_healthy_and_serves(model_server: 
     assert len(good.json()["predictions"][0]["images"]) == 1
 
 
-def test_wrong_method_and_unknown_route_are_plain_4xx(model_server: Server) -> None:
-    assert httpx.get(model_server.url + model_server.predict_route).status_code == 405
-    assert httpx.post(model_server.url + "/nope", json={}).status_code == 404
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/p", 405), ("PUT", "/p", 405), ("DELETE", "/h", 405), ("POST", "/nope", 404), ("GET", "/", 404)],
+)
+def test_wrong_method_and_unknown_route_are_json_errors(
+    model_server: Server, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, model_server.url + path, json={}, timeout=10)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == status and path in error["message"]
+    if status == 405:
+        assert "allow" in response.headers and response.headers["allow"] in error["message"]
 
 
 def test_whole_numbers_sent_as_doubles_are_accepted(model_server: Server) -> None:

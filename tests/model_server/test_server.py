@@ -134,6 +134,38 @@ def test_a_seed_is_drawn_and_returned_when_none_is_given(model_server: Server) -
     )
 
 
+def test_every_seed_the_server_returns_is_accepted_back(model_server: Server) -> None:
+    """Issue 12, point 6: seeds are 0..2**32-1 and image i uses (seed + i) mod 2**32."""
+    last = 2**32 - 1
+    prediction = model_server.predict(small(seed=last, num_images=2, steps=1)).json()["predictions"][0]
+    assert prediction["seeds"] == [last, 0]
+    for seed in prediction["seeds"]:
+        again = model_server.predict(small(seed=seed, steps=1))
+        assert again.status_code == 200, again.text
+        assert again.json()["predictions"][0]["images"][0] == prediction["images"][prediction["seeds"].index(seed)]
+
+
+def test_model_garden_request_shape_in_full(model_server: Server) -> None:
+    """Issue 12, point 8: text instances, negative_prompt and the sizes in parameters."""
+    body = {
+        "instances": [{"text": "a fox", "seed": 3}, {"text": "a fox", "seed": 3, "negative_prompt": "snow"}],
+        "parameters": {
+            "negative_prompt": "blurry",
+            "height": 64,
+            "width": 96,
+            "num_inference_steps": 2,
+            "guidance_scale": 7.5,
+        },
+    }
+    response = model_server.predict(body)
+    assert response.status_code == 200, response.text
+    garden, own = response.json()["predictions"]
+    assert (garden["width"], garden["height"]) == (96, 64) and garden["output"] == garden["images"][0]
+    assert own["images"][0] != garden["images"][0]  # the instance's own negative prompt wins
+    shared = dict(body, instances=[{"text": "a fox", "seed": 3, "negative_prompt": "blurry"}])
+    assert model_server.predict(shared).json()["predictions"][0]["images"][0] == garden["images"][0]
+
+
 def test_one_prediction_per_instance_in_order_and_model_garden_text(model_server: Server) -> None:
     body = {
         "instances": [{"prompt": "one", "seed": 1}, {"text": "two", "seed": 2}],

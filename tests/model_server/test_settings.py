@@ -17,6 +17,9 @@ def test_defaults_meet_vertex_ai() -> None:
     assert settings.time_limit_s < 60
     assert settings.max_response_bytes == settings.max_request_bytes == 1_500_000
     assert settings.model_source == "tiny"
+    # Slow clients are dropped: every wait on a client has a limit, and so has the number of clients.
+    assert 0 < settings.header_timeout_s <= 30 and 0 < settings.body_timeout_s < 60
+    assert settings.keep_alive_s > 0 and 0 < settings.max_connections < 10_000
 
 
 def test_vertex_variables_and_knobs_are_read() -> None:
@@ -33,8 +36,14 @@ def test_vertex_variables_and_knobs_are_read() -> None:
             "SDXL_LOG_PROMPTS": "yes",
             "SDXL_DTYPE": "BF16",
             "SDXL_CACHE_DIR": "/tmp/c",
+            "SDXL_HEADER_TIMEOUT": "2.5",
+            "SDXL_BODY_TIMEOUT": "12",
+            "SDXL_KEEP_ALIVE": "9",
+            "SDXL_MAX_CONNECTIONS": "64",
         }
     )
+    assert (settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s) == (2.5, 12.0, 9)
+    assert settings.max_connections == 64
     assert (settings.http_port, settings.health_route, settings.predict_route) == (7080, "/ping", "/v1/predict")
     assert (settings.queue_size, settings.time_limit_s, settings.max_images) == (0, 30.5, 8)
     assert settings.warmup == ((1024, 1024), (768, 1344))
@@ -61,6 +70,10 @@ def test_model_source_prefers_sdxl_model_then_the_vertex_artifact() -> None:
         ("SDXL_WARMUP", "1024x1000,1023x1024"),  # SDXL's sides are multiples of 8
         ("SDXL_LOG_PROMPTS", "maybe"),
         ("SDXL_MAX_IMAGES", "many"),
+        ("SDXL_BODY_TIMEOUT", "0"),
+        ("SDXL_HEADER_TIMEOUT", "never"),
+        ("SDXL_KEEP_ALIVE", "1.5"),
+        ("SDXL_MAX_CONNECTIONS", "1"),
     ],
 )
 def test_a_bad_value_names_the_variable(var: str, value: str) -> None:

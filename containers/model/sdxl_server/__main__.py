@@ -21,6 +21,7 @@ def main() -> int:
     from sdxl_server.app import create_app
     from sdxl_server.errors import SettingsError
     from sdxl_server.loader import load_generator
+    from sdxl_server.protocol import protocol_for
     from sdxl_server.settings import Settings
 
     logs.configure()
@@ -43,6 +44,9 @@ def main() -> int:
         host=settings.host,
         port=settings.http_port,
         workers=1,
+        http=protocol_for(settings),  # uvicorn's h11, plus a header timeout, a connection limit, JSON errors
+        timeout_keep_alive=settings.keep_alive_s,
+        ws="none",  # no websocket routes: an upgrade request is an ordinary request, answered in JSON
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=5,

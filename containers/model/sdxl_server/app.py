@@ -3,32 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sdxl_server import logs
 from sdxl_server.encode import encode_base64
-from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError
+from sdxl_server.errors import ClientClosed, NotReady, PayloadTooLarge, RequestTimeout, ServerError
 from sdxl_server.generator import Generator
 from sdxl_server.runner import Runner
+from sdxl_server.schema import SEED_SPACE, parse_request
 from sdxl_server.schema import Request as PredictRequest
-from sdxl_server.schema import parse_request
 from sdxl_server.settings import Settings
 
 Loader = Callable[[Settings], Generator]
+T = TypeVar("T")
 
 
 class Health(enum.Enum):
@@ -101,13 +104,14 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         return JSONResponse(body, status_code=503)
 
     async def predict(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = _request_id(request.headers.get("x-request-id"))
         started = time.monotonic()
         fields: dict[str, Any] = {}
         try:
             response = await _predict(request, fields)
         except ServerError as exc:
             response = _error_response(exc)
+            fields["error"] = exc.message
         except Exception:
             response = _error_response(ServerError(f"internal error; request id {request_id}"))
             logs.logger.exception("predict failed", extra={"fields": {"request_id": request_id}})
@@ -126,12 +130,14 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             detail = f" ({state.reason})" if state.health is Health.FAILED else "; retry shortly"
             raise NotReady(f"the model is {state.health.value}{detail}", retry_after=10)
         generator = state.generator
-        body = await _read_body(request, settings.max_request_bytes)
-        parsed = parse_request(
+        body = await _read_body(request, settings.max_request_bytes, settings.body_timeout_s)
+        # Off the event loop: a large body takes a while to parse, and health must answer meanwhile.
+        parsed = await asyncio.to_thread(
+            parse_request,
             body,
             max_images=settings.max_images,
             default_size=generator.native_size,
-            draw_seed=lambda: secrets.randbelow(2**32 - 64),
+            draw_seed=lambda: secrets.randbelow(SEED_SPACE),
         )
         fields.update(
             steps=parsed.steps,
@@ -139,10 +145,19 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             height=parsed.height,
             images=parsed.num_images,
             format=parsed.output_format,
+            steps_run=0,
             **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
         )
+
+        def work(should_stop: Callable[[], bool]) -> list[list[Any]]:
+            def counted() -> bool:  # the pipeline asks once after each denoising step
+                fields["steps_run"] += 1
+                return should_stop()
+
+            return generator.generate(parsed, counted)
+
         queued = time.monotonic()
-        images = await runner.run(lambda should_stop: generator.generate(parsed, should_stop))
+        images = await _unless_disconnected(request, runner.run(work, cost=parsed.cost))
         generated = time.monotonic()
         payload = await asyncio.to_thread(_render, parsed, images)
         fields.update(
@@ -165,18 +180,29 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         Route(settings.health_route, health, methods=["GET"]),
         Route(settings.predict_route, predict, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: _http_error, Exception: _internal_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    # A 307 to the route without its slash helps browsers, not prediction clients: a 404 says what is wrong.
+    app.router.redirect_slashes = False
     app.state.model = state
     app.state.runner = runner
     return app
+
+
+def _request_id(given: str | None) -> str:
+    """The caller's request id when it is a sane one (it goes into every log line), else a fresh one."""
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 def _warmup_sizes(settings: Settings, generator: Generator) -> tuple[tuple[int, int], ...]:
     return (generator.native_size,) if settings.warmup is None else settings.warmup
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all read)."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all read), and with
+    408 when it has not all arrived within `timeout_s` (a stalled client holds nothing for longer)."""
     declared = request.headers.get("content-length")
     too_large = PayloadTooLarge(
         f"the request body is over the limit of {limit / 1e6:g} MB (SDXL_MAX_REQUEST_BYTES; "
@@ -187,14 +213,42 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s (SDXL_BODY_TIMEOUT)", field="body"
+        ) from None
     except ClientDisconnect:
-        raise ServerError("the client disconnected before the request body arrived") from None
+        raise ClientClosed("client closed request: it disconnected before its body arrived") from None
     return b"".join(chunks)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientClosed as soon as the client disconnects (the work is then cancelled:
+    a queued request leaves the queue, a running one stops at its next denoising step)."""
+    running = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if running.done():
+        return running.result()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running  # returns once the work has stopped, so the log line counts its steps
+    raise ClientClosed("client closed request: it disconnected before its images were ready")
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next message uvicorn delivers is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _render(request: PredictRequest, images: list[list[Any]]) -> bytes:
@@ -216,8 +270,43 @@ def _render(request: PredictRequest, images: list[list[Any]]) -> bytes:
 
 
 def _error_response(exc: ServerError) -> JSONResponse:
-    error: dict[str, Any] = {"code": exc.status, "message": exc.message}
-    if exc.field:
-        error["field"] = exc.field
-    headers = {"retry-after": str(int(exc.retry_after))} if exc.retry_after else None
-    return JSONResponse({"error": error}, status_code=exc.status, headers=headers)
+    return error_json(exc.status, exc.message, field=exc.field, retry_after=exc.retry_after)
+
+
+def error_json(
+    status: int,
+    message: str,
+    *,
+    field: str | None = None,
+    retry_after: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The one error shape: {"error": {"code", "message", "field"?}}."""
+    error: dict[str, Any] = {"code": status, "message": message}
+    if field:
+        error["field"] = field
+    extra = dict(headers or {})
+    if retry_after:
+        extra["retry-after"] = str(int(retry_after))
+    if status == RequestTimeout.status:
+        extra["connection"] = "close"  # the rest of the body may still arrive: it must not read as a request
+    return JSONResponse({"error": error}, status_code=status, headers=extra or None)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404 unknown route, 405 wrong method) in the same shape as ours."""
+    assert isinstance(exc, HTTPException)
+    messages = {
+        404: f"no route {request.url.path!r}: POST predictions to the predict route, GET the health route",
+        405: f"{request.method} is not allowed on {request.url.path!r}",
+    }
+    message = messages.get(exc.status_code, str(exc.detail))
+    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+        message += f" (allowed: {exc.headers['Allow']})"
+    return error_json(exc.status_code, message, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    request_id = uuid.uuid4().hex
+    logs.logger.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id}})
+    return error_json(500, f"internal error; request id {request_id}")

@@ -25,6 +25,12 @@ class InvalidRequest(ServerError):
     status = 400
 
 
+class RequestTimeout(ServerError):
+    """The client did not send its request (headers or body) within the time allowed."""
+
+    status = 408
+
+
 class PayloadTooLarge(ServerError):
     """Request or response over the byte limit of the endpoint."""
 
@@ -35,6 +41,12 @@ class QueueFull(ServerError):
     """More requests waiting than the queue holds; the client should retry after `retry_after` s."""
 
     status = 429
+
+
+class ClientClosed(ServerError):
+    """The client went away before its answer was ready; nobody receives the status (nginx logs 499)."""
+
+    status = 499
 
 
 class NotReady(ServerError):

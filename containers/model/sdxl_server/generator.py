@@ -87,7 +87,8 @@ class Generator:
 
         def stop_between_steps(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if should_stop():
-                raise TimeLimitExceeded(f"stopped after {step + 1} of {request.steps} steps: over the time limit")
+                # Over the time limit, or the client went away: the runner knows which and answers for it.
+                raise TimeLimitExceeded(f"stopped after {step + 1} of {request.steps} steps")
             return kwargs
 
         with torch.inference_mode():

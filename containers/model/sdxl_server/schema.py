@@ -150,6 +150,12 @@ class Request:
         return sum(len(job.seeds) for job in self.jobs)
 
     @property
+    def cost(self) -> float:
+        """How much work the request is, in proportion to its duration: denoising steps x pixels x images,
+        plus about two steps' worth per image for the text encoders and the VAE decode."""
+        return float(self.num_images * self.width * self.height * (self.steps + 2))
+
+    @property
     def prompt_chars(self) -> int:
         """Length of all prompts together, for logs that must not contain them."""
         return sum(len(job.prompt) for job in self.jobs)

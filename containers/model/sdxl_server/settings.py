@@ -85,6 +85,13 @@ class Settings:
     max_request_bytes: int = VERTEX_SHARED_PAYLOAD_BYTES
     max_response_bytes: int = VERTEX_SHARED_PAYLOAD_BYTES
     max_images: int = 4
+    # Slow or stalled clients: how long request headers and then the body may take to arrive, how long
+    # an idle keep-alive connection stays open, and how many connections are served at once (more are
+    # answered 503 and closed). A stalled client holds a connection for one of these timeouts at most.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    max_connections: int = 256
     warmup: tuple[tuple[int, int], ...] | None = None  # None: the model's native size
     cache_dir: Path = Path.home() / ".cache" / "sdxl_server"
     log_prompts: bool = False
@@ -132,6 +139,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_request_bytes": ("SDXL_MAX_REQUEST_BYTES", _positive(int)),
     "max_response_bytes": ("SDXL_MAX_RESPONSE_BYTES", _positive(int)),
     "max_images": ("SDXL_MAX_IMAGES", _positive(int)),
+    "header_timeout_s": ("SDXL_HEADER_TIMEOUT", _positive(float)),
+    "body_timeout_s": ("SDXL_BODY_TIMEOUT", _positive(float)),
+    "keep_alive_s": ("SDXL_KEEP_ALIVE", _positive(int)),
+    "max_connections": ("SDXL_MAX_CONNECTIONS", _at_least(2, int)),
     "warmup": ("SDXL_WARMUP", _parse_sizes),
     "cache_dir": ("SDXL_CACHE_DIR", Path),
     "log_prompts": ("SDXL_LOG_PROMPTS", _parse_bool),
