@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sdxlctl import client, local, pricing
+from sdxlctl import client, local, outputs, pricing
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.state import Resource, State, StateStore
@@ -285,7 +283,7 @@ class PredictResult:
 def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
-    paths = check_output(options.output, options.num_images)  # before the request: never generate for nothing
+    paths = outputs.check(options.output, options.num_images)  # before the request: never generate for nothing
     started = time.monotonic()
     try:
         if config.target == "vertex":
@@ -312,62 +310,9 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
         images = [base64.b64decode(image, validate=True) for image in prediction["images"]]
     except ValueError:
         raise PredictError(f"the answer from {url} carries an image that is not base64") from None
-    paths = write_images(paths[: len(images)], images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
+    paths = outputs.write(paths[: len(images)], images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
     return PredictResult(
         paths, prediction["seeds"], prediction["width"], prediction["height"], prediction["output_format"], seconds, url
-    )
-
-
-def image_paths(output: Path, count: int) -> list[Path]:
-    """out.png, out-1.png, out-2.png, ...: the first keeps the name asked for."""
-    return [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
-
-
-def check_output(output: Path, count: int) -> list[Path]:
-    """The files predict will write, checked before the request: their folder exists (or is made) and takes files."""
-    paths = image_paths(output, count)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
-        # The one reliable test of "may I write here" (permissions, read-only mounts, ACLs) is to write.
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".sdxlctl-probe-"):
-            pass
-    except OSError as exc:
-        raise PredictError(
-            f"cannot write -o {output}: {exc.filename or output.parent}: {exc.strerror or exc}",
-            hint="choose a file in a folder you may write (-o images/fox.png makes the folder)",
-        ) from None
-    return paths
-
-
-def write_images(paths: list[Path], images: list[bytes], *, rescue: list[Path], seeds: list[int]) -> list[Path]:
-    """Write each image to its path; if that fails, keep them all in the first rescue folder that takes them."""
-    try:
-        for path, data in zip(paths, images, strict=True):
-            path.write_bytes(data)
-        return paths
-    except OSError as exc:
-        failed = exc
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for folder in [*rescue, Path(tempfile.gettempdir()) / "sdxlctl-rescued"]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            saved = [folder / f"{stamp}-{path.name}" for path in paths]
-            for path, data in zip(saved, images, strict=True):
-                path.write_bytes(data)
-        except OSError:
-            continue
-        raise PredictError(
-            f"could not write {failed.filename}: {failed.strerror}; the {len(images)} image(s) are saved in "
-            f"{folder} (seeds {', '.join(map(str, seeds))})",
-            hint="copy them from there; fix the -o folder (space, permissions) for the next ones",
-        )
-    raise PredictError(
-        f"could not write {failed.filename}: {failed.strerror}, nor save the images anywhere else "
-        f"(seeds {', '.join(map(str, seeds))})",
-        hint="free disk space; the same seeds and parameters make the same images again",
     )
 
 
