@@ -122,7 +122,9 @@ def test_days_and_replicas_at_their_limits() -> None:
 
 
 def test_derived_regions_scale_every_price_and_are_unverified() -> None:
-    table = pricing.bundled()
+    table = pricing.from_data(table_data())  # not bundled(): it is cached, a change to from_data would hide
+    assert (table.date, table.origin) == ("2026-11-26", "bundled")
+    assert table.regions["us-east4"]["location"] == "Northern Virginia"
     for region, factor in (("us-east4", 1.126), ("europe-west1", 1.10), ("asia-southeast1", 1.235)):
         for kind, key in (("gpu", "l4"), ("vcpu", "g2"), ("ram", "g2"), ("gpu", "h100"), ("vcpu", "a3")):
             rate, base = table.rate(region, kind, key), table.rate("us-central1", kind, key)
@@ -190,3 +192,70 @@ def test_the_recommendation_and_the_status_price_need_a_priced_region() -> None:
     assert pricing.machine_price("l4", "us-central1") == pytest.approx(0.644046 + 0.0287362 * 8 + 0.00336605 * 32)
     assert {row.option.key for row in pricing.compare("mars-north1")} == set(GPUS)
     assert all(row.usd_per_hour is None for row in pricing.compare("mars-north1"))
+
+
+def test_multi_gpu_machines_pay_for_every_card() -> None:
+    """The H200 option is a3-ultragpu-8g: 8 cards, 224 vCPU, 2952 GB."""
+    h200 = pricing.estimate(gpu("h200"), "us-central1", days=1, min_replicas=1, max_replicas=1)
+    assert h200.low.gpu == pytest.approx(12.19 * 8 * 24, rel=1e-9)
+    assert h200.machine_per_hour == pytest.approx(12.19 * 8 + 0.0293227 * 224 + 0.0025534 * 2952, rel=1e-9)
+
+
+def test_defaults_project_no_images_and_30_steps() -> None:
+    plain = pricing.estimate(gpu("l4"), "us-central1", days=1, min_replicas=1, max_replicas=1)
+    assert plain.low.ui == 0 == plain.high.ui
+    rows = {row.option.key: row for row in pricing.compare("us-central1")}
+    assert rows["h200"].latency.seconds == pytest.approx(1.039, rel=1e-9)
+    assert pricing.seconds_per_image("h200", 30, "none") == pytest.approx(1.039 * 1.804, rel=1e-9)
+    assert pricing.latency("h200").source.startswith("bench/results/2026-11-26-h200-run4.json")
+
+
+def test_each_unverified_price_is_named_with_its_source() -> None:
+    t4 = pricing.estimate(gpu("t4"), "us-central1", days=1, min_replicas=1, max_replicas=1)
+    assert t4.unverified == [
+        "GPU 1.15 x Compute Engine T4 0.35/h, a third-party figure",
+        "storage Artifact Registry storage list price (third-party figure)",
+    ]
+    l4 = pricing.estimate(gpu("l4"), "us-central1", days=1, min_replicas=1, max_replicas=1)
+    assert [note.split()[0] for note in l4.unverified] == ["vCPU", "RAM", "storage"]
+    data = table_data()
+    data["artifact_registry"]["verified"] = True
+    checked = pricing.estimate(gpu("h100"), "us-central1", days=1, min_replicas=1, max_replicas=1,
+                               table=pricing.from_data(data))
+    assert checked.unverified == []
+    del data["artifact_registry"]["verified"]  # unsaid is unverified
+    unsaid = pricing.estimate(gpu("h100"), "us-central1", days=1, min_replicas=1, max_replicas=1,
+                              table=pricing.from_data(data))
+    assert [note.split()[0] for note in unsaid.unverified] == ["storage"]
+
+
+def test_an_estimate_says_which_prices_it_used() -> None:
+    live = pricing.with_live(pricing.bundled(), {}, "2026-12-01")
+    found = pricing.estimate(gpu("l4"), "us-central1", days=1, min_replicas=1, max_replicas=1, table=live)
+    assert found.as_dict()["prices"] == {"date": "2026-12-01", "origin": "live (Cloud Billing catalog)"}
+
+
+def test_the_recommendation_is_the_cheapest_option_of_the_given_table() -> None:
+    data = table_data()
+    data["regions"]["us-central1"]["gpu"]["l4"]["usd"] = 100.0  # now the A100 machine is the cheapest that fits
+    assert pricing.recommended_gpu("us-central1", table=pricing.from_data(data)).key == "a100"
+
+
+def test_missing_prices_say_what_is_priced() -> None:
+    data = table_data()
+    del data["regions"]["europe-west4"]["vcpu"]
+    table = pricing.from_data(data)
+    with pytest.raises(UsageError, match="no vcpu price for 'a2' in europe-west4") as missing:
+        table.rate("europe-west4", "vcpu", "a2")
+    assert missing.value.hint == "try another region, or --live for the Cloud Billing catalog"
+    with pytest.raises(UsageError) as unknown:
+        table.rate("mars-north1", "gpu", "l4")
+    regions = "us-central1, europe-west4, us-east4, europe-west1, asia-southeast1"
+    assert unknown.value.hint == f"regions priced: {regions}; or try --live"
+
+
+def test_the_compare_row_rounds_each_figure_to_its_own_precision() -> None:
+    row = pricing.Comparison(gpu("l4"), 1.23456789, pricing.Latency(7.123456, False, False, "test"))
+    shown = row.as_dict()
+    assert (shown["usd_per_hour"], shown["usd_per_day"], shown["seconds_per_image"]) == (1.2346, 29.63, 7.12)
+    assert (shown["images_per_hour"], shown["usd_per_1000_images"]) == (505.4, 2.443)
