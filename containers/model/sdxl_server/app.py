@@ -3,35 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import json
 import logging
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sdxl_server import logs
-from sdxl_server.encode import encode_base64
-from sdxl_server.errors import ClientClosed, NotReady, PayloadTooLarge, RequestTimeout, ServerError
+from sdxl_server.connection import read_body, request_id, unless_disconnected
+from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError
 from sdxl_server.generator import Generator
+from sdxl_server.responses import error_response, http_error, internal_error, render
 from sdxl_server.runner import Runner
 from sdxl_server.schema import SEED_SPACE, parse_request
-from sdxl_server.schema import Request as PredictRequest
 from sdxl_server.settings import Settings
 
 Loader = Callable[[Settings], Generator]
-T = TypeVar("T")
 
 
 class Health(enum.Enum):
@@ -104,21 +100,21 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         return JSONResponse(body, status_code=503)
 
     async def predict(request: Request) -> Response:
-        request_id = _request_id(request.headers.get("x-request-id"))
+        rid = request_id(request.headers.get("x-request-id"))
         started = time.monotonic()
         fields: dict[str, Any] = {}
         try:
             response = await _predict(request, fields)
         except ServerError as exc:
-            response = _error_response(exc)
+            response = error_response(exc)
             fields["error"] = exc.message
         except Exception:
-            response = _error_response(ServerError(f"internal error; request id {request_id}"))
-            logs.logger.exception("predict failed", extra={"fields": {"request_id": request_id}})
-        response.headers["x-request-id"] = request_id
+            response = error_response(ServerError(f"internal error; request id {rid}"))
+            logs.logger.exception("predict failed", extra={"fields": {"request_id": rid}})
+        response.headers["x-request-id"] = rid
         logs.log(
             "predict",
-            request_id=request_id,
+            request_id=rid,
             status=response.status_code,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
             **fields,
@@ -130,7 +126,7 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             detail = f" ({state.reason})" if state.health is Health.FAILED else "; retry shortly"
             raise NotReady(f"the model is {state.health.value}{detail}", retry_after=10)
         generator = state.generator
-        body = await _read_body(request, settings.max_request_bytes, settings.body_timeout_s)
+        body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         # Off the event loop: a large body takes a while to parse, and health must answer meanwhile.
         parsed = await asyncio.to_thread(
             parse_request,
@@ -157,9 +153,9 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             return generator.generate(parsed, counted)
 
         queued = time.monotonic()
-        images = await _unless_disconnected(request, runner.run(work, cost=parsed.cost))
+        images = await unless_disconnected(request, runner.run(work, cost=parsed.cost))
         generated = time.monotonic()
-        payload = await asyncio.to_thread(_render, parsed, images)
+        payload = await asyncio.to_thread(render, parsed, images)
         fields.update(
             bytes=len(payload),
             generate_ms=round((generated - queued) * 1000, 1),  # waiting in the queue included
@@ -180,7 +176,7 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         Route(settings.health_route, health, methods=["GET"]),
         Route(settings.predict_route, predict, methods=["POST"]),
     ]
-    handlers = {HTTPException: _http_error, Exception: _internal_error}
+    handlers = {HTTPException: http_error, Exception: internal_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     # A 307 to the route without its slash helps browsers, not prediction clients: a 404 says what is wrong.
     app.router.redirect_slashes = False
@@ -189,124 +185,5 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
     return app
 
 
-def _request_id(given: str | None) -> str:
-    """The caller's request id when it is a sane one (it goes into every log line), else a fresh one."""
-    if given and len(given) <= 128 and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
-
-
 def _warmup_sizes(settings: Settings, generator: Generator) -> tuple[tuple[int, int], ...]:
     return (generator.native_size,) if settings.warmup is None else settings.warmup
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all read), and with
-    408 when it has not all arrived within `timeout_s` (a stalled client holds nothing for longer)."""
-    declared = request.headers.get("content-length")
-    too_large = PayloadTooLarge(
-        f"the request body is over the limit of {limit / 1e6:g} MB (SDXL_MAX_REQUEST_BYTES; "
-        "a shared Vertex AI endpoint allows 1.5 MB): send fewer or shorter instances",
-        field="body",
-    )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {timeout_s:g} s (SDXL_BODY_TIMEOUT)", field="body"
-        ) from None
-    except ClientDisconnect:
-        raise ClientClosed("client closed request: it disconnected before its body arrived") from None
-    return b"".join(chunks)
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`work`'s result, or ClientClosed as soon as the client disconnects (the work is then cancelled:
-    a queued request leaves the queue, a running one stops at its next denoising step)."""
-    running = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if running.done():
-        return running.result()
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running  # returns once the work has stopped, so the log line counts its steps
-    raise ClientClosed("client closed request: it disconnected before its images were ready")
-
-
-async def _disconnected(request: Request) -> None:
-    # The body has been read: the next message uvicorn delivers is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _render(request: PredictRequest, images: list[list[Any]]) -> bytes:
-    """The JSON response: one prediction per instance, images base64-encoded."""
-    predictions = []
-    for job, job_images in zip(request.jobs, images, strict=True):
-        encoded = [encode_base64(image, request.output_format, request.quality) for image in job_images]
-        prediction: dict[str, Any] = {
-            "images": encoded,
-            "seeds": list(job.seeds),
-            "output_format": request.output_format,
-            "width": request.width,
-            "height": request.height,
-        }
-        if job.model_garden:
-            prediction["output"] = encoded[0]
-        predictions.append(prediction)
-    return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
-
-
-def _error_response(exc: ServerError) -> JSONResponse:
-    return error_json(exc.status, exc.message, field=exc.field, retry_after=exc.retry_after)
-
-
-def error_json(
-    status: int,
-    message: str,
-    *,
-    field: str | None = None,
-    retry_after: float | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """The one error shape: {"error": {"code", "message", "field"?}}."""
-    error: dict[str, Any] = {"code": status, "message": message}
-    if field:
-        error["field"] = field
-    extra = dict(headers or {})
-    if retry_after:
-        extra["retry-after"] = str(int(retry_after))
-    if status == RequestTimeout.status:
-        extra["connection"] = "close"  # the rest of the body may still arrive: it must not read as a request
-    return JSONResponse({"error": error}, status_code=status, headers=extra or None)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (404 unknown route, 405 wrong method) in the same shape as ours."""
-    assert isinstance(exc, HTTPException)
-    messages = {
-        404: f"no route {request.url.path!r}: POST predictions to the predict route, GET the health route",
-        405: f"{request.method} is not allowed on {request.url.path!r}",
-    }
-    message = messages.get(exc.status_code, str(exc.detail))
-    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
-        message += f" (allowed: {exc.headers['Allow']})"
-    return error_json(exc.status_code, message, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    request_id = uuid.uuid4().hex
-    logs.logger.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id}})
-    return error_json(500, f"internal error; request id {request_id}")
