@@ -47,9 +47,7 @@ def test_health_answers_at_once_while_the_model_loads(tiny_pipeline) -> None:
         return Generator(tiny_pipeline)
 
     with serve_app(create_app(settings(), load=slow)) as server:
-        started = time.monotonic()
-        assert server.health().json() == {"status": "loading"}
-        assert time.monotonic() - started < 1
+        assert server.health(timeout=1).json() == {"status": "loading"}  # Vertex AI's probe waits 10 s at most
         predict = server.predict(SMALL)
         assert predict.status_code == 503 and predict.headers["retry-after"] == "10"
         release.set()
