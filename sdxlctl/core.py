@@ -338,12 +338,16 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
     """What exists now for this deployment, checked live, and since when."""
     rows = []
     now = datetime.now(UTC)
-    resources = store.read().of(config.name)
-    cloud_states: dict[str, str] = {}
+    state = store.read()
+    resources = state.of(config.name)
+    # Running but not in the state file (it was damaged and moved aside): shown, so that nothing runs unseen.
+    lost = _lost_processes(store, config, state) if config.target == "local" else {}
+    resources = {**lost, **resources}
+    cloud_states: dict[str, str] = {kind: f"{_live_state(r)} (not in the state file)" for kind, r in lost.items()}
     if any(r.target == "vertex" for r in resources.values()):
         from sdxlctl import cloud
 
-        cloud_states = cloud.live_states(config, resources)
+        cloud_states.update(cloud.live_states(config, resources))
     for resource in resources.values():
         rows.append(
             ResourceStatus(

@@ -161,6 +161,8 @@ def test_with_the_whole_state_folder_gone_teardown_finds_the_server_by_its_marke
     assert pid is not None
     try:
         shutil.rmtree(tmp_path / ".sdxlctl")
+        (row,) = json.loads(sdxlctl(tmp_path, "status", "--json", port=port).stdout)["resources"]
+        assert row["details"]["pid"] == pid and row["state"].endswith("(not in the state file)")
         plan = sdxlctl(tmp_path, "teardown", "--dry-run", port=port)
         assert plan.returncode == 0 and "sdxl-server" in plan.stderr and not gone(pid)
         down = sdxlctl(tmp_path, "teardown", "--yes", port=port)
