@@ -224,6 +224,13 @@ def _session(pid: int) -> int:
         return -1
 
 
+def _group(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone meanwhile
+        return -1
+
+
 def find_marked(mark: str) -> list[int]:
     """Pids of this user's live processes whose environment carries `mark` (Linux; elsewhere none)."""
     found = []
@@ -249,9 +256,9 @@ def stop(details: dict[str, object], timeout_s: float = STOP_TIMEOUT_S) -> bool:
         return False
     pid = details["pid"]
     assert isinstance(pid, int)
-    # start() makes each process lead its own group: the group takes its children along. A process
-    # that leads none (recorded by hand, or it called setsid) gets the signal alone.
-    group = _session(pid) == pid and os.getpgid(pid) == pid and pid != os.getpgrp()
+    # start() makes each process lead its own session and group: the group takes its children along.
+    # One that leads no group of its own gets the signal alone, never the group it shares with others.
+    group = _session(pid) == pid and _group(pid) == pid and pid != os.getpgrp()
     _signal(pid, signal.SIGTERM, group=group)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
