@@ -157,3 +157,32 @@ def test_model_garden_shape_in_full() -> None:
 def test_lora_id_is_refused_as_not_supported_yet(payload: dict[str, Any], field: str) -> None:
     error = refused(payload)
     assert error.field == field and "not supported yet" in error.message
+
+
+def test_a_body_of_exactly_the_byte_limit_is_read_and_one_byte_more_is_413(tiny_pipeline) -> None:
+    import httpx
+
+    from sdxl_server.app import create_app
+    from sdxl_server.generator import Generator
+    from sdxl_server.settings import Settings
+    from tests.servers import serve_app
+
+    limit = 2000
+    app = create_app(Settings(max_request_bytes=limit, warmup=((64, 64),)), load=lambda _: Generator(tiny_pipeline))
+
+    def body(size: int) -> bytes:
+        start = b'{"instances": [{"prompt": "'
+        end = b'"}], "parameters": {"width": 7}}'  # refused after reading: 400 on width, not 413
+        return start + b"x" * (size - len(start) - len(end)) + end
+
+    with serve_app(app) as server:
+        server.wait_until("ready")
+        url = server.url + server.predict_route
+        for chunked in (False, True):  # declared up front, or found out while reading
+            for size, status in ((limit, 400), (limit + 1, 413)):
+                content = body(size)
+                assert len(content) == size
+                sent = iter([content[:1000], content[1000:]]) if chunked else content
+                response = httpx.post(url, content=sent, timeout=30)
+                assert response.status_code == status, (chunked, size, response.text)
+                assert response.json()["error"]["field"] == ("parameters.width" if status == 400 else "body")
