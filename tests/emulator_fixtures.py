@@ -39,6 +39,20 @@ class Emulator:
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.url}/_emulator/faults", json=spec).raise_for_status()
 
+    def clear_faults(self) -> None:
+        """The faults not used up yet end (a storm is over)."""
+        httpx.delete(f"{self.url}/_emulator/faults").raise_for_status()
+
+    def slow(self, operation_type: str, polls: int = 10_000) -> None:
+        """Operations whose metadata type contains `operation_type` take `polls` polls: time to interrupt."""
+        with self.world.lock:
+            self.world.slow[operation_type] = polls
+
+    def hurry(self) -> None:
+        """Time passes: every running operation ends at its next poll."""
+        with self.world.lock:
+            self.world.hurry()
+
     def requests(self) -> list[dict[str, Any]]:
         return list(httpx.get(f"{self.url}/_emulator/requests").json())
 

@@ -17,7 +17,7 @@ from starlette.routing import Route as StarletteRoute
 from tests.emulator.billing import Billing
 from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
-from tests.emulator.core import ApiError, Fault, Recorded, Route, World, read_json
+from tests.emulator.core import ANSWERS, ApiError, Fault, Recorded, Route, World, read_json
 from tests.emulator.iam_roles import IamRoles
 from tests.emulator.model_servers import ModelServers
 from tests.emulator.registry import Registry
@@ -82,17 +82,24 @@ def create_app(
         try:
             body = await read_json(request)
             recorded.body = body
+            if world.detached:  # a deploy's progress asks its model server: not on the event loop
+                await asyncio.to_thread(_locked, world, world.tick)
             with world.lock:
                 world.requests.append(recorded)
                 fault = world.take_fault(request.method, path, operation=False)
-            if fault is not None:
-                raise fault.error
+                started = set(world.operations)
+            if fault is not None and not fault.after:
+                return _faulty(request, fault, recorded)
             handler, params = _match(routes, request.method, path)
             if inspect.iscoroutinefunction(handler):
                 result = await handler(request, params, body)
             else:
                 # Handlers may start processes or talk to GCS: keep the event loop free for other clients.
                 result = await asyncio.to_thread(_locked, world, handler, request, params, body)
+            if fault is not None:  # it happened; only the answer is lost, and its operation runs on
+                with world.lock:
+                    world.detached |= set(world.operations) - started
+                return _faulty(request, fault, recorded)
             recorded.status = 200
             return JSONResponse(result)
         except ApiError as exc:
@@ -114,11 +121,28 @@ def create_app(
     async def faults(request: Request) -> Response:
         spec = json.loads(await request.body())
         error = ApiError(spec.get("code", 503), spec.get("message", "injected fault"), spec.get("status"))
+        answer = spec.get("answer", "error")
+        if answer not in ANSWERS:
+            return JSONResponse({"error": f"answer must be one of {ANSWERS}"}, status_code=400)
+        fault = Fault(
+            spec.get("method", "*"),
+            spec["path"],
+            error,
+            spec.get("times", 1),
+            spec.get("operation", False),
+            answer,
+            spec.get("after", False),
+        )
         with world.lock:
-            world.faults.append(
-                Fault(spec.get("method", "*"), spec["path"], error, spec.get("times", 1), spec.get("operation", False))
-            )
+            world.faults.append(fault)
         return JSONResponse({"ok": True})
+
+    async def clear_faults(request: Request) -> Response:
+        """The faults not yet used up are dropped: a storm ends."""
+        with world.lock:
+            left = sum(fault.times for fault in world.faults)
+            world.faults.clear()
+        return JSONResponse({"cleared": left})
 
     async def reset(request: Request) -> Response:
         servers.stop_all()
@@ -127,6 +151,7 @@ def create_app(
             world.operations.clear()
             world.faults.clear()
             world.requests.clear()
+            world.detached.clear()
         return JSONResponse({"ok": True})
 
     app = Starlette(
@@ -134,6 +159,7 @@ def create_app(
             StarletteRoute("/_emulator/requests", requests, methods=["GET"]),
             StarletteRoute("/_emulator/resources", resources, methods=["GET"]),
             StarletteRoute("/_emulator/faults", faults, methods=["POST"]),
+            StarletteRoute("/_emulator/faults", clear_faults, methods=["DELETE"]),
             StarletteRoute("/_emulator/reset", reset, methods=["POST"]),
             StarletteRoute("/{path:path}", dispatch, methods=["GET", "POST", "PATCH", "DELETE", "PUT"]),
         ],
@@ -151,6 +177,24 @@ def _stopping(servers: ModelServers) -> Any:
         servers.stop_all()  # no model server outlives the emulator
 
     return lifespan
+
+
+def _faulty(request: Request, fault: Fault, recorded: Recorded) -> Response:
+    """The answer a fault gives instead of the real one."""
+    if fault.answer == "drop":
+        # uvicorn's receive is a method of the request's cycle, which holds the connection: closing it
+        # leaves the client with no status line at all (the Response returned below is never written).
+        transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
+        if transport is None:
+            raise RuntimeError("dropping a connection needs the emulator to run under uvicorn")
+        transport.abort()
+        recorded.status = 0
+        return Response(status_code=500)
+    if fault.answer == "garbled":
+        recorded.status = 200
+        return Response(b'{"name": "projects/', media_type="application/json")  # cut short
+    recorded.status = fault.error.code
+    return JSONResponse(fault.error.body(), status_code=fault.error.code)
 
 
 def _locked(world: World, handler: Any, *args: Any) -> Any:

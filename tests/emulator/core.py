@@ -112,11 +112,18 @@ class Operation:
         return body
 
 
+ANSWERS = ("error", "drop", "garbled")
+
+
 @dataclass
 class Fault:
     """An injected failure: the next `times` requests matching `method` and `path` get `error`.
 
     `operation`: instead of failing the request, the operation it starts fails with `error`.
+    `answer`: what the client gets instead of the real answer: `error`, `drop` (the connection is closed
+    with no answer at all) or `garbled` (200 with a body cut short, not JSON).
+    `after`: the request takes effect first (the resource is made, the operation runs on by itself, as
+    Google's would), and only its answer is lost: what a client sees when a create "fails" but happened.
     """
 
     method: str
@@ -124,6 +131,8 @@ class Fault:
     error: ApiError
     times: int = 1
     operation: bool = False
+    answer: str = "error"
+    after: bool = False
 
 
 @dataclass
@@ -158,6 +167,10 @@ class World:
     operations: dict[str, Operation] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     requests: list[Recorded] = field(default_factory=list)
+    # Operations whose start was answered with a fault: no client polls them, so each request advances them
+    detached: set[str] = field(default_factory=set)
+    # Operations whose metadata type contains a key take that many polls (a slow step to interrupt)
+    slow: dict[str, int] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(int(time.time()) * 1000))
 
     def new_id(self) -> str:
@@ -188,7 +201,9 @@ class World:
                 raise error
 
             finish = failing
-        operation = Operation(name, metadata, self.polls_to_finish, finish, ready)
+        kind = str(metadata.get("@type", ""))
+        polls = next((n for key, n in self.slow.items() if key in kind), self.polls_to_finish)
+        operation = Operation(name, metadata, polls, finish, ready)
         self.operations[name] = operation
         return operation.json()
 
@@ -198,6 +213,24 @@ class World:
         if operation is None:
             raise ApiError(404, f"Operation {name} not found.")
         return operation.poll()
+
+    def list_operations(self, resource: str) -> list[dict[str, Any]]:
+        """ListOperations of a resource: the operations started on it (done ones too), as Google lists them."""
+        prefix = f"{resource}/operations/"
+        return [op.json() for name, op in self.operations.items() if name.startswith(prefix)]
+
+    def hurry(self) -> None:
+        """Time passes: slow operations are slow no more, and each running one ends at its next poll."""
+        self.slow.clear()
+        for operation in self.operations.values():
+            operation.polls_left = min(operation.polls_left, 1)
+
+    def tick(self) -> None:
+        """Advance every detached operation by one poll: the server goes on with them though nobody asks."""
+        for name in list(self.detached):
+            operation = self.operations.get(name)
+            if operation is None or operation.poll()["done"]:
+                self.detached.discard(name)
 
     def get_policy(self, table: str, resource: str) -> dict[str, Any]:
         """GetIamPolicy of `resource` (an empty policy until one is set)."""

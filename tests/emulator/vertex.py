@@ -59,6 +59,11 @@ class Vertex:
                 r"/(?:ui|v1)/(?P<name>projects/[^/]+/locations/[^/]+(?:/[^/]+/[^/]+)?/operations/[^/]+)",
                 self.get_operation,
             ),
+            (
+                "GET",
+                r"/(?:ui|v1)/(?P<name>projects/[^/]+/locations/[^/]+/(?:endpoints|models)/[^/:]+)/operations",
+                self.list_operations,
+            ),
         ]
         return routes(table)
 
@@ -142,11 +147,14 @@ class Vertex:
                     f"The Model {model['name']} is deployed to Endpoint {endpoint['name']}; undeploy it first.",
                     "FAILED_PRECONDITION",
                 )
-        del self.world.table("models")[model["name"]]
+        fault = self.world.take_fault("DELETE", request.url.path, operation=True)
+        if fault is None:
+            del self.world.table("models")[model["name"]]
         return self.world.start_operation(
             f"{model['name']}/operations/{self.world.new_id()}",
             packed(aip.DeleteOperationMetadata, {"genericMetadata": {"createTime": now()}}),
             lambda: {"@type": "type.googleapis.com/google.protobuf.Empty"},
+            fault=fault,
         )
 
     # ------------------------------------------------------------------ endpoints
@@ -168,10 +176,15 @@ class Vertex:
         if endpoint.get("dedicatedEndpointEnabled"):
             # Google gives a DNS name of its own; here, predict must reach the emulator itself.
             record["dedicatedEndpointDns"] = request.url.netloc
+        if name in self.world.table("endpoints"):
+            raise ApiError(409, f"Endpoint {name} already exists.")
         fault = self.world.take_fault("POST", request.url.path, operation=True)
+        if fault is None:
+            # Listed (by label too) from the moment the create is accepted, as models and services are here:
+            # a client that lost the answer finds it before creating a second one.
+            self.world.table("endpoints")[name] = record
 
         def finish() -> dict[str, Any]:
-            self.world.table("endpoints")[name] = record
             return packed(aip.Endpoint, record)
 
         return self.world.start_operation(
@@ -196,11 +209,14 @@ class Vertex:
             raise ApiError(
                 400, f"Endpoint {endpoint['name']} has deployed models; undeploy them first.", "FAILED_PRECONDITION"
             )
-        del self.world.table("endpoints")[endpoint["name"]]
+        fault = self.world.take_fault("DELETE", request.url.path, operation=True)
+        if fault is None:
+            del self.world.table("endpoints")[endpoint["name"]]
         return self.world.start_operation(
             f"{endpoint['name']}/operations/{self.world.new_id()}",
             packed(aip.DeleteOperationMetadata, {"genericMetadata": {"createTime": now()}}),
             lambda: {"@type": "type.googleapis.com/google.protobuf.Empty"},
+            fault=fault,
         )
 
     def deploy_model(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
@@ -304,6 +320,7 @@ class Vertex:
             f"{endpoint['name']}/operations/{self.world.new_id()}",
             packed(aip.UndeployModelOperationMetadata, {"genericMetadata": {"createTime": now()}}),
             finish,
+            fault=self.world.take_fault("POST", request.url.path, operation=True),  # it fails midway
         )
 
     async def predict(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
@@ -362,6 +379,10 @@ class Vertex:
 
     def get_operation(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         return self.world.poll(p["name"])
+
+    def list_operations(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
+        operations = self.world.list_operations(p["name"])
+        return {"operations": operations} if operations else {}
 
 
 def _public(model: dict[str, Any]) -> dict[str, Any]:
