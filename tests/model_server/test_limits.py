@@ -86,7 +86,7 @@ def test_connections_over_the_limit_get_a_json_503_and_stalled_ones_are_dropped(
     held = [connect(server.url) for _ in range(MAX_CONNECTIONS)]
     try:
         over = exchange(server.url, request("GET", "/health"))
-        assert over.status == 503
+        assert over.status == 503 and over.headers["retry-after"] == "1"
         assert "SDXL_MAX_CONNECTIONS" in over.json()["error"]["message"]
         assert all(closed_by_server(sock, within=5) for sock in held)  # the header timeout frees them
     finally:

@@ -23,9 +23,10 @@ _PHRASES = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailabl
 def error_bytes(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 response in the server's error shape, closing the connection."""
     body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""  # connections free up as soon as one closes
     head = (
         f"HTTP/1.1 {status} {_PHRASES[status]}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode() + body
 
