@@ -325,18 +325,28 @@ def upload(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
         _record(store, config, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
         return StepResult([Change("unchanged", "model", version)], version, time.monotonic() - started)
     progress("uploading the model")
+
+    def uploaded_already() -> Any:  # an upload whose answer was lost: its version carries this container
+        found = vertex.find_models((LABEL, config.name))
+        return found[0] if found and _same_container(found[0], spec, artifact) else None
+
     operation = vertex.upload_model(
         display_name=config.name,
         labels=n.labels,
         spec=spec,
         artifact_uri=artifact,
         parent_model=current.name if current else "",
+        find=uploaded_already,
+        progress=progress,
     )
-    response = vertex.wait(operation, what="upload", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
-    from google.cloud import aiplatform_v1
+    if isinstance(operation, str):
+        response = vertex.wait(operation, what="upload", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+        from google.cloud import aiplatform_v1
 
-    uploaded = aiplatform_v1.UploadModelResponse.deserialize(response.value)
-    version = f"{uploaded.model}@{uploaded.model_version_id}"
+        uploaded = aiplatform_v1.UploadModelResponse.deserialize(response.value)
+        version = f"{uploaded.model}@{uploaded.model_version_id}"
+    else:
+        version = f"{operation.name}@{operation.version_id}"
     _record(store, config, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
     action = "update" if current else "create"
     return StepResult([Change(action, "model", version, f"image {image.name}")], version, time.monotonic() - started)
@@ -415,6 +425,14 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
             progress(f"deploying on {_machine(option)}")
             from sdxlctl.core import interrupts_deferred
 
+            def deployed_already(endpoint: Any = endpoint) -> Any:
+                """A deployModel whose answer was lost: its operation runs on the endpoint, or it is done."""
+                running = vertex.pending_operations(endpoint.name, "DeployModelOperationMetadata")
+                if running:
+                    return running[0]
+                now = vertex.get_endpoint(endpoint.name)
+                return _matching_deployment(now, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
+
             with interrupts_deferred():
                 operation = vertex.deploy(
                     endpoint=endpoint.name,
@@ -424,22 +442,27 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
                     min_replicas=d.min_replicas,
                     max_replicas=d.max_replicas,
                     service_account=account,
+                    find=deployed_already,
+                    progress=progress,
                 )
-                _update_details(store, config, "endpoint", deploy_operation=operation)
-        try:
-            vertex.wait(
-                operation,
-                what=f"deploy on {option.machine_type} (GPU deploys take 20-45 min)",
-                timeout_s=timeout_s,
-                progress=progress,
-            )
-        except Exception as exc:
-            from sdxlctl.gcp.errors import CloudError
+                if isinstance(operation, str):
+                    _update_details(store, config, "endpoint", deploy_operation=operation)
+        if isinstance(operation, str):
+            from sdxlctl.gcp.errors import CloudError, OperationPending
 
-            if isinstance(exc, CloudError) and "did not finish" not in exc.message:
+            try:
+                vertex.wait(
+                    operation,
+                    what=f"deploy on {option.machine_type} (GPU deploys take 20-45 min)",
+                    timeout_s=timeout_s,
+                    progress=progress,
+                )
+            except OperationPending:
+                raise  # it may still finish: the next run waits for it instead of deploying again
+            except CloudError:
                 _update_details(store, config, "endpoint", deploy_operation=None)
-            raise
-        _update_details(store, config, "endpoint", deploy_operation=None)
+                raise
+            _update_details(store, config, "endpoint", deploy_operation=None)
         endpoint = vertex.get_endpoint(endpoint.name)
         match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
         if match is None:
@@ -526,31 +549,43 @@ def _grant_folder(c: Cloud, role: str, email: str, uri: str, changes: list[Chang
 def _ensure_endpoint(
     config: Config, store: StateStore, vertex: Any, n: Names, progress: Progress, changes: list[Change]
 ) -> Any:
-    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.errors import CloudError, OperationPending
 
     recorded = store.read().get(config.name, "endpoint")
     if recorded is not None and recorded.name:
         endpoint = vertex.get_endpoint(recorded.name, missing_ok=True)
         if endpoint is not None:
             return endpoint
-    found = vertex.find_endpoints((LABEL, config.name))
-    if found:
-        endpoint = found[0]
-        _record(store, config, _endpoint_resource(endpoint, recorded))
-        return endpoint
     operation = recorded.details.get("create_operation") if recorded else None
-    if not operation:
+    if operation:  # an earlier run started it: wait for that one, adopt no half-made endpoint
+        progress("waiting for the endpoint an earlier run started creating")
+    else:
+        found = vertex.find_endpoints((LABEL, config.name))
+        if found:
+            endpoint = found[0]
+            _record(store, config, _endpoint_resource(endpoint, recorded))
+            return endpoint
         from sdxlctl.core import interrupts_deferred
 
         progress("creating the endpoint")
         d = config.deploy
+
+        def created_already() -> Any:  # a create whose answer was lost: its endpoint carries the label
+            return next(iter(vertex.find_endpoints((LABEL, config.name))), None)
+
         with interrupts_deferred():
             operation = vertex.create_endpoint(
                 display_name=config.name,
                 labels=n.labels,
                 dedicated=d.endpoint == "dedicated",
                 inference_timeout_s=int(min(config.model.time_limit_s + 5, 3600)),
+                find=created_already,
+                progress=progress,
             )
+            if not isinstance(operation, str):
+                _record(store, config, _endpoint_resource(operation, recorded))
+                changes.append(Change("create", "endpoint", operation.name, "its answer was lost; found by label"))
+                return operation
             _record(
                 store,
                 config,
@@ -558,6 +593,8 @@ def _ensure_endpoint(
             )
     try:
         response = vertex.wait(operation, what="create the endpoint", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+    except OperationPending:
+        raise  # it may still finish: the next run waits for it instead of creating a second endpoint
     except CloudError:
         _forget(store, config, "endpoint")
         raise
@@ -946,13 +983,23 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     for endpoint in found.endpoints:
 
         def delete_endpoint(endpoint: Any = endpoint) -> str:
+            # An interrupted teardown's undeploys may still run: wait for them rather than start a second
+            running = vertex.pending_operations(endpoint.name, "UndeployModelOperationMetadata")
+            for operation in running:
+                vertex.wait(operation, what="undeploy (begun before)", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+            if running:
+                endpoint = vertex.get_endpoint(endpoint.name)
             for deployed in endpoint.deployed_models:
-                vertex.wait(
-                    vertex.undeploy(endpoint=endpoint.name, deployed_model_id=deployed.id),
-                    what=f"undeploy {deployed.id}",
-                    timeout_s=OPERATION_TIMEOUT_S,
-                    progress=progress,
-                )
+                try:
+                    vertex.wait(
+                        vertex.undeploy(endpoint=endpoint.name, deployed_model_id=deployed.id),
+                        what=f"undeploy {deployed.id}",
+                        timeout_s=OPERATION_TIMEOUT_S,
+                        progress=progress,
+                    )
+                except CloudError as exc:
+                    if "not found" not in exc.message.lower():
+                        raise  # else undeployed already: the endpoint itself is still to delete
             vertex.wait(
                 vertex.delete_endpoint(endpoint.name),
                 what="delete the endpoint",

@@ -32,6 +32,9 @@ class Gcp(Section):
     artifact_repository: str = Field("sdxlctl", description="Artifact Registry Docker repository")
     api_endpoint: str = Field("", description="base URL of the Google APIs; empty: Google's (set for the emulator)")
     poll_interval_s: float = Field(10.0, gt=0, le=300, description="how often long operations are polled")
+    retry_s: float = Field(
+        120.0, gt=0, le=3600, description="how long a call is retried through 429/5xx and dropped connections"
+    )
 
 
 class Model(Section):

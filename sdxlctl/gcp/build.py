@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdxlctl.gcp.errors import CloudError, translated
-from sdxlctl.gcp.session import Cloud, Progress
+from sdxlctl.gcp.session import Cloud, Progress, create_once
 from sdxlctl.gcp.storage import Storage
 
 BUILD_TIMEOUT_S = 2 * 3600  # an image with CUDA torch (and baked weights) can take long on a cold cache
@@ -70,9 +70,27 @@ class Builds:
             options=self.types.BuildOptions(machine_type=self.types.BuildOptions.MachineType.E2_HIGHCPU_8),
             logs_bucket=f"gs://{logs.bucket_name}/{logs_prefix}",
         )
-        with translated("start the build", api="cloudbuild", project=self.cloud.project):
-            operation = self.client.create_build(project_id=self.cloud.project, build=build, retry=self.cloud.retry())
-            build_id = operation.metadata.build.id
+
+        def start() -> str:
+            operation = self.client.create_build(project_id=self.cloud.project, build=build, retry=None)
+            return str(operation.metadata.build.id)
+
+        def started_already() -> str | None:
+            """A build whose answer was lost: queued, running or done under the same tags."""
+            with translated("list builds", api="cloudbuild", project=self.cloud.project):
+                builds = self.client.list_builds(
+                    project_id=self.cloud.project,
+                    filter=" AND ".join(f'tags="{tag}"' for tag in tags),
+                    retry=self.cloud.retry(),
+                )
+                for found in builds:
+                    if self.types.Build.Status(found.status).name in ("QUEUED", "WORKING", "SUCCESS"):
+                        return str(found.id)
+            return None
+
+        build_id = create_once(
+            start, started_already, what="start the build", cloud=self.cloud, api="cloudbuild", progress=progress
+        )
         started, offset, current = time.monotonic(), 0, None
         log_name = f"{logs_prefix}/log-{build_id}.txt"
         while True:

@@ -31,11 +31,21 @@ class CloudError(SdxlctlError):
     """A Google API refused or failed a call."""
 
 
+class OperationPending(CloudError):
+    """A long-running operation whose end was not seen (too slow, or its polls kept failing): it may go
+    on in the cloud, so it stays recorded and the next run waits for it instead of starting another."""
+
+
+RERUN = "running the step again resumes where this one stopped"
+
+
 @contextmanager
 def translated(action: str, *, api: str, project: str, region: str = "") -> Iterator[None]:
     """Turn any Google API error raised inside into a CloudError that says what to do."""
+    import requests
     from google.api_core import exceptions as gexc
     from google.auth import exceptions as auth_exc
+    from google.protobuf import json_format
 
     try:
         yield
@@ -46,8 +56,22 @@ def translated(action: str, *, api: str, project: str, region: str = "") -> Iter
             f"{action}: no Google Cloud credentials found",
             hint="run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS",
         ) from None
+    except gexc.RetryError as exc:  # transient failures outlasted the retry budget
+        cause = exc.cause
+        last = getattr(cause, "message", None) or (type(cause).__name__ if cause else "no answer")
+        raise CloudError(
+            f"{action}: gave up after retrying ({exc.message.lower()}); the last answer: {last}",
+            hint=f"Google's {APIS.get(api, api)} did not answer usably; {RERUN}"
+            " ([gcp] retry_s sets how long to keep trying)",
+        ) from None
     except gexc.GoogleAPICallError as exc:
         raise explain(exc, action, api=api, project=project, region=region) from None
+    except (requests.RequestException, json_format.ParseError) as exc:
+        what = "a garbled answer" if isinstance(exc, json_format.ParseError | ValueError) else "no answer"
+        raise CloudError(
+            f"{action}: {what} from {APIS.get(api, api)} ({type(exc).__name__})",
+            hint=f"check the network or proxy; {RERUN}",
+        ) from None
 
 
 def explain(exc: Exception, action: str, *, api: str, project: str, region: str = "") -> CloudError:

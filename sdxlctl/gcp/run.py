@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdxlctl.gcp.errors import translated
-from sdxlctl.gcp.session import Cloud, Progress, wait_for
+from sdxlctl.gcp.session import Cloud, Progress, create_once, wait_for
 
 
 class CloudRun:
@@ -71,15 +71,32 @@ class CloudRun:
             ),
         )
         existing = self.get(service_id)
-        with self._call(f"deploy service {service_id}"):
-            if existing is None:
-                operation = self.client.create_service(
-                    parent=self.cloud.parent, service=service, service_id=service_id, retry=self.cloud.retry()
+        operation: Any = None
+        if existing is None:
+
+            def create() -> str:
+                return str(
+                    self.client.create_service(
+                        parent=self.cloud.parent, service=service, service_id=service_id, retry=None
+                    ).operation.name
                 )
-            else:
-                service.name = existing.name
-                operation = self.client.update_service(service=service, retry=self.cloud.retry())
-        self.wait(operation.operation.name, what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
+
+            # A lost answer (or a 409 from a create that did happen) leaves the service there: update it
+            operation = create_once(
+                create,
+                lambda: self.get(service_id),
+                what=f"create service {service_id}",
+                cloud=self.cloud,
+                api="run",
+                progress=progress,
+            )
+            if not isinstance(operation, str):
+                existing = operation
+        if existing is not None:
+            service.name = existing.name
+            with self._call(f"deploy service {service_id}"):
+                operation = self.client.update_service(service=service, retry=self.cloud.retry()).operation.name
+        self.wait(str(operation), what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
         found = self.get(service_id)
         assert found is not None
         return found

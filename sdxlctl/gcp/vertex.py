@@ -7,14 +7,21 @@ unless the model reports DEDICATED_RESOURCES; here the request says exactly what
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sdxlctl.gcp.errors import CloudError, translated
-from sdxlctl.gcp.session import Cloud, Progress, wait_for
+from sdxlctl.gcp.session import Cloud, Progress, create_once, wait_for
 from sdxlctl.gpus import GpuOption
 
 DUTY_CYCLE_METRIC = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
+# What a create's `find` returns: an operation name to wait for, the resource itself, or None (not there)
+Find = Callable[[], Any]
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,21 @@ class Vertex:
             cloud=self.cloud,
         )
 
+    def pending_operations(self, resource: str, metadata: str) -> list[str]:
+        """Names of the operations on `resource` (an endpoint or model) still running whose metadata is of
+        type `metadata` (e.g. DeployModelOperationMetadata): how a lost answer is found again."""
+        with self._call(f"list the operations of {resource}"):
+            operations = self.endpoints.list_operations(request={"name": resource}, retry=self.cloud.retry())
+        return [op.name for op in operations.operations if not op.done and op.metadata.type_url.endswith(metadata)]
+
+    def _create(self, what: str, send: Callable[[], Any], find: Find, progress: Progress) -> Any:
+        """`send` (which returns an operation) without blind retries: see `create_once`."""
+
+        def start() -> Any:
+            return str(send().operation.name)
+
+        return create_once(start, find, what=what, cloud=self.cloud, api="aiplatform", progress=progress)
+
     # ------------------------------------------------------------------ models
 
     def find_models(self, label: tuple[str, str]) -> list[Any]:
@@ -75,8 +97,11 @@ class Vertex:
         spec: ContainerSpec,
         artifact_uri: str = "",
         parent_model: str = "",
-    ) -> str:
-        """Start an upload (a new version under `parent_model` when given); return the operation name."""
+        find: Find = _nothing,
+        progress: Progress = lambda _: None,
+    ) -> Any:
+        """Start an upload (a new version under `parent_model` when given); return the operation name, or
+        what `find` found when the answer was lost but the upload happened."""
         aip = self.aip
         model = aip.Model(
             display_name=display_name,
@@ -91,12 +116,10 @@ class Vertex:
                 deployment_timeout={"seconds": min(spec.deployment_timeout_s, 7200)},
             ),
         )
-        with self._call("upload the model"):
-            operation = self.models.upload_model(
-                request=aip.UploadModelRequest(parent=self.cloud.parent, model=model, parent_model=parent_model),
-                retry=self.cloud.retry(),
-            )
-        return str(operation.operation.name)
+        request = aip.UploadModelRequest(parent=self.cloud.parent, model=model, parent_model=parent_model)
+        return self._create(
+            "upload the model", lambda: self.models.upload_model(request=request, retry=None), find, progress
+        )
 
     def delete_model(self, name: str) -> str:
         with self._call(f"delete model {name}"):
@@ -135,19 +158,28 @@ class Vertex:
                 raise
 
     def create_endpoint(
-        self, *, display_name: str, labels: dict[str, str], dedicated: bool, inference_timeout_s: int
-    ) -> str:
+        self,
+        *,
+        display_name: str,
+        labels: dict[str, str],
+        dedicated: bool,
+        inference_timeout_s: int,
+        find: Find = _nothing,
+        progress: Progress = lambda _: None,
+    ) -> Any:
+        """Start creating the endpoint; the operation name, or what `find` found (see `create_once`)."""
         aip = self.aip
         endpoint = aip.Endpoint(display_name=display_name, labels=labels, dedicated_endpoint_enabled=dedicated)
         if dedicated:
             endpoint.client_connection_config = aip.ClientConnectionConfig(
                 inference_timeout={"seconds": inference_timeout_s}
             )
-        with self._call("create the endpoint"):
-            operation = self.endpoints.create_endpoint(
-                parent=self.cloud.parent, endpoint=endpoint, retry=self.cloud.retry()
-            )
-        return str(operation.operation.name)
+        return self._create(
+            "create the endpoint",
+            lambda: self.endpoints.create_endpoint(parent=self.cloud.parent, endpoint=endpoint, retry=None),
+            find,
+            progress,
+        )
 
     def deploy(
         self,
@@ -159,8 +191,11 @@ class Vertex:
         min_replicas: int,
         max_replicas: int,
         service_account: str = "",
-    ) -> str:
-        """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation.
+        find: Find = _nothing,
+        progress: Progress = lambda _: None,
+    ) -> Any:
+        """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation
+        (or what `find` found when the answer was lost: a deployment must not be started twice).
 
         min_replicas 0 is scale to zero: a Preview of the v1beta1 API, on dedicated endpoints only.
         `service_account`: what the container runs as (empty: Vertex AI's own, which may only read the
@@ -186,11 +221,14 @@ class Vertex:
         deployed = aip.DeployedModel(
             model=model, display_name=display_name, dedicated_resources=resources, service_account=service_account
         )
-        with self._call("deploy the model"):
-            operation = client.deploy_model(
-                endpoint=endpoint, deployed_model=deployed, traffic_split={"0": 100}, retry=self.cloud.retry()
-            )
-        return str(operation.operation.name)
+        return self._create(
+            "deploy the model",
+            lambda: client.deploy_model(
+                endpoint=endpoint, deployed_model=deployed, traffic_split={"0": 100}, retry=None
+            ),
+            find,
+            progress,
+        )
 
     def undeploy(self, *, endpoint: str, deployed_model_id: str) -> str:
         with self._call(f"undeploy {deployed_model_id}"):
