@@ -85,26 +85,44 @@ def test_a_wrong_request_is_refused_as_google_refuses_it(emulator: Emulator) -> 
     wrong_field = httpx.post(f"{parent}/models:upload", json={"model": {"displayName": "x", "imageUri": "i"}})
     assert wrong_field.status_code == 400
     assert wrong_field.json()["error"]["status"] == "INVALID_ARGUMENT" and "imageUri" in wrong_field.text
-    wrong_enum = httpx.post(
-        f"{parent}/endpoints/1:deployModel",
-        json={"deployedModel": {"dedicatedResources": {"machineSpec": {"acceleratorType": "A100"}}}},
+
+    # A right body is taken (so the refusals below are about their bodies, not about any body at all)
+    upload = httpx.post(
+        f"{parent}/models:upload", json={"model": {"displayName": "x", "containerSpec": {"imageUri": "i"}}}
     )
-    assert wrong_enum.status_code in (400, 404)
+    assert upload.status_code == 200, upload.text
+    model = upload.json()["name"].split("/operations/")[0]
+    assert re.fullmatch(rf"projects/{PROJECT}/locations/{REGION}/models/\d+", model)
+    assert httpx.get(f"{emulator.url}/v1/{model}").json()["containerSpec"]["imageUri"] == "i"
+    created = httpx.post(f"{parent}/endpoints", json={"displayName": "e"})
+    assert created.status_code == 200, created.text
+    endpoint = created.json()["name"].split("/operations/")[0]
+    assert httpx.get(f"{emulator.url}/v1/{endpoint}").status_code == 200  # it exists: bodies are read
+
+    wrong_enum = httpx.post(
+        f"{emulator.url}/v1/{endpoint}:deployModel",
+        json={"deployedModel": {"model": model, "dedicatedResources": {"machineSpec": {"acceleratorType": "A100"}}}},
+    )
+    assert wrong_enum.status_code == 400, wrong_enum.text
+    assert wrong_enum.json()["error"]["status"] == "INVALID_ARGUMENT" and "A100" in wrong_enum.text
+
     missing = httpx.get(f"{parent}/models/404")
     assert missing.status_code == 404
-    assert missing.json() == {
-        "error": {"code": 404, "message": missing.json()["error"]["message"], "status": "NOT_FOUND"}
-    }
-    mismatch = httpx.post(
-        f"{parent}/models:upload", json={"model": {"displayName": "x", "containerSpec": {"imageUri": "i"}}}
-    ).json()
-    del mismatch
+    error = missing.json()["error"]
+    assert set(error) == {"code", "message", "status"}
+    assert (error["code"], error["status"]) == (404, "NOT_FOUND")
+    assert f"projects/{PROJECT}/locations/{REGION}/models/404" in error["message"]
+
     wrong_gpu_for_machine = {
         "deployedModel": {
-            "model": "m",
+            "model": model,
             "dedicatedResources": {
-                "machineSpec": {"machineType": "a2-highgpu-1g", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
+                "machineSpec": {"machineType": "a2-highgpu-1g", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1},
+                "minReplicaCount": 1,
             },
         }
     }
-    assert httpx.post(f"{parent}/endpoints/1:deployModel", json=wrong_gpu_for_machine).status_code in (400, 404)
+    refused = httpx.post(f"{emulator.url}/v1/{endpoint}:deployModel", json=wrong_gpu_for_machine)
+    assert refused.status_code == 400, refused.text
+    assert "NVIDIA_L4" in refused.text and "a2-highgpu-1g" in refused.text
+    assert emulator.resources()["endpoints"][0].get("deployedModels") is None  # nothing was deployed
