@@ -9,7 +9,7 @@ import pytest
 
 from tests.cloud.test_faults import up
 from tests.conftest import Cli
-from tests.emulator_fixtures import Emulator
+from tests.emulator_fixtures import PROJECT, Emulator
 
 OTHER = "other"
 
@@ -79,6 +79,7 @@ DENIED = {"code": 403, "status": "PERMISSION_DENIED", "message": "Permission den
         {"method": "POST", "path": r":undeployModel$", "operation": True, "code": 500, "status": "INTERNAL"},
         {"method": "DELETE", "path": r"/models/[^/:]+$", "operation": True, "code": 500, "status": "INTERNAL"},
         {"method": "POST", "path": r":getIamPolicy$", **DENIED},
+        {"method": "PUT", "path": r"^/storage/v1/b/[^/]+/iam$", "gcs": True, **DENIED},
         {"method": "DELETE", "path": r"/endpoints/[^/:]+$", "code": 503, "status": "UNAVAILABLE", "times": 10_000},
         {"method": "DELETE", "path": r"/services/[^/:]+$", "answer": "drop", "times": 10_000},
     ],
@@ -89,6 +90,7 @@ DENIED = {"code": 403, "status": "PERMISSION_DENIED", "message": "Permission den
         "undeploy-midway",
         "model-delete-midway",
         "iam-revoke",
+        "bucket-iam-revoke",
         "endpoint-503-storm",
         "service-dropped",
     ],
@@ -96,8 +98,13 @@ DENIED = {"code": 403, "status": "PERMISSION_DENIED", "message": "Permission den
 def test_teardown_past_a_failure_beyond_the_endpoint_and_the_rerun_finishes(
     cli: Cli, emulator: Emulator, fault: dict[str, Any]
 ) -> None:
-    env = emulator.env(SDXLCTL_GCP_RETRY_S="1")
+    fault = dict(fault)
+    # Cloud Storage through the emulator, where faults apply to it too (else straight to the GCS emulator)
+    gcs = {"STORAGE_EMULATOR_HOST": emulator.url} if fault.pop("gcs", False) else {}
+    env = emulator.env(SDXLCTL_GCP_RETRY_S="1", **gcs)
     up(cli, env, "build", "upload", "deploy", "ui-deploy")
+    account = f"serviceAccount:sdxl-server-sa@{PROJECT}.iam.gserviceaccount.com"
+    assert emulator.bucket_roles(f"{PROJECT}-sdxlctl", account) != []
     emulator.fault(**fault)
     failed = cli("teardown", "--yes", env=env)
     assert failed.code == 1, failed.err
@@ -108,6 +115,7 @@ def test_teardown_past_a_failure_beyond_the_endpoint_and_the_rerun_finishes(
     assert again.code == 0, again.err
     assert of(emulator, "sdxl") == {}
     assert emulator.resources().get("accounts", []) == []
+    assert emulator.bucket_roles(f"{PROJECT}-sdxlctl", account) == []  # its grant went with the account
 
 
 def test_a_delete_that_happened_but_lost_its_answer_counts_as_done(cli: Cli, emulator: Emulator) -> None:

@@ -79,6 +79,8 @@ def create_app(
         path = request.url.path
         body: Any = None
         recorded = Recorded(request.method, path, dict(request.query_params), None)
+        if gcs_url and path.startswith(GCS_PATHS):
+            return await _to_gcs(request, gcs_url, world, recorded)
         try:
             body = await read_json(request)
             recorded.body = body
@@ -177,6 +179,36 @@ def _stopping(servers: ModelServers) -> Any:
         servers.stop_all()  # no model server outlives the emulator
 
     return lifespan
+
+
+# Cloud Storage's JSON API, upload and download paths: with STORAGE_EMULATOR_HOST set to this emulator,
+# they reach the GCS emulator through here, where faults apply to them as to every other API.
+GCS_PATHS = ("/storage/v1/", "/upload/storage/v1/", "/download/storage/v1/")
+
+
+async def _to_gcs(request: Request, gcs_url: str, world: World, recorded: Recorded) -> Response:
+    """Forward a Cloud Storage request as it came (bytes, not JSON: uploads are multipart)."""
+    import httpx
+
+    with world.lock:
+        world.requests.append(recorded)
+        fault = world.take_fault(request.method, request.url.path, operation=False)
+    if fault is not None and not fault.after:
+        return _faulty(request, fault, recorded)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.request(
+            request.method,
+            gcs_url + request.url.path,
+            params=request.url.query,
+            headers=headers,
+            content=await request.body(),
+        )
+    if fault is not None:
+        return _faulty(request, fault, recorded)
+    recorded.status = answer.status_code
+    kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "etag", "location")}
+    return Response(answer.content, status_code=answer.status_code, headers=kept)
 
 
 def _faulty(request: Request, fault: Fault, recorded: Recorded) -> Response:
