@@ -75,6 +75,8 @@ def test_failing_operation_polls_are_retried_and_the_deploy_finishes(
     assert done.code == 0, done.err
     assert sent(emulator, "GET", r"/operations/") > 3  # the failed polls were repeated
     assert count(emulator, "deployedModels") == 1 and count(emulator, "endpoints") == 1
+    assert cli("teardown", "--yes", env=env).code == 0
+    assert emulator.labelled() == []
 
 
 def test_a_read_whose_connection_drops_is_sent_again(cli: Cli, emulator: Emulator) -> None:
@@ -111,6 +113,8 @@ def test_a_503_storm_on_the_polls_past_the_retry_budget_keeps_the_operation_and_
     (endpoint_json,) = emulator.resources()["endpoints"]
     (deployed,) = endpoint_json["deployedModels"]
     assert deployed["dedicatedResources"]["machineSpec"]["machineType"] == "g2-standard-8"
+    assert cli("teardown", "--yes", env=env).code == 0
+    assert emulator.labelled() == []
 
 
 def test_a_503_storm_on_a_create_past_the_retry_budget_is_one_clear_line_and_the_rerun_creates_it(
@@ -131,6 +135,8 @@ def test_a_503_storm_on_a_create_past_the_retry_budget_is_one_clear_line_and_the
     again = cli("deploy", env=env)
     assert again.code == 0, again.err
     assert count(emulator, "endpoints") == 1 and count(emulator, "deployedModels") == 1
+    assert cli("teardown", "--yes", env=env).code == 0
+    assert emulator.labelled() == []
 
 
 @pytest.mark.parametrize("answer", ["error", "drop", "garbled"])

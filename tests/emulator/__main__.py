@@ -3,6 +3,12 @@
 Point sdxlctl at it with `[gcp] api_endpoint = "http://127.0.0.1:9090"` (or SDXLCTL_GCP_API_ENDPOINT) and
 STORAGE_EMULATOR_HOST=http://127.0.0.1:9091; then build, upload, deploy, predict, ui-deploy and teardown
 run against it as they would against Google Cloud. Deployed models run as local `python -m sdxl_server`.
+
+Faults, for rehearsing failures: POST /_emulator/faults with {"path": REGEX, "method", "code", "status",
+"message", "times", "operation": the operation fails instead, "answer": "error" | "drop" (no answer at all)
+| "garbled" (a cut-short 200), "after": the request takes effect and only its answer is lost};
+DELETE /_emulator/faults ends them. With STORAGE_EMULATOR_HOST set to this port, Cloud Storage goes
+through here too (and faults reach it).
 """
 
 from __future__ import annotations
