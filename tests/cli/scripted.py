@@ -6,7 +6,6 @@ import base64
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +36,14 @@ class Script:
 def scripted_server(on_request: Callable[[], None] | None = None) -> Iterator[Script]:
     """A ThreadingHTTPServer on 127.0.0.1 answering POSTs as `script.answers` say (the last one repeats)."""
     script = Script("", [])
+    closing = threading.Event()  # ends every scripted hang when the test is done
+
+    class Quiet(ThreadingHTTPServer):
+        daemon_threads = False
+        block_on_close = True  # server_close() waits for the handlers: none writes into a later test
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a client that gave up (timeout, dropped) is what these tests make happen
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -48,8 +55,8 @@ def scripted_server(on_request: Callable[[], None] | None = None) -> Iterator[Sc
             if on_request is not None:
                 on_request()
             answer = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
-            if answer.hang_s:
-                time.sleep(answer.hang_s)
+            if answer.hang_s and closing.wait(answer.hang_s):
+                return
             if answer.drop:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -65,13 +72,13 @@ def scripted_server(on_request: Callable[[], None] | None = None) -> Iterator[Sc
             self.end_headers()
             self.wfile.write(raw)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = Quiet(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     script.url = f"http://127.0.0.1:{server.server_address[1]}/predict"
     try:
         yield script
     finally:
+        closing.set()
         server.shutdown()
         server.server_close()
