@@ -152,3 +152,25 @@ def test_reads_that_keep_failing_past_the_retry_budget_are_one_clear_line(
     assert "internal error" not in failed.err.lower()
     assert "running the step again" in failed.err
     assert emulator.resources().get("models", []) == []
+
+
+@pytest.mark.parametrize(
+    ("step", "before", "path"),
+    [
+        ("build", [], r"/builds/[^/:]+$"),  # a build is followed by reading the build itself
+        ("ui-deploy", ["build", "upload", "deploy"], r"^/v2/.*/operations/"),  # Cloud Run's operations
+    ],
+    ids=["build", "cloud-run"],
+)
+@pytest.mark.parametrize("answer", ["drop", "garbled"])
+def test_failing_polls_of_builds_and_cloud_run_are_retried(
+    cli: Cli, emulator: Emulator, step: str, before: list[str], path: str, answer: str
+) -> None:
+    env = emulator.env()
+    up(cli, env, *before)
+    emulator.fault(method="GET", path=path, answer=answer, times=3)
+    done = cli(step, env=env)
+    assert done.code == 0, done.err
+    assert not emulator.world.faults  # all three were met, and got past
+    table = "builds" if step == "build" else "services"
+    assert count(emulator, table) == 1
