@@ -136,12 +136,20 @@ def test_derived_regions_scale_every_price_and_are_unverified() -> None:
 
 def test_live_prices_replace_only_what_the_catalog_has() -> None:
     table = pricing.bundled()
-    live = pricing.with_live(table, {"europe-west4": {"gpu": {"a100": {"usd": 3.5, "verified": True, "source": "SKU"}}},
-                                     "me-central2": {"vcpu": {"a2": {"usd": 0.05, "verified": True, "source": "SKU"}}}},
-                             "2026-12-01")
+
+    def sku(usd: float) -> dict[str, Any]:
+        return {"usd": usd, "verified": True, "source": "SKU"}
+
+    catalog = {
+        "europe-west4": {"gpu": {"a100": sku(3.5)}, "ram": {"a2": sku(0.006)}},
+        "me-central2": {"vcpu": {"a2": sku(0.05)}},
+    }
+    live = pricing.with_live(table, catalog, "2026-12-01")
     assert live.rate("europe-west4", "gpu", "a100").usd == 3.5
+    assert live.rate("europe-west4", "ram", "a2").usd == 0.006
     assert live.rate("europe-west4", "vcpu", "a2").usd == 0.0400223  # the bundled one, kept
     assert live.rate("me-central2", "vcpu", "a2").usd == 0.05
+    assert live.regions["me-central2"]["location"] == "me-central2"  # a region the table did not have
     assert (live.date, live.origin) == ("2026-12-01", "live (Cloud Billing catalog)")
     assert table.rate("europe-west4", "gpu", "a100").usd == 3.3741  # the bundled table is not changed
 
@@ -255,7 +263,7 @@ def test_missing_prices_say_what_is_priced() -> None:
 
 
 def test_the_compare_row_rounds_each_figure_to_its_own_precision() -> None:
-    row = pricing.Comparison(gpu("l4"), 1.23456789, pricing.Latency(7.123456, False, False, "test"))
+    row = pricing.Comparison(gpu("l4"), 1.23471, pricing.Latency(7.123456, False, False, "test"))
     shown = row.as_dict()
-    assert (shown["usd_per_hour"], shown["usd_per_day"], shown["seconds_per_image"]) == (1.2346, 29.63, 7.12)
+    assert (shown["usd_per_hour"], shown["usd_per_day"], shown["seconds_per_image"]) == (1.2347, 29.63, 7.12)
     assert (shown["images_per_hour"], shown["usd_per_1000_images"]) == (505.4, 2.443)
