@@ -283,7 +283,7 @@ class PredictResult:
 def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
-    paths = outputs.check(options.output, options.num_images)  # before the request: never generate for nothing
+    outputs.check(options.output, options.num_images)  # before the request: never generate for nothing
     started = time.monotonic()
     try:
         if config.target == "vertex":
@@ -310,7 +310,10 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
         images = [base64.b64decode(image, validate=True) for image in prediction["images"]]
     except ValueError:
         raise PredictError(f"the answer from {url} carries an image that is not base64") from None
-    paths = outputs.write(paths[: len(images)], images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
+    # Every image the server sent is kept, also past the count asked for (those names were not checked,
+    # but a failed write goes to the rescue folder): generated images are never thrown away.
+    files = outputs.paths(options.output, len(images))
+    paths = outputs.write(files, images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
     return PredictResult(
         paths, prediction["seeds"], prediction["width"], prediction["height"], prediction["output_format"], seconds, url
     )

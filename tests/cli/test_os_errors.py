@@ -152,3 +152,15 @@ def test_a_full_disk_while_writing_the_state_leaves_the_old_state_and_says_so(tm
     assert "internal error" not in down.stderr and "Traceback" not in down.stderr
     assert store.path.read_bytes() == before and store.read().get("sdxl", "local-server") is not None
     assert [p.name for p in store.home.iterdir() if p.name.startswith(".state-")] == []
+
+
+def test_more_images_than_asked_for_are_all_kept_not_an_internal_error(cli: Cli, tmp_path: Path) -> None:
+    """An answer off the contract (two images for -n 1) still ends in files, not in a zip() traceback."""
+    two = {"predictions": [{**GOOD["predictions"][0], "images": [PNG, PNG], "seeds": [7, 8]}]}
+    with scripted_server() as script:
+        script.answers = [Answer(body=two)]
+        _deployed(tmp_path, script)
+        result = cli("predict", "a fox", "-o", "fox.png")
+    assert result.code == 0, result
+    assert "internal error" not in result.err
+    assert (tmp_path / "fox.png").read_bytes() == (tmp_path / "fox-1.png").read_bytes() == b"\x89PNG\r\n\x1a\n"
