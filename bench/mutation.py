@@ -60,7 +60,7 @@ TARGETS = {
     "state": Target(
         "sdxlctl",
         ("sdxlctl/state.py",),
-        ("tests/cli/test_state.py", "tests/cli/test_errors.py", "tests/cli/test_processes.py"),
+        ("tests/cli/test_state.py", "tests/cli/test_os_errors.py", "tests/cli/test_processes.py"),
     ),
     "schema": Target(
         "sdxl_server",
