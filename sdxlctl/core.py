@@ -492,9 +492,8 @@ def _fetch_live(config: Config, regions: list[str]) -> dict[str, Any]:
     from sdxlctl.gcp.billing import fetch_regions
     from sdxlctl.gcp.session import Cloud
 
-    cloud = Cloud(
-        config.gcp.project or "-", config.gcp.region, config.gcp.api_endpoint.rstrip("/"), config.gcp.poll_interval_s
-    )
+    gcp = config.gcp  # the configured retry budget too: the catalog is retried through dropped connections
+    cloud = Cloud(gcp.project or "-", gcp.region, gcp.api_endpoint.rstrip("/"), gcp.poll_interval_s, gcp.retry_s)
     try:
         return fetch_regions(cloud, regions)
     except SdxlctlError:

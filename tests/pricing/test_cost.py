@@ -171,10 +171,15 @@ def test_live_prices_come_from_the_catalog_through_the_real_client(
     assert len([r for r in emulator.requests() if r["path"].endswith("/skus")]) == 3  # cached for a day
 
 
+@pytest.mark.timeout(60)  # a hang guard: the configured retry budget (1 s here) bounds the wait
 def test_live_falls_back_to_the_bundled_table_with_a_warning(cli: Cli) -> None:
     from tests.servers import free_port
 
-    env = {"SDXLCTL_GCP_API_ENDPOINT": f"http://127.0.0.1:{free_port()}", "SDXLCTL_GCP_POLL_INTERVAL_S": "0.01"}
+    env = {
+        "SDXLCTL_GCP_API_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "SDXLCTL_GCP_POLL_INTERVAL_S": "0.01",
+        "SDXLCTL_GCP_RETRY_S": "1",  # a refused connection is retried as a lost answer, for 120 s by default
+    }
     result = cli("cost", "--live", "--gpu", "a100", "--region", "europe-west4", "--json", env=env)
     assert result.code == 0
     assert "warning: live prices unavailable" in result.err
