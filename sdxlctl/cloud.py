@@ -685,8 +685,6 @@ def _integral(value: Any) -> Any:
     return value
 
 
-
-
 # ---------------------------------------------------------------- ui-deploy
 
 
