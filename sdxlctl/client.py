@@ -68,13 +68,7 @@ def _answer(response: Any) -> dict[str, Any]:
     except ValueError:
         data = None
     if response.status_code == 200 and isinstance(data, dict) and "predictions" in data:
-        problem = _contract_problem(data)
-        if problem:
-            raise PredictError(
-                f"the answer from {response.url} does not follow the model server's contract: {problem}",
-                hint="is the endpoint serving sdxlctl's model server? `sdxlctl status` shows what is deployed",
-            )
-        return data
+        return checked(data, str(response.url))
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
         message = str(error.get("message", "")).strip() or response.reason_phrase
@@ -91,9 +85,24 @@ def _answer(response: Any) -> dict[str, Any]:
     raise PredictError(f"unexpected answer {response.status_code} from {response.url}: {text or '(empty)'}")
 
 
+def checked(data: Any, source: str) -> dict[str, Any]:
+    """`data` if it is a predict answer in the model server's contract, else a PredictError naming what is off.
+
+    Every target's answer passes here (Vertex AI's too), so a proxy's or another model's answer is one line,
+    never a KeyError.
+    """
+    problem = _contract_problem(data) if isinstance(data, dict) else "the answer is not a JSON object"
+    if problem:
+        raise PredictError(
+            f"the answer from {source} does not follow the model server's contract: {problem}",
+            hint="is the endpoint serving sdxlctl's model server? `sdxlctl status` shows what is deployed",
+        )
+    return data
+
+
 def _contract_problem(data: dict[str, Any]) -> str:
     """What is wrong with a 200 answer's first prediction, or "" when it has what predict reads."""
-    predictions = data["predictions"]
+    predictions = data.get("predictions")
     if not isinstance(predictions, list) or not predictions or not isinstance(predictions[0], dict):
         return "predictions is not a list of objects"
     first = predictions[0]

@@ -289,8 +289,10 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
         if config.target == "vertex":
             from sdxlctl import cloud
 
-            answer = cloud.predict(config, store, body, timeout_s=config.model.time_limit_s + 10)
             url = config.name
+            answer = client.checked(
+                cloud.predict(config, store, body, timeout_s=config.model.time_limit_s + 10), f"endpoint {url}"
+            )
         else:
             resource = store.read().get(config.name, SERVER)
             if resource is None:

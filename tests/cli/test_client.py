@@ -140,3 +140,19 @@ def test_a_dead_port_says_nothing_answers() -> None:
 def test_a_server_that_never_answers_is_given_up_on(scripted: Script) -> None:
     with pytest.raises(PredictError, match=r"no answer from .* within 0\.5 s"):
         predict(scripted, Answer(hang_s=3), timeout_s=0.5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        ({"predictions": []}, "predictions is not a list of objects"),
+        ({"predictions": [{"images": ["aGk="], "width": 64, "height": 64, "output_format": "png"}]}, "seeds"),
+        ({"deployedModelId": "1"}, "predictions is not a list of objects"),
+        ([], "not a JSON object"),
+    ],
+    ids=["no-predictions", "no-seeds", "no-predictions-key", "a-list"],
+)
+def test_an_off_contract_answer_from_any_target_is_one_line(answer: Any, says: str) -> None:
+    """Vertex AI's answers come through its SDK, not client.predict: core checks them with the same function."""
+    with pytest.raises(PredictError, match=says):
+        client.checked(answer, "endpoint sdxl")
