@@ -436,9 +436,10 @@ def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) 
             store.forget_process(config.name, kind)
             outcomes.append(TeardownOutcome(kind, resource.name, True, message))
     if interrupted is not None:
-        left = len(found) - len(outcomes)
+        removed = sum(outcome.ok for outcome in outcomes)  # a failed stop stays recorded too
+        left = len(found) - removed
         raise Interrupted(
-            f"interrupted while stopping {interrupted.name}; {len(outcomes)} removed, {left} still recorded "
+            f"interrupted while stopping {interrupted.name}; {removed} removed, {left} still recorded "
             f"(pid {interrupted.details.get('pid')} may still run)",
             hint="`sdxlctl teardown` finishes it",
         )

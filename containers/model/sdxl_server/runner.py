@@ -16,8 +16,8 @@ from sdxl_server.errors import QueueFull, TimeLimitExceeded
 T = TypeVar("T")
 Work = Callable[[Callable[[], bool]], T]  # receives should_stop(); returns the result
 
-# Before anything has run, one unit of work (see Runner.run's `cost`) is taken to last this long.
-DEFAULT_SECONDS_PER_COST = 1.0
+# Before anything has run there is no measured rate: each request waiting or running is taken to last this long.
+DEFAULT_SECONDS_PER_REQUEST = 1.0
 
 
 @dataclass(eq=False)
@@ -97,7 +97,7 @@ class Runner:
         """Seconds until the work now queued or running is likely done, 1 s at least."""
         rate = self._seconds_per_cost
         if rate is None:
-            return max(1, math.ceil(DEFAULT_SECONDS_PER_COST * self.pending))
+            return max(1, math.ceil(DEFAULT_SECONDS_PER_REQUEST * self.pending))
         left = sum(task.cost for task in self._queue if not task.cancelled) * rate
         running = self._running
         if running is not None and running.started is not None:
