@@ -232,7 +232,11 @@ def _group(pid: int) -> int:
 
 
 def find_marked(mark: str) -> list[int]:
-    """Pids of this user's live processes whose environment carries `mark` (Linux; elsewhere none)."""
+    """Pids of this user's live processes whose environment carries `mark` (Linux; elsewhere none).
+
+    Only session leaders: start() makes the process lead its own session, and every child it starts
+    (compile workers, say) inherits the marker but not the lead; stopping a child would leave the server.
+    """
     found = []
     uid = os.getuid()
     for entry in Path("/proc").glob("[0-9]*"):
@@ -242,7 +246,12 @@ def find_marked(mark: str) -> list[int]:
         except OSError:
             continue
         pid = int(entry.name)
-        if _valid_pid(pid) and environ(pid).get(MARKER_VAR) == mark and identity(pid) is not None:
+        if (
+            _valid_pid(pid)
+            and environ(pid).get(MARKER_VAR) == mark
+            and _session(pid) == pid
+            and identity(pid) is not None
+        ):
             found.append(pid)
     return sorted(found)
 

@@ -192,3 +192,22 @@ def test_a_folder_with_the_same_deployment_name_is_not_touched(tmp_path: Path) -
     finally:
         assert sdxlctl(theirs, "teardown", "--yes", port=port).returncode == 0
     assert gone(pid)
+
+
+def test_a_marked_process_is_found_by_its_session_leader_not_its_children(tmp_path: Path) -> None:
+    """A server's children inherit its marker; only the process start() made (the session leader) is it."""
+    mark = local.marker(tmp_path, "sdxl", "local-server")
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 600 & wait"], env={**os.environ, local.MARKER_VAR: mark}, start_new_session=True
+    )
+    try:
+        for _ in range(100):  # until the child is there
+            children = Path(f"/proc/{leader.pid}/task/{leader.pid}/children").read_text().split()
+            if children:
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert children, "the child never started"
+        assert local.find_marked(mark) == [leader.pid]
+    finally:
+        os.killpg(leader.pid, 9)
+        leader.wait()
