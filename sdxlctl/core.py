@@ -68,7 +68,11 @@ def _ensure_process(
                 if current is not None:
                     progress(f"found the {what} this folder started before (pid {current.details.get('pid')})")
                     state.put(config.name, current)
-            alive = current is not None and local.owns(_details(current))
+            alive = (
+                current is not None
+                and _started_elsewhere(config, current) is None
+                and local.owns(_details(current))
+            )
             if current is not None and alive and current.details.get("digest") == spec.digest:
                 resource = current
                 action: Literal["started", "restarted", "unchanged", "resumed"] = "unchanged"
@@ -135,6 +139,20 @@ def _interrupted(resource: Resource | None, what: str) -> Interrupted:
         "recorded)",
         hint=f"`sdxlctl {command}` waits again, `sdxlctl teardown` stops it; log: {resource.details.get('log')}",
     )
+
+
+def _started_elsewhere(config: Config, resource: Resource) -> str | None:
+    """The folder whose sdxlctl started this recorded process, when it is not this one; else None.
+
+    A state folder copied from another (cp -r) records that folder's processes: they are not this
+    deployment's to stop, even though the process still matches its record.
+    """
+    recorded = resource.details.get("marker")
+    if resource.target != "local" or not isinstance(recorded, str) or not recorded:
+        return None
+    if recorded == local.marker(config.home, config.name, resource.kind):
+        return None
+    return recorded.partition("::")[0]
 
 
 def _details(resource: Resource) -> dict[str, Any]:
@@ -425,7 +443,11 @@ def teardown(config: Config, store: StateStore, *, progress: Progress = _quiet) 
         for kind, resource in found.items():
             progress(f"stopping {resource.name}")
             try:
-                message = _stop_local(resource) if resource.target == "local" else "forgotten"
+                elsewhere = _started_elsewhere(config, resource)
+                if elsewhere is not None:
+                    message = f"started from {elsewhere}, not this folder: left alone, forgotten"
+                else:
+                    message = _stop_local(resource) if resource.target == "local" else "forgotten"
             except KeyboardInterrupt:  # what is stopped so far is written; the rest stays recorded
                 interrupted = resource
                 break

@@ -194,6 +194,25 @@ def test_a_folder_with_the_same_deployment_name_is_not_touched(tmp_path: Path) -
     assert gone(pid)
 
 
+def test_a_copied_folder_does_not_stop_the_server_of_the_folder_it_was_copied_from(tmp_path: Path) -> None:
+    """cp -r copies the state file, records and all: the copy's teardown must spare the original's server."""
+    port = free_port()
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    assert sdxlctl(original, "deploy", port=port).returncode == 0
+    pid = server_pid(original)
+    assert pid is not None
+    try:
+        shutil.copytree(original, copy)
+        down = sdxlctl(copy, "teardown", "--yes", port=port)
+        assert down.returncode == 0, down.stderr
+        assert f"started from {original.resolve()}" in down.stderr
+        assert not gone(pid)
+    finally:
+        assert sdxlctl(original, "teardown", "--yes", port=port).returncode == 0
+    assert gone(pid)
+
+
 def test_a_marked_process_is_found_by_its_session_leader_not_its_children(tmp_path: Path) -> None:
     """A server's children inherit its marker; only the process start() made (the session leader) is it."""
     mark = local.marker(tmp_path, "sdxl", "local-server")
