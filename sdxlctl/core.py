@@ -83,7 +83,7 @@ def _ensure_process(
                 state.remove(config.name, spec.kind)
                 store.forget_process(config.name, spec.kind)
                 progress(f"starting the {what}")
-                log_path = config.home / "logs" / f"{config.name}-{spec.kind.removeprefix('local-')}.log"
+                log_path = config.home / "logs" / f"{_process_name(config, spec.kind)}.log"
                 # Recorded before waiting, so that an interrupted wait leaves a process that status, deploy
                 # and teardown all know about; and no Ctrl-C between start and record, or it would run unknown.
                 with interrupts_deferred():
@@ -91,7 +91,7 @@ def _ensure_process(
                     who = local.identity_after_start(pid)  # tells it apart from a later process with its pid
                     resource = Resource(
                         kind=spec.kind,
-                        name=f"{config.name}-{spec.kind.removeprefix('local-')}",
+                        name=_process_name(config, spec.kind),
                         target="local",
                         url=f"http://{config.local.host}:{spec.port}",
                         details={
@@ -155,6 +155,11 @@ def _started_elsewhere(config: Config, resource: Resource) -> str | None:
     return recorded.partition("::")[0]
 
 
+def _process_name(config: Config, kind: str) -> str:
+    """'sdxl-server' for the local-server of deployment sdxl: its resource name and its log file's."""
+    return f"{config.name}-{kind.removeprefix('local-')}"
+
+
 def _details(resource: Resource) -> dict[str, Any]:
     """A record's details as local.owns and local.stop read them."""
     return {"kind": resource.kind, **resource.details}
@@ -181,9 +186,8 @@ def _lost_processes(store: StateStore, config: Config, state: State) -> dict[str
             who = local.identity(pid)
             if who is None:
                 continue
-            name = f"{config.name}-{kind.removeprefix('local-')}"
             details = {"pid": pid, **who.details(), "marker": mark, "module": module}
-            found[kind] = Resource(kind=kind, name=name, target="local", details=details)
+            found[kind] = Resource(kind=kind, name=_process_name(config, kind), target="local", details=details)
             break
     return found
 
