@@ -11,10 +11,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdxlctl.errors import ConfigError
+from sdxlctl.gpus import GPUS
 
 CONFIG_NAME = "sdxlctl.toml"
 ENV_PREFIX = "SDXLCTL_"
-GPUS = ("t4", "l4", "a100", "a100-80", "h100", "h200")
+GPU_KEYS = tuple(GPUS)  # the choices of [deploy] gpu and of --gpu, from the one GPU table
 
 
 class Section(BaseModel):
@@ -87,11 +88,18 @@ class Model(Section):
 class Deploy(Section):
     """The GPU endpoint."""
 
-    gpu: Literal["t4", "l4", "a100", "a100-80", "h100", "h200"] = "l4"
+    gpu: str = Field("l4", description=f"the GPU of each replica: {', '.join(GPU_KEYS)}")
     min_replicas: int = Field(1, ge=0, le=100, description="0: scale to zero (Preview, dedicated endpoints only)")
     max_replicas: int = Field(1, ge=1, le=100)
     endpoint: Literal["shared", "dedicated"] = "shared"
     timeout_min: int = Field(60, ge=1, le=120, description="minutes to wait for a deploy to finish")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: str) -> str:
+        if value not in GPUS:
+            raise ValueError("Input should be " + ", ".join(map(repr, GPU_KEYS[:-1])) + f" or {GPU_KEYS[-1]!r}")
+        return value
 
 
 class Ui(Section):

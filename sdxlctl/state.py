@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -53,6 +55,22 @@ class State(BaseModel):
 
     def remove(self, deployment: str, kind: str) -> None:
         self.resources.pop(f"{deployment}/{kind}", None)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block is done (main thread only; elsewhere a no-op).
+
+    Around "start something, then record it": a Ctrl-C between the two would leave it running unknown.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class StateError(SdxlctlError):
@@ -138,6 +156,32 @@ class StateStore:
             self.write(state)
         finally:
             lock.release()
+
+    def record(self, deployment: str, resource: Resource) -> None:
+        """Record `resource`; the same one recorded again keeps its creation time and adds to its details."""
+        with self.transaction() as state:
+            previous = state.get(deployment, resource.kind)
+            if previous is not None and previous.name == resource.name:
+                resource = resource.model_copy(
+                    update={"created_at": previous.created_at, "details": {**previous.details, **resource.details}}
+                )
+            state.put(deployment, resource)
+
+    def update_details(self, deployment: str, kind: str, **details: Any) -> None:
+        """Set details of a recorded resource; None removes one. Nothing when it is not recorded."""
+        with self.transaction() as state:
+            resource = state.get(deployment, kind)
+            if resource is not None:
+                for key, value in details.items():
+                    if value is None:
+                        resource.details.pop(key, None)
+                    else:
+                        resource.details[key] = value
+
+    def forget(self, deployment: str, kind: str) -> None:
+        """Drop the record of one resource."""
+        with self.transaction() as state:
+            state.remove(deployment, kind)
 
     def write(self, state: State) -> None:
         """Write `state` now; only inside `transaction()`, which holds the lock (and writes again at its end)."""

@@ -1,4 +1,4 @@
-"""The Typer app, its global options, and the one place errors become messages and exit codes."""
+"""Running the app: the one place errors become messages and exit codes."""
 
 from __future__ import annotations
 
@@ -7,62 +7,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
-from typing import Annotated
 
 import typer
 
-from sdxlctl import __version__
 from sdxlctl.cli.console import err
+from sdxlctl.cli.root import app, options
 from sdxlctl.errors import ExitCode, SdxlctlError, from_os_error
-
-app = typer.Typer(
-    name="sdxlctl",
-    help="Stable Diffusion XL on Google Cloud (and on this machine) from one TOML file.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,  # tracebacks show locals: secrets; only --debug shows a traceback
-    rich_markup_mode="rich",
-)
-
-
-@dataclass
-class Options:
-    """Global options, set by the callback before any command runs."""
-
-    config_path: Path | None = None
-    debug: bool = False
-
-
-options = Options()
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"sdxlctl {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="sdxlctl.toml to use (default: ./sdxlctl.toml if present, else defaults)",
-            dir_okay=False,
-        ),
-    ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
-    ] = False,
-) -> None:
-    """Stable Diffusion XL on Google Cloud (and on this machine) from one TOML file."""
-    options.config_path, options.debug = config, debug
 
 
 def run(argv: list[str]) -> int:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sdxlctl.cli.app import app, options
 from sdxlctl.cli.console import err, progress
+from sdxlctl.cli.root import app, options
+from sdxlctl.gpus import GPUS
 
 if TYPE_CHECKING:
     from sdxlctl.config import Config
@@ -28,13 +29,8 @@ def _context() -> tuple[Config, StateStore]:
     return config, StateStore(config.home)
 
 
-class Gpu(StrEnum):
-    t4 = "t4"
-    l4 = "l4"
-    a100 = "a100"
-    a100_80 = "a100-80"
-    h100 = "h100"
-    h200 = "h200"
+# --gpu's choices: the keys of the one GPU table (a plain dict, cheap to import at start-up).
+Gpu = StrEnum("Gpu", {key.replace("-", "_"): key for key in GPUS})  # type: ignore[misc]
 
 
 class Format(StrEnum):
@@ -89,42 +85,25 @@ def build(
     dry_run: DryRun = False,
 ) -> None:
     """Build the model-server image (Cloud Build), unless one of the same sources exists."""
-    from sdxlctl import cloud
+    from sdxlctl import core
     from sdxlctl.cli import render
 
     config, store = _context()
-    if local:
-        render.step(cloud.build_local(config, store, on_log=render.log_line), "built")
-        return
-    if config.target == "local":
-        err.print(
-            "target local runs the server from this checkout: there is no image to build "
-            "(`sdxlctl build --local` builds one with Docker)"
-        )
-        return
-    if dry_run:
-        render.step(cloud.plan_build(config, store))
-        return
     with progress("building") as update:
-        result = cloud.build(config, store, progress=update, on_log=render.log_line)
-    render.step(result, "image")
+        result = core.build(config, store, docker=local, dry_run=dry_run, progress=update, on_log=render.log_line)
+    render.outcome(result, "image")
 
 
 @app.command()
 def upload(dry_run: DryRun = False) -> None:
     """Upload the image as a Vertex AI Model (a new version when it changed)."""
-    from sdxlctl import cloud
+    from sdxlctl import core
     from sdxlctl.cli import render
 
     config, store = _context()
-    if config.target == "local":
-        err.print("target local has no model registry: nothing to upload")
-        return
-    if dry_run:
-        render.step(cloud.plan_upload(config, store))
-        return
     with progress("uploading") as update:
-        render.step(cloud.upload(config, store, progress=update), "model")
+        result = core.upload(config, store, dry_run=dry_run, progress=update)
+    render.outcome(result, "model")
 
 
 @app.command()
@@ -133,28 +112,15 @@ def deploy(
     dry_run: DryRun = False,
 ) -> None:
     """Start the model server (target local) or deploy it to an endpoint on a GPU (target vertex)."""
-    from sdxlctl import cloud, core
+    from sdxlctl import core
     from sdxlctl.cli import render
 
     config, store = _context()
     if gpu is not None:
         config = config.model_copy(update={"deploy": config.deploy.model_copy(update={"gpu": gpu.value})})
-    if config.target == "vertex":
-        if dry_run:
-            render.step(cloud.plan_deploy(config, store))
-            return
-        with progress("deploying") as update:
-            render.step(cloud.deploy(config, store, progress=update), "endpoint")
-        return
-    if dry_run:
-        err.print(
-            f"would start `python -m sdxl_server` with model {config.model.source!r} "
-            f"on {config.local.host}:{config.local.server_port}"
-        )
-        return
     with progress("deploying") as update:
-        result = core.deploy(config, store, progress=update)
-    render.deployed(result)
+        result = core.deploy(config, store, dry_run=dry_run, progress=update)
+    render.outcome(result, "endpoint")
 
 
 @app.command()
@@ -210,23 +176,13 @@ def ui_deploy(
     dry_run: DryRun = False,
 ) -> None:
     """Start the Gradio UI (target local) or deploy it to Cloud Run (target vertex)."""
-    from sdxlctl import cloud, core
+    from sdxlctl import core
     from sdxlctl.cli import render
 
     config, store = _context()
-    if config.target == "local":
-        if dry_run:
-            err.print(f"would start `python -m sdxl_ui` on {config.local.host}:{config.local.ui_port}")
-            return
-        with progress("starting the UI") as update:
-            render.deployed(core.ui_deploy(config, store, progress=update))
-        return
-    public = public or config.ui.public
-    if dry_run:
-        render.step(cloud.plan_ui(config, store, public=public))
-        return
     with progress("deploying the UI") as update:
-        render.step(cloud.ui_deploy(config, store, public=public, progress=update, on_log=render.log_line), "url")
+        result = core.ui_deploy(config, store, public=public, dry_run=dry_run, progress=update, on_log=render.log_line)
+    render.outcome(result, "url")
 
 
 @app.command()
@@ -236,41 +192,27 @@ def teardown(
     dry_run: DryRun = False,
 ) -> None:
     """Stop and delete everything sdxlctl created for this deployment, and nothing else."""
-    from sdxlctl import cloud, core
+    from sdxlctl import core
     from sdxlctl.cli import render
 
     config, store = _context()
-    if config.target == "vertex":
-        if dry_run:
-            render.step(cloud.plan_teardown(config, store, images=images))
-            return
-        with progress("finding resources labelled " + f"{cloud.LABEL}={config.name}"):
-            found = cloud.inventory(config, store, images=images)
-        plan = found.changes()
-        if not plan:
-            cloud.teardown(config, store, found)  # forgets stale records of resources deleted by hand
-            err.print(f"nothing to tear down for {config.name!r}")
-            return
-        render.changes(plan, title="will delete")
-        _confirm(yes)
-        with progress("tearing down") as update:
-            result = cloud.teardown(config, store, found, progress=update)
-        render.step(result)
-        if result.failed:
-            raise typer.Exit(1)
+    with progress("finding what to tear down") as update:
+        plan = core.teardown_plan(config, store, images=images, dry_run=dry_run, progress=update)
+    if isinstance(plan, core.StepResult):  # a dry run's plan, made apart from the state alone
+        render.outcome(plan)
         return
-    plan_local = core.teardown_plan(config, store)
-    if not plan_local:
+    if plan.empty:
+        core.teardown(config, store, plan)  # forgets stale records of resources deleted by hand
         err.print(f"nothing to tear down for {config.name!r}")
         return
-    render.teardown_plan(plan_local)
+    render.removal(plan)
     if dry_run:
         return
     _confirm(yes)
     with progress("tearing down") as update:
-        outcomes = core.teardown(config, store, progress=update)
-    render.torn_down(outcomes)
-    if not all(outcome.ok for outcome in outcomes):
+        result = core.teardown(config, store, plan, progress=update)
+    render.outcome(result)
+    if result.failed:
         raise typer.Exit(1)
 
 

@@ -5,17 +5,29 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from sdxlctl.cli.console import err, out
-from sdxlctl.cloud import Change, StepResult
 from sdxlctl.config import Config
-from sdxlctl.core import DeployResult, PredictResult, ResourceStatus, TeardownOutcome
-from sdxlctl.pricing import Comparison, Estimate
 from sdxlctl.state import Resource
+from sdxlctl.steps import (
+    Change,
+    DeployResult,
+    Notice,
+    Outcome,
+    PredictResult,
+    Removal,
+    ResourceStatus,
+    StepResult,
+    TeardownOutcome,
+    TornDown,
+)
+
+if TYPE_CHECKING:
+    from sdxlctl.core import Comparison, Estimate
 
 
 def duration(seconds: float) -> str:
@@ -35,6 +47,30 @@ def _json(data: Any) -> None:
         return value.isoformat() if isinstance(value, datetime) else str(value)
 
     out.print_json(json.dumps(data, default=encode))
+
+
+def outcome(result: Outcome, label: str = "") -> None:
+    """Any step's result, as its kind is shown; `label` names what a cloud step leaves behind."""
+    if isinstance(result, StepResult):
+        step(result, label)
+    elif isinstance(result, DeployResult):
+        deployed(result)
+    elif isinstance(result, TornDown):
+        torn_down(result.outcomes)
+    else:
+        notice(result)
+
+
+def notice(result: Notice) -> None:
+    err.print(escape(result.message))
+
+
+def removal(plan: Removal) -> None:
+    """What teardown will remove, before it asks."""
+    if plan.resources:
+        teardown_plan(plan.resources)
+    if plan.changes:
+        changes(plan.changes, title="will delete")
 
 
 def deployed(result: DeployResult) -> None:

@@ -10,6 +10,11 @@ from sdxlctl.gcp.session import Cloud
 TIMEOUT_S = 30.0
 
 
+def account_email(account_id: str, project: str) -> str:
+    """A service account's email, from its id and project."""
+    return f"{account_id}@{project}.iam.gserviceaccount.com"
+
+
 class ServiceAccounts:
     """Service accounts of one project."""
 
@@ -23,7 +28,7 @@ class ServiceAccounts:
         self.session: Any = AuthorizedSession(cloud.credentials())
 
     def email(self, account_id: str) -> str:
-        return f"{account_id}@{self.cloud.project}.iam.gserviceaccount.com"
+        return account_email(account_id, self.cloud.project)
 
     def exists(self, email: str) -> bool:
         return self._send("GET", f"{self.base}/{email}", ok=(200, 404)).status_code == 200

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from sdxlctl.config import Config
 from sdxlctl.gcp.errors import OperationPending, explain, translated
+from sdxlctl.steps import Progress
 
-Progress = Callable[[str], None]
 RETRY_DEADLINE_S = 120.0
 T = TypeVar("T")
 

@@ -14,6 +14,7 @@ from typing import Any
 from sdxlctl.gcp.errors import CloudError, translated
 from sdxlctl.gcp.session import Cloud, Progress, create_once, wait_for
 from sdxlctl.gpus import GpuOption
+from sdxlctl.steps import quiet
 
 DUTY_CYCLE_METRIC = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
 # What a create's `find` returns: an operation name to wait for, the resource itself, or None (not there)
@@ -98,7 +99,7 @@ class Vertex:
         artifact_uri: str = "",
         parent_model: str = "",
         find: Find = _nothing,
-        progress: Progress = lambda _: None,
+        progress: Progress = quiet,
     ) -> Any:
         """Start an upload (a new version under `parent_model` when given); return the operation name, or
         what `find` found when the answer was lost but the upload happened."""
@@ -120,6 +121,14 @@ class Vertex:
         return self._create(
             "upload the model", lambda: self.models.upload_model(request=request, retry=None), find, progress
         )
+
+    @staticmethod
+    def uploaded_version(response: Any) -> str:
+        """'model@version' from a finished upload operation's response."""
+        from google.cloud import aiplatform_v1
+
+        uploaded = aiplatform_v1.UploadModelResponse.deserialize(response.value)
+        return f"{uploaded.model}@{uploaded.model_version_id}"
 
     def delete_model(self, name: str) -> str:
         with self._call(f"delete model {name}"):
@@ -157,6 +166,13 @@ class Vertex:
                     return None
                 raise
 
+    @staticmethod
+    def created_endpoint(response: Any) -> Any:
+        """The endpoint in a finished create operation's response."""
+        from google.cloud import aiplatform_v1
+
+        return aiplatform_v1.Endpoint.deserialize(response.value)
+
     def create_endpoint(
         self,
         *,
@@ -165,7 +181,7 @@ class Vertex:
         dedicated: bool,
         inference_timeout_s: int,
         find: Find = _nothing,
-        progress: Progress = lambda _: None,
+        progress: Progress = quiet,
     ) -> Any:
         """Start creating the endpoint; the operation name, or what `find` found (see `create_once`)."""
         aip = self.aip
@@ -192,7 +208,7 @@ class Vertex:
         max_replicas: int,
         service_account: str = "",
         find: Find = _nothing,
-        progress: Progress = lambda _: None,
+        progress: Progress = quiet,
     ) -> Any:
         """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation
         (or what `find` found when the answer was lost: a deployment must not be started twice).

@@ -69,13 +69,14 @@ def test_an_environment_error_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_the_fast_path_settings_reach_both_targets(tmp_path: Path) -> None:
-    from sdxlctl import cloud, local
+    from sdxlctl.local import processes as local
+    from sdxlctl.vertex.names import container_env
 
     path = tmp_path / "c.toml"
     path.write_text('[model]\noptimize = "compile"\nwarmup = ["1024x1024", "768X1344"]\n')
     config = load_config(path, {"SDXLCTL_MODEL_COMPILE_CACHE": "/srv/compile-cache"})
     assert config.model.warmup == ["1024x1024", "768x1344"]
-    for env in (local.server_spec(config).env, cloud._container_env(config)):
+    for env in (local.server_spec(config).env, container_env(config)):
         assert env["SDXL_OPTIMIZE"] == "compile" and env["SDXL_WARMUP"] == "1024x1024,768x1344"
         assert env["SDXL_COMPILE_CACHE"] == "/srv/compile-cache"
     from_env = load_config(None, {"SDXLCTL_MODEL_WARMUP": "1024x1024, 832x1216"})

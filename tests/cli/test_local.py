@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from sdxlctl import local
+from sdxlctl.local import processes as local
 from sdxlctl.state import StateStore
 from tests.conftest import Cli
 from tests.servers import free_port

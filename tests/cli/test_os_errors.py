@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxlctl import local
+from sdxlctl.local import processes as local
 from sdxlctl.state import Resource, StateStore
 from tests.cli.scripted import GOOD, PNG, Answer, Script, scripted_server
 from tests.conftest import Cli, Result

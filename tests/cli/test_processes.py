@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sdxlctl import local
+from sdxlctl.local import processes as local
 from sdxlctl.state import Resource, StateStore
 from tests.servers import free_port
 

@@ -13,8 +13,8 @@ import pytest
 
 from sdxlctl.cli import render
 from sdxlctl.config import Config
-from sdxlctl.core import ResourceStatus
 from sdxlctl.state import Resource, StateStore
+from sdxlctl.steps import ResourceStatus
 from tests.conftest import Cli
 
 NAME = "a-rather-long-deployment-name-x"  # 31 characters, near the longest a name may be

@@ -107,7 +107,7 @@ def test_a_bad_cache_setting_names_the_key_and_what_it_takes(cli: Cli, emulator:
 
 
 def test_long_deployment_names_keep_the_two_accounts_apart() -> None:
-    from sdxlctl.cloud import Names
+    from sdxlctl.vertex.names import Names
 
     n = Names("a-deployment-name-of-thirty-two", PROJECT, "us-central1", "sdxlctl", "b")
     assert n.account_id == "a-deployment-name-of-thi-ui-sa"

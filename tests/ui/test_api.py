@@ -66,7 +66,7 @@ def test_the_styles_are_the_servers() -> None:
 
 
 def test_local_ui_deploy_status_and_teardown(cli: Cli, tmp_path: Path) -> None:
-    from sdxlctl import local
+    from sdxlctl.local import processes as local
     from sdxlctl.state import StateStore
     from tests.servers import free_port
 

@@ -1,4 +1,4 @@
-"""The local target: model server and UI as background processes on this machine."""
+"""Target local's processes: how the config becomes one, and starting, identifying and stopping it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError
+from sdxlctl.server_env import server_env
 
 HEALTH_TIMEOUT_S = 2.0  # the server answers health within a second even while generating
 STOP_TIMEOUT_S = 15.0
@@ -40,22 +41,8 @@ class ProcessSpec:
 
 def server_spec(config: Config) -> ProcessSpec:
     """`python -m sdxl_server` as the config asks, on loopback."""
-    model = config.model
-    env = {
-        "SDXL_MODEL": model.source,
-        "SDXL_VAE": model.vae,
-        "SDXL_DTYPE": model.dtype,
-        "SDXL_QUEUE_SIZE": str(model.queue_size),
-        "SDXL_TIME_LIMIT": str(model.time_limit_s),
-        "SDXL_MAX_IMAGES": str(model.max_images),
-        "SDXL_OPTIMIZE": model.optimize,
-        "SDXL_HOST": config.local.host,
-        "AIP_HTTP_PORT": str(config.local.server_port),
-    }
-    if model.warmup:
-        env["SDXL_WARMUP"] = ",".join(model.warmup)
-    if model.compile_cache not in ("auto", "none"):  # else the server's own folder, kept between starts
-        env["SDXL_COMPILE_CACHE"] = model.compile_cache
+    # compile_cache "auto": the server's own folder, kept between starts
+    env = {**server_env(config.model), "SDXL_HOST": config.local.host, "AIP_HTTP_PORT": str(config.local.server_port)}
     return ProcessSpec("local-server", "sdxl_server", config.local.server_port, env)
 
 

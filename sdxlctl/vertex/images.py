@@ -1,0 +1,122 @@
+"""Target vertex: the container images, built by Cloud Build (or a local Docker engine)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sdxlctl.config import Config
+from sdxlctl.errors import DeployError, NotAvailable
+from sdxlctl.state import Resource, StateStore
+from sdxlctl.steps import Change, Progress, StepResult, quiet
+from sdxlctl.vertex.names import cloud, names
+
+
+def _image(config: Config, part: str) -> tuple[Any, str]:
+    """The packed build context of `part` (server or ui) and the image name its digest gives."""
+    from sdxlctl.context import container_folder, pack
+
+    context = pack(container_folder("model" if part == "server" else "ui"))
+    return context, names(config).image(part, context.tag)
+
+
+def _record_image(store: StateStore, config: Config, part: str, image: str, *, url: str = "", **details: Any) -> None:
+    store.record(config.name, Resource(kind=f"{part}-image", name=image, target="vertex", url=url, details=details))
+
+
+def plan_build(config: Config, store: StateStore, part: str = "server") -> StepResult:
+    context, image = _image(config, part)
+    recorded = store.read().get(config.name, f"{part}-image")
+    if recorded is not None and recorded.name == image:
+        return StepResult(
+            [Change("unchanged", f"{part} image", image, "built earlier from the same context")], image, dry_run=True
+        )
+    detail = (
+        f"Cloud Build (E2_HIGHCPU_8, 2 h limit) from containers/{context.folder.name} "
+        f"({len(context.tarball) / 1e3:.0f} kB, context {context.tag}); skipped if already built"
+    )
+    return StepResult([Change("build", f"{part} image", image, detail)], image, dry_run=True)
+
+
+def build(
+    config: Config,
+    store: StateStore,
+    *,
+    part: str = "server",
+    progress: Progress = quiet,
+    on_log: Progress = quiet,
+) -> StepResult:
+    """Build and push the image with Cloud Build, unless an image of the same context exists."""
+    from sdxlctl.gcp.build import Builds
+    from sdxlctl.gcp.storage import Storage
+
+    started = time.monotonic()
+    c, n = cloud(config), names(config)
+    context, image = _image(config, part)
+    tag = f"ctx-{context.tag}"
+    recorded = store.read().get(config.name, f"{part}-image")
+    if recorded is not None and recorded.name == image:
+        return StepResult([Change("unchanged", f"{part} image", image)], image, time.monotonic() - started)
+    builds = Builds(c)
+    progress("looking for an image of this context")
+    existing = builds.find_success(tag, image)
+    if existing is not None:
+        _record_image(store, config, part, image, build_id=existing, context=context.tag)
+        return StepResult(
+            [Change("unchanged", f"{part} image", image, f"built by {existing}")], image, time.monotonic() - started
+        )
+    storage = Storage(c, n.bucket, n.labels)
+    progress(f"uploading the build context to gs://{n.bucket}")
+    storage.ensure_bucket()
+    source = storage.upload(f"source/{config.name}-{part}-{context.tag}.tgz", context.tarball)
+    result = builds.run(
+        source=source,
+        image=image,
+        tags=["sdxlctl", f"sdxlctl-{config.name}", tag],
+        logs=storage,
+        logs_prefix="cloudbuild-logs",
+        progress=progress,
+        on_log=on_log,
+    )
+    _record_image(
+        store,
+        config,
+        part,
+        image,
+        url=result.log_url,
+        build_id=result.build_id,
+        digest=result.digest,
+        context=context.tag,
+    )
+    return StepResult(
+        [Change("build", f"{part} image", image, f"build {result.build_id}, {result.digest[:19]}")],
+        image,
+        time.monotonic() - started,
+    )
+
+
+def build_local(config: Config, store: StateStore, *, on_log: Progress = quiet) -> StepResult:
+    """Build the server image with a local Docker engine (the `docker` package), when one is reachable."""
+    started = time.monotonic()
+    context, image = _image(config, "server")
+    folder = context.folder
+    if not config.gcp.project:
+        image = f"sdxl-server:{context.tag}"
+    try:
+        import docker
+    except ImportError:
+        raise NotAvailable("`build --local` needs the docker package", hint="pip install docker") from None
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception:
+        raise DeployError(
+            "no Docker engine is reachable (DOCKER_HOST or /var/run/docker.sock)",
+            hint="start Docker, or build with Cloud Build: `sdxlctl build` without --local",
+        ) from None
+    for chunk in client.api.build(path=str(folder), tag=image, decode=True, rm=True):
+        if "stream" in chunk:
+            on_log(chunk["stream"].rstrip())
+        if "error" in chunk:
+            raise DeployError(f"docker build failed: {chunk['error']}")
+    return StepResult([Change("build", "server image", image, "local Docker")], image, time.monotonic() - started)

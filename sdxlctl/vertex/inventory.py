@@ -1,0 +1,249 @@
+"""Target vertex: what exists (status) and deleting it all (teardown), found by label and from the state file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sdxlctl.config import Config
+from sdxlctl.state import Resource, StateStore
+from sdxlctl.steps import Change, Progress, StepResult, quiet
+from sdxlctl.vertex.access import kept_role, revoke_grants
+from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, own_cache
+
+
+def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
+    """What Google says of each recorded resource now: serving, ready, gone, ... (one GET each)."""
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    c = cloud(config)
+    vertex = Vertex(c) if any(kind in ("endpoint", "model") for kind in resources) else None
+    states: dict[str, str] = {}
+    for kind, resource in resources.items():
+        if resource.target != "vertex" or not resource.name:
+            continue
+        try:
+            if kind == "endpoint" and vertex is not None:
+                endpoint = vertex.get_endpoint(resource.name, missing_ok=True)
+                serving = len(endpoint.deployed_models) if endpoint is not None else 0
+                states[kind] = "gone" if endpoint is None else f"serving {serving} model(s)" if serving else "no model"
+            elif kind == "model" and vertex is not None:
+                vertex.get_model(resource.name)
+                states[kind] = "ready"
+            elif kind == "ui-service":
+                service = CloudRun(c).get(resource.name.rsplit("/", 1)[-1])
+                states[kind] = "gone" if service is None else "ready" if service.uri else "deploying"
+            elif kind.endswith("-image"):
+                states[kind] = "built"
+            elif kind.endswith("-account"):
+                from sdxlctl.gcp.iam import ServiceAccounts
+
+                states[kind] = "ready" if ServiceAccounts(c).exists(resource.name) else "gone"
+        except CloudError as exc:
+            states[kind] = "gone" if "not found" in exc.message.lower() else f"unknown ({exc.message[:60]})"
+    return states
+
+
+@dataclass
+class Inventory:
+    """What teardown will delete: found by label in the cloud, and from the state file."""
+
+    endpoints: list[Any] = field(default_factory=list)
+    models: list[Any] = field(default_factory=list)
+    services: list[Any] = field(default_factory=list)
+    accounts: list[str] = field(default_factory=list)  # emails: the UI's, the model server's
+    cache: str = ""  # the compile cache sdxlctl chose (gs://), deleted with the deployment
+    images: list[str] = field(default_factory=list)
+
+    def changes(self) -> list[Change]:
+        rows = []
+        for endpoint in self.endpoints:
+            deployed = len(endpoint.deployed_models)
+            rows.append(Change("delete", "endpoint", endpoint.name, f"{deployed} deployed model(s), undeployed first"))
+        rows += [Change("delete", "model", m.name, f"version {m.version_id}") for m in self.models]
+        rows += [Change("delete", "Cloud Run service", s.name, s.uri) for s in self.services]
+        rows += [Change("delete", "service account", account) for account in self.accounts]
+        if self.cache:
+            rows.append(Change("delete", "compile cache", self.cache, "every object under it"))
+        rows += [Change("delete", "image", image, "every tag") for image in self.images]
+        return rows
+
+
+def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepResult:
+    kinds = {
+        "endpoint": "endpoint",
+        "model": "model",
+        "ui-service": "Cloud Run service",
+        "ui-account": "service account",
+        "server-account": "service account",
+    }
+    if images:
+        kinds.update({"server-image": "image", "ui-image": "image"})
+    changes = [
+        Change("delete", kinds[kind], r.name or "(being created)")
+        for kind, r in store.read().of(config.name).items()
+        if kind in kinds
+    ]
+    if own_cache(config):
+        changes.append(Change("delete", "compile cache", own_cache(config), "every object under it"))
+    changes.append(
+        Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
+    )
+    return StepResult(changes, dry_run=True)
+
+
+def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
+    """Everything of this deployment: by label (so a lost state file loses nothing), plus the state's."""
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    c = cloud(config)
+    vertex, run = Vertex(c), CloudRun(c)
+    found = Inventory(
+        endpoints=vertex.find_endpoints((LABEL, config.name)),
+        models=vertex.find_models((LABEL, config.name)),
+        services=run.find((LABEL, config.name)),
+    )
+    state = store.read()
+    accounts = [state.get(config.name, kind) for kind in ("ui-account", "server-account")]
+    found.accounts = [account.name for account in accounts if account is not None]
+    found.accounts += [service.template.service_account for service in found.services]
+    found.accounts += [d.service_account for endpoint in found.endpoints for d in endpoint.deployed_models]
+    found.accounts = [account for account in dict.fromkeys(found.accounts) if account]
+    found.cache = own_cache(config)
+    if images:  # images carry no labels: their names derive from the deployment's
+        found.images = [f"{config.name}-server", f"{config.name}-ui"]
+    return found
+
+
+def teardown(config: Config, store: StateStore, found: Inventory, *, progress: Progress = quiet) -> StepResult:
+    """Delete what `found` lists, keep going past failures; already-gone counts as done."""
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.iam import ServiceAccounts
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.storage import Storage
+    from sdxlctl.gcp.vertex import Vertex
+
+    started = time.monotonic()
+    c = cloud(config)
+    vertex, run = Vertex(c), CloudRun(c)
+    changes: list[Change] = []
+    failed = 0
+
+    def attempt(kind: str, name: str, action: Callable[[], str]) -> bool:
+        nonlocal failed
+        progress(f"deleting {kind} {name}")
+        try:
+            outcome = action()
+        except CloudError as exc:
+            if "not found" in exc.message.lower():
+                changes.append(Change("gone", kind, name, "already deleted"))
+                return True
+            failed += 1
+            changes.append(Change("failed", kind, name, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+            return False
+        changes.append(Change("delete", kind, name, outcome))
+        return True
+
+    for endpoint in found.endpoints:
+
+        def delete_endpoint(endpoint: Any = endpoint) -> str:
+            # An interrupted teardown's undeploys may still run: wait for them rather than start a second
+            running = vertex.pending_operations(endpoint.name, "UndeployModelOperationMetadata")
+            for operation in running:
+                vertex.wait(operation, what="undeploy (begun before)", timeout_s=OPERATION_TIMEOUT_S, progress=progress)
+            if running:
+                endpoint = vertex.get_endpoint(endpoint.name)
+            for deployed in endpoint.deployed_models:
+                try:
+                    vertex.wait(
+                        vertex.undeploy(endpoint=endpoint.name, deployed_model_id=deployed.id),
+                        what=f"undeploy {deployed.id}",
+                        timeout_s=OPERATION_TIMEOUT_S,
+                        progress=progress,
+                    )
+                except CloudError as exc:
+                    if "not found" not in exc.message.lower():
+                        raise  # else undeployed already: the endpoint itself is still to delete
+            vertex.wait(
+                vertex.delete_endpoint(endpoint.name),
+                what="delete the endpoint",
+                timeout_s=OPERATION_TIMEOUT_S,
+                progress=progress,
+            )
+            return f"{len(endpoint.deployed_models)} model(s) undeployed"
+
+        attempt("endpoint", endpoint.name, delete_endpoint)
+    for model in found.models:
+
+        def delete_model(model: Any = model) -> str:
+            vertex.wait(
+                vertex.delete_model(model.name),
+                what="delete the model",
+                timeout_s=OPERATION_TIMEOUT_S,
+                progress=progress,
+            )
+            return "deleted"
+
+        attempt("model", model.name, delete_model)
+    for service in found.services:
+
+        def delete_service(service_id: str = service.name.rsplit("/", 1)[-1]) -> str:
+            gone = not run.delete(service_id, progress=progress, timeout_s=OPERATION_TIMEOUT_S)
+            return "already gone" if gone else "deleted"
+
+        attempt("Cloud Run service", service.name, delete_service)
+    for email in found.accounts:
+
+        def delete_account(email: str = email) -> str:
+            revoke_grants(config, store, found.endpoints, email)  # first: none left dangling
+            return "deleted" if ServiceAccounts(c).delete(email.split("@")[0]) else "already gone"
+
+        attempt("service account", email, delete_account)
+    changes += kept_role(config, found.accounts)
+    if found.cache:
+
+        def delete_cache(uri: str = found.cache) -> str:
+            bucket, _, folder = uri.removeprefix("gs://").partition("/")
+            return f"{Storage(c, bucket, {}).delete_folder(folder)} object(s) deleted"
+
+        attempt("compile cache", found.cache, delete_cache)
+    if found.images:
+        from sdxlctl.gcp.registry import Registry
+
+        registry = Registry(c, config.gcp.artifact_repository)
+        for package in found.images:
+
+            def delete_image(package: str = package) -> str:
+                return "deleted, all tags" if registry.delete_package(package, progress=progress) else "already gone"
+
+            attempt("image", f"{registry.repository}/packages/{package}", delete_image)
+    if not failed:
+        with store.transaction() as state:
+            for kind in list(state.of(config.name)):
+                if found.images or not kind.endswith("-image"):
+                    state.remove(config.name, kind)
+    return StepResult(changes, seconds=time.monotonic() - started, failed=failed)
+
+
+def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | None:
+    """A deployed endpoint costs its machines by the hour from the deployment on; None where sdxlctl cannot tell."""
+    from sdxlctl.pricing import machine_price
+
+    if resource.kind != "endpoint" or "gpu" not in resource.details:
+        return None
+    hourly = machine_price(resource.details["gpu"], config.gcp.region)
+    if hourly is None:
+        return None
+    replicas = int(resource.details.get("min_replicas", 1))
+    if replicas == 0:
+        return None  # scaled to zero: billed only while it is up, which sdxlctl does not see
+    since = resource.created_at
+    if resource.details.get("deployed_at"):
+        since = datetime.fromisoformat(resource.details["deployed_at"])
+    return hourly * replicas * max(0.0, (now - since).total_seconds()) / 3600

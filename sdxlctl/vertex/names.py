@@ -1,0 +1,133 @@
+"""Target vertex: the names every resource derives from the deployment's, and the model server's environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sdxlctl.config import Config
+from sdxlctl.gcp.iam import account_email
+from sdxlctl.gpus import GpuOption
+from sdxlctl.pricing import machine_price
+from sdxlctl.server_env import compile_cache as resolved_cache
+from sdxlctl.server_env import server_env
+
+if TYPE_CHECKING:
+    from sdxlctl.gcp.session import Cloud
+
+LABEL = "sdxlctl-deployment"
+SHARED_LIMIT_BYTES = 1_500_000
+DEDICATED_LIMIT_BYTES = 10_000_000
+SHARED_TIME_LIMIT_S = 55.0  # a shared endpoint cuts a prediction at 60 s: the server answers 504 before that
+OPERATION_TIMEOUT_S = 15 * 60  # creating/deleting an endpoint, model or service
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every resource name derives from the deployment name."""
+
+    deployment: str
+    project: str
+    region: str
+    repository: str
+    bucket: str
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL: self.deployment, "managed-by": "sdxlctl"}
+
+    def image(self, part: str, tag: str) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/{self.deployment}-{part}:{tag}"
+
+    @property
+    def service_id(self) -> str:
+        return f"{self.deployment}-ui"
+
+    @property
+    def account_id(self) -> str:
+        """The UI's service account."""
+        return _account_id(self.deployment, "ui")
+
+    @property
+    def server_account_id(self) -> str:
+        """The model server's service account (only when it writes a gs:// compile cache)."""
+        return _account_id(self.deployment, "server")
+
+    def email(self, account_id: str) -> str:
+        return account_email(account_id, self.project)
+
+
+def _account_id(deployment: str, role: str) -> str:
+    """6-30 characters: the deployment name is shortened, never the role (two roles must not collide)."""
+    suffix = f"-{role}-sa"
+    return deployment[: 30 - len(suffix)].rstrip("-") + suffix
+
+
+def names(config: Config) -> Names:
+    bucket = config.gcp.staging_bucket.removeprefix("gs://") or f"{config.gcp.project}-sdxlctl"
+    return Names(config.name, config.gcp.project, config.gcp.region, config.gcp.artifact_repository, bucket)
+
+
+def cloud(config: Config) -> Cloud:
+    from sdxlctl.gcp.session import Cloud
+
+    return Cloud.from_config(config)
+
+
+def daily_cost(option: GpuOption, region: str, replicas: int) -> str:
+    hourly = machine_price(option.key, region)
+    if hourly is None:
+        return "no price in the table for this region (`sdxlctl cost`)"
+    return f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replicas} replica(s)"
+
+
+def machine_of(option: GpuOption) -> str:
+    return f"{option.machine_type} + {option.count} x {option.accelerator}"
+
+
+def own_cache(config: Config) -> str:
+    """The compile cache sdxlctl chooses for this deployment, whether in use now or not (a folder the
+    user named is theirs to keep)."""
+    return f"gs://{names(config).bucket}/compile-cache/{config.name}" if config.model.compile_cache == "auto" else ""
+
+
+def compile_cache(config: Config) -> str:
+    """SDXL_COMPILE_CACHE on Vertex AI; empty when the server keeps compiled code only on its own disk.
+
+    By default a folder of the staging bucket shared by every replica and restart: the first replica
+    to compile publishes the artifacts, and every later start downloads them instead of compiling.
+    """
+    return resolved_cache(config.model, own_cache(config))
+
+
+def server_account(config: Config) -> str:
+    """The model server's own service account: only needed to write a gs:// compile cache."""
+    if not compile_cache(config).startswith("gs://"):
+        return ""
+    n = names(config)
+    return n.email(n.server_account_id)
+
+
+def bucket_of(uri: str) -> str:
+    return uri.removeprefix("gs://").partition("/")[0]
+
+
+def server_buckets(config: Config) -> set[str]:
+    """Every bucket the model server's account may have been given a role on."""
+    uris = (own_cache(config), config.model.compile_cache, config.model.source)
+    return {bucket_of(uri) for uri in uris if uri.startswith("gs://")}
+
+
+def container_env(config: Config) -> dict[str, str]:
+    """The model server's environment in the Vertex AI Model's container spec."""
+    model = config.model
+    dedicated = config.deploy.endpoint == "dedicated"
+    return server_env(
+        model,
+        auto_cache=own_cache(config),
+        time_limit_s=model.time_limit_s if dedicated else min(model.time_limit_s, SHARED_TIME_LIMIT_S),
+        byte_limit=DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES,
+        # gs:// weights travel as the Model's artifact URI, which Vertex AI's own account may read; a server
+        # running as its own account reads them where they are, with the read access `deploy` grants it.
+        with_source=not model.source.startswith("gs://") or bool(server_account(config)),
+    )
