@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from sdxl_server.errors import ModelLoadError
 
 
-def download_folder(uri: str, cache_dir: Path, *, missing_ok: bool = False) -> Path:
-    """Download every object under gs://bucket/prefix to a folder under cache_dir; unchanged files are kept.
+def download_folder(
+    uri: str,
+    cache_dir: Path,
+    *,
+    missing_ok: bool = False,
+    select: Callable[[list[str]], Collection[str]] | None = None,
+) -> Path:
+    """Download the objects under gs://bucket/prefix to a folder under cache_dir; unchanged files are kept.
 
-    An empty or missing folder is an error, unless `missing_ok` (a cache nobody has filled yet).
+    `select` gets every object's name relative to the folder and returns those to download (None: all), so
+    a caller can skip files it will not load (fp32 duplicates of an fp16 variant). An empty or missing
+    folder is an error, unless `missing_ok` (a cache nobody has filled yet).
     """
     bucket_name, prefix = _split(uri)
     destination = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -31,6 +40,9 @@ def download_folder(uri: str, cache_dir: Path, *, missing_ok: bool = False) -> P
             return destination
         if not blobs:
             raise ModelLoadError(f"{uri} is empty or does not exist")
+        if select is not None:
+            wanted = set(select([b.name[len(prefix) :].lstrip("/") for b in blobs]))
+            blobs = [b for b in blobs if b.name[len(prefix) :].lstrip("/") in wanted]
         for blob in blobs:
             target = destination / blob.name[len(prefix) :].lstrip("/")
             if target.is_file() and target.stat().st_size == blob.size:
