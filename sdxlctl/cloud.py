@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdxlctl.config import Config
+from sdxlctl.context import BAKED_FOLDER, Bake
 from sdxlctl.errors import DeployError, NotAvailable
 from sdxlctl.gpus import GpuOption, gpu
 from sdxlctl.pricing import machine_price
@@ -127,12 +128,19 @@ def _machine(option: GpuOption) -> str:
 # ---------------------------------------------------------------- build
 
 
+def _bake(config: Config, part: str) -> Bake | None:
+    """The weights the server image gets at build time ([model] bake), if any."""
+    model = config.model
+    return Bake(model.source, model.vae, model.dtype) if part == "server" and model.bake else None
+
+
 def _image(config: Config, part: str) -> tuple[Any, str]:
-    """The packed build context of `part` (server or ui) and the image name its digest gives."""
+    """The packed build context of `part` (server or ui) and the image name its digest (and weights) give."""
     from sdxlctl.context import container_folder, pack
 
     context = pack(container_folder("model" if part == "server" else "ui"))
-    return context, names(config).image(part, context.tag)
+    bake = _bake(config, part)
+    return context, names(config).image(part, f"{context.tag}-weights-{bake.tag}" if bake else context.tag)
 
 
 def _record_image(store: StateStore, config: Config, part: str, image: str, *, url: str = "", **details: Any) -> None:
@@ -150,7 +158,19 @@ def plan_build(config: Config, store: StateStore, part: str = "server") -> StepR
         f"Cloud Build (E2_HIGHCPU_8, 2 h limit) from containers/{context.folder.name} "
         f"({len(context.tarball) / 1e3:.0f} kB, context {context.tag}); skipped if already built"
     )
+    if bake := _bake(config, part):
+        detail += "; " + _bake_detail(bake)
     return StepResult([Change("build", f"{part} image", image, detail)], image, dry_run=True)
+
+
+def _bake_detail(bake: Bake) -> str:
+    detail = (
+        f"weights baked in: a build step fetches {bake.source} (VAE {bake.fetch_vae}) into {BAKED_FOLDER}, "
+        "about 7 GB more image and minutes more build; replicas download no weights"
+    )
+    if bake.source.startswith("gs://"):
+        detail += f"; Cloud Build's service account needs roles/storage.objectViewer on {bake.source}"
+    return detail
 
 
 def build(
@@ -162,13 +182,14 @@ def build(
     on_log: Callable[[str], None] = _quiet,
 ) -> StepResult:
     """Build and push the image with Cloud Build, unless an image of the same context exists."""
-    from sdxlctl.gcp.build import Builds
+    from sdxlctl.gcp.build import Builds, bake_steps, image_steps
     from sdxlctl.gcp.storage import Storage
 
     started = time.monotonic()
     c, n = cloud(config), names(config)
     context, image = _image(config, part)
-    tag = f"ctx-{context.tag}"
+    tag, bake = f"ctx-{context.tag}", _bake(config, part)
+    baked = {"weights": bake.source, "vae": bake.fetch_vae, "weights_tag": bake.tag} if bake else {}
     recorded = store.read().get(config.name, f"{part}-image")
     if recorded is not None and recorded.name == image:
         return StepResult([Change("unchanged", f"{part} image", image)], image, time.monotonic() - started)
@@ -176,7 +197,7 @@ def build(
     progress("looking for an image of this context")
     existing = builds.find_success(tag, image)
     if existing is not None:
-        _record_image(store, config, part, image, build_id=existing, context=context.tag)
+        _record_image(store, config, part, image, build_id=existing, context=context.tag, **baked)
         return StepResult(
             [Change("unchanged", f"{part} image", image, f"built by {existing}")], image, time.monotonic() - started
         )
@@ -184,10 +205,13 @@ def build(
     progress(f"uploading the build context to gs://{n.bucket}")
     storage.ensure_bucket()
     source = storage.upload(f"source/{config.name}-{part}-{context.tag}.tgz", context.tarball)
+    if bake:
+        progress(_bake_detail(bake))
     result = builds.run(
         source=source,
         image=image,
-        tags=["sdxlctl", f"sdxlctl-{config.name}", tag],
+        steps=bake_steps(n.image(part, context.tag), image, bake) if bake else image_steps(image),
+        tags=["sdxlctl", f"sdxlctl-{config.name}", tag, *([f"weights-{bake.tag}"] if bake else [])],
         logs=storage,
         logs_prefix="cloudbuild-logs",
         progress=progress,
@@ -202,6 +226,7 @@ def build(
         build_id=result.build_id,
         digest=result.digest,
         context=context.tag,
+        **baked,
     )
     return StepResult(
         [Change("build", f"{part} image", image, f"build {result.build_id}, {result.digest[:19]}")],
@@ -229,7 +254,10 @@ def build_local(config: Config, store: StateStore, *, on_log: Callable[[str], No
             "no Docker engine is reachable (DOCKER_HOST or /var/run/docker.sock)",
             hint="start Docker, or build with Cloud Build: `sdxlctl build` without --local",
         ) from None
-    for chunk in client.api.build(path=str(folder), tag=image, decode=True, rm=True):
+    bake = _bake(config, "server")  # the Dockerfile's own bake: a RUN of the same fetch
+    weights = {"SDXL_WEIGHTS": bake.source, "SDXL_WEIGHTS_VAE": bake.fetch_vae} if bake else {}
+    labels = bake.labels if bake else {}
+    for chunk in client.api.build(path=str(folder), tag=image, decode=True, rm=True, buildargs=weights, labels=labels):
         if "stream" in chunk:
             on_log(chunk["stream"].rstrip())
         if "error" in chunk:
@@ -281,6 +309,8 @@ def _container_env(config: Config) -> dict[str, str]:
     # running as its own account reads them where they are, with the read access `deploy` grants it.
     if not model.source.startswith("gs://") or server_account(config):
         env["SDXL_MODEL"] = model.source
+    if model.bake:  # the image holds the weights and the VAE chosen at build time: load them, fetch nothing
+        env["SDXL_MODEL"], env["SDXL_VAE"] = BAKED_FOLDER, "model"
     env["SDXL_OPTIMIZE"] = model.optimize
     if model.warmup:
         env["SDXL_WARMUP"] = ",".join(model.warmup)
@@ -296,7 +326,7 @@ def plan_upload(config: Config, store: StateStore) -> StepResult:
     what = image.name if image else "(the image `sdxlctl build` makes)"
     action = "update" if model else "create"
     detail = f"image {what}; env {_container_env(config)}"
-    if config.model.source.startswith("gs://"):
+    if _artifact(config):
         detail += f"; artifact {config.model.source}"
     return StepResult(
         [Change(action, "model", f"{config.name} (Vertex AI Model)", ("new version: " if model else "") + detail)],
@@ -313,10 +343,11 @@ def upload(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
     image = store.read().get(config.name, "server-image")
     if image is None:
         raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
+    _check_baked(config, image)
     spec = ContainerSpec(
         image=image.name, env=_container_env(config), deployment_timeout_s=config.deploy.timeout_min * 60
     )
-    artifact = config.model.source if config.model.source.startswith("gs://") else ""
+    artifact = _artifact(config)
     progress("looking for the model")
     models = vertex.find_models((LABEL, config.name))
     current = models[0] if models else None
@@ -350,6 +381,27 @@ def upload(config: Config, store: StateStore, *, progress: Progress = _quiet) ->
     _record(store, config, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
     action = "update" if current else "create"
     return StepResult([Change(action, "model", version, f"image {image.name}")], version, time.monotonic() - started)
+
+
+def _artifact(config: Config) -> str:
+    """The Model's artifact URI: gs:// weights that are not in the image (Vertex AI gives the server their copy)."""
+    source = config.model.source
+    return source if source.startswith("gs://") and not config.model.bake else ""
+
+
+def _check_baked(config: Config, image: Resource) -> None:
+    """A Model whose SDXL_MODEL is the baked folder needs an image that has the configured weights in it."""
+    bake = _bake(config, "server")
+    if bake is None:
+        return
+    if image.details.get("weights_tag") != bake.tag:
+        had = image.details.get("weights")
+        raise DeployError(
+            f"[model] bake = true, but the recorded server image {image.name} has "
+            + (f"other weights baked in ({had}, VAE {image.details.get('vae')})" if had else "no weights baked in")
+            + f", not {bake.source} (VAE {bake.fetch_vae}, dtype {bake.dtype})",
+            hint="run `sdxlctl build` to make the image with them",
+        )
 
 
 def _same_container(model: Any, spec: Any, artifact: str) -> bool:
@@ -516,7 +568,7 @@ def _ensure_server_account(config: Config, store: StateStore, progress: Progress
     _record(store, config, Resource(kind="server-account", name=email, target="vertex"))
     Storage(c, _bucket(compile_cache(config)), n.labels).ensure_bucket()
     granted, details = _grant_folder(c, CACHE_ROLE, email, compile_cache(config), changes)
-    if config.model.source.startswith("gs://"):
+    if config.model.source.startswith("gs://") and not config.model.bake:  # baked: the image has them
         weights_granted, weights = _grant_folder(c, WEIGHTS_ROLE, email, config.model.source, changes)
         granted, details = granted or weights_granted, f"{details}, {weights}"
     changes.append(Change("update" if granted else "keep", "service account", email, details))
