@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,8 @@ def test_an_object_deleted_after_the_listing_is_named_in_the_error(bucket: Bucke
         download_folder("gs://weights/sdxl", tmp_path, select=delete_then_choose_all, chunk_bytes=CHUNK)
 
 
-def corrupting_proxy(upstream: str) -> Any:
-    """An ASGI app that forwards to the emulator and flips one byte of every object download (a bad network)."""
+def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]]) -> Any:
+    """An ASGI app that forwards to the emulator and passes each object download's bytes through `change`."""
     from starlette.requests import Request
     from starlette.responses import Response
 
@@ -229,20 +230,54 @@ def corrupting_proxy(upstream: str) -> Any:
                 headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
                 content=await request.body(),
             )
-        body = answer.content
-        if "alt=media" in query and body:
-            body = bytes([body[0] ^ 1]) + body[1:]
+        body = await change(answer.content) if "alt=media" in query else answer.content
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-encoding")}
         await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
 
     return app
 
 
+async def flip_first_byte(body: bytes) -> bytes:
+    """A bad network: every response (every chunk of a ranged download too) arrives with one bit wrong."""
+    return bytes([body[0] ^ 1]) + body[1:] if body else body
+
+
+def test_progress_is_logged_while_bytes_are_still_on_their_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logged: list[logging.LogRecord]
+) -> None:
+    import anyio
+
+    progressed = threading.Event()
+
+    class OnProgress(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "bytes_done" in vars(record).get("fields", {}):
+                progressed.set()
+
+    async def after_a_progress_line(body: bytes) -> bytes:
+        await anyio.to_thread.run_sync(lambda: progressed.wait(30))  # no byte arrives before progress is logged
+        return body
+
+    logger, handler = logging.getLogger("sdxl_server"), OnProgress()
+    logger.addHandler(handler)
+    try:
+        with gcs_emulator() as upstream, serve_app(media_proxy(upstream, after_a_progress_line)) as proxy:
+            put_model(_bucket(proxy.url, monkeypatch))
+            download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK, progress_every_s=0.01)
+    finally:
+        logger.removeHandler(handler)
+    progress = [vars(r)["fields"] for r in logged if "bytes_done" in vars(r).get("fields", {})]
+    assert progress, "no progress line"
+    total = sum(len(d) for d in MODEL.values())
+    assert all(p["bytes_total"] == total and 0 <= p["bytes_done"] <= total and "mb_per_s" in p for p in progress)
+    assert [p["bytes_done"] for p in progress] == sorted(p["bytes_done"] for p in progress)
+
+
 @pytest.mark.parametrize("name", ["unet/diffusion_pytorch_model.fp16.safetensors", "unet/config.json"])
 def test_bytes_that_never_match_the_checksum_fail_naming_the_object(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    with gcs_emulator() as upstream, serve_app(corrupting_proxy(upstream)) as proxy:
+    with gcs_emulator() as upstream, serve_app(media_proxy(upstream, flip_first_byte)) as proxy:
         bucket = _bucket(proxy.url, monkeypatch)  # the Host header makes the objects' media links the proxy's
         bucket.put(f"sdxl/{name}", MODEL[f"sdxl/{name}"])
         with pytest.raises(ModelLoadError) as failed:

@@ -78,9 +78,7 @@ def download_folder(
         client: Any = _client(storage)
         listed = [
             b
-            for b in client.list_blobs(
-                bucket_name, prefix=f"{prefix}/" if prefix else None, timeout=REQUEST_TIMEOUT_S
-            )
+            for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, timeout=REQUEST_TIMEOUT_S)
             if not b.name.endswith("/")  # folder placeholders that consoles create
         ]
     except Exception as exc:  # auth, network, permissions: all end the load with a reason
@@ -105,7 +103,7 @@ def download_folder(
     if not stale:
         log(f"{uri}: all {len(wanted)} files are cached and current", uri=uri, objects=len(wanted))
         return destination
-    _Transfer(client, uri, manifest, workers, chunk_bytes, progress_every_s).run(stale)
+    _Transfer(client, uri, manifest, workers, chunk_bytes, progress_every_s).run(stale, cached=len(wanted) - len(stale))
     return destination
 
 
@@ -215,12 +213,20 @@ class _Transfer:
         self.progress_every_s = progress_every_s
         self._lock = threading.Lock()
         self._done_bytes = 0
+        self._reported = 0
         self._in_flight: dict[Path, int] = {}
         self._stop = threading.Event()
 
-    def run(self, objects: list[_Object]) -> None:
+    def run(self, objects: list[_Object], *, cached: int) -> None:
+        """Fetch every object, logging progress and a final line with the rate; ModelLoadError names a failure."""
         total = sum(o.size for o in objects)
-        log(f"{self.uri}: downloading {len(objects)} files, {total / 1e6:.1f} MB", uri=self.uri, bytes_total=total)
+        log(
+            f"{self.uri}: downloading {len(objects)} files, {total / 1e6:.1f} MB ({cached} cached and current)",
+            uri=self.uri,
+            objects=len(objects),
+            bytes_total=total,
+            cached=cached,
+        )
         started = time.monotonic()
         big = [o for o in objects if o.size > self.chunk_bytes]
         small = [o for o in objects if o.size <= self.chunk_bytes]
@@ -257,6 +263,8 @@ class _Transfer:
     def _log_progress(self, total: int, started: float) -> None:
         with self._lock:
             done = self._done_bytes + sum(_bytes_on_disk(p, size) for p, size in self._in_flight.items())
+            # never backwards: a retry starts over, and a filesystem may count preallocated blocks
+            done = self._reported = max(done, self._reported)
         seconds = max(time.monotonic() - started, 1e-9)
         log(
             f"{self.uri}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({done / 1e6 / seconds:.1f} MB/s)",
@@ -282,6 +290,9 @@ class _Transfer:
                     self._in_flight[partial] = obj.size
                 streamed_check = self._download(obj, partial)
                 _verify(partial, obj, crc32c=not streamed_check)
+                with self._lock:  # counted as done in the same step it stops counting as in flight
+                    self._in_flight.pop(partial, None)
+                    self._done_bytes += obj.size
                 break
             except Exception as exc:
                 partial.unlink(missing_ok=True)
@@ -296,10 +307,11 @@ class _Transfer:
             finally:
                 with self._lock:
                     self._in_flight.pop(partial, None)
-        partial.replace(obj.target)  # a crash mid-download never leaves a truncated file that looks whole
-        self.manifest.record(obj)
-        with self._lock:
-            self._done_bytes += obj.size
+        try:
+            partial.replace(obj.target)  # a crash mid-download never leaves a truncated file that looks whole
+            self.manifest.record(obj)
+        except OSError as exc:  # a full disk, a read-only cache
+            raise ModelLoadError(f"could not store {obj.uri} at {obj.target}: {exc}") from exc
 
     def _download(self, obj: _Object, partial: Path) -> bool:
         """Fetch obj into partial; True if its crc32c was already checked as the bytes streamed in."""
