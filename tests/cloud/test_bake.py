@@ -229,3 +229,22 @@ def test_the_emulator_fails_a_fetch_into_a_folder_the_images_user_may_not_write(
         )
     assert 'build step 1 "' in str(raised.value) and "FAILURE" in str(raised.value)
     assert "Permission denied: '/workspace/weights/sdxl'" in "\n".join(lines)
+
+
+def test_cost_counts_the_baked_weights_in_storage_and_says_what_baking_changes(cli: Cli) -> None:
+    from sdxlctl.pricing import DAYS_PER_MONTH, bundled
+
+    plain = cli("cost", "--json", "--days", "30", env={"SDXLCTL_MODEL_SOURCE": HUB, "SDXLCTL_MODEL_BAKE": "false"})
+    bake = {"SDXLCTL_MODEL_SOURCE": HUB, "SDXLCTL_MODEL_BAKE": "true"}
+    baked_cost = cli("cost", "--json", "--days", "30", env=bake)
+    assert plain.code == 0 and baked_cost.code == 0, baked_cost.err
+    before, after = json.loads(plain.out), json.loads(baked_cost.out)
+    registry = bundled().artifact_registry
+    weights = registry["baked_weights_gb"] * registry["usd_per_gb_month"] * 30 / DAYS_PER_MONTH
+    assert after["usd"]["storage"] == pytest.approx(before["usd"]["storage"] + weights, abs=0.01)
+    assert before["notes"] == []
+    (note,) = after["notes"]
+    assert "about 7 GB larger" in note and "image pull" in note and "each build downloads the weights" in note
+    assert "not measured here" in note  # the size's source, said
+    text = cli("cost", env=bake)
+    assert "[model] bake: the server image is about 7 GB larger" in " ".join(text.err.split())
