@@ -215,14 +215,25 @@ def test_an_object_deleted_after_the_listing_is_named_in_the_error(bucket: Bucke
         download_folder("gs://weights/sdxl", tmp_path, select=delete_then_choose_all, chunk_bytes=CHUNK)
 
 
-def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]]) -> Any:
-    """An ASGI app that forwards to the emulator and passes each object download's bytes through `change`."""
+def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]], *, refuse: bool = False) -> Any:
+    """An ASGI app that forwards to the emulator and passes each object download's bytes through `change`.
+
+    With `refuse`, downloads get Cloud Storage's 403 for an account without storage.objects.get instead.
+    """
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import JSONResponse, Response
+
+    refused: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         query = request.url.query
+        if refuse and "alt=media" in query:
+            message = "sdxl@p.iam.gserviceaccount.com does not have storage.objects.get access"
+            refused.append(request.url.path)
+            error = {"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden"}]}}
+            await JSONResponse(error, status_code=403)(scope, receive, send)
+            return
         async with httpx.AsyncClient() as client:
             answer = await client.request(
                 request.method,
@@ -234,6 +245,7 @@ def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]]) -> A
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-encoding")}
         await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
 
+    app.refused = refused  # type: ignore[attr-defined]
     return app
 
 
@@ -292,3 +304,28 @@ def test_the_manifest_lives_beside_the_folder_not_in_it(bucket: Bucket, tmp_path
     manifest = json.loads((tmp_path / f"{folder.name}.manifest.json").read_text())
     assert set(manifest["objects"]) == {name.removeprefix("sdxl/") for name in MODEL}
     assert all({"generation", "crc32c", "size", "mtime_ns"} <= set(e) for e in manifest["objects"].values())
+
+
+async def unchanged(body: bytes) -> bytes:
+    return body
+
+
+def test_a_refused_download_is_named_and_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with gcs_emulator() as upstream:
+        refusing = media_proxy(upstream, unchanged, refuse=True)
+        with serve_app(refusing) as proxy:
+            _bucket(proxy.url, monkeypatch).put("sdxl/model_index.json", b"{}")
+            with pytest.raises(ModelLoadError) as failed:
+                download_folder("gs://weights/sdxl", tmp_path)
+    assert "gs://weights/sdxl/model_index.json" in str(failed.value) and "Forbidden" in str(failed.value)
+    assert "storage.objects.get" in str(failed.value)
+    assert len(refusing.refused) == 1  # a refusal does not change on a second try
+    assert files_under(tmp_path) == {}
+
+
+def test_an_object_at_the_bucket_root_named_as_an_absolute_path_is_refused(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("model_index.json", b"{}")
+    bucket.put("/tmp/evil.pth", b"import os\n")
+    with pytest.raises(ModelLoadError, match=r"refusing gs://weights//tmp/evil\.pth: .*absolute path"):
+        download_folder("gs://weights", tmp_path / "cache")
+    assert files_under(tmp_path) == {}
