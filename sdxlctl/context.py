@@ -95,13 +95,16 @@ class Bake:
     """Weights to fetch into the server image at build time: a Hub repo id or a gs:// folder, and its VAE."""
 
     source: str
-    vae: str = "auto"  # as [model] vae: auto (the fp16-fix VAE), model (the source's own), or a VAE source
+    vae: str = "auto"  # as [model] vae: auto, model (the source's own), or a VAE source
     dtype: str = "auto"  # as [model] dtype: the variant files fetched are the ones a server of that dtype loads
 
     @property
     def fetch_vae(self) -> str:
-        """The --vae of `python -m sdxl_server.fetch`: what the baked folder's vae/ will hold."""
-        return FP16_FIX_VAE if self.vae == "auto" else self.vae
+        """The --vae of `python -m sdxl_server.fetch`: what the baked folder's vae/ will hold. `auto` as the server
+        reads it: the fp16-fix VAE for a Hub model (its own overflows in fp16), a folder's own VAE for a folder."""
+        if self.vae == "auto":
+            return "model" if self.source.startswith("gs://") else FP16_FIX_VAE
+        return self.vae
 
     @property
     def tag(self) -> str:

@@ -119,8 +119,11 @@ def test_a_gs_source_is_baked_and_served_from_the_image_without_artifact_or_weig
     server = "serviceAccount:sdxl-server-sa@demo-project.iam.gserviceaccount.com"
     assert emulator.bucket_roles(WEIGHTS_BUCKET, server) == []  # nothing to read there at run time
     (build,) = builds(emulator)
-    assert source in build.steps[2].args
-    assert labels_of(emulator, build.images[-1])["sdxlctl.weights.source"] == source
+    fetch = list(build.steps[2].args)
+    assert fetch[fetch.index("--model") + 1] == source
+    assert fetch[fetch.index("--vae") + 1] == "model"  # auto, for a folder: its own VAE, as the server would
+    labels = labels_of(emulator, build.images[-1])
+    assert (labels["sdxlctl.weights.source"], labels["sdxlctl.weights.vae"]) == (source, "model")
 
 
 def test_a_fetch_that_fails_fails_the_build_and_records_no_image(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
