@@ -224,6 +224,7 @@ def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]], *, r
     from starlette.responses import JSONResponse, Response
 
     refused: list[str] = []
+    ranges: list[str] = []  # the Range header of each object download ("" for a whole object)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
@@ -241,11 +242,14 @@ def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]], *, r
                 headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
                 content=await request.body(),
             )
+        if "alt=media" in query:
+            ranges.append(request.headers.get("range", ""))
         body = await change(answer.content) if "alt=media" in query else answer.content
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-encoding")}
         await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
 
     app.refused = refused  # type: ignore[attr-defined]
+    app.ranges = ranges  # type: ignore[attr-defined]
     return app
 
 
@@ -273,11 +277,17 @@ def test_progress_is_logged_while_bytes_are_still_on_their_way(
     logger, handler = logging.getLogger("sdxl_server"), OnProgress()
     logger.addHandler(handler)
     try:
-        with gcs_emulator() as upstream, serve_app(media_proxy(upstream, after_a_progress_line)) as proxy:
-            put_model(_bucket(proxy.url, monkeypatch))
-            download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK, progress_every_s=0.01)
+        with gcs_emulator() as upstream:
+            holding = media_proxy(upstream, after_a_progress_line)
+            with serve_app(holding) as proxy:
+                put_model(_bucket(proxy.url, monkeypatch))
+                download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK, progress_every_s=0.01)
     finally:
         logger.removeHandler(handler)
+    # objects over a chunk came as concurrent 64 KiB ranges (the emulator answers Range with 206)
+    sizes = [len(d) for d in MODEL.values() if len(d) > CHUNK]
+    chunks = [f"bytes={start}-{min(start + CHUNK, size) - 1}" for size in sizes for start in range(0, size, CHUNK)]
+    assert sorted(r for r in holding.ranges if r) == sorted(chunks)
     progress = [vars(r)["fields"] for r in logged if "bytes_done" in vars(r).get("fields", {})]
     assert progress, "no progress line"
     total = sum(len(d) for d in MODEL.values())
