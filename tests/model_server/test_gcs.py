@@ -339,3 +339,13 @@ def test_an_object_at_the_bucket_root_named_as_an_absolute_path_is_refused(bucke
     with pytest.raises(ModelLoadError, match=r"refusing gs://weights//tmp/evil\.pth: .*absolute path"):
         download_folder("gs://weights", tmp_path / "cache")
     assert files_under(tmp_path) == {}
+
+
+@pytest.mark.parametrize("garbage", ["", "[]", '{"objects": []}', '{"objects": {"model_index.json": 5}}'])
+def test_an_unreadable_manifest_means_every_file_is_fetched_again(bucket: Bucket, tmp_path: Path, garbage) -> None:
+    put_model(bucket)
+    folder = download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK)
+    (folder / "model_index.json").write_bytes(b"{}")
+    (tmp_path / f"{folder.name}.manifest.json").write_text(garbage)
+    download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK)
+    assert files_under(folder) == {name.removeprefix("sdxl/"): data for name, data in MODEL.items()}

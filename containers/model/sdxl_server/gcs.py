@@ -24,7 +24,7 @@ from typing import Any
 from sdxl_server.errors import ModelLoadError
 from sdxl_server.logs import log
 
-WORKERS = 8  # the transfer manager's default; GCS serves each connection at a few hundred MB/s at most
+WORKERS = 8  # the transfer manager's default: connections at once, per object and for the small files
 CHUNK_BYTES = 32 * 1024 * 1024  # objects bigger than this are fetched as concurrent ranged reads
 PROGRESS_EVERY_S = 5.0
 REQUEST_TIMEOUT_S = 60.0  # per HTTP request (connect and each read), not per object: a 5 GB unet takes longer
@@ -103,7 +103,7 @@ def download_folder(
     if not stale:
         log(f"{uri}: all {len(wanted)} files are cached and current", uri=uri, objects=len(wanted))
         return destination
-    _Transfer(client, uri, manifest, workers, chunk_bytes, progress_every_s).run(stale, cached=len(wanted) - len(stale))
+    _Transfer(uri, manifest, workers, chunk_bytes, progress_every_s).run(stale, cached=len(wanted) - len(stale))
     return destination
 
 
@@ -151,9 +151,13 @@ class _Manifest:
         self.destination = destination
         self._lock = threading.Lock()
         try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())["objects"]
+            entries = json.loads(path.read_text())["objects"]
         except (OSError, ValueError, KeyError, TypeError):
-            self.entries = {}  # none yet, or unreadable: every file counts as unverified
+            entries = {}  # none yet, or unreadable: every file counts as unverified
+        valid = isinstance(entries, dict)
+        self.entries: dict[str, dict[str, Any]] = {
+            k: v for k, v in (entries.items() if valid else ()) if isinstance(k, str) and isinstance(v, dict)
+        }
 
     def is_current(self, obj: _Object) -> bool:
         """Whether obj's file holds the listed object's bytes: same object version, untouched since verified."""
@@ -202,10 +206,7 @@ class _Manifest:
 class _Transfer:
     """Fetch objects in parallel: big ones one after another, each in concurrent chunks; small ones side by side."""
 
-    def __init__(
-        self, client: Any, uri: str, manifest: _Manifest, workers: int, chunk_bytes: int, progress_every_s: float
-    ) -> None:
-        self.client = client
+    def __init__(self, uri: str, manifest: _Manifest, workers: int, chunk_bytes: int, progress_every_s: float) -> None:
         self.uri = uri
         self.manifest = manifest
         self.workers = max(1, workers)
