@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,11 @@ class Model(Section):
         default_factory=list,
         description="sizes warmed up (and compiled) before the server reports ready, as WIDTHxHEIGHT; "
         "empty: the model's native size",
+    )
+    bake: bool = Field(
+        False,
+        description="fetch the weights of `source` (a Hub repo id or a gs:// folder) into the server image at build "
+        "time, so that a replica starts without downloading them",
     )
     compile_cache: str = Field(
         "auto",
@@ -170,7 +176,28 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             f"({config.deploy.max_replicas})",
             hint="raise max_replicas or lower min_replicas",
         )
+    if config.model.bake:
+        _check_bake(config.model, source, from_env)
     return config
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as the server tells a Hub id (owner/name) from a path
+
+
+def _check_bake(model: Model, source: str, from_env: dict[tuple[str, ...], str]) -> None:
+    """A build can fetch from the Hub or gs://; not from this machine's folders, and tiny/random have no files."""
+    if model.source.startswith("gs://") or (_REPO_ID.match(model.source) and not Path(model.source).exists()):
+        return
+    where = f"{from_env[('model', 'bake')]} (environment)" if ("model", "bake") in from_env else source
+    if model.source in ("tiny", "random-sdxl"):
+        why = f"{model.source!r} is built in code: there are no weights to bake"
+        hint = "set [model] source to a Hub repo id or a gs:// folder, or bake = false"
+    else:
+        why = f"{model.source!r} is a folder on this machine, which Cloud Build cannot read"
+        hint = f"copy it to a bucket (gcloud storage cp -r {model.source} gs://BUCKET/sdxl) and set source to that"
+    raise ConfigError(
+        f"{where}: [model] bake = true needs [model] source to be a Hub repo id or a gs:// folder; {why}", hint=hint
+    )
 
 
 def _is_section(annotation: object) -> bool:

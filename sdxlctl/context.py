@@ -82,3 +82,47 @@ def pack(folder: Path) -> Context:
     with gzip.GzipFile(fileobj=compressed, mode="wb", mtime=0) as gz:
         gz.write(raw.getvalue())
     return Context(folder, compressed.getvalue(), digest.hexdigest())
+
+
+BAKED_FOLDER = "/models/sdxl"  # where Dockerfile.bake puts the weights; SDXL_MODEL of a baked image
+# The server's VAE for Hub models when SDXL_VAE=auto (sdxl_server.sources.FP16_FIX_VAE; the CLI does not import
+# the server): the build names it, so the build record and the image labels say which VAE was baked.
+FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+@dataclass(frozen=True)
+class Bake:
+    """Weights to fetch into the server image at build time: a Hub repo id or a gs:// folder, and its VAE."""
+
+    source: str
+    vae: str = "auto"  # as [model] vae: auto, model (the source's own), or a VAE source
+    dtype: str = "auto"  # as [model] dtype: the variant files fetched are the ones a server of that dtype loads
+
+    @property
+    def fetch_vae(self) -> str:
+        """The --vae of `python -m sdxl_server.fetch`: what the baked folder's vae/ will hold. `auto` as the server
+        reads it: the fp16-fix VAE for a Hub model (its own overflows in fp16), a folder's own VAE for a folder."""
+        if self.vae == "auto":
+            return "model" if self.source.startswith("gs://") else FP16_FIX_VAE
+        return self.vae
+
+    @property
+    def tag(self) -> str:
+        """Part of the image tag: another source or VAE is another image."""
+        return hashlib.sha256(f"{self.source}\0{self.vae}\0{self.dtype}".encode()).hexdigest()[:8]
+
+    @property
+    def fetch_args(self) -> list[str]:
+        """`python -m sdxl_server.fetch` options; auto is fp16, what a server on a GPU runs (fetch's default)."""
+        dtype = [] if self.dtype == "auto" else ["--dtype", self.dtype]
+        return ["--model", self.source, "--vae", self.fetch_vae, *dtype]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """What the image says about its weights (`docker inspect`); the fetch step's SOURCE.json says more."""
+        return {
+            "sdxlctl.weights.source": self.source,
+            "sdxlctl.weights.vae": self.fetch_vae,
+            "sdxlctl.weights.folder": BAKED_FOLDER,
+            "sdxlctl.weights.record": f"{BAKED_FOLDER}/SOURCE.json",
+        }

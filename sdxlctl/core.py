@@ -324,6 +324,7 @@ def cost(
         min_replicas=deploy.min_replicas,
         max_replicas=deploy.max_replicas,
         table=table,
+        baked=config.model.bake,
     )
 
 

@@ -119,9 +119,10 @@ def gcs_emulator() -> Iterator[str]:
     """gcp-storage-emulator in memory on a free loopback port; yields its URL for STORAGE_EMULATOR_HOST."""
     from gcp_storage_emulator.server import create_server
 
-    from tests.emulator.gcs_iam import install
+    from tests.emulator import gcs_iam, gcs_names
 
-    install()  # bucket metadata on create, and IAM conditions only with uniform access, as GCS does
+    gcs_iam.install()  # bucket metadata on create, and IAM conditions only with uniform access, as GCS does
+    gcs_names.install()  # any object name GCS takes (`a/../b` too), each kept apart
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()

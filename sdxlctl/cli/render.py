@@ -264,6 +264,8 @@ def estimate(result: Estimate, *, as_json: bool) -> None:
     err.print(f"[dim]{CAVEAT} Prices: {result.origin}, {result.table_date}.[/]")
     for note in result.unverified:
         err.print(f"[yellow]unverified:[/] {escape(note)}")
+    for note in result.notes:
+        err.print(escape(note))
 
 
 def comparison(rows: list[Comparison], region: str, steps: int, *, optimize: str = "auto", as_json: bool) -> None:

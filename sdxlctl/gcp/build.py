@@ -7,12 +7,68 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sdxlctl.context import BAKED_FOLDER, Bake
 from sdxlctl.gcp.errors import CloudError, translated
 from sdxlctl.gcp.session import Cloud, Progress, create_once
 from sdxlctl.gcp.storage import Storage
 
 BUILD_TIMEOUT_S = 2 * 3600  # an image with CUDA torch (and baked weights) can take long on a cold cache
 FINAL = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
+DOCKER = "gcr.io/cloud-builders/docker"
+WEIGHTS = "weights"  # under /workspace: the fetch step writes WEIGHTS/sdxl, the bake build's context is WEIGHTS
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Cloud Build step: a container `name` run with `args` in /workspace (the unpacked source)."""
+
+    id: str
+    name: str
+    args: list[str]
+    entrypoint: str = ""
+
+
+def image_steps(image: str) -> list[Step]:
+    """The server (or UI) image from the Dockerfile of the source; --network cloudbuild lets RUN reach ADC."""
+    return [Step("image", DOCKER, ["build", "--network", "cloudbuild", "-t", image, "."])]
+
+
+def bake_steps(base: str, image: str, bake: Bake) -> list[Step]:
+    """Build `base` as usual, fetch the weights with it, and build `image` FROM it with the weights in.
+
+    The fetch runs in the image just built, so it downloads exactly as the server would load (its fp16 variant
+    and VAE choice), with the server's pinned libraries. That image runs as a non-root user and /workspace
+    belongs to root, so a root step first makes a folder it may write. Its own subfolder (not the 0777 one)
+    is what the image gets: root-owned, world-readable, not writable by the server.
+    """
+    labels = [f"--label={key}={value}" for key, value in bake.labels.items()]
+    return [
+        *image_steps(base),
+        Step("weights-folder", DOCKER, ["-c", f"mkdir -p {WEIGHTS} && chmod 0777 {WEIGHTS}"], entrypoint="bash"),
+        Step(
+            "fetch-weights",
+            base,
+            ["-m", "sdxl_server.fetch", *bake.fetch_args, f"{WEIGHTS}/sdxl"],
+            entrypoint="python",
+        ),
+        # Its own context (the weights only): the source's .dockerignore leaves weights/ out, on purpose.
+        Step(
+            "bake",
+            DOCKER,
+            [
+                "build",
+                "-f",
+                "Dockerfile.bake",
+                f"--build-arg=BASE={base}",
+                f"--build-arg=FOLDER={BAKED_FOLDER}",
+                *labels,
+                "--label=sdxlctl.weights.build=$BUILD_ID",
+                "-t",
+                image,
+                WEIGHTS,
+            ],
+        ),
+    ]
 
 
 @dataclass(frozen=True)
@@ -49,22 +105,21 @@ class Builds:
         *,
         source: str,
         image: str,
+        steps: list[Step],
         tags: list[str],
         logs: Storage,
         logs_prefix: str,
         progress: Progress,
         on_log: Callable[[str], None],
     ) -> BuildResult:
-        """Build and push `image` from gs:// `source`; tail the log; raise CloudError unless it succeeds."""
+        """Run `steps` on gs:// `source` and push every image they tag, `image` last; tail the log; raise
+        CloudError unless it succeeds."""
         bucket, _, obj = source.removeprefix("gs://").partition("/")
+        images = [a for s in steps if s.name == DOCKER and s.args[:1] == ["build"] for a in _tagged(s.args)]
         build = self.types.Build(
             source=self.types.Source(storage_source=self.types.StorageSource(bucket=bucket, object_=obj)),
-            steps=[
-                self.types.BuildStep(
-                    name="gcr.io/cloud-builders/docker", args=["build", "--network", "cloudbuild", "-t", image, "."]
-                )
-            ],
-            images=[image],
+            steps=[self.types.BuildStep(id=s.id, name=s.name, args=s.args, entrypoint=s.entrypoint) for s in steps],
+            images=images,
             tags=tags,
             timeout={"seconds": BUILD_TIMEOUT_S},
             options=self.types.BuildOptions(machine_type=self.types.BuildOptions.MachineType.E2_HIGHCPU_8),
@@ -83,8 +138,12 @@ class Builds:
                     filter=" AND ".join(f'tags="{tag}"' for tag in tags),
                     retry=self.cloud.retry(),
                 )
-                for found in builds:
-                    if self.types.Build.Status(found.status).name in ("QUEUED", "WORKING", "SUCCESS"):
+                for found in builds:  # the same tags, and the same image: a baked build also pushes its base
+                    if image in found.images and self.types.Build.Status(found.status).name in (
+                        "QUEUED",
+                        "WORKING",
+                        "SUCCESS",
+                    ):
                         return str(found.id)
             return None
 
@@ -117,3 +176,8 @@ class Builds:
             )
         digest = next((i.digest for i in current.results.images if i.name == image), "")
         return BuildResult(build_id, image, digest, current.log_url)
+
+
+def _tagged(args: list[str]) -> list[str]:
+    """The images a `docker build` names with -t."""
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-t"]

@@ -140,6 +140,7 @@ class Estimate:
     unverified: list[str] = field(default_factory=list)
     table_date: str = ""
     origin: str = "bundled"
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +155,7 @@ class Estimate:
             "usd": self.low.as_dict(),
             "usd_at_max_replicas": self.high.as_dict(),
             "unverified": self.unverified,
+            "notes": self.notes,
             "prices": {"date": self.table_date, "origin": self.origin},
         }
 
@@ -177,6 +179,7 @@ def estimate(
     table: PriceTable | None = None,
     images_per_day: float = 0.0,
     ui: bool = True,
+    baked: bool = False,
 ) -> Estimate:
     """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero."""
     table = table or bundled()
@@ -194,7 +197,7 @@ def estimate(
             vcpu=vcpu_rate.usd * option.vcpus * replicas * hours,
             ram=ram_rate.usd * option.ram_gb * replicas * hours,
             ui=ui_cost(table, images_per_day * days, seconds_per_image(option.key)) if ui else 0.0,
-            storage=storage_cost(table, days),
+            storage=storage_cost(table, days, baked=baked),
         )
 
     unverified = [
@@ -213,6 +216,7 @@ def estimate(
         unverified,
         table.date,
         table.origin,
+        [baked_note(table)] if baked else [],
     )
 
 
@@ -226,11 +230,23 @@ def ui_cost(table: PriceTable, images: float, model_seconds: float) -> float:
     )
 
 
-def storage_cost(table: PriceTable, days: float) -> float:
-    """The server and UI images in Artifact Registry, above the free allowance."""
+def storage_cost(table: PriceTable, days: float, *, baked: bool = False) -> float:
+    """The server and UI images in Artifact Registry (with the weights, when baked), above the free allowance."""
     registry = table.artifact_registry
-    gigabytes = max(0.0, sum(registry["image_gb"].values()) - registry["free_gb"])
+    weights = registry.get("baked_weights_gb", 0.0) if baked else 0.0
+    gigabytes = max(0.0, sum(registry["image_gb"].values()) + weights - registry["free_gb"])
     return gigabytes * registry["usd_per_gb_month"] * days / DAYS_PER_MONTH
+
+
+def baked_note(table: PriceTable) -> str:
+    """What [model] bake changes besides storage: sizes from the table, times not measured, so not given."""
+    registry = table.artifact_registry
+    size = registry.get("baked_weights_gb", 0.0)
+    return (
+        f"[model] bake: the server image is about {size:g} GB larger ({registry.get('baked_weights_source', '')}), "
+        "in storage above and in every replica's image pull; each build downloads the weights once more "
+        "(minutes, by the source's speed), and a replica starts without downloading them"
+    )
 
 
 # ---------------------------------------------------------------- latency and compare

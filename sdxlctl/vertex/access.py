@@ -36,7 +36,7 @@ def ensure_server_account(config: Config, store: StateStore, progress: Progress,
     store.record(config.name, Resource(kind="server-account", name=email, target="vertex"))
     Storage(c, bucket_of(compile_cache(config)), n.labels).ensure_bucket()
     granted, details = _grant_folder(c, CACHE_ROLE, email, compile_cache(config), changes)
-    if config.model.source.startswith("gs://"):
+    if config.model.source.startswith("gs://") and not config.model.bake:  # baked: the image has them
         weights_granted, weights = _grant_folder(c, WEIGHTS_ROLE, email, config.model.source, changes)
         granted, details = granted or weights_granted, f"{details}, {weights}"
     changes.append(Change("update" if granted else "keep", "service account", email, details))

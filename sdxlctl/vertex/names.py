@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sdxlctl.config import Config
+from sdxlctl.context import BAKED_FOLDER
 from sdxlctl.gcp.iam import account_email
 from sdxlctl.gpus import GpuOption
 from sdxlctl.pricing import machine_price
@@ -122,7 +123,7 @@ def container_env(config: Config) -> dict[str, str]:
     """The model server's environment in the Vertex AI Model's container spec."""
     model = config.model
     dedicated = config.deploy.endpoint == "dedicated"
-    return server_env(
+    env = server_env(
         model,
         auto_cache=own_cache(config),
         time_limit_s=model.time_limit_s if dedicated else min(model.time_limit_s, SHARED_TIME_LIMIT_S),
@@ -131,3 +132,12 @@ def container_env(config: Config) -> dict[str, str]:
         # running as its own account reads them where they are, with the read access `deploy` grants it.
         with_source=not model.source.startswith("gs://") or bool(server_account(config)),
     )
+    if model.bake:  # the image holds the weights and the VAE chosen at build time: load them, fetch nothing
+        env["SDXL_MODEL"], env["SDXL_VAE"] = BAKED_FOLDER, "model"
+    return env
+
+
+def artifact(config: Config) -> str:
+    """The Model's artifact URI: gs:// weights that are not in the image (Vertex AI gives the server their copy)."""
+    source = config.model.source
+    return source if source.startswith("gs://") and not config.model.bake else ""

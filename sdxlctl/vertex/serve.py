@@ -15,10 +15,12 @@ from sdxlctl.gpus import GpuOption, gpu
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Change, Progress, StepResult, quiet
 from sdxlctl.vertex.access import CACHE_ROLE, ensure_server_account
+from sdxlctl.vertex.images import bake_of
 from sdxlctl.vertex.names import (
     LABEL,
     OPERATION_TIMEOUT_S,
     Names,
+    artifact,
     cloud,
     compile_cache,
     container_env,
@@ -38,7 +40,7 @@ def plan_upload(config: Config, store: StateStore) -> StepResult:
     what = image.name if image else "(the image `sdxlctl build` makes)"
     action = "update" if model else "create"
     detail = f"image {what}; env {container_env(config)}"
-    if config.model.source.startswith("gs://"):
+    if artifact(config):
         detail += f"; artifact {config.model.source}"
     return StepResult(
         [Change(action, "model", f"{config.name} (Vertex AI Model)", ("new version: " if model else "") + detail)],
@@ -55,14 +57,15 @@ def upload(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     image = store.read().get(config.name, "server-image")
     if image is None:
         raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
+    _check_baked(config, image)
     spec = ContainerSpec(
         image=image.name, env=container_env(config), deployment_timeout_s=config.deploy.timeout_min * 60
     )
-    artifact = config.model.source if config.model.source.startswith("gs://") else ""
+    artifact_uri = artifact(config)
     progress("looking for the model")
     models = vertex.find_models((LABEL, config.name))
     current = models[0] if models else None
-    if current is not None and _same_container(current, spec, artifact):
+    if current is not None and _same_container(current, spec, artifact_uri):
         version = f"{current.name}@{current.version_id}"
         store.record(config.name, Resource(kind="model", name=version, target="vertex", details={"image": image.name}))
         return StepResult([Change("unchanged", "model", version)], version, time.monotonic() - started)
@@ -70,13 +73,13 @@ def upload(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
 
     def uploaded_already() -> Any:  # an upload whose answer was lost: its version carries this container
         found = vertex.find_models((LABEL, config.name))
-        return found[0] if found and _same_container(found[0], spec, artifact) else None
+        return found[0] if found and _same_container(found[0], spec, artifact_uri) else None
 
     operation = vertex.upload_model(
         display_name=config.name,
         labels=n.labels,
         spec=spec,
-        artifact_uri=artifact,
+        artifact_uri=artifact_uri,
         parent_model=current.name if current else "",
         find=uploaded_already,
         progress=progress,
@@ -91,13 +94,28 @@ def upload(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     return StepResult([Change(action, "model", version, f"image {image.name}")], version, time.monotonic() - started)
 
 
-def _same_container(model: Any, spec: Any, artifact: str) -> bool:
+def _check_baked(config: Config, image: Resource) -> None:
+    """A Model whose SDXL_MODEL is the baked folder needs an image that has the configured weights in it."""
+    bake = bake_of(config)
+    if bake is None:
+        return
+    if image.details.get("weights_tag") != bake.tag:
+        had = image.details.get("weights")
+        raise DeployError(
+            f"[model] bake = true, but the recorded server image {image.name} has "
+            + (f"other weights baked in ({had}, VAE {image.details.get('vae')})" if had else "no weights baked in")
+            + f", not {bake.source} (VAE {bake.fetch_vae}, dtype {bake.dtype})",
+            hint="run `sdxlctl build` to make the image with them",
+        )
+
+
+def _same_container(model: Any, spec: Any, artifact_uri: str) -> bool:
     container = model.container_spec
     env = {e.name: e.value for e in container.env}
     return (
         container.image_uri == spec.image
         and env == spec.env
-        and model.artifact_uri == artifact
+        and model.artifact_uri == artifact_uri
         and container.predict_route == spec.predict_route
         and container.health_route == spec.health_route
     )

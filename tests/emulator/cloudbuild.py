@@ -13,6 +13,7 @@ from typing import Any
 from google.cloud.devtools import cloudbuild_v1 as cb
 from starlette.requests import Request
 
+from tests.emulator.build_steps import Steps, Workspace
 from tests.emulator.core import ApiError, Route, World, now, packed, parse, routes
 
 PROJECT = r"/v1/projects/(?P<project>[^/]+)(?:/locations/(?P<location>[^/]+))?"
@@ -88,31 +89,25 @@ class CloudBuild:
             return [*lines, f"ERROR: {build['_fails']}"]
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-                members = {m.name.removeprefix("./") for m in archive.getmembers()}
-                dockerfile = archive.extractfile("Dockerfile") if "Dockerfile" in members else None
-                text = dockerfile.read().decode() if dockerfile else ""
+                files = {
+                    m.name.removeprefix("./"): (archive.extractfile(m) or io.BytesIO()).read()
+                    for m in archive.getmembers()
+                    if m.isfile()
+                }
         except (tarfile.TarError, OSError) as exc:
             build["_fails"] = f"source is not a gzipped tarball: {exc}"
             return [*lines, f"ERROR: {build['_fails']}"]
-        if not text:
-            build["_fails"] = "unable to prepare context: unable to evaluate symlinks in Dockerfile path: no Dockerfile"
-            return [*lines, f"ERROR: {build['_fails']}"]
-        for copied in re.findall(r"^COPY\s+(.+)\s+\S+$", text, flags=re.M):
-            for path in copied.split():
-                if not path.startswith("--") and not any(
-                    m == path or m.startswith(path.rstrip("/") + "/") for m in members
-                ):
-                    build["_fails"] = f"COPY failed: file not found in build context: {path}"
-                    return [*lines, f"ERROR: {build['_fails']}"]
-        lines += ["BUILD", f"Step #0: Already have image (with digest): {build['steps'][0]['name']}"]
-        instructions = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        for i, instruction in enumerate(instructions, 1):
-            lines.append(f"Step #0: Step {i}/{len(instructions)} : {instruction.strip()}")
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        build["_digest"] = digest
+        steps = Steps(build, Workspace(files), self.read_object)
+        lines.append("BUILD")
+        failed = steps.run()
+        lines += steps.log
+        if failed:
+            build["_fails"] = failed
+            return [*lines, f"ERROR: {failed}"]
+        build["_images"] = {name: vars(image) for name, image in steps.images.items()}
         lines += ["PUSH"] + [f"Pushing {image}" for image in build.get("images", [])]
-        lines += [f"{image}: digest: {digest} size: 4321" for image in build.get("images", [])] + ["DONE"]
-        return lines
+        lines += [f"{image}: digest: {steps.images[image].digest} size: 4321" for image in build.get("images", [])]
+        return [*lines, "DONE"]
 
     def _advance(self, build_id: str) -> str:
         """One poll's worth of progress: QUEUED -> WORKING -> final; the log grows as it goes."""
@@ -133,10 +128,11 @@ class CloudBuild:
             else:
                 from tests.emulator.registry import push
 
+                built = build["_images"]
                 for image in build.get("images", []):
-                    push(self.world, image)
+                    push(self.world, image, built[image]["digest"], built[image]["labels"])
                 build["results"] = {
-                    "images": [{"name": image, "digest": build["_digest"]} for image in build.get("images", [])]
+                    "images": [{"name": image, "digest": built[image]["digest"]} for image in build.get("images", [])]
                 }
             self._write_log(build, lines)
         return str(build["status"])

@@ -58,7 +58,9 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         started = time.monotonic()
         try:
             generator = await asyncio.to_thread(load, settings)
+            warming = time.monotonic()
             await asyncio.to_thread(generator.warm_up, _warmup_sizes(settings, generator))
+            warmup_s = round(time.monotonic() - warming, 3)
             if generator.compile_cache is not None:
                 from sdxl_server.loader import save_compile_cache
 
@@ -69,7 +71,14 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             return
         state.generator, state.load_seconds = generator, round(time.monotonic() - started, 2)
         state.health = Health.READY
-        logs.log("model ready", source=state.source, load_seconds=state.load_seconds)
+        # With "model loaded" (import_s, fetch_s, load_s, move_s) before it: the whole start, phase by phase.
+        logs.log(
+            "model ready",
+            source=state.source,
+            load_seconds=state.load_seconds,
+            warmup_s=warmup_s,
+            total_s=round(time.monotonic() - started, 3),
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from sdxl_server import logs, optimize
@@ -12,12 +13,32 @@ from sdxl_server.sources import Placement, load_pipeline
 
 
 def load_generator(settings: Settings) -> Generator:
-    """Load the configured model source onto the configured device, with the configured fast path."""
+    """Load the configured model source onto the configured device, with the configured fast path.
+
+    Logs where the time went (import_s, fetch_s, load_s, move_s): a slow start says which phase to look at.
+    """
+    started = time.monotonic()
+    import diffusers  # noqa: F401  (timed alone: importing torch and diffusers is a fixed cost of every start)
+    import torch  # noqa: F401
+
+    phases = {"import_s": round(time.monotonic() - started, 3)}
     placement = Placement.resolve(settings.device, settings.dtype)
     level = optimize.resolve(settings.optimize, placement.device)
     cache = use_compile_cache(settings, placement.device) if optimize.compiles(level) else None
-    pipeline = load_pipeline(settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir)
+    pipeline = load_pipeline(
+        settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir, phases=phases
+    )
     optimize.apply(pipeline, level)
+    logs.log(
+        "model loaded",
+        source=settings.model_source,
+        device=placement.device,
+        dtype=str(placement.dtype).removeprefix("torch."),
+        import_s=phases["import_s"],
+        fetch_s=phases["fetch_s"],
+        load_s=phases["load_s"],
+        move_s=phases["move_s"],
+    )
     return Generator(pipeline, optimize_level=level, compile_cache=cache)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,28 +43,46 @@ class Placement:
 
 
 def load_pipeline(
-    source: str, placement: Placement, *, vae: str = "auto", cache_dir: Path
+    source: str,
+    placement: Placement,
+    *,
+    vae: str = "auto",
+    cache_dir: Path,
+    hub_cache: Path | None = None,
+    phases: dict[str, float] | None = None,
 ) -> StableDiffusionXLPipeline:
-    """Build or load the SDXL pipeline named by `source` and put it on the device."""
+    """Build or load the SDXL pipeline named by `source` and put it on the device.
+
+    `hub_cache`: the Hugging Face cache (None: HF_HOME's). `phases` receives fetch_s (listing and
+    downloading), load_s (reading the weights) and move_s (to the device), for the start-up log.
+    """
+    started = time.monotonic()
+    timed: dict[str, float] = {"fetch_s": 0.0}
     if source == "tiny":
         pipe = build_tiny_pipeline()
     elif source == "random-sdxl":
         pipe = build_random_sdxl(placement)
-    elif source.startswith("gs://"):
-        from sdxl_server.gcs import download_folder
-
-        pipe = _from_folder(download_folder(source, cache_dir / "gcs"), placement, vae)
-    elif source.strip() and Path(source).expanduser().is_dir():
-        pipe = _from_folder(Path(source).expanduser(), placement, vae)
+    elif source.startswith("gs://") or (source.strip() and Path(source).expanduser().is_dir()):
+        pipe = _load_located(source, placement, vae, "model", cache_dir=cache_dir, hub_cache=hub_cache, timed=timed)
     elif _REPO_ID.match(source) and not Path(source).exists():
-        pipe = _from_hub(source, placement, vae)
+        pipe = _load_located(
+            source, placement, vae, FP16_FIX_VAE, cache_dir=cache_dir, hub_cache=hub_cache, timed=timed
+        )
     else:
         raise ModelLoadError(
             f"SDXL_MODEL={source!r} is not 'tiny', 'random-sdxl', an existing folder, "
             "a gs://bucket/folder URI or a Hugging Face repo id (owner/name)"
         )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(placement.device, placement.dtype)
+    loaded = time.monotonic()
+    pipe = pipe.to(placement.device, placement.dtype)
+    if phases is not None:
+        phases.update(
+            fetch_s=round(timed["fetch_s"], 3),
+            load_s=round(loaded - started - timed["fetch_s"], 3),
+            move_s=round(time.monotonic() - loaded, 3),
+        )
+    return pipe
 
 
 def byte_level_clip_tokenizer() -> CLIPTokenizer:
@@ -205,65 +224,73 @@ def build_random_sdxl(placement: Placement) -> StableDiffusionXLPipeline:
     )
 
 
-def _from_folder(folder: Path, placement: Placement, vae: str) -> StableDiffusionXLPipeline:
-    from diffusers import StableDiffusionXLPipeline
+# SDXL_VAE: 'auto' means the fp16-fix VAE for Hub models (the original VAE overflows in fp16) and the
+# folder's own VAE for folders and gs:// (`python -m sdxl_server.fetch` already put the fp16-fix one there);
+# 'model' keeps the pipeline's own; anything else is a VAE source (Hub id, folder or gs:// folder).
+def _load_located(
+    source: str,
+    placement: Placement,
+    vae: str,
+    default_vae: str,
+    *,
+    cache_dir: Path,
+    hub_cache: Path | None,
+    timed: dict[str, float],
+) -> StableDiffusionXLPipeline:
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    from sdxl_server import logs
+    from sdxl_server.weights import locate, precision
+
+    _quiet_progress_bars()
+    choice = default_vae if vae == "auto" else vae
+    wanted = precision(placement.dtype)
+    extra: dict[str, Any] = {}
+    vae_note = "the model's own"
+    if choice != "model":
+        try:
+            fetching = time.monotonic()
+            found = locate(choice, wanted, gcs_cache=cache_dir / "gcs", hub_cache=hub_cache, single_model=True)
+            timed["fetch_s"] += time.monotonic() - fetching
+            extra["vae"] = AutoencoderKL.from_pretrained(
+                found.folder, dtype=placement.dtype, variant=found.selection.variant, local_files_only=True
+            )
+        except (ModelLoadError, OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not load the VAE {choice!r} (SDXL_VAE) from a folder, gs:// or the Hugging Face Hub: "
+                f"{exc}. Set SDXL_VAE=model to use the model's own VAE"
+            ) from exc
+        vae_note = f"{choice} ({found.selection.label})"
+    fetching = time.monotonic()
+    located = locate(source, wanted, gcs_cache=cache_dir / "gcs", hub_cache=hub_cache, without=tuple(extra))
+    timed["fetch_s"] += time.monotonic() - fetching
+    selection = located.selection
+    logs.log(
+        "weights chosen",
+        source=source,
+        variant=selection.label,
+        vae=vae_note,
+        files=len(selection.files),
+        revision=located.revision,
+        note=selection.note or None,
+    )
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            folder,
-            torch_dtype=placement.dtype,
+        return StableDiffusionXLPipeline.from_pretrained(
+            located.folder,
+            dtype=placement.dtype,
+            variant=selection.variant,
             add_watermarker=False,
             local_files_only=True,
-            **_skip_vae_if_replaced(vae, default="model"),
+            **extra,
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the pipeline in {folder}: {exc}") from exc
-    return _with_vae(pipe, vae, default="model", placement=placement)
+        raise ModelLoadError(f"could not load the pipeline in {located.folder}: {exc}") from exc
 
 
-def _from_hub(repo_id: str, placement: Placement, vae: str) -> StableDiffusionXLPipeline:
-    from diffusers import StableDiffusionXLPipeline
+def _quiet_progress_bars() -> None:
+    # tqdm bars on stderr are noise in a server's log (Cloud Logging stores each redraw as an entry)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            repo_id,
-            torch_dtype=placement.dtype,
-            add_watermarker=False,
-            use_safetensors=True,
-            **_skip_vae_if_replaced(vae, default=FP16_FIX_VAE),
-        )
-    except Exception as exc:  # the hub client raises many types: offline, 404, gated, disk full
-        raise ModelLoadError(
-            f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "Without network access, set SDXL_MODEL to a local diffusers folder or a gs:// folder, "
-            "or bake the weights into the image (docker build --build-arg SDXL_WEIGHTS=...)"
-        ) from exc
-    return _with_vae(pipe, vae, default=FP16_FIX_VAE, placement=placement)
-
-
-# SDXL_VAE: 'auto' means the fp16-fix VAE for Hub models (the original VAE overflows in fp16) and the
-# folder's own VAE for folders (`python -m sdxl_server.fetch` already put the fp16-fix one there);
-# 'model' keeps the pipeline's own; anything else is a VAE source (Hub id or folder).
-def _skip_vae_if_replaced(vae: str, *, default: str) -> dict[str, Any]:
-    choice = default if vae == "auto" else vae
-    return {} if choice == "model" else {"vae": None}
-
-
-def _with_vae(
-    pipe: StableDiffusionXLPipeline, vae: str, *, default: str, placement: Placement
-) -> StableDiffusionXLPipeline:
-    choice = default if vae == "auto" else vae
-    if choice == "model":
-        return pipe
-    from diffusers import AutoencoderKL
-
-    try:
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(choice, torch_dtype=placement.dtype))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load the VAE {choice!r} (SDXL_VAE) from a folder or the Hugging Face Hub: {exc}. "
-            "Set SDXL_VAE=model to use the model's own VAE"
-        ) from exc
-    return pipe
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

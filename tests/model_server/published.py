@@ -1,0 +1,168 @@
+"""Fake published repositories: the file names of the real SDXL repos, with the tiny pipeline's weights.
+
+The listings are those of the Hugging Face repositories as published (main, 2023-2025):
+stabilityai/stable-diffusion-xl-base-1.0 and madebyollin/sdxl-vae-fp16-fix. Weights that a torch
+pipeline loads get real tiny weights (fp32 in the plain files, fp16 in the `.fp16.` variant files, as
+published); every other file (single-file checkpoints, ONNX, OpenVINO, Flax, spare VAEs) holds bytes no
+loader can read, so loading one by mistake fails loudly. The tokenizer folders hold what the tiny
+pipeline's byte-level tokenizer saves (the real ones hold the CLIP BPE files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
+
+# Never loaded: junk in these tests, duplicates or other formats in the real repository.
+SDXL_BASE_UNUSED = (
+    ".gitattributes",
+    "01.png",
+    "LICENSE.md",
+    "README.md",
+    "comparison.png",
+    "pipeline.png",
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_base_1.0_0.9vae.safetensors",
+    "sd_xl_offset_example-lora_1.0.safetensors",
+    "text_encoder/flax_model.msgpack",
+    "text_encoder/model.onnx",
+    "text_encoder/openvino_model.bin",
+    "text_encoder/openvino_model.xml",
+    "text_encoder_2/flax_model.msgpack",
+    "text_encoder_2/model.onnx",
+    "text_encoder_2/model.onnx_data",
+    "text_encoder_2/openvino_model.bin",
+    "text_encoder_2/openvino_model.xml",
+    "unet/diffusion_flax_model.msgpack",
+    "unet/model.onnx",
+    "unet/model.onnx_data",
+    "unet/openvino_model.bin",
+    "unet/openvino_model.xml",
+    "vae/diffusion_flax_model.msgpack",
+    "vae_1_0/config.json",
+    "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+    "vae_1_0/diffusion_pytorch_model.safetensors",
+    "vae_decoder/config.json",
+    "vae_decoder/model.onnx",
+    "vae_decoder/openvino_model.bin",
+    "vae_decoder/openvino_model.xml",
+    "vae_encoder/config.json",
+    "vae_encoder/model.onnx",
+    "vae_encoder/openvino_model.bin",
+    "vae_encoder/openvino_model.xml",
+)
+SDXL_BASE_CONFIGS = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/vocab.json",
+    "unet/config.json",
+    "vae/config.json",
+)
+SDXL_BASE_FP32 = (
+    "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+SDXL_BASE_FP16 = tuple(name.replace(".safetensors", ".fp16.safetensors") for name in SDXL_BASE_FP32)
+# The VAE repository has no fp16 variant: its plain files are fp32.
+FP16_FIX_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+FP16_FIX_UNUSED = (
+    ".gitattributes",
+    "README.md",
+    "diffusion_pytorch_model.bin",
+    "sdxl.vae.safetensors",
+    "sdxl_vae.safetensors",
+    "images/activation-magnitudes.jpg",
+    "images/fix-fp16.png",
+    "images/fix-fp32.png",
+    "images/orig-fp16.png",
+    "images/orig-fp32.png",
+)
+SDXL_BASE_LISTING = SDXL_BASE_CONFIGS + SDXL_BASE_FP32 + SDXL_BASE_FP16 + SDXL_BASE_UNUSED  # the repo as published
+LAYOUTS = ("fp16+fp32", "fp16", "fp32")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its relative name."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sdxl_base(work: Path, layout: str = "fp16+fp32") -> dict[str, bytes]:
+    """The files of stabilityai/stable-diffusion-xl-base-1.0 with the tiny pipeline's weights, in one of LAYOUTS."""
+    import torch
+
+    from sdxl_server.sources import build_tiny_pipeline
+
+    plain, half = work / "plain", work / "fp16"
+    if not plain.is_dir():
+        build_tiny_pipeline().save_pretrained(plain)
+        build_tiny_pipeline().to(torch.float16).save_pretrained(half, variant="fp16")
+    files = {name: data for name, data in tree(plain).items() if not name.endswith(".safetensors")}
+    assert set(SDXL_BASE_FP32) <= set(tree(plain)) and set(SDXL_BASE_FP16) <= set(tree(half))
+    if layout in ("fp16+fp32", "fp32"):
+        files.update({name: (plain / name).read_bytes() for name in SDXL_BASE_FP32})
+    if layout in ("fp16+fp32", "fp16"):
+        files.update({name: (half / name).read_bytes() for name in SDXL_BASE_FP16})
+    for name in SDXL_BASE_UNUSED:
+        if layout == "fp32" and ".fp16." in name:
+            continue
+        files[name] = f"never loaded: {name}".encode()
+    return files
+
+
+def fp16_fix(work: Path) -> dict[str, bytes]:
+    """The files of madebyollin/sdxl-vae-fp16-fix: another tiny VAE's weights (fp32, no variant, as published)."""
+    from sdxl_server.sources import build_tiny_pipeline
+
+    folder = work / "fp16-fix"
+    if not folder.is_dir():
+        build_tiny_pipeline(seed=1).vae.save_pretrained(folder)
+    files = {name: data for name, data in tree(folder).items() if name in FP16_FIX_FILES}
+    assert set(files) == set(FP16_FIX_FILES)
+    files.update({name: f"never loaded: {name}".encode() for name in FP16_FIX_UNUSED})
+    return files
+
+
+def hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str) -> Path:
+    """Lay `files` out as huggingface_hub's cache does (refs/main, snapshots/<commit>, blobs); the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def write(folder: Path, files: dict[str, bytes]) -> Path:
+    """`files` as a plain folder."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def upload(bucket: Any, prefix: str, files: dict[str, bytes]) -> None:
+    """`files` as objects under gs://bucket/prefix/ (through the real client)."""
+    for name, data in files.items():
+        bucket.blob(f"{prefix}/{name}").upload_from_string(data)
