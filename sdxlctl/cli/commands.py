@@ -129,7 +129,9 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="image file; more images: out-1.png, ...")] = Path(
         "out.png"
     ),
-    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, max=16, help="images to make")] = 1,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", min=1, help="images to make, at most the config's max_images")
+    ] = 1,
     negative: Annotated[str | None, typer.Option("--negative", help="what not to draw")] = None,
     seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="seed of the first image")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=150, help="denoising steps (server default 30)")] = None,
@@ -149,8 +151,14 @@ def predict(
     """Generate images with the deployment: sdxlctl predict "a red fox in snow" -o fox.png"""
     from sdxlctl import core
     from sdxlctl.cli import render
+    from sdxlctl.errors import UsageError
 
     config, store = _context()
+    if num_images > config.model.max_images:  # the server's own limit, so refused here before any request
+        raise UsageError(
+            f"--num-images {num_images} is more than [model] max_images = {config.model.max_images}",
+            hint="ask for fewer, or raise max_images in the [model] section of sdxlctl.toml and deploy again",
+        )
     request = core.PredictOptions(
         prompt=prompt,
         output=output,

@@ -58,6 +58,7 @@ def ui_spec(config: Config, server_url: str) -> ProcessSpec:
         "SDXL_UI_HOST": config.local.host,
         "SDXL_UI_WIDTH": side,
         "SDXL_UI_HEIGHT": side,
+        "SDXL_UI_MAX_IMAGES": str(config.model.max_images),  # the server's SDXL_MAX_IMAGES: one limit
         "HF_HUB_OFFLINE": "1",
     }
     return ProcessSpec("local-ui", "sdxl_ui", config.local.ui_port, env, health_route="/")

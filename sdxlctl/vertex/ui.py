@@ -61,7 +61,7 @@ def ui_deploy(
     service = CloudRun(c).deploy(
         service_id=n.service_id,
         image=built.result,
-        env=_ui_env(endpoint),
+        env=_ui_env(endpoint, config),
         labels=n.labels,
         service_account=email,
         public=public,
@@ -76,8 +76,9 @@ def ui_deploy(
     return StepResult(changes, service.uri, time.monotonic() - started)
 
 
-def _ui_env(endpoint: Resource) -> dict[str, str]:
-    env = {"SDXL_ENDPOINT": endpoint.name}
+def _ui_env(endpoint: Resource, config: Config) -> dict[str, str]:
+    # max_images: the limit the model server was given as SDXL_MAX_IMAGES, so the slider stops where it does
+    env = {"SDXL_ENDPOINT": endpoint.name, "SDXL_UI_MAX_IMAGES": str(config.model.max_images)}
     if endpoint.details.get("dedicated") and endpoint.details.get("dns"):
         env["SDXL_VERTEX_API_ENDPOINT"] = f"https://{endpoint.details['dns']}"  # dedicated: its own host only
     return env

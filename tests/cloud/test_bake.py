@@ -153,6 +153,16 @@ def test_baked_and_plain_images_differ_and_the_plain_one_reuses_the_baked_builds
     assert "built by" in plain.err and len(builds(emulator)) == 1  # the baked build pushed it already
 
 
+def test_a_baked_build_whose_answer_was_lost_is_found_not_started_again(cli: Cli, emulator: Emulator) -> None:
+    assert cli("build", env=emulator.env(SDXLCTL_MODEL_SOURCE=HUB)).code == 0  # same context, not baked
+    emulator.fault(method="POST", path=r"/builds$", after=True, answer="error", code=500, status="INTERNAL")
+    done = cli("build", env=baked(emulator))
+    assert done.code == 0, done.err
+    posts = [r for r in emulator.requests() if r["method"] == "POST" and r["path"].endswith("/builds")]
+    assert len(posts) == 2 and len(builds(emulator)) == 2  # the plain one, and the baked one adopted
+    assert "-weights-" in done.out and done.out.strip() in builds(emulator)[0].images
+
+
 def test_upload_with_bake_refuses_an_image_without_those_weights(cli: Cli, emulator: Emulator) -> None:
     assert cli("build", env=emulator.env(SDXLCTL_MODEL_SOURCE=HUB)).code == 0
     result = cli("upload", env=baked(emulator))

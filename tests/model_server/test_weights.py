@@ -390,7 +390,7 @@ def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from
 def test_fetch_from_gs_records_each_object_generation(bucket: str, work: Path, tmp_path: Path) -> None:
     from sdxl_server.fetch import fetch
 
-    record = fetch(f"{bucket}/fp16+fp32", tmp_path / "weights", vae="model")
+    record = fetch(f"{bucket}/fp16+fp32", tmp_path / "weights", vae="auto")  # a gs:// folder's own
     assert record["variant"] == "fp16" and record["vae"] == {"source": "model"}
     assert set(record["files"]) == _configs(work) | set(published.SDXL_BASE_FP16)
     assert set(record["generations"]) == set(record["files"])

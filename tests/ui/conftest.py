@@ -75,3 +75,37 @@ def browser() -> Iterator[Any]:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@contextlib.contextmanager
+def flaky_server(*refusals: tuple[int, str | None]) -> Iterator[tuple[str, list[str]]]:
+    """A model server on loopback that answers each of `refusals` (status, Retry-After or None) in turn,
+    then a 64x64 image; yields its URL and the paths it was asked, in order."""
+    import base64
+    import io
+
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.servers import serve_app
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 80, 20)).save(buffer, format="JPEG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    pending, asked = list(refusals), []
+
+    async def predict(request: Request) -> JSONResponse:
+        asked.append(request.url.path)
+        if pending:
+            status, retry_after = pending.pop(0)
+            headers = {"retry-after": retry_after} if retry_after is not None else {}
+            message = "queue full" if status == 429 else "the model is loading"
+            return JSONResponse({"error": {"code": status, "message": message}}, status, headers=headers)
+        answer = {"images": [image], "seeds": [5], "output_format": "jpeg", "width": 64, "height": 64}
+        return JSONResponse({"predictions": [answer]})
+
+    with serve_app(Starlette(routes=[Route("/predict", predict, methods=["POST"])])) as server:
+        yield server.url, asked

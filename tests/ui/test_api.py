@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sdxl_ui.backend import BackendError, HttpBackend, VertexBackend, from_environment
@@ -24,11 +25,26 @@ BODY = {
 def test_gradio_client_calls_generate(plain_server: Server, tmp_path: Path) -> None:
     from gradio_client import Client
 
-    with ui_process(plain_server.url, tmp_path) as url:
+    from sdxl_server import schema
+
+    with ui_process(plain_server.url, tmp_path, SDXL_UI_MAX_IMAGES="3") as url:
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         gallery, info, seed = client.predict(
             "a lighthouse", "", "pixel-art", 7, False, 64, 64, 2, 5.0, 2, api_name="/generate"
         )
+        sliders = {
+            c["props"]["label"]: c["props"]["maximum"]
+            for c in httpx.get(f"{url}/config", timeout=10).json()["components"]
+            if c.get("type") == "slider"
+        }
+    # the sliders stop where the server does; the image count at what sdxlctl passed ([model] max_images)
+    assert sliders == {
+        "Width": schema.MAX_SIDE,
+        "Height": schema.MAX_SIDE,
+        "Steps": schema.MAX_STEPS,
+        "Guidance": schema.MAX_GUIDANCE,
+        "Images": 3,
+    }
     assert len(gallery) == 2
     assert all(Path(item["image"]).is_file() for item in gallery)
     assert "Seed 7, 8" in info and seed == 7

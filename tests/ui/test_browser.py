@@ -55,3 +55,90 @@ def test_with_the_server_stopped_the_page_says_so(browser: Any, tmp_path: Path) 
         assert "Traceback" not in page.content()
         assert page.locator("#gallery img").count() == 0
         page.close()
+
+
+# The part of each gallery image a person can see: its picture as object-fit draws it, and its box cut by
+# every scrolling or clipping ancestor and by the window.
+MEASURE_IMAGES = """() => [...document.querySelectorAll('#gallery img')].map(img => {
+    const box = img.getBoundingClientRect(), fit = getComputedStyle(img).objectFit;
+    const [nw, nh] = [img.naturalWidth, img.naturalHeight];
+    const scale = {contain: Math.min(box.width / nw, box.height / nh),
+                   'scale-down': Math.min(1, box.width / nw, box.height / nh),
+                   none: 1, cover: Math.max(box.width / nw, box.height / nh)}[fit];
+    const [w, h] = scale === undefined ? [box.width, box.height] : [nw * scale, nh * scale];
+    const drawn = {left: box.left + (box.width - w) / 2, top: box.top + (box.height - h) / 2};
+    Object.assign(drawn, {right: drawn.left + w, bottom: drawn.top + h, width: w, height: h});
+    let seen = {left: 0, top: 0, right: innerWidth, bottom: innerHeight};
+    for (let node = img; node; node = node.parentElement) {
+        const style = getComputedStyle(node);
+        if (node === img || style.overflowX !== 'visible' || style.overflowY !== 'visible') {
+            const r = node.getBoundingClientRect();
+            seen = {left: Math.max(seen.left, r.left), top: Math.max(seen.top, r.top),
+                    right: Math.min(seen.right, r.right), bottom: Math.min(seen.bottom, r.bottom)};
+        }
+    }
+    return {drawn, seen, natural: [nw, nh]};
+})"""
+
+
+def _measure(page: Any, count: int) -> list[dict[str, Any]]:
+    page.wait_for_function(f"document.querySelectorAll('#gallery img').length === {count}", timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth)", timeout=TIMEOUT_MS
+    )
+    images: list[dict[str, Any]] = page.evaluate(MEASURE_IMAGES)
+    for image in images:
+        drawn, seen, (width, height) = image["drawn"], image["seen"], image["natural"]
+        # whole: nothing of the picture is cut off, by its box, the gallery's scroll area or the window
+        assert seen["left"] <= drawn["left"] + 1 and drawn["right"] <= seen["right"] + 1, image
+        assert seen["top"] <= drawn["top"] + 1 and drawn["bottom"] <= seen["bottom"] + 1, image
+        assert abs(drawn["width"] / drawn["height"] - width / height) < 0.02, image  # at its own aspect
+    return images
+
+
+def test_one_image_fills_the_gallery_and_four_are_a_grid_without_scrolling(
+    browser: Any, plain_server: Server, tmp_path: Path
+) -> None:
+    with ui_process(plain_server.url, tmp_path) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.locator("#prompt textarea").fill("a red fox")
+        page.locator("#generate").click()
+        [one] = _measure(page, 1)
+        wrap = page.locator("#gallery .grid-wrap").bounding_box()
+        # not a thumbnail in a corner: as tall as the gallery (a square picture in a wide gallery)
+        assert one["drawn"]["height"] >= 0.9 * wrap["height"] and wrap["height"] >= 400, (one, wrap)
+
+        page.get_by_text("Advanced").click()
+        page.get_by_label("number input for Images").fill("4")
+        page.get_by_label("number input for Images").press("Enter")
+        page.locator("#prompt textarea").click()  # the Advanced section stays open below the gallery
+        page.locator("#generate").click()
+        four = _measure(page, 4)
+        assert (
+            len({round(i["drawn"]["left"]) for i in four}) == 2 and len({round(i["drawn"]["top"]) for i in four}) == 2
+        )
+        assert all(i["drawn"]["height"] >= 200 for i in four), four
+        page.screenshot(path=str(tmp_path / "four.png"))
+        page.close()
+
+
+def test_a_busy_model_is_retried_and_the_page_says_so(browser: Any, tmp_path: Path) -> None:
+    from tests.ui.conftest import flaky_server
+
+    # and with max_images = 1 the page has no Images slider to offer (one value is no range)
+    with flaky_server((429, "2")) as (server, asked), ui_process(server, tmp_path, SDXL_UI_MAX_IMAGES="1") as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#prompt textarea").fill("a red fox")
+        page.locator("#generate").click()
+        page.wait_for_function(
+            "document.querySelector('#info').innerText.includes('busy, retrying in 2 s')", timeout=TIMEOUT_MS
+        )
+        page.wait_for_function("document.querySelector('#info').innerText.includes('Seed 5')", timeout=TIMEOUT_MS)
+        page.locator("#gallery img").first.wait_for(timeout=TIMEOUT_MS)
+        assert len(asked) == 2
+        page.get_by_text("Advanced").click()
+        page.get_by_label("number input for Steps").wait_for(timeout=TIMEOUT_MS)
+        assert page.get_by_label("number input for Images").count() == 0
+        page.close()

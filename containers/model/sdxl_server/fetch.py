@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         help="Hugging Face repo id, gs://bucket/folder or local diffusers folder",
     )
     parser.add_argument(
-        "--vae", default=FP16_FIX_VAE, help="VAE to put in vae/ (repo id, gs:// or folder), or 'model' to keep its own"
+        "--vae",
+        default=FP16_FIX_VAE,
+        help="VAE to put in vae/ (repo id, gs:// or folder); 'model' keeps the model's own; 'auto' is what the "
+        "server's SDXL_VAE=auto loads: the fp16-fix VAE for a Hub model, the folder's own for gs:// and folders",
     )
     parser.add_argument(
         "--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="the precision the server will run in"
@@ -52,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(entry["size"] for entry in record["files"].values())
     print(
         f"fetch: copied {len(record['files'])} files ({total / 1e9:.2f} GB, {record['variant']} weights, "
-        f"VAE {args.vae}) from {args.model} to {args.dest}"
+        f"VAE {record['vae']['source']}) from {args.model} to {args.dest}"
     )
     return 0
 
 
 def fetch(source: str, dest: Path, *, vae: str = FP16_FIX_VAE, precision: str = "fp16") -> dict[str, Any]:
     """Copy the files a `precision` server loads from `source` (and the VAE `vae`) into dest; the record."""
+    if vae == "auto":
+        vae = "model" if source.startswith("gs://") or Path(source).expanduser().is_dir() else FP16_FIX_VAE
     dest.mkdir(parents=True, exist_ok=True)
     # gs:// downloads land beside dest, not in it (the image would carry them twice), and move into it
     staging = dest.parent / f".{dest.name}.download"

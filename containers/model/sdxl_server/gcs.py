@@ -113,7 +113,7 @@ def upload_file(path: Path, uri: str) -> None:
     from google.cloud import storage
 
     name = f"{prefix}/{path.name}" if prefix else path.name
-    _client(storage).bucket(bucket_name).blob(name).upload_from_filename(str(path))
+    _client(storage).bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=REQUEST_TIMEOUT_S)
 
 
 def _target(destination: Path, name: str, uri: str) -> Path:

@@ -33,6 +33,8 @@ MIN_QUALITY, MAX_QUALITY = 1, 100
 # A valid body is three levels deep ({"instances": [{"prompt": ...}]}); deeper JSON is never a request,
 # and walking it would cost time for nothing.
 MAX_DEPTH = 8
+# Named in refusals: the server's variable, and the key sdxlctl sets it from (what its users can change).
+MAX_IMAGES_SOURCE = "SDXL_MAX_IMAGES; sdxlctl sets it from [model] max_images"
 
 
 def seeds_from(first: int, count: int) -> tuple[int, ...]:
@@ -174,7 +176,7 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
     instances = data.get("instances")
     if isinstance(instances, list) and len(instances) > max_images:
         raise InvalidRequest(
-            f"instances: {len(instances)} instances; at most {max_images} images per request (SDXL_MAX_IMAGES)",
+            f"instances: {len(instances)} instances; at most {max_images} images per request ({MAX_IMAGES_SOURCE})",
             field="instances",
         )
     if _depth_over(data, MAX_DEPTH):
@@ -189,7 +191,7 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
         field = "parameters.num_images" if params.num_images > 1 else "instances"
         raise InvalidRequest(
             f"{field}: {len(parsed.instances)} instance(s) x {params.num_images} image(s) = {total} images; "
-            f"at most {max_images} per request (SDXL_MAX_IMAGES)",
+            f"at most {max_images} per request ({MAX_IMAGES_SOURCE})",
             field=field,
         )
     width, height = params.width or default_size[0], params.height or default_size[1]

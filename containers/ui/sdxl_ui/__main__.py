@@ -11,8 +11,9 @@ def main() -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from sdxl_ui.app import build
+    from sdxl_ui.app import CSS, build
     from sdxl_ui.backend import from_environment
+    from sdxl_ui.limits import DEFAULT_MAX_IMAGES
 
     endpoint = os.environ.get("SDXL_ENDPOINT", "http://127.0.0.1:8080")
     try:
@@ -21,16 +22,27 @@ def main() -> int:
             api_base=os.environ.get("SDXL_VERTEX_API_ENDPOINT", ""),
             predict_route=os.environ.get("SDXL_PREDICT_ROUTE", "/predict"),
         )
-        port = int(os.environ.get("PORT", "7860"))
+        port = _number("PORT", 7860)
         numbers = {
-            name: int(os.environ.get(f"SDXL_UI_{name.upper()}", default))
-            for name, default in (("queue", 16), ("width", 1024), ("height", 1024), ("steps", 30))
+            name: _number(f"SDXL_UI_{name.upper()}", default)
+            for name, default in (
+                ("queue", 16),
+                ("width", 1024),
+                ("height", 1024),
+                ("steps", 30),
+                ("max_images", DEFAULT_MAX_IMAGES),
+            )
         }
     except ValueError as exc:
         print(f"sdxl_ui: {exc}", file=sys.stderr)
         return 2
     page = build(
-        backend, queue_size=numbers["queue"], width=numbers["width"], height=numbers["height"], steps=numbers["steps"]
+        backend,
+        queue_size=numbers["queue"],
+        width=numbers["width"],
+        height=numbers["height"],
+        steps=numbers["steps"],
+        max_images=numbers["max_images"],
     )
     page.launch(
         server_name=os.environ.get("SDXL_UI_HOST", "0.0.0.0"),
@@ -39,8 +51,17 @@ def main() -> int:
         show_error=False,
         quiet=True,
         ssr_mode=False,
+        css=CSS,
     )
     return 0
+
+
+def _number(var: str, default: int) -> int:
+    """A positive whole number from the environment; a ValueError that names the variable otherwise."""
+    raw = os.environ.get(var, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{var}={raw!r} is invalid: expected a whole number of at least 1")
+    return int(raw)
 
 
 if __name__ == "__main__":

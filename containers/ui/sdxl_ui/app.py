@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from sdxl_ui.backend import Backend, BackendError
+from sdxl_ui import limits
+from sdxl_ui.backend import Backend, BackendError, Busy
 from sdxl_ui.styles import STYLES
 
 EXAMPLES = [
@@ -16,6 +18,20 @@ EXAMPLES = [
     "a lighthouse on a cliff in a storm, dramatic sky",
     "a bowl of ramen, studio food photography",
 ]
+# Busy (429) or not ready (503): asked again after the answer's Retry-After, as `sdxlctl predict` does;
+# a scale-from-zero endpoint can take minutes, so the page gives up after a few tries and says so.
+MAX_RETRIES = 4
+MAX_RETRY_WAIT_S = 30.0
+# Gradio gives every gallery cell a square box as wide as its column, so one image was a full-width
+# square cut to the gallery's height (a banner) and a 2x2 grid ran below the fold. Rows that share the
+# gallery's height and `contain` show every image whole, at its own aspect: one image fills the gallery,
+# four make a 2x2 grid. tests/ui/test_browser.py measures this at 1280x800.
+GALLERY_HEIGHT = "max(320px, calc(100vh - 240px))"
+CSS = """
+#gallery .grid-container { height: 100%; }
+#gallery .thumbnail-item { aspect-ratio: auto; }
+"""
+KEEP = None  # in generate's output: leave the gallery as it is
 
 
 def generate(
@@ -30,12 +46,16 @@ def generate(
     steps: float,
     guidance: float,
     num_images: float,
-) -> tuple[list[Any], str, float | None]:
-    """Ask the backend for images; return (images, a line about them, the seed to show)."""
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[tuple[list[Any] | None, str, float | None]]:
+    """Ask the backend for images; yield (images or KEEP, a line about them, the seed to show), first a
+    "busy, retrying in N s" line for each wait, last the images or what went wrong."""
     from PIL import Image
 
     if not prompt or not prompt.strip():
-        return [], "⚠️ Type a prompt first.", seed
+        yield [], "⚠️ Type a prompt first.", seed
+        return
     instance: dict[str, Any] = {"prompt": prompt.strip()}
     if negative and negative.strip():
         instance["negative_prompt"] = negative.strip()
@@ -56,17 +76,28 @@ def generate(
         },
     }
     started = time.monotonic()
-    try:
-        answer = backend.predict(body)
-    except BackendError as exc:
-        return [], f"⚠️ {exc}", seed
+    for attempt in range(1, MAX_RETRIES + 2):
+        try:
+            answer = backend.predict(body)
+            break
+        except Busy as exc:
+            if attempt > MAX_RETRIES:
+                yield [], f"⚠️ {exc} (gave up after {MAX_RETRIES} retries)", seed
+                return
+            wait = min(exc.retry_after_s, MAX_RETRY_WAIT_S)
+            state = "busy" if exc.status == 429 else "not ready yet"
+            yield KEEP, f"⏳ The model is {state}, retrying in {wait:.0f} s ({attempt} of {MAX_RETRIES})", seed
+            sleep(wait)
+        except BackendError as exc:
+            yield [], f"⚠️ {exc}", seed
+            return
     seconds = time.monotonic() - started
     prediction = answer["predictions"][0]
     images = [Image.open(io.BytesIO(base64.b64decode(data))) for data in prediction["images"]]
     seeds = prediction.get("seeds", [])
     seed_text = ", ".join(str(s) for s in seeds)
     info = f"**Seed {seed_text}** · {prediction.get('width')}x{prediction.get('height')} · {seconds:.1f} s"
-    return images, info, float(seeds[0]) if seeds else seed
+    yield images, info, float(seeds[0]) if seeds else seed
 
 
 def build(
@@ -77,6 +108,7 @@ def build(
     width: int = 1024,
     height: int = 1024,
     steps: int = 30,
+    max_images: int = limits.DEFAULT_MAX_IMAGES,
 ) -> Any:
     """The page, wired to `backend`, with a bounded queue in front of it; defaults fit SDXL 1.0."""
     import gradio as gr
@@ -98,7 +130,8 @@ def build(
         gallery = gr.Gallery(
             label="Images",
             columns=2,
-            height="auto",
+            height=GALLERY_HEIGHT,
+            object_fit="contain",
             format="png",
             elem_id="gallery",
             buttons=["download", "fullscreen"],
@@ -110,16 +143,18 @@ def build(
                 seed = gr.Number(label="Seed", value=None, precision=0, minimum=0, maximum=2**32 - 1)
                 randomize = gr.Checkbox(label="Randomize seed", value=True)
             with gr.Row():
-                width = gr.Slider(64, 2048, value=width, step=64, label="Width")
-                height = gr.Slider(64, 2048, value=height, step=64, label="Height")
+                width = gr.Slider(limits.MIN_SIDE, limits.MAX_SIDE, value=width, step=64, label="Width")
+                height = gr.Slider(limits.MIN_SIDE, limits.MAX_SIDE, value=height, step=64, label="Height")
             with gr.Row():
-                steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance")
-                count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                steps = gr.Slider(limits.MIN_STEPS, limits.MAX_STEPS, value=steps, step=1, label="Steps")
+                guidance = gr.Slider(limits.MIN_GUIDANCE, limits.MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance")
+                # a slider needs two ends: with max_images = 1 there is nothing to choose
+                count = gr.Slider(1, max(max_images, 2), value=1, step=1, label="Images", visible=max_images > 1)
         gr.Examples(EXAMPLES, inputs=[prompt])
 
-        def run(*values: Any) -> tuple[list[Any], str, float | None]:
-            return generate(backend, *values)
+        def run(*values: Any) -> Iterator[tuple[Any, str, float | None]]:
+            for images, info, seed in generate(backend, *values):
+                yield (gr.skip() if images is KEEP else images), info, seed
 
         inputs = [prompt, negative, style, seed, randomize, width, height, steps, guidance, count]
         outputs = [gallery, info, seed]

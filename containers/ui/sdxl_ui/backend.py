@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,6 +15,14 @@ CONNECT_TIMEOUT_S = 10.0
 
 class BackendError(Exception):
     """Something to show the person at the page, in one sentence."""
+
+
+class Busy(BackendError):
+    """429 or 503: worth asking again after `retry_after_s` (the answer's Retry-After)."""
+
+    def __init__(self, message: str, *, status: int, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.status, self.retry_after_s = status, retry_after_s
 
 
 class Backend(Protocol):
@@ -109,6 +118,12 @@ def _post(send: Any, where: str) -> dict[str, Any]:
         raise BackendError(f"No answer from {where} in time; the model may be overloaded") from None
     except httpx.HTTPError as exc:
         raise BackendError(f"Network error talking to {where}: {exc}") from None
+    if response.status_code in (429, 503):
+        raise Busy(
+            _explain(response.status_code, response.text),
+            status=response.status_code,
+            retry_after_s=retry_after(response.headers.get("retry-after")),
+        )
     if response.status_code != 200:
         raise BackendError(_explain(response.status_code, response.text))
     try:
@@ -118,6 +133,21 @@ def _post(send: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("predictions"), list):
         raise BackendError(f"{where} answered without predictions")
     return data
+
+
+def retry_after(value: str | None) -> float:
+    """Retry-After in seconds or as an HTTP date (RFC 9110); 2 s when absent or unreadable; at least 1 s."""
+    value = (value or "2").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            seconds = 2.0
+    return max(1.0, seconds) if seconds == seconds else 2.0  # NaN is not a wait
 
 
 def from_environment(endpoint: str, *, api_base: str = "", predict_route: str = "/predict") -> Backend:
