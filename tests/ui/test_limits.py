@@ -44,8 +44,8 @@ def test_steps_guidance_and_sizes_agree_between_cli_server_and_ui() -> None:
 def test_max_images_is_one_default_passed_to_server_and_ui() -> None:
     from sdxl_server.settings import Settings
     from sdxl_ui import limits
-    from sdxlctl import local
     from sdxlctl.config import Config
+    from sdxlctl.local import processes as local
 
     assert Config().model.max_images == Settings().max_images == limits.DEFAULT_MAX_IMAGES
     config = Config.model_validate({"model": {"max_images": 2}})
@@ -56,12 +56,12 @@ def test_max_images_is_one_default_passed_to_server_and_ui() -> None:
 
 
 def test_vertex_ui_gets_the_configs_max_images() -> None:
-    from sdxlctl import cloud
     from sdxlctl.config import Config
     from sdxlctl.state import Resource
+    from sdxlctl.vertex.ui import _ui_env
 
     endpoint = Resource(kind="endpoint", name="projects/p/locations/l/endpoints/1", target="vertex")
-    env = cloud._ui_env(endpoint, Config.model_validate({"model": {"max_images": 3}}))
+    env = _ui_env(endpoint, Config.model_validate({"model": {"max_images": 3}}))
     assert env["SDXL_UI_MAX_IMAGES"] == "3"
 
 
