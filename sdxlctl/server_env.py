@@ -12,13 +12,15 @@ def server_env(
     time_limit_s: float | None = None,
     byte_limit: int | None = None,
     with_source: bool = True,
+    baked_folder: str = "",
 ) -> dict[str, str]:
     """The SDXL_* variables for `model`; the arguments say what differs where the server runs.
 
     `auto_cache`: what compile_cache = "auto" means there ("" leaves it to the server's own folder);
     `time_limit_s`: a tighter limit than [model] time_limit_s, where the endpoint cuts requests sooner;
     `byte_limit`: request and response bytes the endpoint carries; `with_source`: False where the weights
-    reach the server another way (as the Vertex AI Model's artifact).
+    reach the server another way (as the Vertex AI Model's artifact); `baked_folder`: where the image holds
+    the weights and the VAE [model] bake put in at build time, which it then loads, fetching nothing.
     """
     env = {}
     if with_source:
@@ -35,6 +37,8 @@ def server_env(
     env["SDXL_OPTIMIZE"] = model.optimize
     if model.warmup:
         env["SDXL_WARMUP"] = ",".join(model.warmup)
+    if baked_folder and model.bake:
+        env["SDXL_MODEL"], env["SDXL_VAE"] = baked_folder, "model"
     if cache := compile_cache(model, auto_cache):
         env["SDXL_COMPILE_CACHE"] = cache
     return env

@@ -123,7 +123,7 @@ def container_env(config: Config) -> dict[str, str]:
     """The model server's environment in the Vertex AI Model's container spec."""
     model = config.model
     dedicated = config.deploy.endpoint == "dedicated"
-    env = server_env(
+    return server_env(
         model,
         auto_cache=own_cache(config),
         time_limit_s=model.time_limit_s if dedicated else min(model.time_limit_s, SHARED_TIME_LIMIT_S),
@@ -131,10 +131,8 @@ def container_env(config: Config) -> dict[str, str]:
         # gs:// weights travel as the Model's artifact URI, which Vertex AI's own account may read; a server
         # running as its own account reads them where they are, with the read access `deploy` grants it.
         with_source=not model.source.startswith("gs://") or bool(server_account(config)),
+        baked_folder=BAKED_FOLDER,
     )
-    if model.bake:  # the image holds the weights and the VAE chosen at build time: load them, fetch nothing
-        env["SDXL_MODEL"], env["SDXL_VAE"] = BAKED_FOLDER, "model"
-    return env
 
 
 def artifact(config: Config) -> str:
