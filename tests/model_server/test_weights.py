@@ -411,3 +411,31 @@ def test_fetch_of_something_that_is_not_a_model_says_so_in_one_line(
 
 def _configs(work: Path) -> set[str]:
     return {n for n in published.tree(work / "plain") if not n.endswith(".safetensors")}
+
+
+def test_fetch_online_downloads_only_the_chosen_files(work: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    downloads: list[str] = []
+    repos = {SDXL_BASE: (COMMIT, published.sdxl_base(work)), FP16_FIX: (VAE_COMMIT, published.fp16_fix(work))}
+    with serve_app(published.hub_app(repos, downloads)) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        done = subprocess.run(
+            [sys.executable, "-m", "sdxl_server.fetch", "--model", SDXL_BASE, str(tmp_path / "weights")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    model = {n for n in _configs(work) | set(published.SDXL_BASE_FP16) if not n.startswith("vae/")}
+    chosen = {f"{SDXL_BASE}/{n}" for n in model} | {f"{FP16_FIX}/{n}" for n in published.FP16_FIX_FILES}
+    # Never a duplicate or another variant; identical files (the two tokenizers) are fetched once.
+    assert set(downloads) <= chosen and any(".fp16." in name for name in downloads)
+    assert set(published.tree(tmp_path / "weights")) == model | {f"vae/{n}" for n in published.FP16_FIX_FILES} | {
+        "SOURCE.json"
+    }
+    record = json.loads((tmp_path / "weights" / "SOURCE.json").read_text())
+    assert (record["revision"], record["vae"]["revision"]) == (COMMIT, VAE_COMMIT)
