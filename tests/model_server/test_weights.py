@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdxl_server import logs
 from sdxl_server.app import create_app
@@ -90,6 +91,12 @@ def log_lines() -> Iterator[Lines]:
         logs.logger.setLevel(level)
 
 
+def snapshot(cache: Path, repo_id: str) -> Path:
+    """Where a fake Hub cache holds repo_id's files."""
+    commit = COMMIT if repo_id == SDXL_BASE else VAE_COMMIT
+    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
 def reference(folder: Path, variant: str | None, dtype: torch.dtype, vae: Path | None) -> np.ndarray:
     """Plain diffusers: from_pretrained of the same files, the same call the server makes, as uint8 pixels."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -113,8 +120,6 @@ def reference(folder: Path, variant: str | None, dtype: torch.dtype, vae: Path |
 
 def served(pipe: Any) -> np.ndarray:
     """The image the server's app answers with for REQUEST, as uint8 pixels."""
-    from PIL import Image
-
     with serve_app(create_app(Settings(warmup=((64, 64),)), load=lambda _: Generator(pipe))) as server:
         server.wait_until("ready")
         response = server.predict(REQUEST)
@@ -208,7 +213,7 @@ def test_a_missing_component_is_named(drop: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("layout", "placement", "variant"),
     [
-        ("fp16+fp32", FP16, "fp16"),
+        # fp16+fp32 in fp16: test_a_server_process_loads_the_hub_cache_and_logs_each_phase
         ("fp16+fp32", FP32, None),
         ("fp16", FP32, "fp16"),  # upcast
         ("fp32", FP16, None),  # downcast
@@ -222,26 +227,21 @@ def test_a_hub_cache_loads_serves_and_matches_diffusers(
     assert chosen["variant"] == (variant or "plain") and chosen["revision"] == COMMIT
     assert chosen["vae"] == f"{FP16_FIX} (plain)"
     assert pipe.unet.dtype == placement.dtype and pipe.vae.dtype == placement.dtype
-    snapshots = hubs[layout] / "models--{}--{}" / "snapshots"
-    want = reference(
-        Path(str(snapshots).format(*SDXL_BASE.split("/"))) / COMMIT,
-        variant,
-        placement.dtype,
-        vae=Path(str(snapshots).format(*FP16_FIX.split("/"))) / VAE_COMMIT,
-    )
+    cache = hubs[layout]
+    want = reference(snapshot(cache, SDXL_BASE), variant, placement.dtype, vae=snapshot(cache, FP16_FIX))
     assert_close(served(pipe), want)
 
 
 def test_the_model_vae_is_kept_when_asked(hubs: dict[str, Path], log_lines: Lines, tmp_path: Path) -> None:
     pipe = load_pipeline(SDXL_BASE, FP32, vae="model", cache_dir=tmp_path, hub_cache=hubs["fp16+fp32"])
     assert log_lines.one("weights chosen")["vae"] == "the model's own"
-    snapshot = hubs["fp16+fp32"] / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / COMMIT
-    assert_close(served(pipe), reference(snapshot, None, torch.float32, vae=None))
+    assert_close(served(pipe), reference(snapshot(hubs["fp16+fp32"], SDXL_BASE), None, torch.float32, vae=None))
 
 
 def test_a_server_process_loads_the_hub_cache_and_logs_each_phase(
     work: Path, hubs: dict[str, Path], tmp_path: Path
 ) -> None:
+    """The published repo in fp16, as a GPU server runs it (here on the CPU): the fp16 variant, fp16-fix VAE."""
     hf_home = hubs["fp16+fp32"].parent
     env = {
         "SDXL_MODEL": SDXL_BASE,
@@ -260,6 +260,11 @@ def test_a_server_process_loads_the_hub_cache_and_logs_each_phase(
     assert (chosen["variant"], chosen["vae"], chosen["revision"]) == ("fp16", f"{FP16_FIX} (plain)", COMMIT)
     assert all(loaded[phase] >= 0 for phase in ("import_s", "load_s", "move_s")) and loaded["dtype"] == "float16"
     assert ready["warmup_s"] >= 0 and ready["total_s"] >= loaded["load_s"]
+    png = base64.b64decode(response.json()["predictions"][0]["images"][0])
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    cache = hubs["fp16+fp32"]
+    want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
+    assert_close(got, want)
 
 
 # Loading from gs:// (the GCS emulator, through the real client)
@@ -377,13 +382,8 @@ def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from
     # The baked folder serves what the Hub source served: fp16 weights, the fp16-fix VAE.
     pipe = load_pipeline(str(dest), FP16, cache_dir=tmp_path)
     assert log_lines.one("weights chosen")["variant"] == "fp16"
-    snapshots = hubs["fp16+fp32"] / "models--{}--{}" / "snapshots"
-    want = reference(
-        Path(str(snapshots).format(*SDXL_BASE.split("/"))) / COMMIT,
-        "fp16",
-        torch.float16,
-        vae=Path(str(snapshots).format(*FP16_FIX.split("/"))) / VAE_COMMIT,
-    )
+    cache = hubs["fp16+fp32"]
+    want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
     assert_close(served(pipe), want)
 
 
