@@ -11,7 +11,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,36 @@ class Lines(logging.Handler):
         found = [line for line in self.lines if line["message"] == message]
         assert len(found) == 1, self.lines
         return found[0]
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_left_the_machine: list[str] | None = None  # while a test runs: every address outside it that was tried
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _left_the_machine is None:
+        return
+    if event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in _LOOPBACK:
+        _left_the_machine.append(f"connect {args[1]}")
+        raise ConnectionRefusedError(f"a test may not leave the machine: {args[1]}")
+    if event == "socket.getaddrinfo" and args[0] not in _LOOPBACK and args[0] is not None:
+        _left_the_machine.append(f"resolve {args[0]}")
+
+
+sys.addaudithook(_audit)  # hooks stay for the process: it does nothing outside this module's tests
+
+
+@pytest.fixture(autouse=True)
+def loopback_only() -> Iterator[None]:
+    """Fail a test whose process tried to reach anything but 127.0.0.1 (a Hub, a bucket, a DNS server)."""
+    global _left_the_machine
+    tried: list[str] = []
+    _left_the_machine = tried
+    try:
+        yield
+    finally:
+        _left_the_machine = None
+    assert not tried, tried
 
 
 @pytest.fixture
@@ -353,10 +386,6 @@ def test_a_folder_missing_a_component_names_it(work: Path, tmp_path: Path) -> No
 def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from(
     work: Path, hubs: dict[str, Path], log_lines: Lines, tmp_path: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     dest = tmp_path / "weights"
     env = {**os.environ, "HF_HOME": str(hubs["fp16+fp32"].parent), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -414,10 +443,6 @@ def _configs(work: Path) -> set[str]:
 
 
 def test_fetch_online_downloads_only_the_chosen_files(work: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     downloads: list[str] = []
     repos = {SDXL_BASE: (COMMIT, published.sdxl_base(work)), FP16_FIX: (VAE_COMMIT, published.fp16_fix(work))}
     with serve_app(published.hub_app(repos, downloads)) as hub:
