@@ -166,3 +166,62 @@ def upload(bucket: Any, prefix: str, files: dict[str, bytes]) -> None:
     """`files` as objects under gs://bucket/prefix/ (through the real client)."""
     for name, data in files.items():
         bucket.blob(f"{prefix}/{name}").upload_from_string(data)
+
+
+def hub_app(repos: dict[str, tuple[str, dict[str, bytes]]], downloads: list[str]) -> Any:
+    """A Hugging Face Hub on loopback (the routes huggingface_hub calls): repo id -> (commit, files).
+
+    Every file body it sends is appended to `downloads` as "repo_id/name", so a test sees what was fetched.
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    def repo(request: Request) -> tuple[str, str, dict[str, bytes]]:
+        repo_id = f"{request.path_params['owner']}/{request.path_params['name']}"
+        commit, files = repos[repo_id]
+        return repo_id, commit, files
+
+    async def info(request: Request) -> Response:
+        repo_id, commit, files = repo(request)
+        siblings = [{"rfilename": name} for name in sorted(files)]
+        return JSONResponse({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "siblings": siblings})
+
+    async def tree(request: Request) -> Response:
+        _, _, files = repo(request)
+        entries = []
+        for name, data in sorted(files.items()):
+            entry: dict[str, Any] = {"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)}
+            if name.endswith((".safetensors", ".bin", ".onnx", ".onnx_data", ".msgpack")):  # stored in LFS
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return JSONResponse(entries)
+
+    async def resolve(request: Request) -> Response:
+        repo_id, commit, files = repo(request)
+        name = request.path_params["path"]
+        if name not in files:
+            return JSONResponse(
+                {"error": "Entry not found"}, status_code=404, headers={"X-Error-Code": "EntryNotFound"}
+            )
+        data = files[name]
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        if request.method == "HEAD":
+            return Response(headers={**headers, "Content-Length": str(len(data))})
+        downloads.append(f"{repo_id}/{name}")
+        return Response(data, headers=headers, media_type="application/octet-stream")
+
+    return Starlette(
+        routes=[
+            Route("/api/models/{owner}/{name}", info),
+            Route("/api/models/{owner}/{name}/revision/{revision}", info),
+            Route("/api/models/{owner}/{name}/tree/{revision}", tree),
+            Route("/api/models/{owner}/{name}/tree/{revision}/{path:path}", tree),
+            Route("/{owner}/{name}/resolve/{revision}/{path:path}", resolve, methods=["GET", "HEAD"]),
+        ]
+    )
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -11,7 +11,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdxl_server import logs
 from sdxl_server.app import create_app
@@ -77,6 +81,36 @@ class Lines(logging.Handler):
         return found[0]
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_left_the_machine: list[str] | None = None  # while a test runs: every address outside it that was tried
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _left_the_machine is None:
+        return
+    if event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in _LOOPBACK:
+        _left_the_machine.append(f"connect {args[1]}")
+        raise ConnectionRefusedError(f"a test may not leave the machine: {args[1]}")
+    if event == "socket.getaddrinfo" and args[0] not in _LOOPBACK and args[0] is not None:
+        _left_the_machine.append(f"resolve {args[0]}")
+
+
+sys.addaudithook(_audit)  # hooks stay for the process: it does nothing outside this module's tests
+
+
+@pytest.fixture(autouse=True)
+def loopback_only() -> Iterator[None]:
+    """Fail a test whose process tried to reach anything but 127.0.0.1 (a Hub, a bucket, a DNS server)."""
+    global _left_the_machine
+    tried: list[str] = []
+    _left_the_machine = tried
+    try:
+        yield
+    finally:
+        _left_the_machine = None
+    assert not tried, tried
+
+
 @pytest.fixture
 def log_lines() -> Iterator[Lines]:
     handler = Lines()
@@ -88,6 +122,12 @@ def log_lines() -> Iterator[Lines]:
     finally:
         logs.logger.removeHandler(handler)
         logs.logger.setLevel(level)
+
+
+def snapshot(cache: Path, repo_id: str) -> Path:
+    """Where a fake Hub cache holds repo_id's files."""
+    commit = COMMIT if repo_id == SDXL_BASE else VAE_COMMIT
+    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
 
 
 def reference(folder: Path, variant: str | None, dtype: torch.dtype, vae: Path | None) -> np.ndarray:
@@ -113,8 +153,6 @@ def reference(folder: Path, variant: str | None, dtype: torch.dtype, vae: Path |
 
 def served(pipe: Any) -> np.ndarray:
     """The image the server's app answers with for REQUEST, as uint8 pixels."""
-    from PIL import Image
-
     with serve_app(create_app(Settings(warmup=((64, 64),)), load=lambda _: Generator(pipe))) as server:
         server.wait_until("ready")
         response = server.predict(REQUEST)
@@ -208,7 +246,7 @@ def test_a_missing_component_is_named(drop: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("layout", "placement", "variant"),
     [
-        ("fp16+fp32", FP16, "fp16"),
+        # fp16+fp32 in fp16: test_a_server_process_loads_the_hub_cache_and_logs_each_phase
         ("fp16+fp32", FP32, None),
         ("fp16", FP32, "fp16"),  # upcast
         ("fp32", FP16, None),  # downcast
@@ -222,26 +260,21 @@ def test_a_hub_cache_loads_serves_and_matches_diffusers(
     assert chosen["variant"] == (variant or "plain") and chosen["revision"] == COMMIT
     assert chosen["vae"] == f"{FP16_FIX} (plain)"
     assert pipe.unet.dtype == placement.dtype and pipe.vae.dtype == placement.dtype
-    snapshots = hubs[layout] / "models--{}--{}" / "snapshots"
-    want = reference(
-        Path(str(snapshots).format(*SDXL_BASE.split("/"))) / COMMIT,
-        variant,
-        placement.dtype,
-        vae=Path(str(snapshots).format(*FP16_FIX.split("/"))) / VAE_COMMIT,
-    )
+    cache = hubs[layout]
+    want = reference(snapshot(cache, SDXL_BASE), variant, placement.dtype, vae=snapshot(cache, FP16_FIX))
     assert_close(served(pipe), want)
 
 
 def test_the_model_vae_is_kept_when_asked(hubs: dict[str, Path], log_lines: Lines, tmp_path: Path) -> None:
     pipe = load_pipeline(SDXL_BASE, FP32, vae="model", cache_dir=tmp_path, hub_cache=hubs["fp16+fp32"])
     assert log_lines.one("weights chosen")["vae"] == "the model's own"
-    snapshot = hubs["fp16+fp32"] / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / COMMIT
-    assert_close(served(pipe), reference(snapshot, None, torch.float32, vae=None))
+    assert_close(served(pipe), reference(snapshot(hubs["fp16+fp32"], SDXL_BASE), None, torch.float32, vae=None))
 
 
 def test_a_server_process_loads_the_hub_cache_and_logs_each_phase(
     work: Path, hubs: dict[str, Path], tmp_path: Path
 ) -> None:
+    """The published repo in fp16, as a GPU server runs it (here on the CPU): the fp16 variant, fp16-fix VAE."""
     hf_home = hubs["fp16+fp32"].parent
     env = {
         "SDXL_MODEL": SDXL_BASE,
@@ -260,6 +293,11 @@ def test_a_server_process_loads_the_hub_cache_and_logs_each_phase(
     assert (chosen["variant"], chosen["vae"], chosen["revision"]) == ("fp16", f"{FP16_FIX} (plain)", COMMIT)
     assert all(loaded[phase] >= 0 for phase in ("import_s", "load_s", "move_s")) and loaded["dtype"] == "float16"
     assert ready["warmup_s"] >= 0 and ready["total_s"] >= loaded["load_s"]
+    png = base64.b64decode(response.json()["predictions"][0]["images"][0])
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    cache = hubs["fp16+fp32"]
+    want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
+    assert_close(got, want)
 
 
 # Loading from gs:// (the GCS emulator, through the real client)
@@ -348,10 +386,6 @@ def test_a_folder_missing_a_component_names_it(work: Path, tmp_path: Path) -> No
 def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from(
     work: Path, hubs: dict[str, Path], log_lines: Lines, tmp_path: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     dest = tmp_path / "weights"
     env = {**os.environ, "HF_HOME": str(hubs["fp16+fp32"].parent), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -377,13 +411,8 @@ def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from
     # The baked folder serves what the Hub source served: fp16 weights, the fp16-fix VAE.
     pipe = load_pipeline(str(dest), FP16, cache_dir=tmp_path)
     assert log_lines.one("weights chosen")["variant"] == "fp16"
-    snapshots = hubs["fp16+fp32"] / "models--{}--{}" / "snapshots"
-    want = reference(
-        Path(str(snapshots).format(*SDXL_BASE.split("/"))) / COMMIT,
-        "fp16",
-        torch.float16,
-        vae=Path(str(snapshots).format(*FP16_FIX.split("/"))) / VAE_COMMIT,
-    )
+    cache = hubs["fp16+fp32"]
+    want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
     assert_close(served(pipe), want)
 
 
@@ -411,3 +440,27 @@ def test_fetch_of_something_that_is_not_a_model_says_so_in_one_line(
 
 def _configs(work: Path) -> set[str]:
     return {n for n in published.tree(work / "plain") if not n.endswith(".safetensors")}
+
+
+def test_fetch_online_downloads_only_the_chosen_files(work: Path, tmp_path: Path) -> None:
+    downloads: list[str] = []
+    repos = {SDXL_BASE: (COMMIT, published.sdxl_base(work)), FP16_FIX: (VAE_COMMIT, published.fp16_fix(work))}
+    with serve_app(published.hub_app(repos, downloads)) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        done = subprocess.run(
+            [sys.executable, "-m", "sdxl_server.fetch", "--model", SDXL_BASE, str(tmp_path / "weights")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    model = {n for n in _configs(work) | set(published.SDXL_BASE_FP16) if not n.startswith("vae/")}
+    chosen = {f"{SDXL_BASE}/{n}" for n in model} | {f"{FP16_FIX}/{n}" for n in published.FP16_FIX_FILES}
+    # Never a duplicate or another variant; identical files (the two tokenizers) are fetched once.
+    assert set(downloads) <= chosen and any(".fp16." in name for name in downloads)
+    assert set(published.tree(tmp_path / "weights")) == model | {f"vae/{n}" for n in published.FP16_FIX_FILES} | {
+        "SOURCE.json"
+    }
+    record = json.loads((tmp_path / "weights" / "SOURCE.json").read_text())
+    assert (record["revision"], record["vae"]["revision"]) == (COMMIT, VAE_COMMIT)
