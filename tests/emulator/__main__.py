@@ -37,6 +37,10 @@ def main() -> None:
 
     from gcp_storage_emulator.server import create_server
 
+    from tests.emulator import gcs_iam, gcs_names
+
+    gcs_iam.install()  # the same GCS as the tests get: bucket IAM as GCS has it, any object name GCS takes
+    gcs_names.install()
     gcs = create_server("127.0.0.1", gcs_port, in_memory=True)
     gcs.start()
     app = create_app(
