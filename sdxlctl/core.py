@@ -311,6 +311,7 @@ def cost(
     region: str | None = None,
     live: bool = False,
     warn: Progress = quiet,
+    steps: int = 30,
 ) -> Estimate:
     """What the config (with overrides) costs over `days`: endpoint, UI and images, as an estimate."""
     from sdxlctl.gpus import gpu
@@ -325,6 +326,8 @@ def cost(
         max_replicas=deploy.max_replicas,
         table=table,
         baked=config.model.bake,
+        steps=steps,
+        level=config.model.optimize,
     )
 
 

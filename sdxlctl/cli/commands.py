@@ -240,7 +240,7 @@ def cost(
     gpu: Annotated[Gpu | None, typer.Option(help="price this GPU instead of [deploy] gpu")] = None,
     region: Annotated[str | None, typer.Option(help="price this region instead of [gcp] region")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="every GPU side by side: speed, $/1000 images")] = False,
-    steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for --compare")] = 30,
+    steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for speed and $/1000 images")] = 30,
     live: Annotated[bool, typer.Option("--live", help="today's prices from the Cloud Billing catalog")] = False,
     as_json: Json = False,
 ) -> None:
@@ -254,7 +254,8 @@ def cost(
         rows = core.cost_compare(config, region=region, steps=steps, live=live, warn=warn)
         render.comparison(rows, region or config.gcp.region, steps, optimize=config.model.optimize, as_json=as_json)
         return
-    estimate = core.cost(config, days=days, gpu_key=gpu.value if gpu else None, region=region, live=live, warn=warn)
+    gpu_key = gpu.value if gpu else None
+    estimate = core.cost(config, days=days, gpu_key=gpu_key, region=region, live=live, warn=warn, steps=steps)
     render.estimate(estimate, as_json=as_json)
 
 

@@ -238,34 +238,64 @@ PARTS = {
 }
 
 
+def plural(count: float, word: str) -> str:
+    """1 day, 2 days, 0.5 days."""
+    return f"{count:g} {word}" + ("" if count == 1 else "s")
+
+
+def replicas(low: int, high: int) -> str:
+    """1 replica, 2 replicas, 1..3 replicas, 0..2 replicas (scale to zero)."""
+    if low == high:
+        return plural(low, "replica")
+    return f"{low}..{high} replicas" + (" (scale to zero)" if low == 0 else "")
+
+
+def usd_per_hour(value: float) -> str:
+    """The one rounding of an hourly price in every output: cents hide the difference between machines."""
+    return f"{value:,.4f}"
+
+
 def estimate(result: Estimate, *, as_json: bool) -> None:
     if as_json:
         _json(result.as_dict())
         err.print(f"[dim]{CAVEAT}[/]")
         return
     low, high = result.low, result.high
-    replicas = result.replicas
     title = (
         f"{result.option.label} on {result.option.machine_type} ({result.option.count} GPU, "
         f"{result.option.vcpus} vCPU, {result.option.ram_gb:g} GB) in {result.region}, "
-        f"{result.days:g} day(s), replicas {replicas[0]}..{replicas[1]}"
+        f"{plural(result.days, 'day')}, {replicas(*result.replicas)}"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("part")
     table.add_column("USD", justify="right")
-    ranged = replicas[0] != replicas[1]
+    ranged = result.replicas[0] != result.replicas[1]
     if ranged:
-        table.add_column(f"USD at {replicas[1]} replicas", justify="right")
+        table.add_column(f"USD at {plural(result.replicas[1], 'replica')}", justify="right")
     for part, label in PARTS.items():
         values = [f"{getattr(low, part):,.2f}"] + ([f"{getattr(high, part):,.2f}"] if ranged else [])
         table.add_row(label, *values)
     out.print(table)
-    out.print(f"one replica: {result.machine_per_hour:,.4f} USD/hour = {result.machine_per_hour * 24:,.2f} USD/day")
+    hourly = result.machine_per_hour
+    out.print(f"one replica: {usd_per_hour(hourly)} USD/hour = {hourly * 24:,.2f} USD/day")
+    if result.speed is not None:
+        out.print(speed_line(result.speed))
     err.print(f"[dim]{CAVEAT} Prices: {result.origin}, {result.table_date}.[/]")
     for note in result.unverified:
         err.print(f"[yellow]unverified:[/] {escape(note)}")
     for note in result.notes:
         err.print(escape(note))
+
+
+def speed_line(row: Comparison) -> str:
+    """One replica at full load; an image over the shared endpoint's limit is refused, so it has no throughput."""
+    seconds = f"{'over ' if row.latency.lower_bound else ''}{row.latency.seconds:.1f} s/image"
+    seconds += "" if row.latency.measured else " (estimated)"
+    images, per_1000 = row.images_per_hour, row.usd_per_1000_images
+    if images is None:
+        return f"at full load: {seconds}, past a shared endpoint's 60 s limit: no throughput"
+    money = "" if per_1000 is None else f", {per_1000:,.2f} USD per 1000 images"
+    return f"at full load: {seconds}, {images:,.0f} images/hour{money}"
 
 
 def comparison(rows: list[Comparison], region: str, steps: int, *, optimize: str = "auto", as_json: bool) -> None:
@@ -275,31 +305,30 @@ def comparison(rows: list[Comparison], region: str, steps: int, *, optimize: str
         return
     level = "" if optimize in ("auto", "compile") else f", SDXL_OPTIMIZE={optimize}"
     table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps{level}, one replica", title_justify="left")
-    for column in ("gpu", "machine", "$/hour", "$/day", "s/image", "images/hour", "$/1000 images", "60 s limit"):
-        table.add_column(column, justify="left" if column in ("gpu", "machine", "60 s limit") else "right")
+    # Narrow (80 columns, or piped) drops the machine (the estimate names it) so that no figure is cut short.
+    wide = out.width >= WIDE
+    columns = ["gpu", *(["machine"] if wide else []), "$/hour", "$/day", "s/image", "images per hour", "$/1000 images"]
+    for column in [*columns, "fits 60 s"]:
+        left = column in ("gpu", "machine", "fits 60 s")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
     for row in rows:
         hourly = row.usd_per_hour
         seconds = f"{'>' if row.latency.lower_bound else ''}{row.latency.seconds:.1f}"
         seconds += "" if row.latency.measured else "*"
-        fits = (
-            "[green]yes, 2x margin[/]"
-            if row.fits_with_margin
-            else "[yellow]yes[/]"
-            if row.fits_shared
-            else "[red]no[/]"
-        )
-        table.add_row(
-            row.option.key,
-            row.option.machine_type,
-            "-" if hourly is None else f"{hourly:,.2f}",
-            "-" if hourly is None else f"{hourly * 24:,.2f}",
-            seconds,
-            f"{row.images_per_hour:,.0f}",
-            "-" if row.usd_per_1000_images is None else f"{row.usd_per_1000_images:,.2f}",
-            fits,
-        )
+        fits = "[green]yes, 2x[/]" if row.fits_with_margin else "[yellow]yes[/]" if row.fits_shared else "[red]no[/]"
+        cells = {
+            "gpu": row.option.key,
+            "machine": row.option.machine_type,
+            "$/hour": "-" if hourly is None else usd_per_hour(hourly),
+            "$/day": "-" if hourly is None else f"{hourly * 24:,.2f}",
+            "s/image": seconds,
+            "images per hour": "-" if row.images_per_hour is None else f"{row.images_per_hour:,.0f}",
+            "$/1000 images": "-" if row.usd_per_1000_images is None else f"{row.usd_per_1000_images:,.2f}",
+        }
+        table.add_row(*(cells[column] for column in columns), fits)
     out.print(table)
     err.print(
-        "[dim]* estimated from the work per image and the GPU's fp16 rate; others measured. "
-        "$/1000 images at full load. An estimate of list prices.[/]"
+        "[dim]* estimated from the work per image and the GPU's fp16 rate; others measured. Fits 60 s: a shared "
+        "endpoint's limit (2x: with a 2x margin); -: over it, no images come out. $/1000 images at full load. "
+        "An estimate of list prices.[/]"
     )

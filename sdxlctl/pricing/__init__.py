@@ -141,8 +141,10 @@ class Estimate:
     table_date: str = ""
     origin: str = "bundled"
     notes: list[str] = field(default_factory=list)
+    speed: Comparison | None = None  # one replica at full load: s/image, images/hour, USD per 1000 images
 
     def as_dict(self) -> dict[str, Any]:
+        speed = self.speed.as_dict() if self.speed else {}
         return {
             "estimate": True,
             "gpu": self.option.key,
@@ -157,7 +159,11 @@ class Estimate:
             "unverified": self.unverified,
             "notes": self.notes,
             "prices": {"date": self.table_date, "origin": self.origin},
+            **{key: speed.get(key) for key in SPEED_KEYS},
         }
+
+
+SPEED_KEYS = ("seconds_per_image", "seconds_lower_bound", "images_per_hour", "usd_per_1000_images")
 
 
 def machine_per_hour(table: PriceTable, option: GpuOption, region: str) -> tuple[float, list[Rate]]:
@@ -180,6 +186,8 @@ def estimate(
     images_per_day: float = 0.0,
     ui: bool = True,
     baked: bool = False,
+    steps: int = 30,
+    level: str = "auto",
 ) -> Estimate:
     """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero."""
     table = table or bundled()
@@ -217,6 +225,7 @@ def estimate(
         table.date,
         table.origin,
         [baked_note(table)] if baked else [],
+        Comparison(option, hourly, latency(option.key, steps, level)),
     )
 
 
@@ -295,12 +304,14 @@ class Comparison:
     latency: Latency
 
     @property
-    def images_per_hour(self) -> float:
-        return 3600 / self.latency.seconds
+    def images_per_hour(self) -> float | None:
+        """None where an image does not fit a shared endpoint's limit: it is refused, so none come out."""
+        return 3600 / self.latency.seconds if self.fits_shared else None
 
     @property
     def usd_per_1000_images(self) -> float | None:
-        return None if self.usd_per_hour is None else self.usd_per_hour / self.images_per_hour * 1000
+        per_hour, images = self.usd_per_hour, self.images_per_hour
+        return None if per_hour is None or images is None else per_hour / images * 1000
 
     @property
     def fits_shared(self) -> bool:
@@ -322,7 +333,7 @@ class Comparison:
             "seconds_per_image": round(self.latency.seconds, 2),
             "seconds_lower_bound": self.latency.lower_bound,
             "seconds_measured": self.latency.measured,
-            "images_per_hour": round(self.images_per_hour, 1),
+            "images_per_hour": None if self.images_per_hour is None else round(self.images_per_hour, 1),
             "usd_per_1000_images": None if self.usd_per_1000_images is None else round(self.usd_per_1000_images, 3),
             "fits_60s_shared_endpoint": self.fits_shared,
             "fits_with_wide_margin": self.fits_with_margin,

@@ -197,7 +197,7 @@ def test_the_recommendation_and_the_status_price_need_a_priced_region() -> None:
     with pytest.raises(UsageError, match="no GPU priced in mars-north1 fits 60 s at 30 steps"):
         pricing.recommended_gpu("mars-north1")
     assert pricing.machine_price("l4", "mars-north1") is None
-    assert pricing.machine_price("l4", "us-central1") == pytest.approx(0.644046 + 0.0287362 * 8 + 0.00336605 * 32)
+    assert pricing.machine_price("l4", "us-central1") == pytest.approx(0.644046 + 0.02874255 * 8 + 0.00336605 * 32)
     assert {row.option.key for row in pricing.compare("mars-north1")} == set(GPUS)
     assert all(row.usd_per_hour is None for row in pricing.compare("mars-north1"))
 
