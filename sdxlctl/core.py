@@ -109,6 +109,11 @@ def deploy(config: Config, store: StateStore, *, dry_run: bool = False, progress
     return target(config.target).deploy(config, store, dry_run=dry_run, progress=progress)
 
 
+def deploy_cost(config: Config) -> Estimate | None:
+    """What a day of the deployment costs where it is billed (the plan's cost); None on this machine."""
+    return None if config.target == "local" else cost(config, days=1)
+
+
 def ui_deploy(
     config: Config,
     store: StateStore,

@@ -83,6 +83,7 @@ def build(
         bool, typer.Option("--local", help="build with a local Docker engine instead of Cloud Build")
     ] = False,
     dry_run: DryRun = False,
+    as_json: Json = False,
 ) -> None:
     """Build the model-server image (Cloud Build), unless one of the same sources exists."""
     from sdxlctl import core
@@ -91,11 +92,11 @@ def build(
     config, store = _context()
     with progress("building") as update:
         result = core.build(config, store, docker=local, dry_run=dry_run, progress=update, on_log=render.log_line)
-    render.outcome(result, "image")
+    render.outcome(result, "image", as_json=as_json, command="build", dry_run=dry_run)
 
 
 @app.command()
-def upload(dry_run: DryRun = False) -> None:
+def upload(dry_run: DryRun = False, as_json: Json = False) -> None:
     """Upload the image as a Vertex AI Model (a new version when it changed)."""
     from sdxlctl import core
     from sdxlctl.cli import render
@@ -103,13 +104,14 @@ def upload(dry_run: DryRun = False) -> None:
     config, store = _context()
     with progress("uploading") as update:
         result = core.upload(config, store, dry_run=dry_run, progress=update)
-    render.outcome(result, "model")
+    render.outcome(result, "model", as_json=as_json, command="upload", dry_run=dry_run)
 
 
 @app.command()
 def deploy(
     gpu: Annotated[Gpu | None, typer.Option(help="GPU for target vertex (overrides [deploy] gpu)")] = None,
     dry_run: DryRun = False,
+    as_json: Json = False,
 ) -> None:
     """Start the model server (target local) or deploy it to an endpoint on a GPU (target vertex)."""
     from sdxlctl import core
@@ -120,7 +122,9 @@ def deploy(
         config = config.model_copy(update={"deploy": config.deploy.model_copy(update={"gpu": gpu.value})})
     with progress("deploying") as update:
         result = core.deploy(config, store, dry_run=dry_run, progress=update)
-    render.outcome(result, "endpoint")
+    estimate = core.deploy_cost(config) if as_json and dry_run else None  # the plan's cost, in the JSON
+    cost = estimate.as_dict() if estimate else None
+    render.outcome(result, "endpoint", as_json=as_json, command="deploy", dry_run=dry_run, cost=cost)
 
 
 @app.command()
@@ -182,6 +186,7 @@ def predict(
 def ui_deploy(
     public: Annotated[bool, typer.Option("--public", help="anyone with the URL may use it (default: private)")] = False,
     dry_run: DryRun = False,
+    as_json: Json = False,
 ) -> None:
     """Start the Gradio UI (target local) or deploy it to Cloud Run (target vertex)."""
     from sdxlctl import core
@@ -190,7 +195,7 @@ def ui_deploy(
     config, store = _context()
     with progress("deploying the UI") as update:
         result = core.ui_deploy(config, store, public=public, dry_run=dry_run, progress=update, on_log=render.log_line)
-    render.outcome(result, "url")
+    render.outcome(result, "url", as_json=as_json, command="ui-deploy", dry_run=dry_run)
 
 
 @app.command()
@@ -198,6 +203,7 @@ def teardown(
     yes: Yes = False,
     images: Annotated[bool, typer.Option("--images", help="also the container images")] = False,
     dry_run: DryRun = False,
+    as_json: Json = False,
 ) -> None:
     """Stop and delete everything sdxlctl created for this deployment, and nothing else."""
     from sdxlctl import core
@@ -206,20 +212,21 @@ def teardown(
     config, store = _context()
     with progress("finding what to tear down") as update:
         plan = core.teardown_plan(config, store, images=images, dry_run=dry_run, progress=update)
-    if isinstance(plan, core.StepResult):  # a dry run's plan, made apart from the state alone
-        render.outcome(plan)
+    if isinstance(plan, core.StepResult) or (dry_run and not plan.empty):  # a dry run's plan
+        render.outcome(plan, as_json=as_json, command="teardown", dry_run=True)
         return
     if plan.empty:
-        core.teardown(config, store, plan)  # forgets stale records of resources deleted by hand
+        if not dry_run:
+            core.teardown(config, store, plan)  # forgets stale records of resources deleted by hand
         err.print(f"nothing to tear down for {config.name!r}")
+        if as_json:
+            render.outcome(plan, as_json=True, command="teardown", dry_run=dry_run)
         return
     render.removal(plan)
-    if dry_run:
-        return
     _confirm(yes)
     with progress("tearing down") as update:
         result = core.teardown(config, store, plan, progress=update)
-    render.outcome(result)
+    render.outcome(result, as_json=as_json, command="teardown")
     if result.failed:
         raise typer.Exit(1)
 

@@ -49,9 +49,27 @@ def _json(data: Any) -> None:
     out.print_json(json.dumps(data, default=encode))
 
 
-def outcome(result: Outcome, label: str = "") -> None:
-    """Any step's result, as its kind is shown; `label` names what a cloud step leaves behind."""
-    if isinstance(result, StepResult):
+def outcome(
+    result: Outcome | Removal,
+    label: str = "",
+    *,
+    as_json: bool = False,
+    command: str = "",
+    dry_run: bool = False,
+    cost: dict[str, Any] | None = None,
+) -> None:
+    """Any step's result, as its kind is shown; `label` names what a cloud step leaves behind.
+
+    With `as_json`, one JSON object on stdout instead (the plan of a dry run, with its `cost` where given).
+    """
+    if as_json:
+        from sdxlctl.cli import plans
+
+        _json(plans.outcome(command, result, dry_run=dry_run, cost=cost))
+        return
+    if isinstance(result, Removal):
+        removal(result)
+    elif isinstance(result, StepResult):
         step(result, label)
     elif isinstance(result, DeployResult):
         deployed(result)
@@ -190,15 +208,29 @@ ACTION_STYLE = {
 
 
 def changes(rows: list[Change], *, title: str) -> None:
-    table = Table(title=title, title_justify="left", show_edge=False)
-    for column in ("action", "what", "name", "detail"):
-        table.add_column(column, overflow="fold")
+    """One change a line when it fits; else its detail on the next lines, wrapped at spaces. A name (an
+    image, an account) is never broken by us: it stays whole in a log or a pipe and can be copied."""
+    import textwrap
+
+    from rich.text import Text
+
+    err.print(title, highlight=False)
+    widths = [max((len(getattr(row, column)) for row in rows), default=0) for column in ("action", "kind", "name")]
+    fits = sum(widths) + 6 + max((len(row.detail) for row in rows), default=0) + 2 <= err.width
     for row in rows:
-        style = ACTION_STYLE.get(row.action, "")
-        table.add_row(
-            f"[{style}]{row.action}[/]" if style else row.action, row.kind, escape(row.name), escape(row.detail)
-        )
-    err.print(table)
+        line = Text("  ")
+        line.append(row.action.ljust(widths[0]), style=ACTION_STYLE.get(row.action, ""))
+        line.append(f"  {row.kind.ljust(widths[1])}  ")
+        line.append(row.name.ljust(widths[2]) if fits and row.detail else row.name, style="bold")
+        if fits and row.detail:
+            line.append(f"  {row.detail}")
+        err.print(line, soft_wrap=True, highlight=False)
+        if row.detail and not fits:
+            indent = " " * (widths[0] + 4)
+            # At spaces only: a URI longer than the line overflows whole rather than being cut.
+            width = max(err.width - len(indent), 20)
+            for part in textwrap.wrap(row.detail, width, break_long_words=False, break_on_hyphens=False):
+                err.print(Text(indent + part), soft_wrap=True, highlight=False)
 
 
 def step(result: StepResult, label: str = "") -> None:
