@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,8 +145,19 @@ class Config(Section):
         return (self.path.parent if self.path else Path.cwd()) / ".sdxlctl"
 
 
+# The env forms of the global options (as gcloud's CLOUDSDK_*): not config keys, so never refused as such.
+GLOBAL_ENV = {"SDXLCTL_CONFIG": "--config", "SDXLCTL_DEBUG": "--debug"}
+
+
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read `path` (default ./sdxlctl.toml if present), apply SDXLCTL_<SECTION>_<KEY> overrides, validate."""
+    return _load(path, environ)[0]
+
+
+def _load(
+    path: Path | None, environ: Mapping[str, str] | None
+) -> tuple[Config, dict[str, Any], dict[tuple[str, ...], str]]:
+    """The config, the file's own tables, and which keys came from which variable."""
     environ = os.environ if environ is None else environ
     if path is None and Path(CONFIG_NAME).is_file():
         path = Path(CONFIG_NAME)
@@ -160,6 +173,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    from_file = copy.deepcopy(data)
     from_env = _apply_env(data, environ)
     try:
         config = Config.model_validate({**data, "path": path.resolve() if path else None})
@@ -178,7 +192,91 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         )
     if config.model.bake:
         _check_bake(config.model, source, from_env)
-    return config
+    return config, from_file, from_env
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of the effective config and where its value came from."""
+
+    key: str  # "name", "gcp.project"
+    value: Any
+    source: str  # "default", the config file's path, or the SDXLCTL_* variable
+
+
+def settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> tuple[Config, list[Setting]]:
+    """The effective config, each key with its source: an SDXLCTL_* variable over the file over the default."""
+    config, from_file, from_env = _load(path, environ)
+    file = str(config.path) if config.path else ""
+    rows: list[Setting] = []
+    for name, field in Config.model_fields.items():
+        if field.exclude:
+            continue
+        if not _is_section(field.annotation):
+            rows.append(Setting(name, getattr(config, name), _source((name,), from_file, from_env, file)))
+            continue
+        section = getattr(config, name)
+        for key in type(section).model_fields:
+            where = _source((name, key), from_file.get(name, {}), from_env, file)
+            rows.append(Setting(f"{name}.{key}", getattr(section, key), where))
+    return config, rows
+
+
+def _source(key: tuple[str, ...], table: Any, from_env: dict[tuple[str, ...], str], file: str) -> str:
+    if key in from_env:
+        return from_env[key]
+    return file if isinstance(table, dict) and key[-1] in table else "default"
+
+
+def env_var(key: str) -> str:
+    """The variable that overrides `key` ("gcp.project" -> SDXLCTL_GCP_PROJECT)."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def gcloud_project(environ: Mapping[str, str] | None = None) -> str:
+    """What `gcloud config get-value project` answers, read offline from gcloud's files ("" if none).
+
+    As gcloud resolves it: CLOUDSDK_CORE_PROJECT, else [core] project of the active configuration
+    (CLOUDSDK_ACTIVE_CONFIG_NAME, else the file active_config, else "default") under CLOUDSDK_CONFIG.
+    """
+    import configparser
+
+    environ = os.environ if environ is None else environ
+    if environ.get("CLOUDSDK_CORE_PROJECT"):
+        return environ["CLOUDSDK_CORE_PROJECT"].strip()
+    folder = Path(environ.get("CLOUDSDK_CONFIG") or Path.home() / ".config" / "gcloud")
+    try:
+        active = environ.get("CLOUDSDK_ACTIVE_CONFIG_NAME") or (folder / "active_config").read_text().strip()
+    except OSError:
+        active = ""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(folder / "configurations" / f"config_{active or 'default'}", encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return ""
+    return parser.get("core", "project", fallback="").strip()
+
+
+def require_project(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """[gcp] project, or a config error (exit 2) naming the key, its variable and gcloud's default."""
+    if config.gcp.project:
+        return config.gcp.project
+    where = str(config.path) if config.path else f"{CONFIG_NAME} (there is none here)"
+    found = gcloud_project(environ)
+    if found:
+        hint = (
+            f'gcloud\'s default project is {found!r}: set project = "{found}" in [gcp] of {where}, '
+            f"or SDXLCTL_GCP_PROJECT={found}"
+        )
+    else:
+        hint = (
+            f"set project in [gcp] of {where}, or SDXLCTL_GCP_PROJECT; "
+            "`gcloud config get-value project` shows gcloud's default, if it has one"
+        )
+    # Never taken from gcloud silently: the project is who pays, and gcloud's default may be another one's.
+    raise ConfigError(
+        "target vertex needs a Google Cloud project: [gcp] project (or SDXLCTL_GCP_PROJECT) is not set", hint=hint
+    )
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as the server tells a Hub id (owner/name) from a path
@@ -211,6 +309,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[s
     for var, value in environ.items():
         if not var.startswith(ENV_PREFIX):
             continue
+        if var in GLOBAL_ENV:
+            continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section in sections and key:
@@ -219,10 +319,26 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[s
                 raise ConfigError(f"[{section}] must be a table to apply {var}")
             table[key] = value
             applied[(section, key)] = var
-        else:
+        elif rest in Config.model_fields and rest != "path":
             data[rest] = value
             applied[(rest,)] = var
+        else:
+            raise ConfigError(
+                f"{var} (environment): not an sdxlctl variable",
+                hint=f"unset it; sdxlctl reads {', '.join(env_names())}",
+            )
     return applied
+
+
+def env_names() -> list[str]:
+    """Every SDXLCTL_* variable sdxlctl reads: the global options' and one per config key."""
+    keys: list[str] = []
+    for name, field in Config.model_fields.items():
+        if _is_section(field.annotation):
+            keys += [f"{name}.{key}" for key in field.annotation.model_fields]  # type: ignore[union-attr]
+        elif not field.exclude:
+            keys.append(name)
+    return [*GLOBAL_ENV, *map(env_var, keys)]
 
 
 def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, ...], str]) -> ConfigError:
@@ -236,10 +352,12 @@ def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, .
         model: type[BaseModel] = Config
         for part in section:
             model = Config.model_fields[part].annotation  # type: ignore[assignment]
-        allowed = ", ".join(name for name in model.model_fields if name != "path")
+        allowed = [name for name in model.model_fields if name != "path"]
+        if location in from_env:  # a variable: name the variables of that section
+            allowed = [env_var(".".join((*section, name))) for name in allowed]
         return ConfigError(
             f"{where}: unknown key",
-            hint=f"allowed in {'[' + section[0] + ']' if section else 'the top level'}: {allowed}",
+            hint=f"allowed in {'[' + section[0] + ']' if section else 'the top level'}: {', '.join(allowed)}",
         )
     value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")

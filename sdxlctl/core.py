@@ -81,6 +81,17 @@ def target(name: str) -> Target:
     return TARGETS[name]
 
 
+def ignored_options(config: Config, command: str, given: list[str]) -> list[str]:
+    """A line for each option of `command` in `given` that the configured target does nothing with, and why."""
+    # A target that uses every option of every step needs no IGNORED_OPTIONS.
+    ignored: dict[str, str] = getattr(target(config.target), "IGNORED_OPTIONS", {})
+    return [
+        f"{option} is ignored on target {config.target}: {ignored[f'{command} {option}']}"
+        for option in given
+        if f"{command} {option}" in ignored
+    ]
+
+
 # ---------------------------------------------------------------- build, upload, deploy, ui-deploy
 
 

@@ -20,7 +20,10 @@ def run(argv: list[str]) -> int:
     """Run the app on `argv`; every failure becomes a message on stderr and an exit code."""
     from rich.markup import escape
 
-    from sdxlctl.cli import commands  # noqa: F401  (registers the commands)
+    from sdxlctl.cli import (
+        commands,  # noqa: F401  (registers the commands)
+        config_cmd,  # noqa: F401  (registers `sdxlctl config`)
+    )
 
     options.config_path, options.debug = None, "--debug" in argv
     interrupted: list[bool] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -31,6 +30,8 @@ def _context() -> tuple[Config, StateStore]:
 
 # --gpu's choices: the keys of the one GPU table (a plain dict, cheap to import at start-up).
 Gpu = StrEnum("Gpu", {key.replace("-", "_"): key for key in GPUS})  # type: ignore[misc]
+# Named in the help text, where they wrap between words, not as a <t4|l4|...> metavar cut mid-name at 80 columns.
+GPU_CHOICES = ", ".join(GPUS)
 
 
 class Format(StrEnum):
@@ -40,17 +41,21 @@ class Format(StrEnum):
 
 
 def style_names() -> list[str] | None:
-    """The 17 presets the model server knows, from its data file (no server code is imported).
+    """The 17 presets the model server knows, and none; None in a cloud-only install (the server then checks)."""
+    from sdxlctl.cli.styles import presets
 
-    None where the server package is not installed (a cloud-only install): the server then checks.
-    """
-    from importlib.resources import files
+    found = presets()
+    return None if found is None else ["none", *(preset["id"] for preset in found)]
 
-    try:
-        data = json.loads(files("sdxl_server").joinpath("styles.json").read_text(encoding="utf-8"))
-    except ModuleNotFoundError:
-        return None
-    return ["none", *(entry["id"] for entry in data["styles"])]
+
+def _say_ignored(config: Config, command: str, given: dict[str, bool]) -> None:
+    """One line for each given option that the configured target ignores: never taken in silence."""
+    from rich.markup import escape
+
+    from sdxlctl import core
+
+    for line in core.ignored_options(config, command, [option for option, on in given.items() if on]):
+        err.print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
 
 
 def _complete_style(incomplete: str) -> list[str]:
@@ -109,7 +114,9 @@ def upload(dry_run: DryRun = False, as_json: Json = False) -> None:
 
 @app.command()
 def deploy(
-    gpu: Annotated[Gpu | None, typer.Option(help="GPU for target vertex (overrides [deploy] gpu)")] = None,
+    gpu: Annotated[
+        Gpu | None, typer.Option(metavar="<gpu>", help=f"GPU for target vertex: {GPU_CHOICES} (overrides [deploy] gpu)")
+    ] = None,
     dry_run: DryRun = False,
     as_json: Json = False,
 ) -> None:
@@ -118,6 +125,7 @@ def deploy(
     from sdxlctl.cli import render
 
     config, store = _context()
+    _say_ignored(config, "deploy", {"--gpu": gpu is not None})
     if gpu is not None:
         config = config.model_copy(update={"deploy": config.deploy.model_copy(update={"gpu": gpu.value})})
     with progress("deploying") as update:
@@ -144,7 +152,9 @@ def predict(
     height: Annotated[int | None, typer.Option(min=64, max=2048, callback=_multiple_of_8, help="pixels")] = None,
     style: Annotated[
         str | None,
-        typer.Option(autocompletion=_complete_style, callback=_check_style, help="style preset (see --help-styles)"),
+        typer.Option(
+            autocompletion=_complete_style, callback=_check_style, help="style preset: `sdxlctl styles` lists them"
+        ),
     ] = None,
     output_format: Annotated[
         Format | None, typer.Option("--format", help="png, jpeg or webp (default: from the -o extension)")
@@ -193,6 +203,7 @@ def ui_deploy(
     from sdxlctl.cli import render
 
     config, store = _context()
+    _say_ignored(config, "ui-deploy", {"--public": public})
     with progress("deploying the UI") as update:
         result = core.ui_deploy(config, store, public=public, dry_run=dry_run, progress=update, on_log=render.log_line)
     render.outcome(result, "url", as_json=as_json, command="ui-deploy", dry_run=dry_run)
@@ -210,6 +221,7 @@ def teardown(
     from sdxlctl.cli import render
 
     config, store = _context()
+    _say_ignored(config, "teardown", {"--images": images})
     with progress("finding what to tear down") as update:
         plan = core.teardown_plan(config, store, images=images, dry_run=dry_run, progress=update)
     if isinstance(plan, core.StepResult) or (dry_run and not plan.empty):  # a dry run's plan
@@ -244,7 +256,9 @@ def _confirm(yes: bool) -> None:
 @app.command()
 def cost(
     days: Annotated[float, typer.Option(min=0, help="days to price")] = 1,
-    gpu: Annotated[Gpu | None, typer.Option(help="price this GPU instead of [deploy] gpu")] = None,
+    gpu: Annotated[
+        Gpu | None, typer.Option(metavar="<gpu>", help=f"price this GPU ({GPU_CHOICES}) instead of [deploy] gpu")
+    ] = None,
     region: Annotated[str | None, typer.Option(help="price this region instead of [gcp] region")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="every GPU side by side: speed, $/1000 images")] = False,
     steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for speed and $/1000 images")] = 30,

@@ -99,7 +99,7 @@ def deployed(result: DeployResult) -> None:
         "resumed": "ready",
     }[result.action]
     err.print(
-        f"[green]✓[/] model server {verb} at {result.resource.url} "
+        f"[green]✓[/] {result.what} {verb} at {result.resource.url} "
         f"(pid {result.resource.details.get('pid')}, {result.seconds:.1f}s)"
     )
     out.print(result.resource.url)

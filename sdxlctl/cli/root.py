@@ -45,10 +45,11 @@ def main_options(
             "--config",
             "-c",
             help="sdxlctl.toml to use (default: ./sdxlctl.toml if present, else defaults)",
+            envvar="SDXLCTL_CONFIG",  # the env forms of the global options, as gcloud's CLOUDSDK_*
             dir_okay=False,
         ),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    debug: Annotated[bool, typer.Option("--debug", envvar="SDXLCTL_DEBUG", help="show tracebacks")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,

@@ -17,6 +17,14 @@ from sdxlctl.steps import DeployResult, Notice, Progress, Removal, TeardownOutco
 SERVER = "local-server"
 MODULES = {"local-server": "sdxl_server", "local-ui": "sdxl_ui"}
 
+# Options that mean something on target vertex only: the command line says they are ignored here, and why,
+# rather than taking them in silence (core.ignored_options).
+IGNORED_OPTIONS = {
+    "deploy --gpu": "the model server runs on this machine's own GPU (or CPU); --gpu picks target vertex's GPU",
+    "ui-deploy --public": "the UI answers only on [local] host; --public opens target vertex's Cloud Run UI to all",
+    "teardown --images": "it builds no images (one made by `sdxlctl build --local` stays in Docker: `docker rmi` it)",
+}
+
 # ---------------------------------------------------------------- build, upload: nothing to do here
 
 

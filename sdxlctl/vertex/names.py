@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sdxlctl.config import Config
+from sdxlctl.config import Config, require_project
 from sdxlctl.context import BAKED_FOLDER
 from sdxlctl.gcp.iam import account_email
 from sdxlctl.gpus import GpuOption
@@ -65,6 +65,8 @@ def _account_id(deployment: str, role: str) -> str:
 
 
 def names(config: Config) -> Names:
+    """Every name of the deployment; a config error without a project (never "...@.iam" or "gs://-sdxlctl")."""
+    require_project(config)
     bucket = config.gcp.staging_bucket.removeprefix("gs://") or f"{config.gcp.project}-sdxlctl"
     return Names(config.name, config.gcp.project, config.gcp.region, config.gcp.artifact_repository, bucket)
 
@@ -72,6 +74,7 @@ def names(config: Config) -> Names:
 def cloud(config: Config) -> Cloud:
     from sdxlctl.gcp.session import Cloud
 
+    require_project(config)
     return Cloud.from_config(config)
 
 

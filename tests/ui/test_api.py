@@ -92,6 +92,7 @@ def test_local_ui_deploy_status_and_teardown(cli: Cli, tmp_path: Path) -> None:
     try:
         ui = cli("ui-deploy", env=env)
         assert ui.code == 0, ui.err
+        assert "UI started at" in ui.err and "model server" not in ui.err  # not the server's message (#14 B.3)
         assert ui.out.strip() == f"http://127.0.0.1:{env['SDXLCTL_LOCAL_UI_PORT']}"
         rows = {row["kind"]: row for row in json.loads(cli("status", "--json", env=env).out)["resources"]}
         assert rows["local-ui"]["state"] == "ready" and rows["local-server"]["state"] == "ready"
