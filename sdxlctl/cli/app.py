@@ -23,6 +23,7 @@ def run(argv: list[str]) -> int:
     from sdxlctl.cli import (
         commands,  # noqa: F401  (registers the commands)
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
+        styles,  # noqa: F401  (registers `sdxlctl styles`)
     )
 
     options.config_path, options.debug = None, "--debug" in argv

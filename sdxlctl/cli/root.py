@@ -9,14 +9,17 @@ from typing import Annotated
 import typer
 
 from sdxlctl import __version__
+from sdxlctl.cli.group import Group
 
 app = typer.Typer(
     name="sdxlctl",
+    cls=Group,  # help texts shown as written, flags without <bool>, --debug/--config after the subcommand too
     help="Stable Diffusion XL on Google Cloud (and on this machine) from one TOML file.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,  # tracebacks show locals: secrets; only --debug shows a traceback
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command inherits -h
 )
 
 
