@@ -9,12 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdxlctl import local, outputs, pricing, vertex
+from sdxlctl import local, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.pricing import Comparison, Estimate
@@ -67,6 +68,12 @@ class Target(Protocol):
     def teardown_plan(
         self, config: Config, store: StateStore, *, images: bool, dry_run: bool, progress: Progress = ...
     ) -> Removal | StepResult: ...
+
+    def logs(
+        self, config: Config, store: StateStore, request: steps.LogRequest, *, warn: Progress = ...
+    ) -> Iterator[steps.LogLine]:
+        """The server's (or the UI's) log lines, oldest first; with `request.follow`, then new ones until closed."""
+        ...
 
     def teardown(
         self, config: Config, store: StateStore, removal: Removal, *, progress: Progress = ...
@@ -255,6 +262,16 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
         )
         for kind, resource in resources.items()
     ]
+
+
+# ---------------------------------------------------------------- logs
+
+
+def logs(
+    config: Config, store: StateStore, request: steps.LogRequest, *, warn: Progress = quiet
+) -> Iterator[steps.LogLine]:
+    """The model server's log (or the UI's) as `request` asks: the last lines since a time, then followed."""
+    return target(config.target).logs(config, store, request, warn=warn)
 
 
 # ---------------------------------------------------------------- teardown

@@ -107,6 +107,25 @@ class PredictResult:
 
 
 @dataclass(frozen=True)
+class LogRequest:
+    """What `sdxlctl logs` asks for: the UI's log or the server's, the last `lines`, since when, followed."""
+
+    ui: bool = False
+    lines: int | None = None
+    since: datetime | None = None
+    follow: bool = False
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a deployment's log; `time` where it is known, `severity` for a cloud entry."""
+
+    text: str
+    time: datetime | None = None
+    severity: str = ""  # set for Cloud Logging entries, shown before the text with the time
+
+
+@dataclass(frozen=True)
 class ResourceStatus:
     """One row of `sdxlctl status`."""
 

@@ -23,6 +23,7 @@ def run(argv: list[str]) -> int:
     from sdxlctl.cli import (
         commands,  # noqa: F401  (registers the commands)
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
+        logs_cmd,  # noqa: F401  (registers `sdxlctl logs`)
         styles,  # noqa: F401  (registers `sdxlctl styles`)
     )
 

@@ -16,6 +16,7 @@ ROLES = {
     "storage": "roles/storage.admin",
     "iam": "roles/iam.serviceAccountAdmin",
     "artifactregistry": "roles/artifactregistry.repoAdmin",
+    "logging": "roles/logging.viewer",
 }
 APIS = {
     "aiplatform": "aiplatform.googleapis.com",
@@ -24,6 +25,7 @@ APIS = {
     "storage": "storage.googleapis.com",
     "iam": "iam.googleapis.com",
     "artifactregistry": "artifactregistry.googleapis.com",
+    "logging": "logging.googleapis.com",
 }
 
 

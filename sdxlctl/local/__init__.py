@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.local import processes
 from sdxlctl.state import Resource, State, StateStore, interrupts_deferred
-from sdxlctl.steps import DeployResult, Notice, Progress, Removal, TeardownOutcome, TornDown, quiet
+from sdxlctl.steps import DeployResult, LogLine, LogRequest, Notice, Progress, Removal, TeardownOutcome, TornDown, quiet
 
 SERVER = "local-server"
 MODULES = {"local-server": "sdxl_server", "local-ui": "sdxl_ui"}
@@ -322,3 +323,24 @@ def _stop_local(resource: Resource) -> str:
     if processes.identity(pid) is None:
         return f"already gone (pid {pid}), forgotten"
     return f"pid {pid} is not the process sdxlctl started (pid reused or record wrong): left alone, forgotten"
+
+
+def logs(config: Config, store: StateStore, request: LogRequest, *, warn: Progress = quiet) -> Iterator[LogLine]:
+    """The log file the model server (or the UI) writes: the state's record of it, else where start puts it.
+
+    A stopped process's log is still shown: why it stopped is what one looks for.
+    """
+    from sdxlctl.local import logfile
+
+    ui = request.ui
+    kind = "local-ui" if ui else SERVER
+    recorded = store.read().get(config.name, kind) or store.process_records(config.name).get(kind)
+    log = recorded.details.get("log") if recorded is not None else None
+    path = Path(log) if isinstance(log, str) else config.home / "logs" / f"{_process_name(config, kind)}.log"
+    if not path.is_file():
+        what, command = ("UI", "ui-deploy") if ui else ("model server", "deploy")
+        raise DeployError(
+            f"no log of the {what} of {config.name!r} (target local): it was never started from {config.home.parent}",
+            hint=f"`sdxlctl {command}` starts it; its log is then {path}",
+        )
+    return logfile.read(path, lines=request.lines, since=request.since, follow=request.follow, warn=warn)

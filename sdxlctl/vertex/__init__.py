@@ -17,6 +17,7 @@ from sdxlctl.vertex import inventory, serve, ui
 from sdxlctl.vertex.images import build as build_image
 from sdxlctl.vertex.images import build_local, plan_build
 from sdxlctl.vertex.inventory import cost_so_far, live_states
+from sdxlctl.vertex.logs import logs
 from sdxlctl.vertex.names import LABEL
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "cost_so_far",
     "deploy",
     "live_states",
+    "logs",
     "predict",
     "teardown",
     "teardown_plan",

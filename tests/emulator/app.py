@@ -19,6 +19,7 @@ from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
 from tests.emulator.core import ANSWERS, ApiError, Fault, Recorded, Route, World, read_json
 from tests.emulator.iam_roles import IamRoles
+from tests.emulator.logging import Logging
 from tests.emulator.model_servers import ModelServers
 from tests.emulator.registry import Registry
 from tests.emulator.vertex import Vertex
@@ -62,7 +63,7 @@ class Storage:
 def create_app(
     world: World | None = None, *, servers: ModelServers | None = None, gcs_url: str | None = None
 ) -> Starlette:
-    """The emulator: Vertex AI, Cloud Build, Cloud Run and IAM on one port, as Google's REST APIs answer."""
+    """The emulator: Vertex AI, Cloud Build, Cloud Run, IAM and Cloud Logging on one port, as Google answers."""
     world = world or World()
     servers = servers or ModelServers()
     storage = Storage(gcs_url)
@@ -73,6 +74,7 @@ def create_app(
         *Billing(world).routes(),
         *Registry(world).routes(),
         *IamRoles(world).routes(),
+        *Logging(world).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 logger = logging.getLogger("sdxl_server")
@@ -17,6 +18,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {"severity": record.levelname, "message": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
+        # Cloud Logging takes "time" as the entry's time; `sdxlctl logs --since` reads it from the local file
+        entry.setdefault("time", datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
