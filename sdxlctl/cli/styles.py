@@ -45,6 +45,7 @@ def styles(
     err.print(
         f"{len(found)} presets (or none): {{prompt}} is your prompt, and a preset's negative is added to yours",
         markup=False,
+        soft_wrap=True,
     )
     for preset in found:
         out.print(f"{preset['id']}  ({preset['name']})", markup=False)
