@@ -303,7 +303,12 @@ def _is_section(annotation: object) -> bool:
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
-    """Merge SDXLCTL_* variables into `data`; return which keys came from which variable."""
+    """Merge SDXLCTL_* variables into `data`; return which keys came from which variable.
+
+    By hand rather than with pydantic-settings: its env source ignores a stray SDXLCTL_* instead of
+    refusing it, splits keys that hold "_" (staging_bucket) only with extra settings, and keeps no record
+    of which variable set which key, which the error messages and `sdxlctl config` need.
+    """
     sections = {name for name, field in Config.model_fields.items() if _is_section(field.annotation)}
     applied: dict[tuple[str, ...], str] = {}
     for var, value in environ.items():
