@@ -17,6 +17,7 @@ from sdxlctl.vertex.logs import logs as vertex_logs
 from tests.conftest import Cli
 from tests.emulator.app import create_app
 from tests.emulator.core import World
+from tests.emulator.model_servers import ModelServers, Replica
 from tests.emulator_fixtures import PROJECT, REGION, Emulator
 from tests.servers import serve_app
 
@@ -25,10 +26,15 @@ CONTAINER_LOG = "aiplatform.googleapis.com%2Fprediction_container"
 
 
 @pytest.fixture
-def cloud() -> Iterator[Emulator]:
-    """The emulator alone: no model server, no GCS (logs reads neither)."""
+def servers(tmp_path: Path) -> ModelServers:
+    return ModelServers(log_dir=tmp_path)
+
+
+@pytest.fixture
+def cloud(servers: ModelServers) -> Iterator[Emulator]:
+    """The emulator alone: no model server process, no GCS (logs reads neither)."""
     world = World()
-    with serve_app(create_app(world)) as server:
+    with serve_app(create_app(world, servers=servers)) as server:
         yield Emulator(server.url, "", world)
 
 
@@ -165,3 +171,28 @@ def test_follow_shows_every_entry_once_also_one_that_arrives_late(cloud: Emulato
     assert not polls  # each poll ran once: nothing was shown twice in between
     listed = [r["body"]["filter"] for r in cloud.requests() if r["path"] == "/v2/entries:list"]
     assert len(listed) == 5  # the first read, then one per poll
+
+
+def test_the_deployed_servers_own_stdout_comes_back_as_its_endpoints_entries(
+    cli: Cli, cloud: Emulator, servers: ModelServers, tmp_path: Path
+) -> None:
+    """What the server prints is what `logs` shows on vertex: its JSON lines' severity, time and fields."""
+    import logging
+
+    from sdxl_server.logs import JsonFormatter
+
+    stdout = tmp_path / "model-42.log"
+    record = logging.LogRecord("sdxl_server", logging.WARNING, __file__, 1, "queue full", None, None)
+    record.fields = {"queue": 4}
+    stdout.write_text(JsonFormatter().format(record) + "\nTraceback (most recent call last):\n")
+    servers.replicas["42"] = Replica("http://127.0.0.1:9", "/health", "/predict", None, stdout)
+    name = f"projects/{PROJECT}/locations/{REGION}/endpoints/{OURS}"
+    with cloud.world.lock:
+        cloud.world.table("endpoints")[name] = {"name": name, "deployedModels": [{"id": "42"}]}
+    _record_endpoint(tmp_path)
+    result = cli("logs", env=cloud.env())
+    assert result.code == 0, result.err
+    first, second = result.out.splitlines()
+    assert first.split()[1:] == ["WARNING", "queue", "full", '{"queue":', "4}"]
+    assert abs((datetime.fromisoformat(first.split()[0]) - datetime.now(UTC)).total_seconds()) < 60
+    assert second.split(None, 2)[1:] == ["DEFAULT", "Traceback (most recent call last):"]

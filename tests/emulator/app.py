@@ -74,7 +74,7 @@ def create_app(
         *Billing(world).routes(),
         *Registry(world).routes(),
         *IamRoles(world).routes(),
-        *Logging(world).routes(),
+        *Logging(world, servers).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:

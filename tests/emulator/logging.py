@@ -1,5 +1,8 @@
 """Cloud Logging v2: entries:write (how a test plants entries, through the real client) and entries:list.
 
+As Vertex AI's container logging does, each deployed model's stdout becomes entries of its endpoint
+(resource aiplatform.googleapis.com/Endpoint): a JSON line's severity, time and fields, or a text line.
+
 entries:list understands the part of the logging query language that sdxlctl and gcloud's simple reads
 use: comparisons (= != > >= < <=) of resource.type, resource.labels.*, labels.*, logName, severity,
 insertId and timestamp, joined by AND (or a newline), and parenthesised groups of them joined by OR.
@@ -8,26 +11,31 @@ Anything else is refused with 400, as a filter Google cannot parse is.
 
 from __future__ import annotations
 
+import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.cloud.logging_v2 import types
 from starlette.requests import Request
 
 from tests.emulator.core import ApiError, Route, World, now, parse, routes
+from tests.emulator.model_servers import ModelServers
 
 TABLE = "log-entries"
 DEFAULT_PAGE = 50  # Google's default page size for entries:list
 MAX_PAGE = 1000
+CONTAINER_LOG = "aiplatform.googleapis.com%2Fprediction_container"
 COMPARISON = re.compile(r'([\w.]+)\s*(>=|<=|!=|=|>|<)\s*"([^"]*)"')
 
 
 class Logging:
     """The entries of every project, as planted: listed in timestamp order, ties by insertId."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, servers: ModelServers | None = None) -> None:
         self.world = world
+        self.servers = servers
+        self.read: dict[str, int] = {}  # deployed model id -> bytes of its stdout made entries so far
 
     def routes(self) -> list[Route]:
         return routes(
@@ -53,6 +61,7 @@ class Logging:
 
     def list_entries(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         asked = parse(types.ListLogEntriesRequest, body, "ListLogEntriesRequest")
+        self._ingest()
         projects = [name.removeprefix("projects/") for name in asked.get("resourceNames", [])]
         if not projects or any("/" in project or not project for project in projects):
             raise ApiError(400, "resourceNames must name projects: projects/PROJECT_ID.")
@@ -68,6 +77,58 @@ class Logging:
         if start + size < len(found):
             page["nextPageToken"] = str(start + size)
         return page
+
+    def _ingest(self) -> None:
+        """The deployed models' stdout written since the last read, as their endpoints' entries."""
+        for endpoint in list(self.world.table("endpoints").values()):
+            parts = str(endpoint.get("name", "")).split("/")
+            if len(parts) != 6:
+                continue
+            project, location, endpoint_id = parts[1], parts[3], parts[5]
+            for deployed in endpoint.get("deployedModels", []):
+                replica = self.servers.get(deployed["id"]) if self.servers else None
+                if replica is None or replica.log_path is None:
+                    continue
+                start = self.read.get(deployed["id"], 0)
+                try:
+                    with replica.log_path.open("rb") as log:
+                        log.seek(start)
+                        complete, newline, _ = log.read().rpartition(b"\n")  # a line being written waits
+                except OSError:
+                    continue
+                if not newline:
+                    continue
+                self.read[deployed["id"]] = start + len(complete) + 1
+                resource = {
+                    "type": "aiplatform.googleapis.com/Endpoint",
+                    "labels": {"endpoint_id": endpoint_id, "location": location, "resource_container": project},
+                }
+                for number, line in enumerate(complete.decode(errors="replace").splitlines()):
+                    entry = {
+                        "logName": f"projects/{project}/logs/{CONTAINER_LOG}",
+                        "resource": resource,
+                        "insertId": f"{deployed['id']}-{start}-{number}",
+                        "receiveTimestamp": now(),
+                        **_payload(line),
+                    }
+                    entry.setdefault("timestamp", entry["receiveTimestamp"])
+                    self.world.table(TABLE)[f"{entry['logName']}|{entry['insertId']}"] = entry
+
+
+def _payload(line: str) -> dict[str, Any]:
+    """A stdout line as Cloud Logging's agent reads it: JSON with its special fields, else text."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return {"textPayload": line, "severity": "DEFAULT"}
+    fields = dict(data)
+    entry: dict[str, Any] = {"severity": str(fields.pop("severity", "DEFAULT")).upper()}
+    when = fields.pop("time", None) or fields.pop("timestamp", None)
+    if isinstance(when, str):
+        entry["timestamp"] = timestamp(when).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {**entry, "jsonPayload": fields}
 
 
 def timestamp(text: str) -> datetime:
