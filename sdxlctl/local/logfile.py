@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from sdxlctl.steps import LogLine, Progress, quiet
 
@@ -52,8 +53,10 @@ def read(
     """The file's lines (those since `since`, the last `lines` of them); then, with `follow`, each line
     appended later, across a truncation or a new file of the same name, until the caller stops."""
     with path.open("rb") as file:
-        data = file.read()
-        identity = _identity(file.fileno())
+        inode, size = _identity(file.fileno())
+        start = _tail_start(file, size, lines) if lines is not None and since is None else 0
+        file.seek(start)
+        data = file.read(size - start)
     # A last line still being written: a follow shows it once it ends
     complete, _, partial = data.rpartition(b"\n")
     texts = _decode(complete) + ([partial.decode(errors="replace")] if partial and not follow else [])
@@ -65,7 +68,7 @@ def read(
     yield from shown
     if not follow:
         return
-    inode, offset, pending = identity[0], len(data), partial
+    offset, pending = start + len(data), partial
     while True:
         sleep(FOLLOW_POLL_S)
         try:
@@ -83,6 +86,19 @@ def read(
         if newline:
             for text in _decode(complete):
                 yield LogLine(text, line_time(text))
+
+
+def _tail_start(file: BinaryIO, size: int, lines: int) -> int:
+    """Where the last `lines` lines begin, found from the end in growing blocks: `-n 20` of a big log reads little."""
+    block, start = 1 << 16, size
+    while start > 0:
+        start = max(0, start - block)
+        file.seek(start)
+        chunk = file.read(size - start)
+        if chunk.count(b"\n") > lines:  # the line cut at `start` is not one of them: begin after it
+            return start + chunk.index(b"\n") + 1
+        block *= 2
+    return 0
 
 
 def _identity(fd: int) -> tuple[int, int]:

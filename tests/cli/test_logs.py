@@ -46,6 +46,16 @@ def test_logs_prints_the_server_log_and_its_last_lines(cli: Cli, tmp_path: Path)
     assert cli("logs", "--lines", "0").out == ""
 
 
+def test_the_last_lines_of_a_big_log_are_found_from_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "big.log"
+    long_line = "x" * 200_000  # longer than the first block read from the end
+    path.write_text("".join(f"line {n}\n" for n in range(200_000)) + long_line + "\nlast, unfinished")
+    texts = [line.text for line in logfile.read(path, lines=3, since=None, follow=False)]
+    assert texts == ["line 199999", long_line, "last, unfinished"]
+    path.write_text("only\ntwo\n")
+    assert [line.text for line in logfile.read(path, lines=5, since=None, follow=False)] == ["only", "two"]
+
+
 def test_logs_since_keeps_newer_lines_and_their_tracebacks(cli: Cli, tmp_path: Path) -> None:
     lines = [
         "before any time: goes with the first timed line",
