@@ -20,7 +20,7 @@ from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.pricing import Comparison, Estimate
 from sdxlctl.state import Resource, State, StateStore
-from sdxlctl.steps import Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
+from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -78,6 +78,8 @@ class Target(Protocol):
     def teardown(
         self, config: Config, store: StateStore, removal: Removal, *, progress: Progress = ...
     ) -> StepResult | TornDown: ...
+
+    def check(self, config: Config, store: StateStore) -> list[Check]: ...
 
 
 TARGETS: dict[str, Target] = {"local": local, "vertex": vertex}
@@ -289,6 +291,11 @@ def teardown(
 ) -> StepResult | TornDown:
     """Remove what `removal` lists (and what the target finds it missed); keep going past a failure."""
     return target(removal.target).teardown(config, store, removal, progress=progress)
+
+
+def check(config: Config, store: StateStore) -> list[Check]:
+    """Whether the target's prerequisites hold (credentials, APIs, quota; or packages and ports), and the fixes."""
+    return target(config.target).check(config, store)
 
 
 # ---------------------------------------------------------------- cost

@@ -138,3 +138,13 @@ class ResourceStatus:
     state: str
     details: dict[str, Any] = field(default_factory=dict)
     cost_so_far: float | None = None  # USD since creation, for resources billed by the hour
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `sdxlctl check`: what was checked, whether it holds, and the fix when it does not."""
+
+    name: str  # "credentials", "api run.googleapis.com", "gpu quota", "port 8080"
+    status: Literal["ok", "fail", "warn"]  # warn: could not tell, or holds with a caveat; only fail fails
+    detail: str
+    fix: str = ""

@@ -21,8 +21,10 @@ def run(argv: list[str]) -> int:
     from rich.markup import escape
 
     from sdxlctl.cli import (
+        check_cmd,  # noqa: F401  (registers `sdxlctl check`)
         commands,  # noqa: F401  (registers the commands)
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
+        init_cmd,  # noqa: F401  (registers `sdxlctl init`)
         logs_cmd,  # noqa: F401  (registers `sdxlctl logs`)
         styles,  # noqa: F401  (registers `sdxlctl styles`)
     )

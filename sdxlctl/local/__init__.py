@@ -12,6 +12,7 @@ from sdxlctl import client
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.local import processes
+from sdxlctl.local.checks import check as check  # `sdxlctl check`: what running here needs
 from sdxlctl.state import Resource, State, StateStore, interrupts_deferred
 from sdxlctl.steps import DeployResult, LogLine, LogRequest, Notice, Progress, Removal, TeardownOutcome, TornDown, quiet
 

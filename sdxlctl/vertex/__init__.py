@@ -14,6 +14,7 @@ from sdxlctl.config import Config
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Progress, Removal, StepResult, quiet
 from sdxlctl.vertex import inventory, serve, ui
+from sdxlctl.vertex.checks import check
 from sdxlctl.vertex.images import build as build_image
 from sdxlctl.vertex.images import build_local, plan_build
 from sdxlctl.vertex.inventory import cost_so_far, live_states
@@ -23,6 +24,7 @@ from sdxlctl.vertex.names import LABEL
 __all__ = [
     "build",
     "build_local",
+    "check",
     "cost_so_far",
     "deploy",
     "live_states",

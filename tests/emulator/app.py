@@ -21,6 +21,7 @@ from tests.emulator.core import ANSWERS, ApiError, Fault, Recorded, Route, World
 from tests.emulator.iam_roles import IamRoles
 from tests.emulator.logging import Logging
 from tests.emulator.model_servers import ModelServers
+from tests.emulator.project import Project
 from tests.emulator.registry import Registry
 from tests.emulator.vertex import Vertex
 
@@ -74,6 +75,7 @@ def create_app(
         *Billing(world).routes(),
         *Registry(world).routes(),
         *IamRoles(world).routes(),
+        *Project(world).routes(),
         *Logging(world, servers).routes(),
     ]
 
