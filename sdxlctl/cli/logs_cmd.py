@@ -52,11 +52,13 @@ def _check_since(value: str | None) -> str | None:
 @app.command()
 def logs(
     ui: Annotated[bool, typer.Option("--ui", help="the UI's log instead of the model server's")] = False,
-    lines: Annotated[int | None, typer.Option("--lines", "-n", min=0, help="only the last N lines")] = None,
+    lines: Annotated[
+        int | None, typer.Option("--lines", "-n", min=0, metavar="N", help="only the last N lines")
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="then print new lines as they come, until Ctrl-C")
     ] = False,
-    since: Annotated[str | None, typer.Option(callback=_check_since, help=SINCE_HELP)] = None,
+    since: Annotated[str | None, typer.Option(callback=_check_since, metavar="WHEN", help=SINCE_HELP)] = None,
 ) -> None:
     """The model server's log: target local its log file, target vertex the endpoint's Cloud Logging entries."""
     from sdxlctl import core
