@@ -66,3 +66,17 @@ def test_the_readme_and_the_makefile_install_our_parts_from_their_folders() -> N
                 else:  # a name, resolved on an index: never one of ours
                     assert requirement_name(path) not in own_packages(), (source, argument)
         assert {"containers/model", "containers/ui", "."} <= named, (source, named)
+
+
+def test_every_data_file_the_cli_reads_ships_in_a_built_wheel() -> None:
+    """A wheel (not an editable install) carries only .py files unless package-data names the rest."""
+    import fnmatch
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "sdxlctl"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    data = [path.removeprefix("sdxlctl/") for path in tracked if not path.endswith(".py")]
+    globs = PYPROJECT["tool"]["setuptools"].get("package-data", {}).get("sdxlctl", [])
+    assert data, "no data files found: the test lost its subject"
+    assert [path for path in data if not any(fnmatch.fnmatch(path, glob) for glob in globs)] == []
