@@ -246,8 +246,9 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
         if name in TARGETS:
             own = {kind: r for kind, r in resources.items() if r.target == name}
             states.update(TARGETS[name].live_states(config, own))
-    for kind in unknown:
-        states[kind] = f"{states.get(kind, 'recorded')} (not in the state file)"
+    for kind, resource in unknown.items():
+        # The target says how it found what the state file lacks (vertex: by label; local: by process marker)
+        states[kind] = f"{states.get(kind, 'recorded')} ({resource.details.get('unrecorded', 'not in the state file')})"
     return [
         ResourceStatus(
             kind=resource.kind,
@@ -261,6 +262,7 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
             cost_so_far=TARGETS[resource.target].cost_so_far(config, resource, now)
             if resource.target in TARGETS
             else None,
+            recorded=kind not in unknown,
         )
         for kind, resource in resources.items()
     ]

@@ -138,6 +138,7 @@ class ResourceStatus:
     state: str
     details: dict[str, Any] = field(default_factory=dict)
     cost_so_far: float | None = None  # USD since creation, for resources billed by the hour
+    recorded: bool = True  # False: found running (by label, by process marker), not in this folder's state file
 
 
 @dataclass(frozen=True)

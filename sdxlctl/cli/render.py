@@ -138,12 +138,10 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
     wide = out.width >= WIDE
     table = Table(title=f"{config.name} ({config.target})", title_justify="left", show_edge=wide, expand=False)
     columns = ["what", "name", "state", "where", "up for"] + (["since"] if wide else []) + ["cost so far"]
-    for column in columns:
-        longest = max(len(column.split()[0]), *(_longest_word(_status_cells(row)[column]) for row in rows))
-        shortest = {"where": 12, "name": 12}.get(column, longest)  # long names and URLs fold instead
-        table.add_column(
-            column, overflow="fold", min_width=shortest, justify="right" if column == "cost so far" else "left"
-        )
+    texts = [_status_cells(row) for row in rows]
+    room = out.width - 2 * len(columns) - (len(columns) - 1) - (2 if wide else 0)  # padding, rules, edges
+    for column, width in _fit(columns, texts, room).items():
+        table.add_column(column, overflow="fold", width=width, justify="right" if column == "cost so far" else "left")
     colours = {
         "ready": "green",
         "built": "green",
@@ -154,10 +152,17 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None
     }
     for row in rows:
         colour = "green" if row.state.startswith("serving") else colours.get(row.state, "red")
+        colour = colour if row.recorded else "yellow"  # running unseen by this folder: worth a look
         cells = _status_cells(row)
         cells["state"] = f"[{colour}]{escape(row.state)}[/]"
         table.add_row(*(cells[column] for column in columns))
     out.print(table)
+    if not all(row.recorded for row in rows):
+        err.print(
+            "[yellow]not in this folder's state:[/] made from another folder or with a lost state file; "
+            "`sdxlctl teardown` removes them (it finds them by label), or run the steps here with the same "
+            "config to adopt them (`sdxlctl build`, `upload`, `deploy` reuse what exists)"
+        )
 
 
 WIDE = 120  # columns from which `status` shows every column
@@ -174,6 +179,22 @@ def _status_cells(row: ResourceStatus) -> dict[str, str]:
         "since": row.created_at.strftime("%Y-%m-%d %H:%M UTC"),
         "cost so far": "—" if row.cost_so_far is None else f"{row.cost_so_far:,.2f}",
     }
+
+
+def _fit(columns: list[str], rows: list[dict[str, str]], room: int) -> dict[str, int]:
+    """Widths that fit `room`: the widest of name, state and where gives first, down to its floor (12 for
+    names and URLs, which fold; a state's longest word); the short columns stay whole. Rich's own
+    shrinking can cut a short column under its width and then widen it back past the screen."""
+    widths = {c: max(len(c), *(len(line) for row in rows for line in row[c].splitlines() or [""])) for c in columns}
+    floors = dict(widths)
+    floors.update({c: min(12, widths[c]) for c in ("name", "where")})
+    floors["state"] = max(len("state"), *(_longest_word(row["state"]) for row in rows))
+    while sum(widths.values()) > room:
+        column = max((c for c in columns if widths[c] > floors[c]), key=widths.__getitem__, default=None)
+        if column is None:
+            break  # narrower than the floors allow: the terminal wraps the lines
+        widths[column] -= 1
+    return widths
 
 
 def _longest_word(text: str) -> int:

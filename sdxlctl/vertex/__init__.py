@@ -82,8 +82,8 @@ def predict(config: Config, store: StateStore, body: dict[str, Any], *, timeout_
 
 
 def unrecorded(config: Config, store: StateStore, state: State) -> dict[str, Resource]:
-    """Nothing yet: status shows what the state file holds (teardown also finds by label)."""
-    return {}
+    """What carries this deployment's label but the state file does not hold (as teardown finds it)."""
+    return inventory.unrecorded(config, store, state)
 
 
 def teardown_plan(

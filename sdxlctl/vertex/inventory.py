@@ -9,44 +9,151 @@ from datetime import datetime
 from typing import Any
 
 from sdxlctl.config import Config
-from sdxlctl.state import Resource, StateStore
+from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, StepResult, quiet
 from sdxlctl.vertex.access import kept_role, revoke_grants
 from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, own_cache
 
 
 def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
-    """What Google says of each recorded resource now: serving, ready, gone, ... (one GET each)."""
+    """What Google says of each recorded resource now: serving, ready, gone, ... (one GET each, at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sdxlctl.gcp.errors import CloudError
     from sdxlctl.gcp.run import CloudRun
     from sdxlctl.gcp.vertex import Vertex
 
     c = cloud(config)
-    vertex = Vertex(c) if any(kind in ("endpoint", "model") for kind in resources) else None
+    vertex = Vertex(c) if any(r.kind in ("endpoint", "model") for r in resources.values()) else None
     states: dict[str, str] = {}
-    for kind, resource in resources.items():
-        if resource.target != "vertex" or not resource.name:
-            continue
+
+    def check(key: str, resource: Resource) -> None:
+        kind = resource.kind
+        if FOUND in resource.details:  # listed a moment ago: what the listing said is as live as a GET
+            states[key] = resource.details[FOUND]
+            return
         try:
             if kind == "endpoint" and vertex is not None:
                 endpoint = vertex.get_endpoint(resource.name, missing_ok=True)
-                serving = len(endpoint.deployed_models) if endpoint is not None else 0
-                states[kind] = "gone" if endpoint is None else f"serving {serving} model(s)" if serving else "no model"
+                states[key] = "gone" if endpoint is None else _endpoint_state(endpoint)
             elif kind == "model" and vertex is not None:
                 vertex.get_model(resource.name)
-                states[kind] = "ready"
+                states[key] = "ready"
             elif kind == "ui-service":
                 service = CloudRun(c).get(resource.name.rsplit("/", 1)[-1])
-                states[kind] = "gone" if service is None else "ready" if service.uri else "deploying"
+                states[key] = "gone" if service is None else _service_state(service)
             elif kind.endswith("-image"):
-                states[kind] = "built"
+                states[key] = "built"
             elif kind.endswith("-account"):
                 from sdxlctl.gcp.iam import ServiceAccounts
 
-                states[kind] = "ready" if ServiceAccounts(c).exists(resource.name) else "gone"
+                states[key] = "ready" if ServiceAccounts(c).exists(resource.name) else "gone"
         except CloudError as exc:
-            states[kind] = "gone" if "not found" in exc.message.lower() else f"unknown ({exc.message[:60]})"
+            states[key] = "gone" if "not found" in exc.message.lower() else f"unknown ({exc.message[:60]})"
+
+    checked = {key: r for key, r in resources.items() if r.target == "vertex" and r.name}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(checked)))) as pool:
+        for done in [pool.submit(check, key, resource) for key, resource in checked.items()]:
+            done.result()
     return states
+
+
+def _endpoint_state(endpoint: Any) -> str:
+    serving = len(endpoint.deployed_models)
+    return f"serving {serving} model(s)" if serving else "no model"
+
+
+def _service_state(service: Any) -> str:
+    return "ready" if service.uri else "deploying"
+
+
+# Marks a resource status found by its label rather than in the state file; its value is the live state
+FOUND = "found_by_label"
+UNRECORDED = "not in this folder's state: found by its label"
+
+
+def unrecorded(config: Config, store: StateStore, state: State) -> dict[str, Resource]:
+    """What carries this deployment's label in the cloud but `state` does not hold, keyed apart from its kinds.
+
+    The same search as teardown's (endpoints, models, the UI's Cloud Run service, the accounts they run
+    as), so that a new folder or a lost state file does not hide an endpoint that keeps billing. The
+    three lists go out at once; an API that is not enabled holds nothing of ours.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.run import CloudRun
+    from sdxlctl.gcp.vertex import Vertex
+
+    c = cloud(config)
+    vertex, run, label = Vertex(c), CloudRun(c), (LABEL, config.name)
+
+    def listed(find: Callable[[tuple[str, str]], list[Any]]) -> list[Any]:
+        try:
+            return find(label)
+        except CloudError as exc:
+            if "is not enabled in project" in exc.message:
+                return []
+            raise
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        lists = [pool.submit(listed, find) for find in (vertex.find_endpoints, vertex.find_models, run.find)]
+        endpoints, models, services = (done.result() for done in lists)
+    recorded = state.of(config.name)
+    # a model is recorded with its version (name@2), listed without
+    known = {r.name.split("@")[0] if r.kind == "model" else r.name for r in recorded.values() if r.target == "vertex"}
+    pending = {kind for kind, r in recorded.items() if r.target == "vertex" and not r.name}  # a create under way
+    found: dict[str, Resource] = {}
+
+    def add(kind: str, name: str, live: str, created: Any = None, url: str = "", **details: Any) -> None:
+        if not name or name in known or kind in pending:
+            return
+        known.add(name)
+        key = kind if kind not in recorded and kind not in found else f"{kind} {name}"
+        since = {"created_at": created} if created else {}  # an unset timestamp: "since" is unknown, not 1970
+        details = {FOUND: live, "unrecorded": UNRECORDED, **{k: v for k, v in details.items() if v not in (None, "")}}
+        found[key] = Resource(kind=kind, name=name, target="vertex", url=url, details=details, **since)
+
+    for endpoint in endpoints:
+        short = endpoint.name.rsplit("/", 1)[-1]
+        console = f"https://console.cloud.google.com/vertex-ai/online-prediction/endpoints/{short}"
+        add("endpoint", endpoint.name, _endpoint_state(endpoint), _stamp(endpoint), console, **_billing(endpoint))
+    for model in models:
+        add("model", model.name, "ready", _stamp(model), version=model.version_id)
+    for service in services:
+        add("ui-service", service.name, _service_state(service), _stamp(service), service.uri)
+    for endpoint in endpoints:
+        for deployed in endpoint.deployed_models:
+            # since: in use since; the endpoint's id is in its own row (a long word would widen the column)
+            add("server-account", deployed.service_account, "in use by the endpoint", _stamp(deployed))
+    for service in services:
+        add("ui-account", service.template.service_account, "in use by the UI's Cloud Run service", _stamp(service))
+    return found
+
+
+def _stamp(resource: Any) -> datetime | None:
+    """The resource's create_time, or None where Google left it unset."""
+    stamp = getattr(resource, "create_time", None)
+    return stamp if stamp and stamp.timestamp() > 0 else None
+
+
+def _billing(endpoint: Any) -> dict[str, Any]:
+    """What cost_so_far needs of a deployment it did not record: the GPU option, replicas, since when."""
+    from sdxlctl.gpus import GPUS
+
+    for deployed in endpoint.deployed_models:
+        spec = deployed.dedicated_resources
+        machine = spec.machine_spec
+        accelerator = getattr(machine.accelerator_type, "name", str(machine.accelerator_type))
+        for option in GPUS.values():
+            if (option.machine_type, option.accelerator) == (machine.machine_type, accelerator):
+                since = _stamp(deployed)
+                return {
+                    "gpu": option.key,
+                    "min_replicas": spec.min_replica_count,
+                    "deployed_at": since.isoformat() if since else None,
+                }
+    return {}
 
 
 @dataclass
