@@ -12,7 +12,7 @@ import pytest
 
 from sdxlctl.state import StateStore
 from tests.conftest import Cli
-from tests.emulator_fixtures import Emulator
+from tests.emulator_fixtures import PROJECT, Emulator
 
 UNRECORDED = "not in this folder's state: found by its label"
 
@@ -40,8 +40,10 @@ def test_status_in_a_new_folder_lists_the_billing_endpoint_by_its_label(
     folder_b.mkdir()
     monkeypatch.chdir(folder_b)  # the same config (from the environment), no state file
 
+    before = len(emulator.requests())
     result = cli("status", env=env)
     assert result.code == 0, result.err
+    assert [r for r in emulator.requests()[before:] if r["method"] != "GET"] == []  # status only looks
     assert "nothing deployed" not in result.err
     assert endpoint["name"].rsplit("/", 1)[-1] in result.out and "serving 1 model(s)" in result.out
     assert "not in this folder's state" in result.out and "sdxlctl teardown" in result.err
@@ -54,7 +56,7 @@ def test_status_in_a_new_folder_lists_the_billing_endpoint_by_its_label(
     assert rows["endpoint"]["cost_so_far"] is not None  # it bills: its GPU and start come from the listing
     assert rows["model"]["name"] == model["name"]
     assert rows["server-account"]["name"] == endpoint["deployedModels"][0]["serviceAccount"]
-    assert StateStore(folder_b / ".sdxlctl").read().of("sdxl") == {}  # status only looks
+    assert StateStore(folder_b / ".sdxlctl").read().of("sdxl") == {}  # and records nothing
 
 
 def test_status_in_the_deploying_folder_marks_nothing_and_adds_nothing(cli: Cli, emulator: Emulator) -> None:
@@ -122,3 +124,24 @@ def test_status_piped_at_80_columns_marks_the_unrecorded_endpoint_whole(
     state = "".join(line.split("│")[2].strip() for line in piped.stdout.splitlines() if "│" in line)
     assert UNRECORDED.replace(" ", "") in state.replace(" ", "")
     assert "sdxlctl teardown" in piped.stderr and "Traceback" not in piped.stderr
+
+
+def test_status_offline_is_one_clear_line(cli: Cli) -> None:
+    """The label search needs Google: unreachable, status says so in one line and its hint."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = {
+            "SDXLCTL_TARGET": "vertex",
+            "SDXLCTL_GCP_PROJECT": PROJECT,
+            "SDXLCTL_GCP_API_ENDPOINT": f"http://127.0.0.1:{port}",
+            "SDXLCTL_GCP_RETRY_S": "0.2",
+        }
+        result = cli("status", env=env)
+    assert result.code == 1, result
+    assert "Traceback" not in result.err and result.out == ""
+    error, hint = [line for line in result.err.splitlines() if line.strip()]
+    assert error.startswith("error: list ") and "gave up after retrying" in error, result.err
+    assert hint.startswith("hint: ") and "retry_s" in hint
