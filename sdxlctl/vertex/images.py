@@ -123,10 +123,14 @@ def build(
 def build_local(config: Config, store: StateStore, *, on_log: Progress = quiet) -> StepResult:
     """Build the server image with a local Docker engine (the `docker` package), when one is reachable."""
     started = time.monotonic()
-    context, image = _image(config, "server")
+    if config.gcp.project:
+        context, image = _image(config, "server")
+    else:  # an image for this machine only: no registry, so no project is needed to name it
+        from sdxlctl.context import container_folder, pack
+
+        context, bake = pack(container_folder("model")), bake_of(config, "server")
+        image = f"sdxl-server:{context.tag}-weights-{bake.tag}" if bake else f"sdxl-server:{context.tag}"
     folder = context.folder
-    if not config.gcp.project:
-        image = f"sdxl-server:{context.tag}"
     try:
         import docker
     except ImportError:
