@@ -236,6 +236,16 @@ def _versions() -> dict[str, str]:
     return found | {"python": platform.python_version()}
 
 
+def _server_code() -> dict[str, Any]:
+    """Which server was measured: the commit, and whether its folder had uncommitted changes."""
+    git = ["git", "-C", str(SERVER_PATH)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    status = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
+    if commit.returncode != 0:
+        return {"path": str(SERVER_PATH), "commit": None}
+    return {"path": str(SERVER_PATH), "commit": commit.stdout.strip(), "uncommitted": bool(status.stdout.strip())}
+
+
 def _machine() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": _machine(),
         "load_average": os.getloadavg(),
         "versions": _versions(),
+        "server_code": _server_code(),
         "model": args.model,
         "settings": {"dtype": args.dtype, "warmup": args.warmup, "optimize": "none", "device": "cpu"},
         "files": {str(f.relative_to(folder)): f.stat().st_size for f in files},
