@@ -10,13 +10,24 @@ pipeline's byte-level tokenizer saves (the real ones hold the CLIP BPE files).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
+COMMIT = "462165984030d82259a11f4367a4eed129e94a7b"  # the fake caches' revisions
+VAE_COMMIT = "207b116dae70ace3637169f1ddd2434b91b3a8cd"
+SEED = 7
+REQUEST = {
+    "instances": [{"prompt": "a fox", "seed": SEED}],
+    "parameters": {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"},
+}
 
 # Never loaded: junk in these tests, duplicates or other formats in the real repository.
 SDXL_BASE_UNUSED = (
@@ -225,3 +236,58 @@ def hub_app(repos: dict[str, tuple[str, dict[str, bytes]]], downloads: list[str]
 
 def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def snapshot(cache: Path, repo_id: str) -> Path:
+    """Where a fake Hub cache holds repo_id's files."""
+    commit = COMMIT if repo_id == SDXL_BASE else VAE_COMMIT
+    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
+def reference(folder: Path, variant: str | None, dtype: Any, vae: Path | None) -> np.ndarray:
+    """Plain diffusers: from_pretrained of the same files, the same call the server makes, as uint8 pixels."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    extra = {"vae": AutoencoderKL.from_pretrained(vae, dtype=dtype)} if vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        folder, dtype=dtype, variant=variant, add_watermarker=False, **extra
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        "a fox",
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        generator=[torch.Generator("cpu").manual_seed(SEED)],
+        output_type="np",
+    ).images
+    return np.asarray(images[0] * 255).round().astype(np.int16)
+
+
+def served(pipe: Any) -> np.ndarray:
+    """The image the server's app answers with for REQUEST, as uint8 pixels."""
+    from sdxl_server.app import create_app
+    from sdxl_server.generator import Generator
+    from sdxl_server.settings import Settings
+    from tests.servers import serve_app
+
+    with serve_app(create_app(Settings(warmup=((64, 64),)), load=lambda _: Generator(pipe))) as server:
+        server.wait_until("ready")
+        response = server.predict(REQUEST)
+    assert response.status_code == 200, response.text
+    return pixels(response.json())
+
+
+def pixels(answer: dict[str, Any]) -> np.ndarray:
+    """The first image of a predict answer, as uint8 pixels."""
+    from PIL import Image
+
+    png = base64.b64decode(answer["predictions"][0]["images"][0])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 2, f"max difference {np.abs(got - want).max()}/255"

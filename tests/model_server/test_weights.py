@@ -6,164 +6,36 @@ tiny pipeline's weights; each load is compared with plain diffusers `from_pretra
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import json
-import logging
-import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from sdxl_server import logs
-from sdxl_server.app import create_app
 from sdxl_server.errors import ModelLoadError
-from sdxl_server.generator import Generator
-from sdxl_server.settings import Settings
 from sdxl_server.sources import Placement, load_pipeline
 from sdxl_server.weights import select_model, select_pipeline
 from tests.model_server import published
-from tests.model_server.published import FP16_FIX, SDXL_BASE
-from tests.servers import gcs_emulator, serve_app, server_process
+from tests.model_server.conftest import Lines
+from tests.model_server.published import (
+    COMMIT,
+    FP16_FIX,
+    REQUEST,
+    SDXL_BASE,
+    assert_close,
+    pixels,
+    reference,
+    served,
+    snapshot,
+)
+from tests.servers import server_process
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
 FP32, FP16 = Placement("cpu", torch.float32), Placement("cpu", torch.float16)
-COMMIT = "462165984030d82259a11f4367a4eed129e94a7b"
-VAE_COMMIT = "207b116dae70ace3637169f1ddd2434b91b3a8cd"
-SEED = 7
-REQUEST = {
-    "instances": [{"prompt": "a fox", "seed": SEED}],
-    "parameters": {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"},
-}
 SDXL_INDEX = json.loads(
     (Path(__file__).parents[2] / "containers/model/sdxl_server/configs/sdxl-base-1.0/model_index.json").read_text()
 )
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("published")
-
-
-@pytest.fixture(scope="module")
-def hubs(work: Path) -> dict[str, Path]:
-    """One Hugging Face cache per layout of the SDXL repo, each with the fp16-fix VAE repo."""
-    caches = {}
-    for layout in published.LAYOUTS:
-        cache = work / f"hf-{layout}" / "hub"
-        published.hub_cache(cache, SDXL_BASE, published.sdxl_base(work, layout), COMMIT)
-        published.hub_cache(cache, FP16_FIX, published.fp16_fix(work), VAE_COMMIT)
-        caches[layout] = cache
-    return caches
-
-
-class Lines(logging.Handler):
-    """The fields of every sdxl_server log line, as the JSON log would show them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append({"message": record.getMessage(), **getattr(record, "fields", {})})
-
-    def one(self, message: str) -> dict[str, Any]:
-        found = [line for line in self.lines if line["message"] == message]
-        assert len(found) == 1, self.lines
-        return found[0]
-
-
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
-_left_the_machine: list[str] | None = None  # while a test runs: every address outside it that was tried
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _left_the_machine is None:
-        return
-    if event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in _LOOPBACK:
-        _left_the_machine.append(f"connect {args[1]}")
-        raise ConnectionRefusedError(f"a test may not leave the machine: {args[1]}")
-    if event == "socket.getaddrinfo" and args[0] not in _LOOPBACK and args[0] is not None:
-        _left_the_machine.append(f"resolve {args[0]}")
-
-
-sys.addaudithook(_audit)  # hooks stay for the process: it does nothing outside this module's tests
-
-
-@pytest.fixture(autouse=True)
-def loopback_only() -> Iterator[None]:
-    """Fail a test whose process tried to reach anything but 127.0.0.1 (a Hub, a bucket, a DNS server)."""
-    global _left_the_machine
-    tried: list[str] = []
-    _left_the_machine = tried
-    try:
-        yield
-    finally:
-        _left_the_machine = None
-    assert not tried, tried
-
-
-@pytest.fixture
-def log_lines() -> Iterator[Lines]:
-    handler = Lines()
-    logs.logger.addHandler(handler)
-    level = logs.logger.level
-    logs.logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logs.logger.removeHandler(handler)
-        logs.logger.setLevel(level)
-
-
-def snapshot(cache: Path, repo_id: str) -> Path:
-    """Where a fake Hub cache holds repo_id's files."""
-    commit = COMMIT if repo_id == SDXL_BASE else VAE_COMMIT
-    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
-
-
-def reference(folder: Path, variant: str | None, dtype: torch.dtype, vae: Path | None) -> np.ndarray:
-    """Plain diffusers: from_pretrained of the same files, the same call the server makes, as uint8 pixels."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-
-    extra = {"vae": AutoencoderKL.from_pretrained(vae, dtype=dtype)} if vae else {}
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        folder, dtype=dtype, variant=variant, add_watermarker=False, **extra
-    )
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        "a fox",
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        width=64,
-        height=64,
-        generator=[torch.Generator("cpu").manual_seed(SEED)],
-        output_type="np",
-    ).images
-    return np.asarray(images[0] * 255).round().astype(np.int16)
-
-
-def served(pipe: Any) -> np.ndarray:
-    """The image the server's app answers with for REQUEST, as uint8 pixels."""
-    with serve_app(create_app(Settings(warmup=((64, 64),)), load=lambda _: Generator(pipe))) as server:
-        server.wait_until("ready")
-        response = server.predict(REQUEST)
-    assert response.status_code == 200, response.text
-    png = base64.b64decode(response.json()["predictions"][0]["images"][0])
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
-
-
-def assert_close(got: np.ndarray, want: np.ndarray) -> None:
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 2, f"max difference {np.abs(got - want).max()}/255"
 
 
 # The choice, from the published listing alone
@@ -293,30 +165,13 @@ def test_a_server_process_loads_the_hub_cache_and_logs_each_phase(
     assert (chosen["variant"], chosen["vae"], chosen["revision"]) == ("fp16", f"{FP16_FIX} (plain)", COMMIT)
     assert all(loaded[phase] >= 0 for phase in ("import_s", "load_s", "move_s")) and loaded["dtype"] == "float16"
     assert ready["warmup_s"] >= 0 and ready["total_s"] >= loaded["load_s"]
-    png = base64.b64decode(response.json()["predictions"][0]["images"][0])
-    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    got = pixels(response.json())
     cache = hubs["fp16+fp32"]
     want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
     assert_close(got, want)
 
 
 # Loading from gs:// (the GCS emulator, through the real client)
-
-
-@pytest.fixture(scope="module")
-def bucket(work: Path) -> Iterator[str]:
-    """gs://weights/<layout> for each layout, and gs://weights/fp16-fix; STORAGE_EMULATOR_HOST set."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    with gcs_emulator() as url, pytest.MonkeyPatch.context() as env:
-        env.setenv("STORAGE_EMULATOR_HOST", url)
-        client = storage.Client(project="test", credentials=AnonymousCredentials())
-        weights = client.create_bucket("weights")
-        for layout in published.LAYOUTS:
-            published.upload(weights, layout, published.sdxl_base(work, layout))
-        published.upload(weights, "fp16-fix", published.fp16_fix(work))
-        yield "gs://weights"
 
 
 def downloaded(cache: Path) -> set[str]:
@@ -378,89 +233,3 @@ def test_a_folder_missing_a_component_names_it(work: Path, tmp_path: Path) -> No
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match=r"unet: no config\.json"):
         load_pipeline(str(folder), FP32, cache_dir=tmp_path)
-
-
-# python -m sdxl_server.fetch: what a baked image holds
-
-
-def test_fetch_copies_the_fp16_files_and_the_fp16_fix_vae_and_records_where_from(
-    work: Path, hubs: dict[str, Path], log_lines: Lines, tmp_path: Path
-) -> None:
-    dest = tmp_path / "weights"
-    env = {**os.environ, "HF_HOME": str(hubs["fp16+fp32"].parent), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "sdxl_server.fetch", "--model", SDXL_BASE, str(dest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "fp16 weights" in done.stdout and done.stderr == ""
-    expected = {n for n in published.sdxl_base(work) if not n.startswith("vae/") and n in _configs(work)}
-    expected |= {n for n in published.SDXL_BASE_FP16 if not n.startswith("vae/")}
-    expected |= {f"vae/{n}" for n in published.FP16_FIX_FILES}
-    assert set(published.tree(dest)) == expected | {"SOURCE.json"}
-    record = json.loads((dest / "SOURCE.json").read_text())
-    assert (record["source"], record["variant"], record["revision"]) == (SDXL_BASE, "fp16", COMMIT)
-    assert (record["vae"]["source"], record["vae"]["revision"]) == (FP16_FIX, VAE_COMMIT)
-    assert set(record["files"]) == expected
-    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
-    assert record["files"][unet]["sha256"] == hashlib.sha256((dest / unet).read_bytes()).hexdigest()
-
-    # The baked folder serves what the Hub source served: fp16 weights, the fp16-fix VAE.
-    pipe = load_pipeline(str(dest), FP16, cache_dir=tmp_path)
-    assert log_lines.one("weights chosen")["variant"] == "fp16"
-    cache = hubs["fp16+fp32"]
-    want = reference(snapshot(cache, SDXL_BASE), "fp16", torch.float16, vae=snapshot(cache, FP16_FIX))
-    assert_close(served(pipe), want)
-
-
-def test_fetch_from_gs_records_each_object_generation(bucket: str, work: Path, tmp_path: Path) -> None:
-    from sdxl_server.fetch import fetch
-
-    record = fetch(f"{bucket}/fp16+fp32", tmp_path / "weights", vae="auto")  # a gs:// folder's own
-    assert record["variant"] == "fp16" and record["vae"] == {"source": "model"}
-    assert set(record["files"]) == _configs(work) | set(published.SDXL_BASE_FP16)
-    assert set(record["generations"]) == set(record["files"])
-    assert all(entry["generation"] and entry["crc32c"] for entry in record["generations"].values())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]  # the download moved in, nothing left
-
-
-def test_fetch_of_something_that_is_not_a_model_says_so_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from sdxl_server.fetch import main
-
-    (tmp_path / "empty").mkdir()
-    assert main(["--model", str(tmp_path / "empty"), "--vae", "model", str(tmp_path / "weights")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("fetch: ") and "no model_index.json" in err and len(err.splitlines()) == 1
-
-
-def _configs(work: Path) -> set[str]:
-    return {n for n in published.tree(work / "plain") if not n.endswith(".safetensors")}
-
-
-def test_fetch_online_downloads_only_the_chosen_files(work: Path, tmp_path: Path) -> None:
-    downloads: list[str] = []
-    repos = {SDXL_BASE: (COMMIT, published.sdxl_base(work)), FP16_FIX: (VAE_COMMIT, published.fp16_fix(work))}
-    with serve_app(published.hub_app(repos, downloads)) as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-        done = subprocess.run(
-            [sys.executable, "-m", "sdxl_server.fetch", "--model", SDXL_BASE, str(tmp_path / "weights")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr
-    model = {n for n in _configs(work) | set(published.SDXL_BASE_FP16) if not n.startswith("vae/")}
-    chosen = {f"{SDXL_BASE}/{n}" for n in model} | {f"{FP16_FIX}/{n}" for n in published.FP16_FIX_FILES}
-    # Never a duplicate or another variant; identical files (the two tokenizers) are fetched once.
-    assert set(downloads) <= chosen and any(".fp16." in name for name in downloads)
-    assert set(published.tree(tmp_path / "weights")) == model | {f"vae/{n}" for n in published.FP16_FIX_FILES} | {
-        "SOURCE.json"
-    }
-    record = json.loads((tmp_path / "weights" / "SOURCE.json").read_text())
-    assert (record["revision"], record["vae"]["revision"]) == (COMMIT, VAE_COMMIT)
