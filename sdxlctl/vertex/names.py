@@ -82,7 +82,14 @@ def daily_cost(option: GpuOption, region: str, replicas: int) -> str:
     hourly = machine_price(option.key, region)
     if hourly is None:
         return "no price in the table for this region (`sdxlctl cost`)"
-    return f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replicas} replica(s)"
+    return f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replica_count(replicas, replicas)}"
+
+
+def replica_count(low: int, high: int) -> str:
+    """1 replica, 2 replicas, 1..3 replicas: as `sdxlctl cost` says it."""
+    if low != high:
+        return f"{low}..{high} replicas"
+    return f"{low} replica" + ("" if low == 1 else "s")
 
 
 def machine_of(option: GpuOption) -> str:

@@ -27,6 +27,7 @@ from sdxlctl.vertex.names import (
     daily_cost,
     machine_of,
     names,
+    replica_count,
     server_account,
 )
 
@@ -147,7 +148,7 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
             " (up to 1 h per request, 10 MB)" if d.endpoint == "dedicated" else " (60 s per request, 1.5 MB)"
         )
         changes.append(Change("create", "endpoint", f"{config.name} in {config.gcp.region}", detail))
-    scale = "scale to zero (Preview)" if d.min_replicas == 0 else f"replicas {d.min_replicas}..{d.max_replicas}"
+    scale = "scale to zero (Preview)" if d.min_replicas == 0 else replica_count(d.min_replicas, d.max_replicas)
     machine = f"{machine_of(option)}, {scale}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}"
     if option.note:
         machine += f"; {option.note}"

@@ -60,3 +60,14 @@ def test_a_human_plan_at_80_columns_piped_keeps_every_name_and_word_whole(tmp_pa
             assert any(change["name"] in line and change["action"] in line for line in lines), change["name"]
             assert set(change["detail"].split()) <= words, change["detail"]
         assert human.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "scale", "day"),
+    [("1", "1", "1 replica;", "for 1 replica"), ("2", "3", "2..3 replicas;", "for 2 replicas")],
+)
+def test_the_deploy_plan_counts_replicas_as_cost_does(cli: Cli, low: str, high: str, scale: str, day: str) -> None:
+    replicas = {"SDXLCTL_DEPLOY_MIN_REPLICAS": low, "SDXLCTL_DEPLOY_MAX_REPLICAS": high}
+    plan = json.loads(cli("deploy", "--dry-run", "--json", env=VERTEX | replicas).out)
+    detail = plan["changes"][-1]["detail"]
+    assert scale in detail and detail.endswith(day), detail  # not "replicas 1..1" nor "1 replica(s)"
