@@ -122,8 +122,10 @@ class StateStore:
             return State.model_validate_json(data)
         except ValidationError as exc:
             aside = self.path.with_name("state.json.damaged")
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
             raise StateError(
-                f"{self.path} is not a state file sdxlctl can read ({exc.error_count()} problems)",
+                f"{self.path} is not a state file sdxlctl can read ({where + ': ' if where else ''}{first['msg']})",
                 hint=f"move it aside (mv {self.path} {aside}): `sdxlctl teardown` still finds local processes by "
                 f"their records in {self.run} and cloud resources by label",
             ) from None
