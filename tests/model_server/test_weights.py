@@ -233,3 +233,21 @@ def test_a_folder_missing_a_component_names_it(work: Path, tmp_path: Path) -> No
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match=r"unet: no config\.json"):
         load_pipeline(str(folder), FP32, cache_dir=tmp_path)
+
+
+def test_a_folder_of_pickled_weights_loads_and_matches_diffusers(tmp_path: Path) -> None:
+    # As older fine-tunes are published: transformers names its pickles pytorch_model.bin (not model.bin),
+    # diffusers diffusion_pytorch_model.bin. Transformers 5 only saves safetensors, so they are written here.
+    from safetensors.torch import load_file
+
+    from sdxl_server.sources import build_tiny_pipeline
+
+    folder = tmp_path / "pickles"
+    build_tiny_pipeline().save_pretrained(folder)
+    for weights in [*folder.glob("*/model.safetensors"), *folder.glob("*/diffusion_pytorch_model.safetensors")]:
+        name = "pytorch_model.bin" if weights.name == "model.safetensors" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(weights), weights.with_name(name))
+        weights.unlink()
+    assert (folder / "text_encoder_2" / "pytorch_model.bin").is_file()
+    pipe = load_pipeline(str(folder), FP32, cache_dir=tmp_path / "cache")
+    assert_close(served(pipe), reference(folder, None, torch.float32, None))

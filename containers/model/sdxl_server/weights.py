@@ -20,12 +20,15 @@ from sdxl_server.errors import ModelLoadError
 
 MODEL_INDEX = "model_index.json"
 # model.safetensors, model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors, ...
+# and the pickles: transformers' pytorch_model.bin (its safetensors are model.*), diffusion_pytorch_model.bin
 _WEIGHTS = re.compile(
-    r"^(?P<base>model|diffusion_pytorch_model)(?:\.(?P<variant>\w+))?(?:-\d+-of-\d+)?\.(?P<format>safetensors|bin)$"
+    r"^(?P<base>model|pytorch_model|diffusion_pytorch_model)(?:\.(?P<variant>\w+))?(?:-\d+-of-\d+)?"
+    r"\.(?P<format>safetensors|bin)$"
 )
 # The index of sharded weights: model.safetensors.index.json, model.safetensors.index.fp16.json
 _INDEX = re.compile(
-    r"^(?P<base>model|diffusion_pytorch_model)\.(?P<format>safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$"
+    r"^(?P<base>model|pytorch_model|diffusion_pytorch_model)\.(?P<format>safetensors|bin)"
+    r"\.index(?:\.(?P<variant>\w+))?\.json$"
 )
 # Weights in formats a torch pipeline never reads (and the weights not chosen): never fetched.
 _NOT_LOADED = (".safetensors", ".bin", ".msgpack", ".onnx", ".onnx_data", ".xml", ".pb", ".h5", ".ckpt", ".pt", ".pth")
