@@ -112,3 +112,19 @@ def test_fetch_online_downloads_only_the_chosen_files(work: Path, tmp_path: Path
     }
     record = json.loads((tmp_path / "weights" / "SOURCE.json").read_text())
     assert (record["revision"], record["vae"]["revision"]) == (COMMIT, VAE_COMMIT)
+
+
+def test_fetch_again_into_the_same_folder_leaves_only_the_files_it_records(
+    work: Path, log_lines: Lines, tmp_path: Path
+) -> None:
+    from sdxl_server.fetch import fetch
+
+    source = published.write(tmp_path / "sdxl", published.sdxl_base(work))
+    vae = published.write(tmp_path / "fp16-fix", published.fp16_fix(work))
+    dest = tmp_path / "weights"
+    fetch(str(source), dest, vae="model")  # the model's own VAE: vae/diffusion_pytorch_model.fp16.safetensors
+    record = fetch(str(source), dest, vae=str(vae))  # then the fp16-fix VAE, which has plain files only
+    assert set(published.tree(dest)) == set(record["files"]) | {"SOURCE.json"}
+    # left there, the first VAE's fp16 file would be loaded with the second VAE's config
+    load_pipeline(str(dest), FP16, cache_dir=tmp_path / "cache")
+    assert log_lines.one("weights chosen")["note"] == "fp16 weights, plain weights for vae"

@@ -65,6 +65,7 @@ def fetch(source: str, dest: Path, *, vae: str = FP16_FIX_VAE, precision: str = 
     if vae == "auto":
         vae = "model" if source.startswith("gs://") or Path(source).expanduser().is_dir() else FP16_FIX_VAE
     dest.mkdir(parents=True, exist_ok=True)
+    earlier = _forget_record(dest)
     # gs:// downloads land beside dest, not in it (the image would carry them twice), and move into it
     staging = dest.parent / f".{dest.name}.download"
     try:
@@ -89,6 +90,10 @@ def fetch(source: str, dest: Path, *, vae: str = FP16_FIX_VAE, precision: str = 
             }
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for name in earlier - set(files):
+        # a file of another variant or VAE, left in dest, would be loaded instead of the one just fetched
+        if (dest / name).is_file():
+            (dest / name).unlink()
     record["files"] = files
     record["fetched_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     (dest / SOURCE_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -111,6 +116,21 @@ def _copy(located: Located, dest: Path, *, moving: bool) -> dict[str, dict[str, 
         partial.replace(target)
         files[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
     return files
+
+
+def _forget_record(dest: Path) -> set[str]:
+    """The files an earlier fetch into dest recorded; its SOURCE.json goes, so an interrupted fetch leaves none."""
+    record = dest / SOURCE_JSON
+    try:
+        names = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = {}
+    if not isinstance(names, dict):
+        names = {}
+    record.unlink(missing_ok=True)
+    root = dest.resolve()
+    # only files inside dest: a hand-edited record names nothing else to delete
+    return {n for n in names if isinstance(n, str) and (dest / n).resolve().is_relative_to(root)}
 
 
 def _generations(located: Located) -> dict[str, Any] | None:
