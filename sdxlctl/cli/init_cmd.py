@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from sdxlctl.cli.commands import Gpu
+from sdxlctl.cli.commands import GPU_CHOICES, Gpu
 from sdxlctl.cli.console import err, out
 from sdxlctl.cli.root import app, options
 
@@ -55,11 +55,7 @@ def init(
         project = _ask("Google Cloud project id", known) if ask and target == "vertex" else ""
     if region is None:
         region = _ask("region", "us-central1") if ask and target == "vertex" else "us-central1"
-    gpu_key = (
-        gpu.value
-        if gpu
-        else (_ask("GPU (t4, l4, a100, a100-80, h100, h200)", "l4") if ask and target == "vertex" else "l4")
-    )
+    gpu_key = gpu.value if gpu else (_ask(f"GPU ({GPU_CHOICES})", "l4") if ask and target == "vertex" else "l4")
     _check(project, region, gpu_key)
     text = fill(
         TEMPLATE.read_text(encoding="utf-8"),
