@@ -19,17 +19,74 @@ class GpuOption:
     vcpus: int
     ram_gb: float
     family: str  # price family: the machine series whose vCPU and RAM prices apply
+    quota: str  # Vertex AI's serving quota of this GPU per region: aiplatform.googleapis.com/<quota>
+    sku: str  # its Cloud Billing SKU, a pattern of the description after "Vertex AI: Online/Batch Prediction "
     note: str = ""
 
 
 GPUS: dict[str, GpuOption] = {
     option.key: option
     for option in (
-        GpuOption("t4", "NVIDIA T4 16GB", "n1-standard-8", "NVIDIA_TESLA_T4", 1, 8, 30, "n1"),
-        GpuOption("l4", "NVIDIA L4 24GB", "g2-standard-8", "NVIDIA_L4", 1, 8, 32, "g2"),
-        GpuOption("a100", "NVIDIA A100 40GB", "a2-highgpu-1g", "NVIDIA_TESLA_A100", 1, 12, 85, "a2"),
-        GpuOption("a100-80", "NVIDIA A100 80GB", "a2-ultragpu-1g", "NVIDIA_A100_80GB", 1, 12, 170, "a2"),
-        GpuOption("h100", "NVIDIA H100 80GB", "a3-highgpu-1g", "NVIDIA_H100_80GB", 1, 26, 234, "a3"),
+        GpuOption(
+            "t4",
+            "NVIDIA T4 16GB",
+            "n1-standard-8",
+            "NVIDIA_TESLA_T4",
+            1,
+            8,
+            30,
+            "n1",
+            quota="custom_model_serving_nvidia_t4_gpus",
+            sku=r"nvidia tesla t4 gpu",
+        ),
+        GpuOption(
+            "l4",
+            "NVIDIA L4 24GB",
+            "g2-standard-8",
+            "NVIDIA_L4",
+            1,
+            8,
+            32,
+            "g2",
+            quota="custom_model_serving_nvidia_l4_gpus",
+            sku=r"nvidia l4 gpu",
+        ),
+        GpuOption(
+            "a100",
+            "NVIDIA A100 40GB",
+            "a2-highgpu-1g",
+            "NVIDIA_TESLA_A100",
+            1,
+            12,
+            85,
+            "a2",
+            quota="custom_model_serving_nvidia_a100_gpus",
+            sku=r"nvidia tesla a100 gpu",
+        ),
+        GpuOption(
+            "a100-80",
+            "NVIDIA A100 80GB",
+            "a2-ultragpu-1g",
+            "NVIDIA_A100_80GB",
+            1,
+            12,
+            170,
+            "a2",
+            quota="custom_model_serving_nvidia_a100_80gb_gpus",
+            sku=r"nvidia a100 80gb gpu",
+        ),
+        GpuOption(
+            "h100",
+            "NVIDIA H100 80GB",
+            "a3-highgpu-1g",
+            "NVIDIA_H100_80GB",
+            1,
+            26,
+            234,
+            "a3",
+            quota="custom_model_serving_nvidia_h100_gpus",
+            sku=r"nvidia h100 80gb gpu",
+        ),
         GpuOption(
             "h200",
             "NVIDIA H200 141GB",
@@ -39,6 +96,8 @@ GPUS: dict[str, GpuOption] = {
             224,
             2952,
             "a3",
+            quota="custom_model_serving_nvidia_h200_gpus",
+            sku=r"nvidia h200(?: 141gb)? gpu",
             note="H200 comes only as 8 GPUs per machine; one model server uses one of them",
         ),
     )

@@ -7,19 +7,12 @@ from typing import Any
 
 from sdxlctl.gcp.errors import translated
 from sdxlctl.gcp.session import Cloud
+from sdxlctl.gpus import GPUS
 
 VERTEX_SERVICE = "services/C7E2-9256-1C43"
 PREFIX = "vertex ai: online/batch prediction "
-# SKU description (lower case, after the prefix) -> the table's key. Order matters: 80gb before plain A100.
-GPU_PATTERNS = [
-    ("a100-80", r"nvidia a100 80gb gpu"),
-    ("a100", r"nvidia tesla a100 gpu"),
-    ("h100", r"nvidia h100 80gb gpu"),
-    ("h200", r"nvidia h200(?: 141gb)? gpu"),
-    ("l4", r"nvidia l4 gpu"),
-    ("t4", r"nvidia tesla t4 gpu"),
-]
-PART = re.compile(r"^(?P<family>n1|g2|a2|a3)\b.*instance (?P<part>core|ram)\b")
+FAMILIES = "|".join(sorted({option.family for option in GPUS.values()}))
+PART = re.compile(rf"^(?P<family>{FAMILIES})\b.*instance (?P<part>core|ram)\b")
 
 
 def unit_price(sku: Any) -> float:
@@ -55,8 +48,8 @@ def fetch_regions(cloud: Cloud, regions: list[str]) -> dict[str, dict[str, Any]]
 
 
 def _classify(rest: str) -> tuple[str, str] | None:
-    for key, pattern in GPU_PATTERNS:
-        if re.match(pattern, rest):
+    for key, option in GPUS.items():
+        if re.match(option.sku, rest):
             return "gpu", key
     match = PART.match(rest)
     if match:

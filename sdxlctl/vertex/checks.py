@@ -25,15 +25,6 @@ REQUIRED = (
     "iam.googleapis.com",
 )
 OPTIONAL = {"logging.googleapis.com": "`sdxlctl logs`", "cloudquotas.googleapis.com": "the GPU quota check"}
-# Vertex AI's serving quota of each GPU option (aiplatform.googleapis.com/<metric>), per region.
-QUOTA_METRICS = {
-    "t4": "custom_model_serving_nvidia_t4_gpus",
-    "l4": "custom_model_serving_nvidia_l4_gpus",
-    "a100": "custom_model_serving_nvidia_a100_gpus",
-    "a100-80": "custom_model_serving_nvidia_a100_80gb_gpus",
-    "h100": "custom_model_serving_nvidia_h100_gpus",
-    "h200": "custom_model_serving_nvidia_h200_gpus",
-}
 
 
 def check(config: Config, store: StateStore) -> list[Check]:
@@ -83,7 +74,7 @@ def _quota(config: Config, where: Cloud) -> Check:
 
     option = gpu(config.deploy.gpu)
     needed = option.count * config.deploy.max_replicas
-    name, metric = f"gpu quota {option.key}", QUOTA_METRICS[option.key]
+    name, metric = f"gpu quota {option.key}", option.quota
     console = f"https://console.cloud.google.com/iam-admin/quotas?project={where.project}"
     try:
         found = project.gpu_quota(where, f"{project.QUOTA_SERVICE}/{metric}")

@@ -158,3 +158,20 @@ def test_every_target_is_one_module_in_the_dispatch() -> None:
 def test_no_file_is_over_the_limit() -> None:
     long = {module: n for module, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_the_gpu_table_is_the_only_list_of_gpus() -> None:
+    """A GPU's machine, quota and billing SKU live in gpus.py, so a new GPU is one entry there; elsewhere only
+    the default may be named."""
+    from sdxlctl.config import Deploy
+    from sdxlctl.gpus import GPUS
+
+    default = Deploy.model_fields["gpu"].default
+    named = sorted(
+        f"{module}:{node.lineno} {node.value!r}"
+        for module, path in MODULES.items()
+        if module != "sdxlctl.gpus"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and node.value in set(GPUS) - {default}
+    )
+    assert not named, named
