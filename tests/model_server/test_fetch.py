@@ -128,3 +128,16 @@ def test_fetch_again_into_the_same_folder_leaves_only_the_files_it_records(
     # left there, the first VAE's fp16 file would be loaded with the second VAE's config
     load_pipeline(str(dest), FP16, cache_dir=tmp_path / "cache")
     assert log_lines.one("weights chosen")["note"] == "fp16 weights, plain weights for vae"
+
+
+@pytest.mark.parametrize("model", ["/data/sdxl-typo", "./sdxl-typo"])
+def test_fetch_of_a_folder_that_does_not_exist_names_it_not_the_hub(
+    model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sdxl_server.fetch import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", model, "--vae", "model", str(tmp_path / "weights")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fetch: {model} is not an existing folder, a gs://")
+    assert "Hugging Face repo id (owner/name)" in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdxl_server.errors import ModelLoadError
+from sdxl_server.weights import REPO_ID
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def load_pipeline(
         pipe = build_random_sdxl(placement)
     elif source.startswith("gs://") or (source.strip() and Path(source).expanduser().is_dir()):
         pipe = _load_located(source, placement, vae, "model", cache_dir=cache_dir, hub_cache=hub_cache, timed=timed)
-    elif _REPO_ID.match(source) and not Path(source).exists():
+    elif REPO_ID.match(source) and not Path(source).exists():
         pipe = _load_located(
             source, placement, vae, FP16_FIX_VAE, cache_dir=cache_dir, hub_cache=hub_cache, timed=timed
         )

@@ -19,6 +19,7 @@ from typing import Any
 from sdxl_server.errors import ModelLoadError
 
 MODEL_INDEX = "model_index.json"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hugging Face repo id: owner/name
 # model.safetensors, model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors, ...
 # and the pickles: transformers' pytorch_model.bin (its safetensors are model.*), diffusion_pytorch_model.bin
 _WEIGHTS = re.compile(
@@ -232,6 +233,10 @@ def locate(
     if folder.is_dir():
         names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
         return Located(source, folder, pick(names, folder))
+    if not REPO_ID.match(source) or folder.exists():  # a mistyped folder is not a question for the Hub
+        raise ModelLoadError(
+            f"{source} is not an existing folder, a gs://bucket/folder or a Hugging Face repo id (owner/name)"
+        )
     return _locate_hub(source, hub_cache, pick)
 
 
