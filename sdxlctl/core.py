@@ -249,23 +249,26 @@ def status(config: Config, store: StateStore) -> list[ResourceStatus]:
     for kind, resource in unknown.items():
         # The target says how it found what the state file lacks (vertex: by label; local: by process marker)
         states[kind] = f"{states.get(kind, 'recorded')} ({resource.details.get('unrecorded', 'not in the state file')})"
-    return [
-        ResourceStatus(
-            kind=resource.kind,
-            name=resource.name,
-            target=resource.target,
-            url=resource.url,
-            created_at=resource.created_at,
-            uptime_s=resource.age_seconds(now),
-            state=states.get(kind) or "recorded",
-            details=resource.details,
-            cost_so_far=TARGETS[resource.target].cost_so_far(config, resource, now)
-            if resource.target in TARGETS
-            else None,
-            recorded=kind not in unknown,
+    rows = []
+    for kind, resource in resources.items():
+        seen = states.get(kind) or "recorded"
+        # Deleted behind sdxlctl's back at a time it cannot know: neither its uptime nor its cost runs on.
+        live = seen != "gone" and resource.target in TARGETS
+        rows.append(
+            ResourceStatus(
+                kind=resource.kind,
+                name=resource.name,
+                target=resource.target,
+                url=resource.url,
+                created_at=resource.created_at,
+                uptime_s=resource.age_seconds(now) if seen != "gone" else None,
+                state=seen,
+                details=resource.details,
+                cost_so_far=TARGETS[resource.target].cost_so_far(config, resource, now) if live else None,
+                recorded=kind not in unknown,
+            )
         )
-        for kind, resource in resources.items()
-    ]
+    return rows
 
 
 # ---------------------------------------------------------------- logs

@@ -134,7 +134,7 @@ class ResourceStatus:
     target: str
     url: str
     created_at: datetime
-    uptime_s: float
+    uptime_s: float | None  # None: gone, so how long it was up is not known here
     state: str
     details: dict[str, Any] = field(default_factory=dict)
     cost_so_far: float | None = None  # USD since creation, for resources billed by the hour

@@ -175,7 +175,7 @@ def _status_cells(row: ResourceStatus) -> dict[str, str]:
         "name": escape(row.name),
         "state": escape(row.state),
         "where": escape(row.url),
-        "up for": duration(row.uptime_s),
+        "up for": "—" if row.uptime_s is None else duration(row.uptime_s),
         "since": row.created_at.strftime("%Y-%m-%d %H:%M UTC"),
         "cost so far": "—" if row.cost_so_far is None else f"{row.cost_so_far:,.2f}",
     }

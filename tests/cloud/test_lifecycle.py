@@ -144,3 +144,27 @@ def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> Non
     httpx.delete(f"{emulator.url}/v1/{model['name']}").raise_for_status()
     states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
     assert states["endpoint"] == "no model" and states["model"] == "gone"
+
+
+def test_a_gone_endpoint_costs_nothing_more(cli: Cli, emulator: Emulator) -> None:
+    """Deleted behind sdxlctl's back: no cost so far that keeps growing with the clock, nor an uptime."""
+    import httpx
+
+    env = emulator.env()
+    for step in (["build"], ["upload"], ["deploy"]):
+        assert cli(*step, env=env).code == 0
+    (endpoint,) = emulator.resources()["endpoints"]
+    httpx.post(
+        f"{emulator.url}/v1/{endpoint['name']}:undeployModel",
+        json={"deployedModelId": endpoint["deployedModels"][0]["id"]},
+    ).raise_for_status()
+    for _ in range(3):
+        for operation in list(emulator.world.operations.values()):
+            operation.poll()
+    httpx.delete(f"{emulator.url}/v1/{endpoint['name']}").raise_for_status()
+    rows = {r["kind"]: r for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
+    assert rows["endpoint"]["state"] == "gone" and rows["endpoint"]["cost_so_far"] is None
+    shown = cli("status", env=env | {"COLUMNS": "200"}).out
+    rows_shown = [[cell.strip() for cell in line.strip("│").split("│")] for line in shown.splitlines() if "│" in line]
+    (cells,) = [cells for cells in rows_shown if cells[0] == "endpoint"]
+    assert cells[4] == "—", cells  # up for: unknown, not the age of the record
