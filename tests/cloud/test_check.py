@@ -21,17 +21,20 @@ from tests.emulator.app import create_app
 from tests.emulator.core import World
 from tests.emulator.project import add_repository, disable, set_quota
 from tests.emulator_fixtures import PROJECT, REGION, Emulator
-from tests.servers import free_port, serve_app
+from tests.servers import free_port, gcs_emulator, serve_app
 
 L4 = "aiplatform.googleapis.com/custom_model_serving_nvidia_l4_gpus"
 
 
 @pytest.fixture
-def project(gcs: str) -> Iterator[Emulator]:
-    """An emulated project that is set up: every API on, GPU quota, the image repository made."""
+def project() -> Iterator[Emulator]:
+    """An emulated project that is set up: every API on, GPU quota, the image repository made.
+
+    Its GCS is its own: the session's holds the buckets earlier tests made (the staging bucket among them).
+    """
     world = World()
     add_repository(world, PROJECT, REGION, "sdxlctl")
-    with serve_app(create_app(world, gcs_url=gcs)) as server:
+    with gcs_emulator() as gcs, serve_app(create_app(world, gcs_url=gcs)) as server:
         yield Emulator(server.url, gcs, world)
 
 
