@@ -251,3 +251,15 @@ def test_a_folder_of_pickled_weights_loads_and_matches_diffusers(tmp_path: Path)
     assert (folder / "text_encoder_2" / "pytorch_model.bin").is_file()
     pipe = load_pipeline(str(folder), FP32, cache_dir=tmp_path / "cache")
     assert_close(served(pipe), reference(folder, None, torch.float32, None))
+
+
+@pytest.mark.parametrize(
+    "index",
+    [{}, {"unet": "UNet2DConditionModel"}, {k: v for k, v in SDXL_INDEX.items() if k != "_class_name"}],
+    ids=["empty", "no-pairs", "no-class-name"],
+)
+def test_a_model_index_that_names_no_pipeline_is_named(index: dict[str, object], work: Path, tmp_path: Path) -> None:
+    folder = published.write(tmp_path / "sdxl", published.sdxl_base(work))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"model_index\.json .*_class_name"):
+        load_pipeline(str(folder), FP32, cache_dir=tmp_path)

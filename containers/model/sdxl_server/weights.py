@@ -86,6 +86,11 @@ def select_pipeline(
     folders = _by_folder(names)
     if MODEL_INDEX not in folders.get("", {}):
         raise ModelLoadError(f"not a diffusers pipeline: no {MODEL_INDEX}")
+    if "_class_name" not in model_index or not components(model_index):
+        raise ModelLoadError(
+            f"{MODEL_INDEX} names no pipeline: a diffusers pipeline's has _class_name and a "
+            '[library, class] pair per component, such as "unet": ["diffusers", "UNet2DConditionModel"]'
+        )
     listed = {name: cls for name, cls in components(model_index).items() if name not in set(without)}
     problems: list[str] = []
     available: dict[str, dict[str | None, list[str]]] = {}
