@@ -75,9 +75,10 @@ def marker(home: Path, deployment: str, kind: str) -> str:
 def start(spec: ProcessSpec, log_path: Path, *, mark: str = "") -> int:
     """Start the process detached from this terminal (Ctrl-C here does not reach it); return its pid."""
     if not port_is_free(spec.port):
+        key = "ui_port" if spec.kind == "local-ui" else "server_port"
         raise DeployError(
             f"port {spec.port} is already in use on this machine",
-            hint="stop what uses it, or set [local] ports in sdxlctl.toml (or SDXLCTL_LOCAL_SERVER_PORT)",
+            hint=f"stop what uses it, or set [local] {key} in sdxlctl.toml (or SDXLCTL_LOCAL_{key.upper()})",
         )
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # No network for the Hub client unless the source needs it; never phone home.

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from sdxlctl.local import processes as local
@@ -114,8 +115,24 @@ def test_a_busy_port_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         result = cli("deploy", env={"SDXLCTL_LOCAL_SERVER_PORT": str(port)})
     assert result.code == 1 and f"port {port} is already in use" in result.err
-    assert "SDXLCTL_LOCAL_SERVER_PORT" in result.err
+    assert "[local] server_port" in result.err and "SDXLCTL_LOCAL_SERVER_PORT" in result.err
     assert server_pid(tmp_path) is None
+
+
+def test_a_busy_ui_port_names_the_ui_port_key(tmp_path: Path) -> None:
+    from sdxlctl.config import Config
+    from sdxlctl.errors import DeployError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = local.ui_spec(Config.model_validate({"local": {"ui_port": port}}), "http://127.0.0.1:1")
+        with pytest.raises(DeployError) as raised:
+            local.start(spec, tmp_path / "ui.log")
+    refused = f"{raised.value.message} {raised.value.hint}"
+    assert f"port {port} is already in use" in refused and not (tmp_path / "ui.log").exists()
+    assert "[local] ui_port" in refused and "SDXLCTL_LOCAL_UI_PORT" in refused and "SERVER" not in refused
 
 
 def test_teardown_asks_unless_yes(cli: Cli, tmp_path: Path) -> None:
