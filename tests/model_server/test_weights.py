@@ -263,3 +263,13 @@ def test_a_model_index_that_names_no_pipeline_is_named(index: dict[str, object],
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match=r"model_index\.json .*_class_name"):
         load_pipeline(str(folder), FP32, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damaged", ["text_encoder_2/model.safetensors", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_truncated_weights_file_is_named(damaged: str, work: Path, tmp_path: Path) -> None:
+    # an interrupted copy of a folder (gs:// downloads are checked by crc32c; this is a folder or a bake's copy)
+    folder = published.write(tmp_path / "sdxl", published.sdxl_base(work))
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=rf"{damaged}: .*truncated"):
+        load_pipeline(str(folder), FP32, cache_dir=tmp_path)

@@ -239,7 +239,7 @@ def _load_located(
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     from sdxl_server import logs
-    from sdxl_server.weights import locate, precision
+    from sdxl_server.weights import damaged, locate, precision
 
     _quiet_progress_bars()
     choice = default_vae if vae == "auto" else vae
@@ -282,8 +282,10 @@ def _load_located(
             local_files_only=True,
             **extra,
         )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the pipeline in {located.folder}: {exc}") from exc
+    except Exception as exc:  # transformers lets a damaged file's SafetensorError through, naming no file
+        if bad := damaged(located.folder, selection.files):
+            raise ModelLoadError(f"could not load the pipeline in {located.folder}: {bad}; copy it again") from exc
+        raise ModelLoadError(f"could not load the pipeline in {located.folder}: {type(exc).__name__}: {exc}") from exc
 
 
 def _quiet_progress_bars() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -198,6 +199,30 @@ def _choose(
 def _cast_note(variant: str | None, precision: str) -> str:
     first = PREFERENCE[precision][0] or "plain"
     return f"no {first} weights for every component: {variant or 'plain'} weights cast to {precision}"
+
+
+def damaged(folder: Path, files: Iterable[str]) -> str | None:
+    """The first safetensors file of `files` shorter than its header says, or unreadable, and why; else None.
+
+    Header reads only (a few kB each): asked after a load failed, to name the file a library did not.
+    """
+    for name in files:
+        if not name.endswith(".safetensors"):
+            continue
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+                if 8 + length > size:
+                    return f"{name}: {size} bytes, shorter than its own header; truncated"
+                header = json.loads(file.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as exc:
+            return f"{name}: not a readable safetensors file, damaged or truncated ({type(exc).__name__}: {exc})"
+        if 8 + length + end > size:
+            return f"{name}: {size} bytes, its header says {8 + length + end}; truncated"
+    return None
 
 
 @dataclass(frozen=True)
