@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,9 +60,13 @@ class Names:
 
 
 def _account_id(deployment: str, role: str) -> str:
-    """6-30 characters: the deployment name is shortened, never the role (two roles must not collide)."""
+    """6-30 characters: a name too long is shortened, never the role (two roles must not collide), and ends
+    in a digest of the whole name (two deployments named alike up to the cut must not share an account)."""
     suffix = f"-{role}-sa"
-    return deployment[: 30 - len(suffix)].rstrip("-") + suffix
+    if len(deployment) + len(suffix) <= 30:
+        return deployment + suffix
+    digest = hashlib.sha256(deployment.encode()).hexdigest()[:4]
+    return f"{deployment[: 30 - len(suffix) - 5].rstrip('-')}-{digest}{suffix}"
 
 
 def names(config: Config) -> Names:

@@ -7,6 +7,7 @@ the cache's bucket (and read gs:// weights), and takes all of that away again on
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tests.conftest import Cli
@@ -110,7 +111,17 @@ def test_long_deployment_names_keep_the_two_accounts_apart() -> None:
     from sdxlctl.vertex.names import Names
 
     n = Names("a-deployment-name-of-thirty-two", PROJECT, "us-central1", "sdxlctl", "b")
-    assert n.account_id == "a-deployment-name-of-thi-ui-sa"
-    assert n.server_account_id == "a-deployment-name-of-server-sa"
-    assert all(6 <= len(i) <= 30 for i in (n.account_id, n.server_account_id))
+    assert n.account_id.startswith("a-deployment-name") and n.account_id.endswith("-ui-sa")
+    assert n.server_account_id.startswith("a-deployment") and n.server_account_id.endswith("-server-sa")
+    assert all(re.fullmatch(r"[a-z][-a-z0-9]{4,28}[a-z0-9]", i) for i in (n.account_id, n.server_account_id))
     assert Names("sdxl", PROJECT, "us-central1", "sdxlctl", "b").account_id == "sdxl-ui-sa"  # as before
+    fits = Names("twenty-chars-exactly", PROJECT, "us-central1", "sdxlctl", "b")
+    assert fits.server_account_id == "twenty-chars-exactly-server-sa"  # a name that fits is kept whole
+
+
+def test_two_long_deployment_names_never_share_an_account() -> None:
+    """Shortened alike, two deployments would run as one account, and tearing one down would break the other."""
+    from sdxlctl.vertex.names import Names
+
+    one, two = (Names(f"team-sdxl-prod-europe-{i}", PROJECT, "us-central1", "sdxlctl", "b") for i in (1, 2))
+    assert one.server_account_id != two.server_account_id and one.account_id != two.account_id
