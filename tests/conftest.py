@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Rich fixes a console's width at creation when COLUMNS is set; pytest-xdist sets COLUMNS=80 in its workers,
+# which would pin the CLI's consoles to 80 before any test chose a width. Tests set COLUMNS themselves.
+os.environ.pop("COLUMNS", None)
+
 from sdxlctl.cli.app import run
 from tests.servers import Server, server_process
 
