@@ -21,8 +21,11 @@ MARKS = {"ok": "[green]✓[/]", "fail": "[red]✗[/]", "warn": "[yellow]![/]"}
 def check(
     as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON on stdout")] = False,
 ) -> None:
-    """Is everything the target needs in place? Target vertex: credentials, APIs, GPU quota in the region,
-    bucket and registry; target local: the server's and the UI's packages, free ports. Exit 1 if any fails."""
+    """Is everything the target needs in place? One line per check, with the fix; exit 1 if any fails.
+
+    Target vertex: credentials, APIs, GPU quota in the region, bucket and registry; target local: the
+    server's and the UI's packages, free ports.
+    """
     from sdxlctl import core
     from sdxlctl.config import load_config
     from sdxlctl.state import StateStore

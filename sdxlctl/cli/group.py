@@ -11,8 +11,20 @@ import typer.core
 ANYWHERE = {"--config": True, "-c": True, "--debug": False}
 
 
+# `sdxlctl -h` lists the commands in the order a deployment lives, as `sdxlctl init` to `teardown` would run;
+# a command not named here comes last.
+LIFECYCLE = [
+    "init", "check", "build", "upload", "deploy", "predict", "ui-deploy",
+    "status", "logs", "cost", "teardown", "config", "styles",
+]  # fmt: skip
+
+
 class Group(typer.core.TyperGroup):
     """Typer's group, with every command's help made plain and the global options accepted after it."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        rank = {name: i for i, name in enumerate(LIFECYCLE)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)

@@ -181,3 +181,14 @@ def test_typer_and_rich_ranges_start_at_what_ci_installs() -> None:
         assert any(s.operator == "<" for s in allowed), f"{package} has no ceiling"
         assert floor == pins[package], f"{package}: the floor {floor} is not what CI installs ({pins[package]})"
         assert version(package) in allowed
+
+
+def test_the_command_list_follows_a_deployments_life_one_line_each(cli: Cli) -> None:
+    result = cli("-h", env={"COLUMNS": "120"})
+    assert result.code == 0, result.err
+    panel = result.out.split("Commands", 1)[1].splitlines()
+    commands = [line[2:].split()[0] for line in panel if line.startswith("│ ") and line[2] != " "]
+    assert commands[:5] == ["init", "check", "build", "upload", "deploy"] and commands[-1] == "styles", commands
+    assert commands.index("teardown") > commands.index("status")
+    check_line = next(line for line in result.out.splitlines() if line.startswith("│ check"))
+    assert "exit 1 if any fails" in check_line  # the summary is its first paragraph, on one line
