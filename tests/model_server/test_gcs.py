@@ -110,6 +110,15 @@ def test_an_unchanged_folder_is_not_fetched_again(bucket: Bucket, tmp_path: Path
     assert any("cached and current" in r.getMessage() for r in logged)
 
 
+@pytest.mark.parametrize("spelling", ["gs://weights/sdxl/", "gs://weights//sdxl", "gs://weights/sdxl//"])
+def test_one_folder_spelled_another_way_shares_its_cache(bucket: Bucket, tmp_path: Path, spelling, logged) -> None:
+    put_model(bucket)
+    folder = download_folder("gs://weights/sdxl", tmp_path, chunk_bytes=CHUNK)
+    logged.clear()
+    assert download_folder(spelling, tmp_path, chunk_bytes=CHUNK) == folder  # not 7 GB downloaded twice
+    assert any("cached and current" in r.getMessage() for r in logged)
+
+
 @pytest.mark.parametrize("name", ["sdxl/unet/diffusion_pytorch_model.fp16.safetensors", "sdxl/unet/config.json"])
 def test_an_object_replaced_by_one_of_the_same_size_is_fetched_again(bucket: Bucket, tmp_path: Path, name) -> None:
     put_model(bucket)

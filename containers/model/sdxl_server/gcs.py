@@ -70,8 +70,9 @@ def download_folder(
     folder is an error, unless `missing_ok` (a cache nobody has filled yet).
     """
     bucket_name, prefix = _split(uri)
-    # a hash of the URI: two URIs never share a folder, and the folder name needs no escaping
-    destination = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # A hash of the folder (bucket and prefix, however the URI spelled its slashes): two folders never share a
+    # cache, one folder always has the same one, and its name needs no escaping.
+    destination = cache_dir / hashlib.sha256(f"gs://{bucket_name}/{prefix}".encode()).hexdigest()[:16]
     from google.cloud import storage
 
     try:
