@@ -52,7 +52,7 @@ def write(files: list[Path], images: list[bytes], *, rescue: list[Path], seeds: 
         except OSError:
             continue
         raise PredictError(
-            f"could not write {failed.filename}: {failed.strerror}; the {len(images)} image(s) are saved in "
+            f"could not write {failed.filename}: {failed.strerror}; the images are saved in "
             f"{folder} (seeds {', '.join(map(str, seeds))})",
             hint="copy them from there; fix the -o folder (space, permissions) for the next ones",
         )

@@ -13,6 +13,11 @@ from sdxlctl.state import Resource
 Progress = Callable[[str], None]  # told each phase of a long step, for a spinner
 
 
+def plural(count: float, word: str) -> str:
+    """1 day, 2 days, 0.5 days: a count as people write it (words whose plural adds an s)."""
+    return f"{count:g} {word}" + ("" if count == 1 else "s")
+
+
 def quiet(_: str) -> None:
     """A progress callback that shows nothing."""
 

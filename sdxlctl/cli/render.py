@@ -24,6 +24,7 @@ from sdxlctl.steps import (
     StepResult,
     TeardownOutcome,
     TornDown,
+    plural,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def predicted(result: PredictResult, *, as_json: bool) -> None:
     for path, seed in zip(result.paths, result.seeds, strict=True):
         out.print(f"{path}  seed {seed}")
     err.print(
-        f"[green]✓[/] {len(result.paths)} image(s), {result.width}x{result.height} {result.output_format}, "
+        f"[green]✓[/] {plural(len(result.paths), 'image')}, {result.width}x{result.height} {result.output_format}, "
         f"in {result.seconds:.1f}s"
     )
 
@@ -289,11 +290,6 @@ PARTS = {
     "storage": "images (storage)",
     "total": "[bold]total[/]",
 }
-
-
-def plural(count: float, word: str) -> str:
-    """1 day, 2 days, 0.5 days."""
-    return f"{count:g} {word}" + ("" if count == 1 else "s")
 
 
 def replicas(low: int, high: int) -> str:

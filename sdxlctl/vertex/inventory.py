@@ -10,7 +10,7 @@ from typing import Any
 
 from sdxlctl.config import Config
 from sdxlctl.state import Resource, State, StateStore
-from sdxlctl.steps import Change, Progress, StepResult, quiet
+from sdxlctl.steps import Change, Progress, StepResult, plural, quiet
 from sdxlctl.vertex.access import kept_role, revoke_grants
 from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, own_cache
 
@@ -60,7 +60,7 @@ def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str
 
 def _endpoint_state(endpoint: Any) -> str:
     serving = len(endpoint.deployed_models)
-    return f"serving {serving} model(s)" if serving else "no model"
+    return f"serving {plural(serving, 'model')}" if serving else "no model"
 
 
 def _service_state(service: Any) -> str:
@@ -171,7 +171,8 @@ class Inventory:
         rows = []
         for endpoint in self.endpoints:
             deployed = len(endpoint.deployed_models)
-            rows.append(Change("delete", "endpoint", endpoint.name, f"{deployed} deployed model(s), undeployed first"))
+            detail = f"{plural(deployed, 'deployed model')}, undeployed first"
+            rows.append(Change("delete", "endpoint", endpoint.name, detail))
         rows += [Change("delete", "model", m.name, f"version {m.version_id}") for m in self.models]
         rows += [Change("delete", "Cloud Run service", s.name, s.uri) for s in self.services]
         rows += [Change("delete", "service account", account) for account in self.accounts]
@@ -283,7 +284,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
                 timeout_s=OPERATION_TIMEOUT_S,
                 progress=progress,
             )
-            return f"{len(endpoint.deployed_models)} model(s) undeployed"
+            return f"{plural(len(endpoint.deployed_models), 'model')} undeployed"
 
         attempt("endpoint", endpoint.name, delete_endpoint)
     for model in found.models:
@@ -317,7 +318,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
 
         def delete_cache(uri: str = found.cache) -> str:
             bucket, _, folder = uri.removeprefix("gs://").partition("/")
-            return f"{Storage(c, bucket, {}).delete_folder(folder)} object(s) deleted"
+            return f"{plural(Storage(c, bucket, {}).delete_folder(folder), 'object')} deleted"
 
         attempt("compile cache", found.cache, delete_cache)
     if found.images:

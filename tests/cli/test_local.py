@@ -62,6 +62,7 @@ def test_deploy_predict_status_teardown(cli: Cli, tmp_path: Path) -> None:
         )
         assert one.code == 0, one.err
         assert "fox.png  seed 9" in one.out
+        assert "✓ 1 image, 128x64 png" in one.err  # a count as people write it, not "1 image(s)"
         with Image.open(tmp_path / "fox.png") as image:
             assert (image.format, image.size) == ("PNG", (128, 64))
 

@@ -129,7 +129,7 @@ def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> Non
     assert states == {
         "server-image": "built",
         "model": "ready",
-        "endpoint": "serving 1 model(s)",
+        "endpoint": "serving 1 model",
         "server-account": "ready",
     }
     (model,) = emulator.resources()["models"]

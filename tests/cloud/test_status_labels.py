@@ -45,14 +45,14 @@ def test_status_in_a_new_folder_lists_the_billing_endpoint_by_its_label(
     assert result.code == 0, result.err
     assert [r for r in emulator.requests()[before:] if r["method"] != "GET"] == []  # status only looks
     assert "nothing deployed" not in result.err
-    assert endpoint["name"].rsplit("/", 1)[-1] in result.out and "serving 1 model(s)" in result.out
+    assert endpoint["name"].rsplit("/", 1)[-1] in result.out and "serving 1 model" in result.out
     assert "not in this folder's state" in result.out and "sdxlctl teardown" in result.err
 
     rows = {row["kind"]: row for row in _rows(cli, env)}
     assert set(rows) == {"endpoint", "model", "server-account"}
     assert all(not row["recorded"] for row in rows.values())
     assert rows["endpoint"]["name"] == endpoint["name"]
-    assert rows["endpoint"]["state"] == f"serving 1 model(s) ({UNRECORDED})"
+    assert rows["endpoint"]["state"] == f"serving 1 model ({UNRECORDED})"
     assert rows["endpoint"]["cost_so_far"] is not None  # it bills: its GPU and start come from the listing
     assert rows["model"]["name"] == model["name"]
     assert rows["server-account"]["name"] == endpoint["deployedModels"][0]["serviceAccount"]
