@@ -39,7 +39,7 @@ def logs(
     from sdxlctl.gcp.logging import Logs
 
     c = cloud(config)
-    selector = _service_filter(config, store, c) if request.ui else _endpoint_filter(config, store, c)
+    selector = _selector(config, store, c, ui=request.ui)
     reader = Logs(c)
     start = request.since or datetime.now(UTC) - DEFAULT_SINCE
     lines = request.lines
@@ -96,37 +96,32 @@ def _line(entry: Entry) -> LogLine:
     return LogLine(entry.text, time=entry.timestamp, severity=entry.severity)
 
 
-def _endpoint_filter(config: Config, store: StateStore, c: Cloud) -> str:
-    """Entries of this deployment's endpoint: from the state file, else found by label as teardown finds it."""
-    recorded = store.read().get(config.name, "endpoint")
-    names = [recorded.name] if recorded is not None and recorded.name else []
-    if not names:
-        from sdxlctl.gcp.vertex import Vertex
-
-        names = [endpoint.name for endpoint in Vertex(c).find_endpoints((LABEL, config.name))]
+def _selector(config: Config, store: StateStore, c: Cloud, *, ui: bool) -> str:
+    """Entries of this deployment's endpoint (or, with `ui`, its Cloud Run UI): from the state file, else
+    found by label as teardown finds it."""
+    kind, noun, made_by = (
+        ("ui-service", "UI", "`sdxlctl ui-deploy` deploys")
+        if ui
+        else ("endpoint", "endpoint", "`sdxlctl deploy` creates")
+    )
+    recorded = store.read().get(config.name, kind)
+    names = [recorded.name] if recorded is not None and recorded.name else _labelled(c, config.name, ui=ui)
     if not names:
         raise DeployError(
-            f"no endpoint of {config.name!r} to read logs from: none in the state file, none labelled "
+            f"no {noun} of {config.name!r} to read logs from: none in the state file, none labelled "
             f"{LABEL}={config.name} in {c.project}/{c.region}",
-            hint="`sdxlctl deploy` creates one; `sdxlctl status` shows what exists",
+            hint=f"{made_by} one; `sdxlctl status` shows what exists",
         )
-    ids = " OR ".join(f'resource.labels.endpoint_id="{name.rsplit("/", 1)[-1]}"' for name in names)
-    return f'resource.type="{ENDPOINT_TYPE}" AND resource.labels.location="{c.region}" AND ({ids})'
+    resource, key = (SERVICE_TYPE, "service_name") if ui else (ENDPOINT_TYPE, "endpoint_id")
+    ids = " OR ".join(f'resource.labels.{key}="{name.rsplit("/", 1)[-1]}"' for name in names)
+    return f'resource.type="{resource}" AND resource.labels.location="{c.region}" AND ({ids})'
 
 
-def _service_filter(config: Config, store: StateStore, c: Cloud) -> str:
-    """Entries of this deployment's Cloud Run UI: from the state file, else found by label."""
-    recorded = store.read().get(config.name, "ui-service")
-    names = [recorded.name] if recorded is not None and recorded.name else []
-    if not names:
+def _labelled(c: Cloud, deployment: str, *, ui: bool) -> list[str]:
+    if ui:
         from sdxlctl.gcp.run import CloudRun
 
-        names = [service.name for service in CloudRun(c).find((LABEL, config.name))]
-    if not names:
-        raise DeployError(
-            f"no UI of {config.name!r} to read logs from: none in the state file, none labelled "
-            f"{LABEL}={config.name} in {c.project}/{c.region}",
-            hint="`sdxlctl ui-deploy` deploys one; `sdxlctl status` shows what exists",
-        )
-    ids = " OR ".join(f'resource.labels.service_name="{name.rsplit("/", 1)[-1]}"' for name in names)
-    return f'resource.type="{SERVICE_TYPE}" AND resource.labels.location="{c.region}" AND ({ids})'
+        return [service.name for service in CloudRun(c).find((LABEL, deployment))]
+    from sdxlctl.gcp.vertex import Vertex
+
+    return [endpoint.name for endpoint in Vertex(c).find_endpoints((LABEL, deployment))]

@@ -134,6 +134,16 @@ def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> Non
     }
     (model,) = emulator.resources()["models"]
     (endpoint,) = emulator.resources()["endpoints"]
+    undeploy_behind_sdxlctls_back(emulator, endpoint)
+    httpx.delete(f"{emulator.url}/v1/{model['name']}").raise_for_status()
+    states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
+    assert states["endpoint"] == "no model" and states["model"] == "gone"
+
+
+def undeploy_behind_sdxlctls_back(emulator: Emulator, endpoint: dict) -> None:
+    """What someone with the console or gcloud would do: undeploy the endpoint's model, and wait it out."""
+    import httpx
+
     httpx.post(
         f"{emulator.url}/v1/{endpoint['name']}:undeployModel",
         json={"deployedModelId": endpoint["deployedModels"][0]["id"]},
@@ -141,9 +151,6 @@ def test_status_asks_google_what_exists_now(cli: Cli, emulator: Emulator) -> Non
     for _ in range(3):
         for operation in list(emulator.world.operations.values()):
             operation.poll()
-    httpx.delete(f"{emulator.url}/v1/{model['name']}").raise_for_status()
-    states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
-    assert states["endpoint"] == "no model" and states["model"] == "gone"
 
 
 def test_a_gone_endpoint_costs_nothing_more(cli: Cli, emulator: Emulator) -> None:
@@ -154,13 +161,7 @@ def test_a_gone_endpoint_costs_nothing_more(cli: Cli, emulator: Emulator) -> Non
     for step in (["build"], ["upload"], ["deploy"]):
         assert cli(*step, env=env).code == 0
     (endpoint,) = emulator.resources()["endpoints"]
-    httpx.post(
-        f"{emulator.url}/v1/{endpoint['name']}:undeployModel",
-        json={"deployedModelId": endpoint["deployedModels"][0]["id"]},
-    ).raise_for_status()
-    for _ in range(3):
-        for operation in list(emulator.world.operations.values()):
-            operation.poll()
+    undeploy_behind_sdxlctls_back(emulator, endpoint)
     httpx.delete(f"{emulator.url}/v1/{endpoint['name']}").raise_for_status()
     rows = {r["kind"]: r for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
     assert rows["endpoint"]["state"] == "gone" and rows["endpoint"]["cost_so_far"] is None
