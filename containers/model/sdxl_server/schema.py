@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,9 @@ from pydantic import (
 
 from sdxl_server.errors import InvalidRequest
 from sdxl_server.styles import styles
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
 # Seeds are 32-bit (what the CLI, gcloud's JSON and every SD front end pass around) and image i of an
@@ -132,6 +135,8 @@ class Job:
     negative_prompt_2: str | None
     seeds: tuple[int, ...]
     model_garden: bool  # the instance said `text`: also answer with `output`
+    image: Image | None = None  # decoded RGB, at the request's width x height: image-to-image or inpainting
+    mask: Image | None = None  # decoded "L", same size as image; white = repaint: inpainting
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,19 @@ class Request:
     height: int
     output_format: str
     quality: int
+    scheduler: str | None = None  # a key of sdxl_server.schedulers.SCHEDULERS; None: the model's own
+    strength: float | None = None  # image-to-image and inpainting; None: the mode's default
+    refine: str = "none"  # none | expert_ensemble | base_image
+    high_noise_frac: float = 0.8  # expert_ensemble: where the base hands over to the refiner
+    refine_steps: int | None = None  # base_image: the refiner's steps; None: num_inference_steps
+
+    @property
+    def mode(self) -> str:
+        """text-to-image, image-to-image or inpainting (every instance of a request has the same)."""
+        first = self.jobs[0]
+        if first.image is None:
+            return "text-to-image"
+        return "image-to-image" if first.mask is None else "inpainting"
 
     @property
     def num_images(self) -> int:
