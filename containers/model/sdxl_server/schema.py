@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -18,7 +19,9 @@ from pydantic import (
     model_validator,
 )
 
+from sdxl_server import images, steps
 from sdxl_server.errors import InvalidRequest
+from sdxl_server.steps import BASE_IMAGE_STRENGTH
 from sdxl_server.styles import styles
 
 if TYPE_CHECKING:
@@ -38,6 +41,20 @@ MIN_QUALITY, MAX_QUALITY = 1, 100
 MAX_DEPTH = 8
 # Named in refusals: the server's variable, and the key sdxlctl sets it from (what its users can change).
 MAX_IMAGES_SOURCE = "SDXL_MAX_IMAGES; sdxlctl sets it from [model] max_images"
+# sdxl_server.schedulers.SCHEDULERS has these keys (its test keeps them equal); None is the model's own (Euler).
+SCHEDULER_NAMES = (
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_sde_karras",
+    "ddim",
+    "heun",
+    "unipc",
+    "kdpm2",
+)
+SECOND_ORDER = frozenset({"heun", "kdpm2", "dpmpp_sde_karras"})  # two UNet calls per step
+REFINE_MODES = ("none", "expert_ensemble", "base_image")
 
 
 def seeds_from(first: int, count: int) -> tuple[int, ...]:
@@ -55,6 +72,15 @@ def _whole(value: Any) -> Any:
 Whole = Annotated[StrictInt, BeforeValidator(_whole)]  # still refuses 1.5, "30" and true
 Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
 Side = Annotated[Whole, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
+Fraction = StrictFloat | StrictInt
+
+
+def _name(value: Any) -> Any:
+    """'DPMPP-2M-Karras' -> 'dpmpp_2m_karras': names as people type them."""
+    return value.strip().lower().replace("-", "_") if isinstance(value, str) else value
+
+
+Name = Annotated[StrictStr, BeforeValidator(_name)]
 
 
 class Instance(BaseModel):
@@ -69,6 +95,8 @@ class Instance(BaseModel):
     negative_prompt_2: Prompt | None = None
     style: StrictStr | None = None
     seed: Annotated[Whole, Field(ge=0, le=MAX_SEED)] | None = None
+    image: StrictStr | None = None  # base64 PNG, JPEG or WebP: decoded in parse_request, after every other check
+    mask_image: StrictStr | None = None  # white = repaint
     lora_id: Any = None
 
     @model_validator(mode="after")
@@ -97,11 +125,22 @@ class Parameters(BaseModel):
     quality: Annotated[Whole, Field(ge=MIN_QUALITY, le=MAX_QUALITY)] = 90
     # Model Garden's SDXL container takes the negative prompt here, for every instance without its own.
     negative_prompt: Prompt | None = None
+    scheduler: Name | None = None
+    strength: Annotated[Fraction, Field(gt=0, le=1)] | None = None
+    refine: Name = "none"
+    high_noise_frac: Annotated[Fraction, Field(gt=0, lt=1)] = 0.8
+    refine_steps: Annotated[Whole, Field(ge=MIN_STEPS, le=MAX_STEPS)] | None = None
     lora_id: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> Parameters:
         _no_adapters(self.lora_id)
+        if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
+            raise _FieldError(
+                "scheduler", f"unknown scheduler {self.scheduler!r}; allowed: {', '.join(SCHEDULER_NAMES)}"
+            )
+        if self.refine not in REFINE_MODES:
+            raise _FieldError("refine", f"unknown refine {self.refine!r}; allowed: {', '.join(REFINE_MODES)}")
         return self
 
 
@@ -171,9 +210,17 @@ class Request:
 
     @property
     def cost(self) -> float:
-        """How much work the request is, in proportion to its duration: denoising steps x pixels x images,
-        plus about two steps' worth per image for the text encoders and the VAE decode."""
-        return float(self.num_images * self.width * self.height * (self.steps + 2))
+        """How much work the request is, in proportion to its duration: UNet calls x pixels x images, plus
+        about two steps' worth per image for the text encoders and the VAE decode (one more to encode an
+        input image). Image-to-image runs int(steps x strength) steps, as diffusers does; a second-order
+        sampler calls the UNet twice a step; base_image adds the refiner's int(refine_steps x 0.3) steps
+        (expert_ensemble splits the same steps between the two models)."""
+        denoised = self.steps if self.strength is None else int(self.steps * self.strength)
+        if self.refine == "base_image":
+            denoised += int((self.refine_steps or self.steps) * BASE_IMAGE_STRENGTH)
+        calls = denoised * (2 if self.scheduler in SECOND_ORDER else 1)
+        overhead = 2 if self.mode == "text-to-image" else 3
+        return float(self.num_images * self.width * self.height * (calls + overhead))
 
     @property
     def prompt_chars(self) -> int:
@@ -181,12 +228,15 @@ class Request:
         return sum(len(job.prompt) for job in self.jobs)
 
 
-def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any) -> Request:
+def parse_request(
+    body: bytes, *, max_images: int, default_size: tuple[int, int], draw_seed: Any, refiner: bool = False
+) -> Request:
     """Parse and validate a request body; raise InvalidRequest naming the field and what is allowed.
 
     Blocking and CPU-bound on large bodies: call it off the event loop. The cheap checks (JSON, shape,
-    instance count, depth) come before pydantic looks at any instance, so a body of a million empty
-    instances costs one json.loads, not a million validations.
+    instance count, depth, image text length) come before pydantic looks at any instance, so a body of a
+    million empty instances costs one json.loads, not a million validations; input images are decoded
+    last, once every other field is known to be good. `refiner`: whether the server has one loaded.
     """
     data = _load_json(body)
     if not isinstance(data, dict):
@@ -199,6 +249,7 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
         )
     if _depth_over(data, MAX_DEPTH):
         raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body")
+    images.check_lengths(instances)
     try:
         parsed = PredictBody.model_validate(data)
     except ValidationError as exc:
@@ -212,15 +263,40 @@ def parse_request(body: bytes, *, max_images: int, default_size: tuple[int, int]
             f"at most {max_images} per request ({MAX_IMAGES_SOURCE})",
             field=field,
         )
-    width, height = params.width or default_size[0], params.height or default_size[1]
+    mode = images.mode([(instance.image, instance.mask_image) for instance in parsed.instances])
+    strength = steps.check(
+        mode,
+        steps=params.num_inference_steps,
+        strength=params.strength,
+        scheduler=params.scheduler,
+        refine=params.refine,
+        high_noise_frac=params.high_noise_frac,
+        refine_steps=params.refine_steps,
+        refiner=refiner,
+    )
+    if mode == "text-to-image":
+        size = (params.width or default_size[0], params.height or default_size[1])
+        inputs: Sequence[tuple[Image | None, Image | None]] = [(None, None)] * len(parsed.instances)
+    else:
+        size, inputs = images.inputs(
+            [(instance.image or "", instance.mask_image) for instance in parsed.instances], params.width, params.height
+        )
     return Request(
-        jobs=tuple(_job(instance, params, draw_seed) for instance in parsed.instances),
+        jobs=tuple(
+            _job(instance, params, draw_seed, image, mask)
+            for instance, (image, mask) in zip(parsed.instances, inputs, strict=True)
+        ),
         steps=params.num_inference_steps,
         guidance_scale=float(params.guidance_scale),
-        width=width,
-        height=height,
+        width=size[0],
+        height=size[1],
         output_format=params.output_format,
         quality=params.quality,
+        scheduler=params.scheduler,
+        strength=strength,
+        refine=params.refine,
+        high_noise_frac=float(params.high_noise_frac),
+        refine_steps=params.refine_steps,
     )
 
 
@@ -255,7 +331,7 @@ def _depth_over(data: Any, limit: int) -> bool:
     return False
 
 
-def _job(instance: Instance, params: Parameters, draw_seed: Any) -> Job:
+def _job(instance: Instance, params: Parameters, draw_seed: Any, image: Image | None, mask: Image | None) -> Job:
     prompt = instance.prompt if instance.prompt is not None else instance.text or ""
     negative = instance.negative_prompt if instance.negative_prompt is not None else params.negative_prompt
     style = styles().get((instance.style or "none").lower())
@@ -269,6 +345,8 @@ def _job(instance: Instance, params: Parameters, draw_seed: Any) -> Job:
         negative_prompt_2=instance.negative_prompt_2,
         seeds=seeds_from(seed, params.num_images),
         model_garden=instance.text is not None,
+        image=image,
+        mask=mask,
     )
 
 
