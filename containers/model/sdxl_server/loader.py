@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from sdxl_server import logs, optimize
 from sdxl_server.generator import Generator
+from sdxl_server.refiner import OFF, load_refiner
 from sdxl_server.settings import Settings
 from sdxl_server.sources import Placement, load_pipeline
 
@@ -15,7 +17,8 @@ from sdxl_server.sources import Placement, load_pipeline
 def load_generator(settings: Settings) -> Generator:
     """Load the configured model source onto the configured device, with the configured fast path.
 
-    Logs where the time went (import_s, fetch_s, load_s, move_s): a slow start says which phase to look at.
+    Logs where the time went (import_s, fetch_s, load_s, move_s, refiner_s): a slow start says which phase
+    to look at. SDXL_REFINER's refiner is loaded after the base, whose VAE and text_encoder_2 it shares.
     """
     started = time.monotonic()
     # Timed alone, a fixed cost of every start. diffusers and transformers import lazily: the classes, not
@@ -32,6 +35,13 @@ def load_generator(settings: Settings) -> Generator:
         settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir, phases=phases
     )
     optimize.apply(pipeline, level)
+    refiner = None
+    refined: dict[str, Any] = {}  # the log's refiner fields, when there is one
+    if settings.refiner != OFF:
+        refining = time.monotonic()
+        refiner = load_refiner(settings.refiner, pipeline, placement, cache_dir=settings.cache_dir)
+        optimize.apply(refiner, level)
+        refined = {"refiner": settings.refiner, "refiner_s": round(time.monotonic() - refining, 3)}
     logs.log(
         "model loaded",
         source=settings.model_source,
@@ -41,8 +51,15 @@ def load_generator(settings: Settings) -> Generator:
         fetch_s=phases["fetch_s"],
         load_s=phases["load_s"],
         move_s=phases["move_s"],
+        **refined,
     )
-    return Generator(pipeline, optimize_level=level, compile_cache=cache)
+    return Generator(
+        pipeline,
+        optimize_level=level,
+        compile_cache=cache,
+        refiner=refiner,
+        refiner_source=settings.refiner if refiner is not None else "",
+    )
 
 
 def use_compile_cache(settings: Settings, device: str) -> optimize.CompileCache:

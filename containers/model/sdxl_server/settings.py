@@ -43,6 +43,12 @@ def _parse_sizes(raw: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def _refiner(raw: str) -> str:
+    # The words are case-insensitive; folders and repo ids are not (they are checked when loading).
+    value = raw.strip()
+    return value.lower() if value.lower() in {"off", "tiny", "random"} else value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -78,6 +84,7 @@ class Settings:
     storage_uri: str = ""
     model: str = ""
     vae: str = "auto"
+    refiner: str = "off"  # SDXL_REFINER: off, tiny, random, a folder, gs:// or a Hub id (refiner.load_refiner)
     device: str = "auto"
     dtype: str = "auto"
     queue_size: int = 4
@@ -132,6 +139,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "storage_uri": ("AIP_STORAGE_URI", str),
     "model": ("SDXL_MODEL", str),
     "vae": ("SDXL_VAE", str),
+    "refiner": ("SDXL_REFINER", _refiner),
     "device": ("SDXL_DEVICE", str),
     "dtype": ("SDXL_DTYPE", _choice("auto", "fp16", "bf16", "fp32")),
     "queue_size": ("SDXL_QUEUE_SIZE", _at_least(0, int)),

@@ -243,10 +243,12 @@ def locate(
     hub_cache: Path | None = None,
     without: Iterable[str] = (),
     single_model: bool = False,
+    setting: str = "SDXL_MODEL",
 ) -> Located:
     """Choose the files of a folder, gs:// folder or Hub repo, and fetch only those (nothing for a folder).
 
-    `single_model`: the source is one model (a VAE repository), not a pipeline.
+    `single_model`: the source is one model (a VAE repository), not a pipeline. `setting`: the variable
+    that named the source, which an error tells the user to change.
     """
     without = tuple(without)
 
@@ -267,7 +269,7 @@ def locate(
         raise ModelLoadError(
             f"{source} is not an existing folder, a gs://bucket/folder or a Hugging Face repo id (owner/name)"
         )
-    return _locate_hub(source, hub_cache, pick)
+    return _locate_hub(source, hub_cache, pick, setting)
 
 
 def _read_index(path: Path) -> Mapping[str, Any]:
@@ -296,7 +298,7 @@ def _locate_gcs(uri: str, cache: Path, pick: Any, *, needs_index: bool) -> Locat
     return Located(uri, folder, chosen[-1])
 
 
-def _locate_hub(repo_id: str, cache: Path | None, pick: Any) -> Located:
+def _locate_hub(repo_id: str, cache: Path | None, pick: Any, setting: str) -> Located:
     from huggingface_hub import HfApi, hf_hub_download, is_offline_mode, snapshot_download
 
     try:
@@ -320,6 +322,6 @@ def _locate_hub(repo_id: str, cache: Path | None, pick: Any) -> Located:
     except Exception as exc:  # the hub client raises many types: offline, 404, gated, disk full
         raise ModelLoadError(
             f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "Without network access, set SDXL_MODEL to a local diffusers folder or a gs:// folder, "
+            f"Without network access, set {setting} to a local diffusers folder or a gs:// folder, "
             "or bake the weights into the image ([model] bake = true)"
         ) from exc
