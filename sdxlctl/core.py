@@ -10,17 +10,18 @@ import base64
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from sdxlctl import local, outputs, pricing, steps, vertex
+from sdxlctl import inputs, local, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.pricing import Comparison, Estimate
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
+from sdxlctl.vertex.names import DEDICATED_LIMIT_BYTES, SHARED_LIMIT_BYTES
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -168,6 +169,7 @@ class PredictOptions:
     style: str | None = None
     output_format: str | None = None
     quality: int | None = None
+    modes: inputs.ModeInputs = field(default_factory=inputs.ModeInputs)  # input image, mask, sampler, refiner
 
     @property
     def format(self) -> str:
@@ -200,17 +202,20 @@ class PredictOptions:
             "height": self.height,
             "quality": self.quality,
         }
-        parameters.update({k: v for k, v in optional.items() if v is not None})
+        parameters.update({k: v for k, v in optional.items() if v is not None} | self.modes.parameters())
         return {"instances": [instance], "parameters": parameters}
 
 
 def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
+    sent = inputs.attach(body, options.modes, request_limit(config))  # reads the input images, fits them
     outputs.check(options.output, options.num_images)  # before the request: never generate for nothing
     started = time.monotonic()
     try:
-        answer, url = target(config.target).predict(config, store, body, timeout_s=config.model.time_limit_s + 10)
+        answer, url = target(config.target).predict(config, store, sent.body, timeout_s=config.model.time_limit_s + 10)
+    except PredictError as exc:
+        raise inputs.explained(exc) from None
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted while waiting for the images; nothing was written",
@@ -226,9 +231,14 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
     # but a failed write goes to the rescue folder): generated images are never thrown away.
     files = outputs.paths(options.output, len(images))
     paths = outputs.write(files, images, rescue=[config.home / "rescued"], seeds=prediction["seeds"])
-    return PredictResult(
-        paths, prediction["seeds"], prediction["width"], prediction["height"], prediction["output_format"], seconds, url
-    )
+    size = prediction["width"], prediction["height"]
+    return PredictResult(paths, prediction["seeds"], *size, prediction["output_format"], seconds, url, sent.notes)
+
+
+def request_limit(config: Config) -> inputs.Limit:
+    """What one request to the deployment may carry; the local server keeps its default, a shared endpoint's."""
+    where: Literal["local", "shared", "dedicated"] = "local" if config.target == "local" else config.deploy.endpoint
+    return inputs.Limit(DEDICATED_LIMIT_BYTES if where == "dedicated" else SHARED_LIMIT_BYTES, where)
 
 
 # ---------------------------------------------------------------- status

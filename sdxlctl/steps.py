@@ -109,6 +109,7 @@ class PredictResult:
     output_format: str
     seconds: float
     url: str
+    notes: list[str] = field(default_factory=list)  # what was changed in the input images to send them
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import typer
 from sdxlctl.cli.console import err, progress
 from sdxlctl.cli.root import app, options
 from sdxlctl.gpus import GPUS
+from sdxlctl.inputs import REFINE, SCHEDULERS, SECOND_ORDER, spelled
 
 if TYPE_CHECKING:
     from sdxlctl.config import Config
@@ -32,6 +33,25 @@ def _context() -> tuple[Config, StateStore]:
 Gpu = StrEnum("Gpu", {key.replace("-", "_"): key for key in GPUS})  # type: ignore[misc]
 # Named in the help text, where they wrap between words, not as a <t4|l4|...> metavar cut mid-name at 80 columns.
 GPU_CHOICES = ", ".join(GPUS)
+
+
+# --scheduler's and --refine's choices: the one table in sdxlctl/inputs.py, hyphenated (click completes them).
+Scheduler = StrEnum("Scheduler", {name: spelled(name) for name in SCHEDULERS})  # type: ignore[misc]
+Refine = StrEnum("Refine", {name: spelled(name) for name in REFINE})  # type: ignore[misc]
+SLOW_SCHEDULERS = ", ".join(spelled(name) for name in SECOND_ORDER)
+
+
+def _open_fraction(value: float | None) -> float | None:
+    """--high-noise-frac: strictly between 0 and 1 (either end would leave one model no step)."""
+    if value is not None and not 0 < value < 1:
+        raise typer.BadParameter(f"{value:g} is not between 0 and 1 (e.g. 0.8: the base does 80% of the steps)")
+    return value
+
+
+def _strength(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"{value:g} is not in 0 < strength <= 1 (1 repaints all, 0.3 keeps most)")
+    return value
 
 
 class Format(StrEnum):
@@ -160,12 +180,43 @@ def predict(
         Format | None, typer.Option("--format", help="png, jpeg or webp (default: from the -o extension)")
     ] = None,
     quality: Annotated[int | None, typer.Option(min=1, max=100, help="jpeg/webp quality")] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="input image (PNG, JPEG, WebP, ...): image-to-image, or inpainting with --mask")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option(help="inpainting mask for --image: white is repainted")] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(callback=_strength, help="how much of --image to repaint, 0-1 (default 0.8; 1 with --mask)"),
+    ] = None,
+    scheduler: Annotated[
+        Scheduler | None,
+        typer.Option(
+            metavar="<name>",
+            help=f"sampler: {', '.join(spelled(n) for n in SCHEDULERS)} (default: the model's, euler); "
+            f"{SLOW_SCHEDULERS} take twice the time per step",
+        ),
+    ] = None,
+    refine: Annotated[
+        Refine | None,
+        typer.Option(metavar="<mode>", help="run the refiner: none, expert-ensemble, base-image ([model] refiner)"),
+    ] = None,
+    high_noise_frac: Annotated[
+        float | None,
+        typer.Option(callback=_open_fraction, help="expert-ensemble: the base's share of the steps (default 0.8)"),
+    ] = None,
+    refine_steps: Annotated[
+        int | None, typer.Option(min=1, max=150, help="base-image: the refiner's steps (default --steps)")
+    ] = None,
     as_json: Json = False,
 ) -> None:
-    """Generate images with the deployment: sdxlctl predict "a red fox in snow" -o fox.png"""
+    """Generate images with the deployment: sdxlctl predict "a red fox in snow" -o fox.png
+
+    From an image: --image in.png [--strength 0.6]; inpainting: --image in.png --mask mask.png.
+    """
     from sdxlctl import core
     from sdxlctl.cli import render
     from sdxlctl.errors import UsageError
+    from sdxlctl.inputs import ModeInputs
 
     config, store = _context()
     if num_images > config.model.max_images:  # the server's own limit, so refused here before any request
@@ -186,6 +237,15 @@ def predict(
         style=None if style == "none" else style,
         output_format=output_format.value if output_format else None,
         quality=quality,
+        modes=ModeInputs(
+            image=image,
+            mask=mask,
+            strength=strength,
+            scheduler=scheduler.name if scheduler else None,
+            refine=refine.name if refine else None,
+            high_noise_frac=high_noise_frac,
+            refine_steps=refine_steps,
+        ),
     )
     with progress("generating"):
         result = core.predict(config, store, request)

@@ -116,9 +116,12 @@ def predicted(result: PredictResult, *, as_json: bool) -> None:
                 "height": result.height,
                 "format": result.output_format,
                 "seconds": round(result.seconds, 3),
+                "notes": result.notes,
             }
         )
         return
+    for note in result.notes:  # what was changed in the input images to send them
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     for path, seed in zip(result.paths, result.seeds, strict=True):
         out.print(f"{path}  seed {seed}")
     err.print(

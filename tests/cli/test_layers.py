@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "sdxlctl.pricing": 3,
     "sdxlctl.client": 3,
     "sdxlctl.outputs": 3,
+    "sdxlctl.inputs": 3,
     "sdxlctl.context": 3,
     "sdxlctl.gcp": 4,
     "sdxlctl.local": 5,
@@ -36,7 +37,7 @@ LAYERS: dict[str, int] = {
 # What the command line may use: the door, the config, the errors, the state, the result types it renders,
 # and the GPU table its --gpu choices come from. Never a target, never gcp/.
 CLI_MAY_IMPORT = {"sdxlctl", "sdxlctl.core", "sdxlctl.config", "sdxlctl.errors", "sdxlctl.state", "sdxlctl.steps"}
-CLI_MAY_IMPORT |= {"sdxlctl.gpus", "sdxlctl.cli"}
+CLI_MAY_IMPORT |= {"sdxlctl.gpus", "sdxlctl.cli", "sdxlctl.inputs"}
 MAX_LINES = 400
 
 

@@ -1,0 +1,252 @@
+"""sdxlctl predict's generation modes against the local target: image-to-image, inpainting, a sampler, the
+refiner, input images fitted to the request limit (size, bytes), and the usage errors.
+
+One tiny deployment (with the tiny refiner) serves the module; the usage errors need none, they are refused
+before any request. Input images are real files, read back by Pillow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdxlctl import inputs
+from sdxlctl.errors import UsageError
+from sdxlctl.state import Resource, StateStore
+from tests.conftest import Cli, Result
+from tests.servers import Server, free_port
+
+
+def noise(path: Path, size: tuple[int, int], fmt: str = "PNG", **options: object) -> Path:
+    """Random pixels: what compresses worst, so its bytes are predictable from its size."""
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(path, fmt, **options)
+    return path
+
+
+def flat(path: Path, size: tuple[int, int], color: tuple[int, int, int], mode: str = "RGB") -> Path:
+    Image.new(mode, size, color if mode == "RGB" else color[0]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """`sdxlctl deploy` of the tiny model with the tiny refiner, for the whole module; torn down after."""
+    folder = tmp_path_factory.mktemp("modes")
+    env = {"SDXLCTL_LOCAL_SERVER_PORT": str(free_port()), "SDXLCTL_MODEL_REFINER": "tiny"}
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("SDXLCTL_")}, **env, "HF_HUB_OFFLINE": "1"}
+    sdxlctl = [sys.executable, "-m", "sdxlctl"]
+    started = subprocess.run([*sdxlctl, "deploy"], cwd=folder, env=full, capture_output=True, text=True, timeout=240)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield folder, env
+    finally:
+        subprocess.run([*sdxlctl, "teardown", "--yes"], cwd=folder, env=full, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def predict(cli: Cli, deployed: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
+    """cli('predict', ...) against the module's deployment; relative paths are in the test's own tmp_path."""
+    folder, env = deployed
+    monkeypatch.chdir(folder)  # where the state file names the running server
+
+    def run(*args: str) -> Result:
+        files = (str(tmp_path / a) if a.endswith((".png", ".jpg", ".webp")) else a for a in args)
+        return cli("predict", *files, env=env)
+
+    return run
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        return image.tobytes()
+
+
+# ---------------------------------------------------------------- each mode, end to end
+
+
+def test_image_to_image_uses_the_image(predict: Cli, tmp_path: Path) -> None:
+    flat(tmp_path / "red.png", (96, 64), (220, 30, 30))
+    flat(tmp_path / "blue.png", (96, 64), (30, 30, 220))
+    common = ("--seed", "7", "--steps", "4", "--json")
+    red = predict("a fox", "--image", "red.png", "--strength", "0.6", "-o", "from-red.png", *common)
+    assert red.code == 0, red.err
+    result = json.loads(red.out)
+    assert (result["width"], result["height"], result["notes"]) == (96, 64, [])  # the image's own size, sent as is
+    blue = predict("a fox", "--image", "blue.png", "--strength", "0.6", "-o", "from-blue.png", *common)
+    text = predict("a fox", "--width", "96", "--height", "64", "-o", "text.png", *common)
+    assert blue.code == 0 and text.code == 0, blue.err + text.err
+    # Same seed and prompt: only the input image differs, so it reached the generation
+    assert len({pixels(tmp_path / f) for f in ("from-red.png", "from-blue.png", "text.png")}) == 3
+
+
+def test_inpainting_with_a_mask_of_another_size(predict: Cli, tmp_path: Path) -> None:
+    flat(tmp_path / "in.png", (96, 64), (220, 30, 30))
+    flat(tmp_path / "mask.png", (48, 32), (255, 255, 255), mode="L")
+    result = predict("a fox", "--image", "in.png", "--mask", "mask.png", "--steps", "3", "-o", "out.png")
+    assert result.code == 0, result.err
+    assert "mask.png 48x32 resized to the image's 96x64" in result.err
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.size == (96, 64)
+
+
+def test_a_scheduler_changes_the_image_and_its_names_complete(predict: Cli, tmp_path: Path) -> None:
+    common = ("a fox", "--seed", "3", "--steps", "4", "--width", "64", "--height", "64")
+    default = predict(*common, "-o", "euler.png")
+    karras = predict(*common, "--scheduler", "dpmpp-2m-karras", "-o", "karras.png")
+    assert default.code == 0 and karras.code == 0, default.err + karras.err
+    assert pixels(tmp_path / "euler.png") != pixels(tmp_path / "karras.png")
+
+    import typer
+
+    from sdxlctl.cli import commands  # noqa: F401  (registers the commands)
+    from sdxlctl.cli.app import app
+
+    command = typer.main.get_command(app).commands["predict"]  # type: ignore[attr-defined]
+    param = next(p for p in command.params if p.name == "scheduler")
+    with command.make_context("predict", ["x"], resilient_parsing=True) as context:
+        offered = [item.value for item in param.shell_complete(context, "dpmpp")]
+    assert offered == ["dpmpp-2m", "dpmpp-2m-karras", "dpmpp-sde-karras"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--refine", "expert-ensemble", "--high-noise-frac", "0.5"), ("--refine", "base-image", "--refine-steps", "2")],
+)
+def test_the_refiner_runs_both_ways(predict: Cli, tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = predict("a fox", "--steps", "4", "--width", "64", "--height", "64", *args, "-o", "refined.png")
+    assert result.code == 0, result.err
+    with Image.open(tmp_path / "refined.png") as out:
+        assert out.size == (64, 64)
+
+
+def test_an_image_over_the_request_limit_is_re_encoded_and_the_file_kept(predict: Cli, tmp_path: Path) -> None:
+    big = noise(tmp_path / "big.png", (640, 640))  # ~1.2 MB, 1.6 MB as base64: over the local 1.5 MB
+    before = big.read_bytes()
+    big.chmod(0o444)  # read only: sdxlctl never writes the user's file
+    result = predict("a fox", "--image", "big.png", "--steps", "1", "--strength", "1", "-o", "out.webp", "--json")
+    assert result.code == 0, result.err
+    (note,) = json.loads(result.out)["notes"]
+    assert note.startswith("big.png 1.2 MB re-encoded as JPEG q") and "to fit the local server's 1.5 MB" in note
+    assert big.read_bytes() == before
+
+
+# ---------------------------------------------------------------- the refiner's refusal, on a server without one
+
+
+def test_refine_on_a_server_without_a_refiner_says_how_to_get_one(
+    cli: Cli, tmp_path: Path, plain_server: Server
+) -> None:
+    server = Resource(kind="local-server", name="sdxl-server", target="local", url=plain_server.url)
+    StateStore(tmp_path / ".sdxlctl").record("sdxl", server)
+    result = cli("predict", "a fox", "--refine", "base-image", "--steps", "2", "--width", "64", "--height", "64")
+    assert result.code == 1
+    assert "400" in result.err and "SDXL_REFINER" in result.err and "[model] refiner" in result.err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_the_names_are_the_servers() -> None:
+    from sdxl_server import schema
+
+    assert inputs.SCHEDULERS == schema.SCHEDULER_NAMES
+
+
+# ---------------------------------------------------------------- usage errors: refused before any request
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--mask", "m.png"), "--mask needs --image"),
+        (("--strength", "0.5"), "--strength needs --image"),
+        (("--image", "in.png", "--refine", "expert-ensemble"), "text-to-image only"),
+        (("--high-noise-frac", "0.5"), "--high-noise-frac applies to --refine expert-ensemble only"),
+        (("--refine", "expert-ensemble", "--refine-steps", "3"), "--refine-steps applies to --refine base-image"),
+        (("--image", "missing.png"), "--image missing.png: no such file"),
+        (("--image", "."), "--image .: is a folder"),
+        (("--image", "notes.txt"), "--image notes.txt is not an image"),
+        (("--image", "cut.png"), "--image cut.png is not a complete PNG"),
+        (("--image", "in.png", "--mask", "notes.txt"), "--mask notes.txt is not an image"),
+        (("--image", "in.png", "--strength", "0"), "0 is not in 0 < strength <= 1"),
+        (("--refine", "expert-ensemble", "--high-noise-frac", "1"), "1 is not between 0 and 1"),
+        (("--scheduler", "dpm"), "'dpm' is not one of"),
+    ],
+)
+def test_usage_errors_name_the_option_and_the_fix(
+    cli: Cli, tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    flat(tmp_path / "in.png", (64, 64), (1, 2, 3))
+    (tmp_path / "notes.txt").write_text("not an image")
+    whole = noise(tmp_path / "whole.png", (64, 64)).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    result = cli("predict", "a fox", *args)
+    assert result.code == 2, result.err
+    assert expected in " ".join(result.err.split()), result.err
+    assert "Traceback" not in result.err and not (tmp_path / "out.png").exists()
+
+
+# ---------------------------------------------------------------- fitting, without a server
+
+
+def body(**parameters: object) -> dict[str, object]:
+    return {"instances": [{"prompt": "a fox"}], "parameters": {"num_images": 1, "output_format": "png", **parameters}}
+
+
+LOCAL = inputs.Limit(1_500_000, "local")
+
+
+def sent_image(sent: inputs.Sent) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(sent.body["instances"][0]["image"])))
+
+
+def test_sizes_become_multiples_of_8_within_2048_keeping_the_aspect(tmp_path: Path) -> None:
+    odd = flat(tmp_path / "odd.png", (1023, 767), (9, 9, 9))
+    sent = inputs.attach(body(), inputs.ModeInputs(image=odd), LOCAL)
+    assert sent_image(sent).size == (1024, 768)
+    assert sent.notes == ["odd.png 1023x767 resized to 1024x768 (multiples of 8, at most 2048 a side)"]
+    wide = flat(tmp_path / "wide.jpg", (3000, 1500), (9, 9, 9))
+    sent = inputs.attach(body(), inputs.ModeInputs(image=wide), LOCAL)
+    assert sent_image(sent).size == (2048, 1024)
+    # one side given: the other keeps the image's aspect
+    sent = inputs.attach(body(width=512), inputs.ModeInputs(image=wide), LOCAL)
+    assert (sent.body["parameters"]["width"], sent.body["parameters"]["height"]) == (512, 256)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to show
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 96), (9, 9, 9)).save(photo, exif=exif.tobytes())
+    sent = inputs.attach(body(), inputs.ModeInputs(image=photo), LOCAL)
+    assert sent_image(sent).size == (96, 64)
+    assert "photo.jpg turned upright, as its EXIF orientation says" in sent.notes
+
+
+def test_an_image_that_cannot_fit_names_the_dedicated_endpoint(tmp_path: Path) -> None:
+    big = noise(tmp_path / "big.png", (640, 640))
+    with pytest.raises(UsageError) as refused:
+        inputs.attach(body(), inputs.ModeInputs(image=big), inputs.Limit(150_000, "shared"))
+    assert "--image" in refused.value.message and "does not fit the shared endpoint's 0.1 MB" in refused.value.message
+    assert '[deploy] endpoint = "dedicated"' in (refused.value.hint or "")
+
+
+def test_the_request_limit_is_the_targets() -> None:
+    from sdxl_server.settings import Settings
+    from sdxlctl import core
+    from sdxlctl.config import Config
+
+    local = core.request_limit(Config())
+    assert (local.bytes, local.where) == (Settings().max_request_bytes, "local")  # the server's own default
+    shared = core.request_limit(Config.model_validate({"target": "vertex", "gcp": {"project": "p"}}))
+    dedicated = core.request_limit(
+        Config.model_validate({"target": "vertex", "gcp": {"project": "p"}, "deploy": {"endpoint": "dedicated"}})
+    )
+    assert (shared.bytes, dedicated.bytes) == (1_500_000, 10_000_000)
