@@ -39,6 +39,7 @@ QUALITIES = (95, 90, 85, 80, 75, 70, 60, 50)  # re-encoding tries these, best fi
 # JSON around the images that `overhead` cannot see exactly (key spellings, a proxy's own framing).
 SLACK_BYTES = 1024
 ORIENTATION = 0x0112  # the EXIF tag
+SMALL_MASK_BYTES = 64 * 1024  # a mask under this goes as it is; a larger one may shrink as grayscale PNG
 
 
 def spelled(name: str) -> str:
@@ -255,18 +256,18 @@ def _eight(side: float) -> int:
 
 
 def _encoded_mask(mask: _Read, size: tuple[int, int]) -> str:
-    """The mask as it is when the server can take it; else grayscale PNG at the image's size (masks compress
-    to little)."""
-    if mask.format in SENT_AS_IS and not mask.changed and mask.pixels.size == size:
+    """The mask as it is when the server can take it and it is small; else grayscale PNG at the image's size
+    (masks compress to little), whichever is smaller: its bytes come out of the image's share."""
+    as_is = mask.format in SENT_AS_IS and not mask.changed and mask.pixels.size == size
+    if as_is and len(mask.data) <= SMALL_MASK_BYTES:
         return base64.b64encode(mask.data).decode()
     from PIL import Image as PIL
 
     gray = mask.pixels.convert("L")
     if gray.size != size:
         gray = gray.resize(size, PIL.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    gray.save(buffer, "PNG", optimize=True)
-    return base64.b64encode(buffer.getvalue()).decode()
+    png = _save(gray, "PNG", optimize=True)
+    return base64.b64encode(mask.data if as_is and len(mask.data) < len(png) else png).decode()
 
 
 def _encoded_image(image: _Read, size: tuple[int, int], path: Path, budget: int, limit: Limit, notes: list[str]) -> str:

@@ -157,6 +157,7 @@ def test_the_names_are_the_servers() -> None:
     from sdxl_server import schema
 
     assert inputs.SCHEDULERS == schema.SCHEDULER_NAMES
+    assert inputs.REFINE == schema.REFINE_MODES
 
 
 # ---------------------------------------------------------------- usage errors: refused before any request
@@ -228,6 +229,16 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     sent = inputs.attach(body(), inputs.ModeInputs(image=photo), LOCAL)
     assert sent_image(sent).size == (96, 64)
     assert "photo.jpg turned upright, as its EXIF orientation says" in sent.notes
+
+
+def test_a_large_colour_mask_goes_as_grayscale_png(tmp_path: Path) -> None:
+    image = flat(tmp_path / "in.png", (512, 512), (9, 9, 9))
+    mask = noise(tmp_path / "mask.png", (512, 512))  # 0.8 MB of colour: the image's share would shrink by that
+    sent = inputs.attach(body(), inputs.ModeInputs(image=image, mask=mask), LOCAL)
+    encoded = base64.b64decode(sent.body["instances"][0]["mask_image"])
+    with Image.open(io.BytesIO(encoded)) as sent_mask:
+        assert (sent_mask.format, sent_mask.mode, sent_mask.size) == ("PNG", "L", (512, 512))
+    assert len(encoded) < mask.stat().st_size / 2
 
 
 def test_an_image_that_cannot_fit_names_the_dedicated_endpoint(tmp_path: Path) -> None:
