@@ -67,6 +67,7 @@ class Model(Section):
         "auto",
         description="where compiled code is kept: auto, none, a gs:// folder, or a folder the server can reach",
     )
+    refiner: str = Field("off", description="off | tiny | random | Hub repo id | folder | gs:// folder")
 
     @field_validator("warmup", mode="before")
     @classmethod
@@ -81,6 +82,18 @@ class Model(Section):
             if not all(64 <= side <= 2048 and side % 8 == 0 for side in sides):
                 raise ValueError(f"{size!r} is not WIDTHxHEIGHT with sides multiples of 8 from 64 to 2048")
         return [str(size).strip().lower() for size in value]
+
+    @field_validator("refiner")
+    @classmethod
+    def _refiner(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in ("off", "tiny", "random"):
+            return value.lower()
+        if value in ("gs://", "", "random-sdxl") or value.startswith("gs:///"):
+            raise ValueError(
+                "expected off, tiny, random (random-sdxl is the base's), a Hub repo id, a folder, or gs://bucket/folder"
+            )
+        return value.rstrip("/") if value.startswith("gs://") else value  # a Hub id or a folder: as `source`
 
     @field_validator("compile_cache")
     @classmethod
@@ -192,6 +205,7 @@ def _load(
         )
     if config.model.bake:
         _check_bake(config.model, source, from_env)
+    _check_refiner(config.model, source, from_env)
     return config, from_file, from_env
 
 
@@ -296,6 +310,21 @@ def _check_bake(model: Model, source: str, from_env: dict[tuple[str, ...], str])
     raise ConfigError(
         f"{where}: [model] bake = true needs [model] source to be a Hub repo id or a gs:// folder; {why}", hint=hint
     )
+
+
+def _check_refiner(model: Model, source: str, from_env: dict[tuple[str, ...], str]) -> None:
+    """The refiner shares the base's VAE and text encoder 2: sizes must match (a folder's: the server tells)."""
+    full_size = model.refiner == "random" or (_REPO_ID.match(model.refiner) and not Path(model.refiner).exists())
+    if (model.refiner == "tiny") == (model.source == "tiny") or not (model.refiner == "tiny" or full_size):
+        return
+    where = f"{from_env[('model', 'refiner')]} (environment)" if ("model", "refiner") in from_env else source
+    why, hint = (
+        ("the tiny refiner is made for the tiny base", "set [model] refiner to a Hub repo id, or random")
+        if model.refiner == "tiny"
+        else ("a full-size refiner cannot share the tiny base's VAE and text encoder", 'set refiner = "tiny"')
+    )
+    message = f"{where}: [model] refiner = {model.refiner!r} does not fit source = {model.source!r}: {why}"
+    raise ConfigError(message, hint=hint)
 
 
 def _is_section(annotation: object) -> bool:

@@ -37,6 +37,8 @@ def server_env(
     env["SDXL_OPTIMIZE"] = model.optimize
     if model.warmup:
         env["SDXL_WARMUP"] = ",".join(model.warmup)
+    if model.refiner != "off":  # absent is off: a deployment without one keeps its container spec as it was
+        env["SDXL_REFINER"] = model.refiner  # never baked: with bake = true the server still fetches it at start
     if baked_folder and model.bake:
         env["SDXL_MODEL"], env["SDXL_VAE"] = baked_folder, "model"
     if cache := compile_cache(model, auto_cache):

@@ -22,25 +22,41 @@ PREDICT_FALLBACK_ROLE = "roles/aiplatform.user"
 
 
 def ensure_server_account(config: Config, store: StateStore, progress: Progress, changes: list[Change]) -> str:
-    """The account the model server runs as, when it needs one: it may write the compile cache (and read
-    gs:// weights), nothing else. Empty: Vertex AI's own account, which may only read the artifacts."""
+    """The account the model server runs as, when it needs one: it may write the compile cache and read
+    gs:// weights (the base's, a refiner's), nothing else. Empty: Vertex AI's own account, which may only
+    read the artifacts."""
     email = server_account(config)
     if not email:
         return ""
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.storage import Storage
 
-    c, n = cloud(config), names(config)
-    progress("giving the model server an account that may write its compile cache")
+    c, n, model = cloud(config), names(config), config.model
+    cache = compile_cache(config)
+    progress("giving the model server an account that may " + ("write its compile cache" if cache else "read gs://"))
     ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
     store.record(config.name, Resource(kind="server-account", name=email, target="vertex"))
-    Storage(c, bucket_of(compile_cache(config)), n.labels).ensure_bucket()
-    granted, details = _grant_folder(c, CACHE_ROLE, email, compile_cache(config), changes)
-    if config.model.source.startswith("gs://") and not config.model.bake:  # baked: the image has them
-        weights_granted, weights = _grant_folder(c, WEIGHTS_ROLE, email, config.model.source, changes)
-        granted, details = granted or weights_granted, f"{details}, {weights}"
-    changes.append(Change("update" if granted else "keep", "service account", email, details))
+    grants = []
+    if cache.startswith("gs://"):
+        Storage(c, bucket_of(cache), n.labels).ensure_bucket()
+        grants.append(_grant_folder(c, CACHE_ROLE, email, cache, changes))
+    if model.source.startswith("gs://") and not model.bake:  # baked: the image has them
+        grants.append(_grant_folder(c, WEIGHTS_ROLE, email, model.source, changes))
+    if model.refiner.startswith("gs://"):  # never baked: fetched at every start, as its own account
+        grants.append(_grant_folder(c, WEIGHTS_ROLE, email, model.refiner, changes))
+    granted = any(done for done, _ in grants)
+    changes.append(Change("update" if granted else "keep", "service account", email, ", ".join(d for _, d in grants)))
     return email
+
+
+def refiner_detail(config: Config) -> str:
+    """How the server gets its refiner, for the deploy plan."""
+    detail = "fetched by the server at every start (its UNet only: the VAE and text_encoder_2 are the base's)"
+    if config.model.refiner.startswith("gs://"):
+        detail += f"; read as the server's own account, with {WEIGHTS_ROLE}"
+    if config.model.bake:
+        detail += "; [model] bake puts the base's weights in the image, not the refiner's"
+    return detail
 
 
 def _grant_folder(c: Cloud, role: str, email: str, uri: str, changes: list[Change]) -> tuple[bool, str]:

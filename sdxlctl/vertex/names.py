@@ -117,8 +117,9 @@ def compile_cache(config: Config) -> str:
 
 
 def server_account(config: Config) -> str:
-    """The model server's own service account: only needed to write a gs:// compile cache."""
-    if not compile_cache(config).startswith("gs://"):
+    """The model server's own service account: only needed to write a gs:// compile cache or to read a gs://
+    refiner (the Model's one artifact URI, which Vertex AI's own account may read, is the base's weights)."""
+    if not compile_cache(config).startswith("gs://") and not config.model.refiner.startswith("gs://"):
         return ""
     n = names(config)
     return n.email(n.server_account_id)
@@ -130,7 +131,7 @@ def bucket_of(uri: str) -> str:
 
 def server_buckets(config: Config) -> set[str]:
     """Every bucket the model server's account may have been given a role on."""
-    uris = (own_cache(config), config.model.compile_cache, config.model.source)
+    uris = (own_cache(config), config.model.compile_cache, config.model.source, config.model.refiner)
     return {bucket_of(uri) for uri in uris if uri.startswith("gs://")}
 
 
