@@ -383,6 +383,8 @@ def cost(
         baked=config.model.bake,
         steps=steps,
         level=config.model.optimize,
+        refiner=config.model.refiner != "off",
+        dtype=config.model.dtype,
     )
 
 

@@ -19,6 +19,7 @@ class GpuOption:
     vcpus: int
     ram_gb: float
     family: str  # price family: the machine series whose vCPU and RAM prices apply
+    memory_gb: float  # of one GPU, as NVIDIA states it (GB): what one model server may fill
     quota: str  # Vertex AI's serving quota of this GPU per region: aiplatform.googleapis.com/<quota>
     sku: str  # its Cloud Billing SKU, a pattern of the description after "Vertex AI: Online/Batch Prediction "
     note: str = ""
@@ -36,6 +37,7 @@ GPUS: dict[str, GpuOption] = {
             8,
             30,
             "n1",
+            memory_gb=16,
             quota="custom_model_serving_nvidia_t4_gpus",
             sku=r"nvidia tesla t4 gpu",
         ),
@@ -48,6 +50,7 @@ GPUS: dict[str, GpuOption] = {
             8,
             32,
             "g2",
+            memory_gb=24,
             quota="custom_model_serving_nvidia_l4_gpus",
             sku=r"nvidia l4 gpu",
         ),
@@ -60,6 +63,7 @@ GPUS: dict[str, GpuOption] = {
             12,
             85,
             "a2",
+            memory_gb=40,
             quota="custom_model_serving_nvidia_a100_gpus",
             sku=r"nvidia tesla a100 gpu",
         ),
@@ -72,6 +76,7 @@ GPUS: dict[str, GpuOption] = {
             12,
             170,
             "a2",
+            memory_gb=80,
             quota="custom_model_serving_nvidia_a100_80gb_gpus",
             sku=r"nvidia a100 80gb gpu",
         ),
@@ -84,6 +89,7 @@ GPUS: dict[str, GpuOption] = {
             26,
             234,
             "a3",
+            memory_gb=80,
             quota="custom_model_serving_nvidia_h100_gpus",
             sku=r"nvidia h100 80gb gpu",
         ),
@@ -96,6 +102,7 @@ GPUS: dict[str, GpuOption] = {
             224,
             2952,
             "a3",
+            memory_gb=141,
             quota="custom_model_serving_nvidia_h200_gpus",
             sku=r"nvidia h200(?: 141gb)? gpu",
             note="H200 comes only as 8 GPUs per machine; one model server uses one of them",

@@ -226,6 +226,7 @@ ACTION_STYLE = {
     "update": "yellow",
     "delete": "red",
     "failed": "bold red",
+    "warn": "yellow",
     "unchanged": "dim",
     "keep": "dim",
     "gone": "dim",
@@ -332,6 +333,12 @@ def estimate(result: Estimate, *, as_json: bool) -> None:
     out.print(f"one replica: {usd_per_hour(hourly)} USD/hour = {hourly * 24:,.2f} USD/day")
     if result.speed is not None:
         out.print(speed_line(result.speed))
+    for line in result.mode_lines():
+        out.print(line, soft_wrap=True)
+    if result.memory is not None:
+        out.print(f"GPU memory: {result.memory.summary}", soft_wrap=True)
+        if result.memory.warning:
+            warning(result.memory.warning)
     err.print(f"[dim]{CAVEAT} Prices: {result.origin}, {result.table_date}.[/]")
     for note in result.unverified:
         err.print(f"[yellow]unverified:[/] {escape(note)}")

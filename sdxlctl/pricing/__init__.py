@@ -10,6 +10,16 @@ from typing import Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import GPUS, GpuOption, gpu
+from sdxlctl.pricing.memory import GpuMemory, gpu_memory
+from sdxlctl.pricing.speed import (
+    TWO_PASS_SAMPLERS,
+    Latency,
+    Refining,
+    latency,
+    mode_lines,
+    refining,
+    seconds_per_image,
+)
 
 HOURS_PER_DAY = 24
 DAYS_PER_MONTH = 30.44
@@ -142,9 +152,24 @@ class Estimate:
     origin: str = "bundled"
     notes: list[str] = field(default_factory=list)
     speed: Comparison | None = None  # one replica at full load: s/image, images/hour, USD per 1000 images
+    memory: GpuMemory | None = None  # the model server's GPU memory, against the GPU's
+    refining: Refining | None = None  # s/image per `refine` mode, when [model] refiner is set
+    two_pass: Latency | None = None  # s/image with a sampler that calls the UNet twice a step
+
+    def mode_lines(self) -> list[str]:
+        """Each `refine` mode's time and price per image, and the two-pass samplers' time (estimates)."""
+        return mode_lines(self.refining, self.two_pass, self.machine_per_hour)
 
     def as_dict(self) -> dict[str, Any]:
         speed = self.speed.as_dict() if self.speed else {}
+        extra: dict[str, Any] = {"gpu_memory": self.memory.as_dict()} if self.memory else {}
+        if self.refining:
+            extra["refiner"] = self.refining.as_dict(self.machine_per_hour)
+        if self.two_pass:
+            extra["two_pass_samplers"] = {
+                "samplers": list(TWO_PASS_SAMPLERS),
+                "seconds_per_image": round(self.two_pass.seconds, 2),
+            }
         return {
             "estimate": True,
             "gpu": self.option.key,
@@ -160,6 +185,7 @@ class Estimate:
             "notes": self.notes,
             "prices": {"date": self.table_date, "origin": self.origin},
             **{key: speed.get(key) for key in SPEED_KEYS},
+            **extra,
         }
 
 
@@ -188,8 +214,11 @@ def estimate(
     baked: bool = False,
     steps: int = 30,
     level: str = "auto",
+    refiner: bool = False,
+    dtype: str = "auto",
 ) -> Estimate:
-    """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero."""
+    """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero; `refiner`:
+    the server loads one (its memory, and each `refine` mode's time per image)."""
     table = table or bundled()
     if days < 0:
         raise UsageError(f"--days {days:g}: must not be negative")
@@ -226,6 +255,9 @@ def estimate(
         table.origin,
         [baked_note(table)] if baked else [],
         Comparison(option, hourly, latency(option.key, steps, level)),
+        gpu_memory(option, dtype=dtype, refiner=refiner),
+        refining(option.key, steps, level) if refiner else None,
+        latency(option.key, steps, level, unet_calls=2),
     )
 
 
@@ -259,40 +291,6 @@ def baked_note(table: PriceTable) -> str:
 
 
 # ---------------------------------------------------------------- latency and compare
-
-
-@cache
-def _latency() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "latency.json").read_text())
-
-
-@dataclass(frozen=True)
-class Latency:
-    seconds: float
-    measured: bool
-    lower_bound: bool
-    source: str
-
-
-def latency(key: str, steps: int = 30, level: str = "auto") -> Latency:
-    """Seconds per 1024x1024 image at `steps` and SDXL_OPTIMIZE `level`: measured where known, else
-    estimated from the TFLOP rate; a level other than compile scales by what the H200 measured."""
-    data = _latency()
-    row = data["gpus"][key]
-    work = data["work_tflop"]
-    scale = (work["per_step"] * steps + work["vae_decode"]) / (work["per_step"] * 30 + work["vae_decode"])
-    lower_bound = bool(row.get("lower_bound", False))
-    if not lower_bound:  # the one lower bound is the 2023 (eager) pipeline's already
-        scale *= data["levels"]["compile" if level == "auto" else level]
-    if "seconds" in row:
-        base = float(row["seconds"])
-    else:
-        base = (work["per_step"] * 30 + work["vae_decode"]) / (row["tflops"] * data["efficiency"]["value"])
-    return Latency(base * scale, bool(row["measured"]), lower_bound, str(row["source"]))
-
-
-def seconds_per_image(key: str, steps: int = 30, level: str = "auto") -> float:
-    return latency(key, steps, level).seconds
 
 
 @dataclass(frozen=True)

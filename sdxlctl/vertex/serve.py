@@ -12,9 +12,10 @@ from typing import Any
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError
 from sdxlctl.gpus import GpuOption, gpu
+from sdxlctl.pricing.memory import require_fit
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Change, Progress, StepResult, quiet
-from sdxlctl.vertex.access import CACHE_ROLE, ensure_server_account
+from sdxlctl.vertex.access import CACHE_ROLE, WEIGHTS_ROLE, ensure_server_account, refiner_detail
 from sdxlctl.vertex.images import bake_of
 from sdxlctl.vertex.names import (
     LABEL,
@@ -127,6 +128,7 @@ def _same_container(model: Any, spec: Any, artifact_uri: str) -> bool:
 
 def plan_deploy(config: Config, store: StateStore) -> StepResult:
     option = gpu(config.deploy.gpu)
+    memory = require_fit(option, dtype=config.model.dtype, refiner=config.model.refiner != "off")
     state = store.read()
     endpoint = state.get(config.name, "endpoint")
     model = state.get(config.name, "model")
@@ -134,15 +136,12 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
     changes = []
     if server_account(config):
         recorded = state.get(config.name, "server-account")
-        changes.append(
-            Change(
-                "keep" if recorded else "create",
-                "service account",
-                server_account(config),
-                f"the model server's: {CACHE_ROLE} on its compile cache {compile_cache(config)}/ only, "
-                "and bucket-wide where the bucket has no uniform bucket-level access",
-            )
-        )
+        grants = [f"{CACHE_ROLE} on its compile cache {compile_cache(config)}/ only"] if compile_cache(config) else []
+        refiner = config.model.refiner
+        grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
+        uniform = "and bucket-wide where the bucket has no uniform bucket-level access"
+        detail = f"the model server's: {', '.join(grants)}, {uniform}"
+        changes.append(Change("keep" if recorded else "create", "service account", server_account(config), detail))
     if endpoint is None:
         detail = f"{d.endpoint} endpoint" + (
             " (up to 1 h per request, 10 MB)" if d.endpoint == "dedicated" else " (60 s per request, 1.5 MB)"
@@ -152,6 +151,10 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
     machine = f"{machine_of(option)}, {scale}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}"
     if option.note:
         machine += f"; {option.note}"
+    if config.model.refiner != "off":
+        changes.append(Change("load", "refiner", config.model.refiner, refiner_detail(config)))
+    said = memory.summary + (f"; {memory.warning}" if memory.warning else "")
+    changes.append(Change("warn" if memory.warning else "check", "GPU memory", option.key, said))
     changes.append(Change("deploy", "model", model.name if model else "(the model `sdxlctl upload` makes)", machine))
     return StepResult(changes, dry_run=True)
 
@@ -162,6 +165,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
 
     started = time.monotonic()
     n, option, d = names(config), gpu(config.deploy.gpu), config.deploy
+    require_fit(option, dtype=config.model.dtype, refiner=config.model.refiner != "off")  # before any call
     vertex = Vertex(cloud(config))
     recorded_model = store.read().get(config.name, "model")
     if recorded_model is None:

@@ -1,0 +1,115 @@
+"""Seconds per 1024x1024 image on each GPU: measured where known, else from the work per image; with the
+refiner's `refine` modes and the samplers that call the UNet twice a step. Estimates, no cloud calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+
+@cache
+def _latency() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "latency.json").read_text())
+
+
+@dataclass(frozen=True)
+class Latency:
+    seconds: float
+    measured: bool
+    lower_bound: bool
+    source: str
+
+
+def latency(key: str, steps: int = 30, level: str = "auto", *, unet_calls: int = 1, refiner_steps: int = 0) -> Latency:
+    """Seconds per 1024x1024 image at `steps` and SDXL_OPTIMIZE `level`: measured where known, else
+    estimated from the TFLOP rate; a level other than compile scales by what the H200 measured.
+
+    `unet_calls`: 2 for the samplers that call the UNet twice a step; `refiner_steps`: refiner UNet steps on
+    top of the base's `steps`, each its share of the work by the two UNets' FLOP counts."""
+    data = _latency()
+    row = data["gpus"][key]
+    work = data["work_tflop"]
+    image = work["per_step"] * steps * unet_calls + work["refiner_per_step"] * refiner_steps + work["vae_decode"]
+    scale = image / (work["per_step"] * 30 + work["vae_decode"])
+    lower_bound = bool(row.get("lower_bound", False))
+    if not lower_bound:  # the one lower bound is the 2023 (eager) pipeline's already
+        scale *= data["levels"]["compile" if level == "auto" else level]
+    if "seconds" in row:
+        base = float(row["seconds"])
+    else:
+        base = (work["per_step"] * 30 + work["vae_decode"]) / (row["tflops"] * data["efficiency"]["value"])
+    return Latency(base * scale, bool(row["measured"]), lower_bound, str(row["source"]))
+
+
+def seconds_per_image(key: str, steps: int = 30, level: str = "auto") -> float:
+    return latency(key, steps, level).seconds
+
+
+# heun and kdpm2 take a second UNet call each step (second order); dpmpp_sde_karras's SDE solver too.
+TWO_PASS_SAMPLERS = ("heun", "kdpm2", "dpmpp_sde_karras")
+HIGH_NOISE_FRAC = 0.8  # expert_ensemble's default hand-over: the base denoises the first 80%
+BASE_IMAGE_STRENGTH = 0.3  # base_image: the refiner re-noises the finished image this far
+
+
+@dataclass(frozen=True)
+class Refining:
+    """Seconds per 1024x1024 image with each `refine` mode, and the UNet steps behind them."""
+
+    steps: int
+    ensemble: Latency  # expert_ensemble: the base's first steps, the refiner's last, one VAE decode
+    ensemble_split: tuple[int, int]  # (base steps, refiner steps)
+    base_image: Latency  # base_image: all base steps, then int(0.3 x refine_steps) refiner steps
+    base_image_steps: int  # the refiner's
+
+    def as_dict(self, usd_per_hour: float) -> dict[str, Any]:
+        def mode(row: Latency, **steps: int) -> dict[str, Any]:
+            return {
+                "seconds_per_image": round(row.seconds, 2),
+                "seconds_lower_bound": row.lower_bound,
+                "usd_per_1000_images": round(usd_per_hour * row.seconds / 3.6, 3),
+                **steps,
+            }
+
+        base, refined = self.ensemble_split
+        return {
+            "estimate": True,
+            "expert_ensemble": mode(self.ensemble, base_steps=base, refiner_steps=refined),
+            "base_image": mode(self.base_image, base_steps=self.steps, refiner_steps=self.base_image_steps),
+        }
+
+
+def refining(key: str, steps: int = 30, level: str = "auto", high_noise_frac: float = HIGH_NOISE_FRAC) -> Refining:
+    """Each `refine` mode's time per image at the defaults a request gets (refine_steps = steps)."""
+    base_steps = max(1, min(steps - 1, round(steps * high_noise_frac)))  # each model gets a step at least
+    ensemble = latency(key, base_steps, level, refiner_steps=steps - base_steps)
+    after = max(1, int(steps * BASE_IMAGE_STRENGTH))  # as diffusers' img2img counts them: int(steps x strength)
+    return Refining(
+        steps, ensemble, (base_steps, steps - base_steps), latency(key, steps, level, refiner_steps=after), after
+    )
+
+
+def mode_lines(refined: Refining | None, two_pass: Latency | None, usd_per_hour: float) -> list[str]:
+    """`cost`'s lines for the refiner's modes (when one is set) and for the two-pass samplers."""
+    lines = []
+    if refined is not None:
+        base, steps = refined.ensemble_split
+        modes = [
+            (f"expert_ensemble {base}+{steps} steps", refined.ensemble),
+            (f"base_image +{refined.base_image_steps} refiner steps", refined.base_image),
+        ]
+        said = ", ".join(
+            f"{mode} {'over ' if row.lower_bound else ''}{row.seconds:.1f} s/image "
+            f"({usd_per_hour * row.seconds / 3.6:,.2f} USD per 1000)"
+            for mode, row in modes
+        )
+        lines.append(f"with the refiner (estimated): {said}")
+    if two_pass is not None:
+        over = "over " if two_pass.lower_bound else ""
+        lines.append(
+            f"samplers {', '.join(TWO_PASS_SAMPLERS)} call the UNet twice a step: "
+            f"{over}{two_pass.seconds:.1f} s/image (estimated)"
+        )
+    return lines
