@@ -221,6 +221,16 @@ def test_sizes_become_multiples_of_8_within_2048_keeping_the_aspect(tmp_path: Pa
     assert (sent.body["parameters"]["width"], sent.body["parameters"]["height"]) == (512, 256)
 
 
+def test_png_jpeg_webp_go_as_they_are_other_formats_as_png(tmp_path: Path) -> None:
+    for name in ("in.png", "in.jpg", "in.webp"):
+        path = noise(tmp_path / name, (96, 64), Image.registered_extensions()[Path(name).suffix])
+        sent = inputs.attach(body(), inputs.ModeInputs(image=path), LOCAL)
+        assert base64.b64decode(sent.body["instances"][0]["image"]) == path.read_bytes() and sent.notes == []
+    gif = flat(tmp_path / "in.gif", (96, 64), (9, 9, 9))
+    sent = inputs.attach(body(), inputs.ModeInputs(image=gif), LOCAL)
+    assert sent_image(sent).format == "PNG" and sent.notes == ["in.gif (GIF) sent as PNG"]
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to show
