@@ -7,7 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
+from tests.model_server.test_images import PNG, PNG_BYTES, encoded, gradient, png_header_only, raw_b64
 from tests.servers import Server
 
 
@@ -68,6 +70,28 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("parameters-list", {"instances": [{"prompt": "a fox"}], "parameters": [30]}, 400, "parameters"),
     ("unknown-top-level", {"instance": [{"prompt": "a fox"}]}, 400, "instances"),
     ("body-2MB", {"instances": [{"prompt": "a fox", "pad": "x" * 2_000_000}]}, 413, "body"),
+    # Issue 15: input images and the generation modes' parameters.
+    ("image-truncated-png", req({"image": raw_b64(PNG_BYTES[:300])}), 400, "instances[0].image"),
+    ("image-truncated-jpeg", req({"image": encoded(gradient(), "JPEG")[:400]}), 400, "instances[0].image"),
+    ("image-bomb-100000x100000", req({"image": raw_b64(png_header_only(100_000, 100_000))}), 400, "instances[0].image"),
+    ("image-4096x4096", req({"image": encoded(Image.new("RGB", (4096, 4096), "navy"))}), 400, "instances[0].image"),
+    ("image-gif", req({"image": encoded(gradient(), "GIF")}), 400, "instances[0].image"),
+    ("image-bmp", req({"image": encoded(gradient(), "BMP")}), 400, "instances[0].image"),
+    ("image-tiff", req({"image": encoded(gradient(), "TIFF")}), 400, "instances[0].image"),
+    ("image-svg", req({"image": raw_b64(b'<svg xmlns="http://www.w3.org/2000/svg"/>')}), 400, "instances[0].image"),
+    ("image-not-base64", req({"image": "not base64 at all"}), 400, "instances[0].image"),
+    ("image-empty", req({"image": ""}), 400, "instances[0].image"),
+    ("image-number", req({"image": 7}), 400, "instances[0].image"),
+    ("image-1023x767", req({"image": encoded(Image.new("RGB", (1023, 767), "gray"))}), 400, "instances[0].image"),
+    ("mask-other-size", req({"image": PNG, "mask_image": encoded(gradient((64, 64)))}), 400, "instances[0].mask_image"),
+    ("mask-without-image", req({"mask_image": PNG}), 400, "instances[0].mask_image"),
+    ("mixed-instances", {"instances": [{"prompt": "a", "image": PNG}, {"prompt": "b"}]}, 400, "instances[1].image"),
+    ("scheduler-unknown", req(scheduler="plms"), 400, "parameters.scheduler"),
+    ("strength-without-image", req(strength=0.5), 400, "parameters.strength"),
+    ("strength-over-1", req({"image": PNG}, strength=1.5), 400, "parameters.strength"),
+    ("refine-without-refiner", req(refine="expert_ensemble"), 400, "parameters.refine"),
+    ("high-noise-frac-1", req(high_noise_frac=1), 400, "parameters.high_noise_frac"),
+    ("refine-steps-0", req(refine_steps=0), 400, "parameters.refine_steps"),
 ]
 
 
@@ -150,3 +174,33 @@ def test_whole_numbers_sent_as_doubles_are_accepted(model_server: Server) -> Non
     response = model_server.predict(body)
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["seeds"] == [7]
+
+
+def test_an_image_of_100MB_is_413_at_the_default_limit(model_server: Server) -> None:
+    body = b'{"instances": [{"prompt": "a fox", "image": "' + b"A" * 100_000_000 + b'"}]}'
+    response = httpx.post(model_server.url + model_server.predict_route, content=body, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["field"] == "body"
+    assert model_server.health(timeout=1).status_code == 200
+
+
+def test_an_image_of_100MB_under_a_raised_limit_is_400_on_the_field(tiny_pipeline: Any) -> None:
+    """SDXL_MAX_REQUEST_BYTES raised to 200 MB: one image field is still capped (images.MAX_IMAGE_BYTES)."""
+    from sdxl_server.app import create_app
+    from sdxl_server.generator import Generator
+    from sdxl_server.settings import Settings
+    from tests.servers import serve_app
+
+    settings = Settings(max_request_bytes=200_000_000, warmup=((64, 64),))
+    app = create_app(settings, load=lambda _: Generator(tiny_pipeline))
+    with serve_app(app) as server:
+        server.wait_until("ready")
+        body = b'{"instances": [{"prompt": "a fox", "image": "' + b"A" * 100_000_000 + b'"}]}'
+        response = httpx.post(server.url + server.predict_route, content=body, timeout=120)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["field"] == "instances[0].image" and "JPEG or WebP" in error["message"]
+        valid = {
+            "instances": [{"prompt": "a fox", "seed": 1}],
+            "parameters": {"num_inference_steps": 1, "width": 64, "height": 64},
+        }
+        assert server.predict(valid).status_code == 200

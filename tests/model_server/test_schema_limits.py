@@ -114,8 +114,17 @@ def test_the_instance_count_is_checked_before_any_instance_is_validated() -> Non
         (b'{"instances":[{"prompt":"a"}],"parameters":{"guidance_scale":-Infinity}}', "not valid JSON"),
         (b"", "not valid JSON"),
     ],
-    ids=["brackets", "deep-instances", "deep-objects", "depth-11", "5000-digits", "nan", "infinity", "-infinity",
-         "empty"],
+    ids=[
+        "brackets",
+        "deep-instances",
+        "deep-objects",
+        "depth-11",
+        "5000-digits",
+        "nan",
+        "infinity",
+        "-infinity",
+        "empty",
+    ],
 )
 def test_malformed_json_of_every_kind_is_a_400_on_the_body(raw: bytes, why: str) -> None:
     error = refused(raw)
@@ -186,3 +195,160 @@ def test_a_body_of_exactly_the_byte_limit_is_read_and_one_byte_more_is_413(tiny_
                 response = httpx.post(url, content=sent, timeout=30)
                 assert response.status_code == status, (chunked, size, response.text)
                 assert response.json()["error"]["field"] == ("parameters.width" if status == 400 else "body")
+
+
+# Issue 15: the generation modes' parameters.
+PNG_64 = (  # 64x64, one colour
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMED5SUcEj4ZkVbDtNbN+dnTAqwa0BrQGtAa0BrQGtAa0"
+    "BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0C4FEAYCt2yLnAAAAAElFTkSuQmCC"
+)
+
+
+def image_body(**parameters: Any) -> dict[str, Any]:
+    return {"instances": [{"prompt": "a fox", "image": PNG_64}], "parameters": parameters}
+
+
+def parse_with(payload: Any, *, refiner: bool) -> Request:
+    return parse_request(
+        json.dumps(payload).encode(),
+        max_images=MAX_IMAGES,
+        default_size=(1024, 1024),
+        draw_seed=lambda: 7,
+        refiner=refiner,
+    )
+
+
+def test_new_parameters_default_to_text_to_image_as_before() -> None:
+    request = parse(body())
+    assert (request.mode, request.scheduler, request.strength, request.refine) == ("text-to-image", None, None, "none")
+    assert (request.high_noise_frac, request.refine_steps) == (0.8, None)
+    assert request.cost == 1024 * 1024 * (30 + 2)  # as before issue 15
+
+
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("euler", "euler"),
+        ("Euler_A", "euler_a"),
+        ("dpmpp-2m-karras", "dpmpp_2m_karras"),
+        ("DPMPP_SDE_KARRAS", "dpmpp_sde_karras"),
+        ("ddim", "ddim"),
+        ("heun", "heun"),
+        ("UniPC", "unipc"),
+        ("kdpm2", "kdpm2"),
+        ("dpmpp_2m", "dpmpp_2m"),
+    ],
+)
+def test_scheduler_names_are_case_insensitive_and_take_hyphens(given: str, name: str) -> None:
+    assert parse(body(scheduler=given)).scheduler == name
+
+
+@pytest.mark.parametrize("bad", ["plms", "", "euler a", 3, ["euler"]])
+def test_an_unknown_scheduler_is_refused_listing_the_names(bad: Any) -> None:
+    error = refused(body(scheduler=bad))
+    assert error.field == "parameters.scheduler"
+    if isinstance(bad, str):
+        assert "euler_a" in error.message and "dpmpp_2m_karras" in error.message
+
+
+def test_strength_limits_and_defaults() -> None:
+    assert parse(image_body()).strength == 0.8  # cog-sdxl's prompt_strength
+    inpaint = {"instances": [{"prompt": "a", "image": PNG_64, "mask_image": PNG_64}]}
+    assert parse(inpaint).strength == 1.0 and parse(inpaint).mode == "inpainting"
+    for ok in (0.034, 0.5, 1, 1.0):
+        assert parse(image_body(strength=ok)).strength == ok
+    for bad in (0, -0.1, 1.001, 2, "0.5", True):
+        assert refused(image_body(strength=bad)).field == "parameters.strength"
+
+
+def test_strength_without_an_image_is_refused() -> None:
+    error = refused(body(strength=0.5))
+    assert error.field == "parameters.strength" and "image" in error.message
+
+
+def test_steps_times_strength_must_leave_a_step() -> None:
+    """diffusers runs int(steps x strength) steps of image-to-image; zero would return the input untouched."""
+    assert parse(image_body(num_inference_steps=2, strength=0.5)).strength == 0.5
+    error = refused(image_body(num_inference_steps=2, strength=0.49))
+    assert error.field == "parameters.strength"
+    assert "use strength 0.5 or more, or num_inference_steps 3 or more" in error.message
+    error = refused(image_body(num_inference_steps=30, strength=0.001))
+    assert "use strength 0.034 or more" in error.message and "num_inference_steps" not in error.message.split(":")[-1]
+
+
+def test_refine_needs_a_refiner_on_the_server() -> None:
+    for refine in ("expert_ensemble", "base_image", "Expert-Ensemble", "base-image"):
+        error = refused(body(refine=refine))
+        assert error.field == "parameters.refine" and "SDXL_REFINER" in error.message
+        assert parse_with(body(refine=refine), refiner=True).refine == refine.lower().replace("-", "_")
+    assert parse(body(refine="none")).refine == "none"
+    assert refused(body(refine="both")).field == "parameters.refine"
+
+
+def test_expert_ensemble_is_text_to_image_only() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        parse_with(image_body(refine="expert_ensemble"), refiner=True)
+    assert raised.value.field == "parameters.refine" and "base_image" in raised.value.message
+    assert parse_with(image_body(refine="base_image"), refiner=True).mode == "image-to-image"
+
+
+def test_base_image_needs_a_refiner_step() -> None:
+    """The refiner runs int(refine_steps x 0.3) steps; refine_steps defaults to num_inference_steps."""
+    assert parse_with(body(refine="base_image", refine_steps=4), refiner=True).refine_steps == 4
+    for payload in (body(refine="base_image", refine_steps=3), body(refine="base_image", num_inference_steps=3)):
+        with pytest.raises(InvalidRequest) as raised:
+            parse_with(payload, refiner=True)
+        assert raised.value.field == "parameters.refine_steps" and "4 or more" in raised.value.message
+    for bad in (0, 151, 2.5, "4"):
+        assert refused(body(refine_steps=bad)).field == "parameters.refine_steps"
+
+
+def test_high_noise_frac_limits() -> None:
+    for ok in (0.01, 0.5, 0.99):
+        assert parse(body(high_noise_frac=ok)).high_noise_frac == ok
+    for bad in (0, 1, -0.5, 1.5, "0.8"):
+        assert refused(body(high_noise_frac=bad)).field == "parameters.high_noise_frac"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "steps", "fraction", "who"),
+    [
+        (None, 1, 0.8, "the base model"),
+        (None, 4, 0.1, "the base model"),
+        (None, 10, 0.9999, "the refiner"),
+        (None, 2, 0.35, "the base model"),
+        ("dpmpp_2m", 4, 0.8, "the refiner"),
+        ("heun", 3, 0.3, "the base model"),
+    ],
+)
+def test_high_noise_frac_that_leaves_a_model_no_step_is_refused(
+    scheduler: str | None, steps: int, fraction: float, who: str
+) -> None:
+    payload = body(refine="expert_ensemble", num_inference_steps=steps, high_noise_frac=fraction, scheduler=scheduler)
+    with pytest.raises(InvalidRequest) as raised:
+        parse_with(payload, refiner=True)
+    assert raised.value.field == "parameters.high_noise_frac" and who in raised.value.message
+
+
+def test_the_split_depends_on_the_sampler_as_in_diffusers() -> None:
+    """Euler spaces 4 steps 'leading' (751..1), DPM++ 2M from 999 on: 0.8 leaves its refiner nothing."""
+    assert parse_with(body(refine="expert_ensemble", num_inference_steps=4), refiner=True).refine == "expert_ensemble"
+    assert (
+        parse_with(
+            body(refine="expert_ensemble", num_inference_steps=2, high_noise_frac=0.35, scheduler="dpmpp_2m"),
+            refiner=True,
+        ).scheduler
+        == "dpmpp_2m"
+    )
+
+
+def test_cost_counts_the_steps_that_run() -> None:
+    pixels = 64 * 64
+    assert parse(image_body(num_inference_steps=10, strength=0.5)).cost == pixels * (5 + 3)
+    assert parse(body(num_inference_steps=10, width=64, height=64, scheduler="heun")).cost == pixels * (20 + 2)
+    ensemble = parse_with(body(num_inference_steps=10, width=64, height=64, refine="expert_ensemble"), refiner=True)
+    assert ensemble.cost == pixels * (10 + 2)
+    refined = parse_with(body(num_inference_steps=10, width=64, height=64, refine="base_image"), refiner=True)
+    assert refined.cost == pixels * (10 + 3 + 2)
+    both = parse_with(image_body(num_inference_steps=10, refine="base_image", refine_steps=20), refiner=True)
+    assert both.cost == pixels * (8 + 6 + 3)

@@ -1,0 +1,68 @@
+"""expert_ensemble's split of the steps, as counted by sdxl_server.steps, is the one diffusers' pipelines run."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sdxl_server.schema import SCHEDULER_NAMES
+from sdxl_server.steps import _SAMPLERS, ensemble_split
+
+CASES = [(2, 0.8), (4, 0.8), (5, 0.35), (3, 0.97)]  # each a boundary for some sampler
+
+
+def sampler(name: str) -> Any:
+    import diffusers
+
+    from sdxl_server.sources import CONFIGS
+
+    cls, options = _SAMPLERS[name]
+    config = json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    return getattr(diffusers, cls).from_config(config, **options)
+
+
+def test_every_scheduler_name_can_be_counted() -> None:
+    assert set(_SAMPLERS) == set(SCHEDULER_NAMES)
+
+
+class Counted(Exception):
+    """Stops the pipeline once it has said how many steps it will run, before the first UNet call."""
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_the_split_is_the_one_the_pipelines_run(tiny_pipeline: Any, name: str) -> None:
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline(**{**tiny_pipeline.components, "scheduler": sampler(name)})
+    totals: list[int] = []
+
+    def progress_bar(total: int | None = None, **_: Any) -> Any:
+        # The pipeline opens its progress bar with the steps left after denoising_end: the count to check.
+        totals.append(total or 0)
+        raise Counted
+
+    base.progress_bar = progress_bar
+    embeds, _, pooled, _ = base.encode_prompt("a fox", do_classifier_free_guidance=False)
+    for steps, fraction in CASES:
+        with pytest.raises(Counted):
+            base(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                num_inference_steps=steps,
+                denoising_end=fraction,
+                guidance_scale=1.0,
+                output_type="latent",
+                width=64,
+                height=64,
+                generator=torch.Generator().manual_seed(0),
+            )
+        refiner_sampler = sampler(name)
+        refiner_sampler.set_timesteps(steps)
+        refined, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=refiner_sampler), steps, 0.3, "cpu", denoising_start=fraction
+        )
+        assert ensemble_split(name, steps, fraction) == (totals[-1], len(refined)), (steps, fraction)
