@@ -6,6 +6,7 @@ while the case is in flight. At the end a valid request is still served and the 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 from collections.abc import Iterator
@@ -16,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.model_server.rawhttp import exchange, request
+from tests.model_server.test_images import encoded, gradient, png_header_only, raw_b64
 from tests.servers import Server, server_process
 
 HANG_S = 10.0
@@ -65,6 +68,10 @@ NUMBER_EDGES: dict[str, list[str]] = {
     "height": ["7", "2049", "100000", "-1e309", "[]"],
     "num_images": ["0", "5", "-1", "1e20", "1.5", '"1"'],
     "quality": ["0", "101", "-1", "1e309", '"90"'],
+    # Issue 15's numbers (strength without an image is refused whatever its value).
+    "strength": ["0.5", "0", "-0.1", "1.001", "1e309", "NaN", '"0.5"', "true", "[0.5]"],
+    "high_noise_frac": ["0", "1", "-1e309", "Infinity", '"0.8"', "false", "{}"],
+    "refine_steps": ["0", "151", "1.5", "1e309", '"30"', "[]"],
 }
 
 NUMBER_CASES = [
@@ -100,6 +107,63 @@ other_parameters: dict[str, dict[str, Any]] = {
     "parameters-negative-number": {"negative_prompt": 1},
 }
 PARAMETER_CASES = [Case(name, post(base(**extra))) for name, extra in other_parameters.items()]
+
+
+def with_image(image: Any, mask: Any = None, **parameters: Any) -> bytes:
+    instance = {"prompt": "a fox", "seed": 1, "image": image}
+    if mask is not None:
+        instance["mask_image"] = mask
+    return post({"instances": [instance], "parameters": {**base()["parameters"], **parameters}})
+
+
+PNG_64 = encoded(gradient((64, 64)))
+image_cases: dict[str, bytes] = {
+    "image-not-base64": with_image("%%%"),
+    "image-empty": with_image(""),
+    "image-null-bytes": with_image(raw_b64(b"\x00" * 1000)),
+    "image-number": with_image(7),
+    "image-list": with_image([PNG_64]),
+    "image-object": with_image({"b64": PNG_64}),
+    "image-data-url-not-base64": with_image("data:image/png," + PNG_64),
+    "image-data-url-text": with_image("data:text/plain;base64," + raw_b64(b"hello")),
+    "image-truncated-png": with_image(PNG_64[:200]),
+    "image-truncated-jpeg": with_image(encoded(gradient((64, 64)), "JPEG")[:300]),
+    "image-truncated-webp": with_image(encoded(gradient((64, 64)), "WEBP")[:100]),
+    "image-png-header-only": with_image(raw_b64(base64.b64decode(PNG_64)[:33])),
+    "image-bomb-100000x100000": with_image(raw_b64(png_header_only(100_000, 100_000))),
+    "image-bomb-10000x10000": with_image(raw_b64(png_header_only(10_000, 10_000))),
+    "image-bomb-2048x2049": with_image(raw_b64(png_header_only(2048, 2049))),
+    "image-bomb-0x0": with_image(raw_b64(png_header_only(0, 0))),
+    "image-4096x4096": with_image(encoded(Image.new("RGB", (4096, 4096)))),
+    "image-32x32": with_image(encoded(Image.new("RGB", (32, 32)))),
+    "image-gif": with_image(encoded(gradient((64, 64)), "GIF")),
+    "image-bmp": with_image(encoded(gradient((64, 64)), "BMP")),
+    "image-tiff": with_image(encoded(gradient((64, 64)), "TIFF")),
+    "image-ico": with_image(encoded(gradient((64, 64)), "ICO")),
+    "image-pdf": with_image(encoded(gradient((64, 64)), "PDF")),
+    "image-svg": with_image(raw_b64(b'<svg xmlns="http://www.w3.org/2000/svg" width="9999999" height="9999999"/>')),
+    "image-1.4MB-garbage": with_image("QUJD" * 350_000),
+    "image-100x64-no-size": post({"instances": [{"prompt": "a", "image": encoded(Image.new("RGB", (100, 64)))}]}),
+    "mask-other-size": with_image(PNG_64, encoded(Image.new("L", (72, 64)))),
+    "mask-bomb": with_image(PNG_64, raw_b64(png_header_only(100_000, 100_000))),
+    "mask-gif": with_image(PNG_64, encoded(Image.new("L", (64, 64)), "GIF")),
+    "mask-without-image": post({"instances": [{"prompt": "a", "mask_image": PNG_64}],
+                                "parameters": base()["parameters"]}),
+    "mixed-instances": post({**base(), "instances": [{"prompt": "a", "image": PNG_64}, {"prompt": "b"}]}),
+    "mixed-masks": post({**base(), "instances": [{"prompt": "a", "image": PNG_64, "mask_image": PNG_64},
+                                                 {"prompt": "b", "image": PNG_64}]}),
+    "image-strength-0.01": with_image(PNG_64, strength=0.01),
+    "image-expert-ensemble": with_image(PNG_64, refine="expert_ensemble"),
+    "scheduler-unknown": post(base(scheduler="plms")),
+    "scheduler-number": post(base(scheduler=2)),
+    "scheduler-list": post(base(scheduler=["euler"])),
+    "scheduler-spaces": post(base(scheduler="dpmpp 2m")),
+    "refine-unknown": post(base(refine="yes")),
+    "refine-true": post(base(refine=True)),
+    "refine-no-refiner": post(base(refine="expert_ensemble")),
+    "refine-base-image-no-refiner": post(base(refine="base-image")),
+}
+IMAGE_CASES = [Case(name, raw) for name, raw in image_cases.items()]
 
 STRUCTURE_CASES = [
     Case("body-empty", post(b"")),
@@ -236,6 +300,7 @@ CASES: list[Case] = [
     *NUMBER_CASES,
     *PROMPT_CASES,
     *PARAMETER_CASES,
+    *IMAGE_CASES,
     *STRUCTURE_CASES,
     *ENCODING_CASES,
     *NESTING_CASES,
