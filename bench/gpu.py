@@ -2,6 +2,7 @@
 
     python bench/gpu.py --budget 540 --out results/                  # a GPU: random-sdxl at 1024x1024
     python bench/gpu.py --model tiny --size 64 --steps 2 --out /tmp/b # a CPU: checks the harness end to end
+    python bench/gpu.py --run none,compile --modes img2img,heun,ensemble  # modes at each level too
 
 --run lists what to measure, in order. Variants: the original deployment's pipeline (`none`, the
 baseline), each SDXL_OPTIMIZE level (`eager`, `compile`, `max`) and their parts alone (`transformers`:
@@ -12,8 +13,11 @@ variant measured last: `server` (the HTTP server's overhead: JSON, JPEG, queue),
 and 4 concurrent requests), `breakdown` (prompt encoding, denoising, VAE decode, pixels to the
 host), `attention` (each SDPA backend on SDXL's attention shapes), `batching` (two same-shape
 prompts in one batch), `cold` (process start to health 200, with the compile cache this run filled
-and/or an empty one). Each step is skipped when the budget left is below its estimate, and written
-to results.json and results.md as soon as it ends. Weights are random (no downloads): the arithmetic is SDXL 1.0's.
+and/or an empty one). --modes adds, on each variant's pipeline, other generation modes
+(bench/gpu_modes.py: image-to-image, the Heun sampler, the refiner as an expert ensemble), each timed
+against the variant's own text-to-image and the run's baseline. Each step is skipped when the budget
+left is below its estimate, and written to results.json and results.md as soon as it ends. Weights are
+random (no downloads): the arithmetic is SDXL 1.0's (and the refiner's).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "containers" / "model"))  # runs from a checkout, installed or not
+sys.path.insert(0, str(ROOT / "bench"))  # imported by the tests as well as run
+
+import gpu_modes  # noqa: E402
 
 from sdxl_server import optimize  # noqa: E402  (light: no torch until a plan is applied)
 
@@ -212,6 +219,9 @@ class Bench:
         self.baseline_image: Any = None
         self.baseline_s = 1.0
         self.pipeline_s = 0.0
+        self.refiner: Any = None  # shares `pipe`'s VAE and second text encoder: rebuilt with it
+        self.generator: Any = None  # the server's, around `pipe` and `refiner`: the modes run through it
+        self.mode_baselines: dict[str, tuple[Any, float]] = {}  # each mode's image and median at `none`
 
 
 def reusable(last: optimize.Plan, wanted: optimize.Plan) -> bool:
@@ -235,7 +245,7 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
     if not run.phase(f"variant {variant}", (15 if adds_only else ESTIMATE_S[variant]) * args.scale):
         return
     if not reuse:
-        bench.pipe = pipe = None
+        bench.pipe = pipe = bench.refiner = bench.generator = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         # Dynamo keeps compiled code per Python function, and its guards do not cover the compiler's
@@ -277,6 +287,71 @@ def measure_variant(run: Run, args: argparse.Namespace, bench: Bench, variant: s
     run.record(f"variant {variant}", entry)
     bench.level = variant if variant in optimize.LEVELS else "compile"
     bench.pipeline_s = entry["median_s"]
+    for mode in args.modes:
+        measure_mode(run, args, bench, variant, mode)
+
+
+def measure_mode(run: Run, args: argparse.Namespace, bench: Bench, variant: str, mode: str) -> None:
+    """One generation mode on the variant's pipeline, recorded in the variant's entry under "modes"."""
+    import torch
+
+    from sdxl_server.generator import Generator
+
+    plan, entry = VARIANTS[variant], run.results["phases"][f"variant {variant}"]
+    fresh_refiner = mode == "ensemble" and bench.refiner is None
+    calls = args.repeats + 1
+    estimate = gpu_modes.estimate_s(mode, bench.pipeline_s, calls, bool(plan.compile) and fresh_refiner)
+    if not run.phase(f"variant {variant}, {mode}", estimate * args.scale):
+        return
+    modes = entry.setdefault("modes", {})
+    try:
+        if mode == "ensemble" and bench.refiner is None:
+            build_s, bench.refiner = timed(lambda: gpu_modes.build_refiner(bench.pipe, args), args.device)
+            run.record("build refiner", {"seconds": round(build_s, 1)})
+            bench.generator = None
+        if bench.refiner is not None:
+            optimize.apply(bench.refiner, plan)  # as the server's loader does
+        if bench.generator is None or bench.generator.optimize_level != bench.level:
+            bench.generator = Generator(bench.pipe, optimize_level=bench.level, refiner=bench.refiner)
+        generator, dtype = bench.generator, bench.pipe.unet.dtype
+
+        def one() -> tuple[Any, int]:
+            return gpu_modes.run(generator, mode, args.steps, args.size)
+
+        first_s, (image, calls_of) = timed(one, args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        samples = []
+        for _ in range(args.repeats):
+            seconds, (image, calls_of) = timed(one, args.device)
+            samples.append(seconds)
+    except Exception as exc:  # a mode the server cannot run is a result too; the variants go on
+        traceback.print_exc()
+        modes[mode] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        run.record(f"variant {variant}", entry)
+        return
+    median = statistics.median(samples)
+    result: dict[str, Any] = {
+        "unet_calls": calls_of,
+        "first_call_s": round(first_s, 2),
+        "median_s": round(median, 3),
+        "samples_s": [round(s, 3) for s in samples],
+        "ratio_to_text": round(median / entry["median_s"], 3),
+    }
+    if bench.baseline_image is not None:
+        result["ratio_to_baseline"] = round(median / bench.baseline_s, 3)
+    if args.device.startswith("cuda"):
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if bench.pipe.unet.dtype != dtype:  # from_pipe casting the shared weights would make every later figure wrong
+        result["error"] = f"the base UNet went from {dtype} to {bench.pipe.unet.dtype}"
+    if variant == "none":
+        bench.mode_baselines[mode] = (image, median)
+    if mode in bench.mode_baselines:
+        base_image, base_s = bench.mode_baselines[mode]
+        result["vs_mode_baseline"] = difference(base_image, image)
+        result["ratio_to_mode_baseline"] = round(median / base_s, 3)
+    modes[mode] = result
+    run.record(f"variant {variant}", entry)
 
 
 @contextlib.contextmanager
@@ -574,6 +649,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, entry in phases.items():
         if not name.startswith(("variant ", "environment", "build")):
             lines += ["", f"**{name}**: `{json.dumps(entry)}`"]
+    lines += gpu_modes.markdown(phases)
     if results["skipped"]:
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
@@ -592,6 +668,11 @@ def main() -> None:
         default="none,eager,transformers,blocks,compile,server,throughput,cold,batching,unet,max",
         help=f"what to measure, in order: variants ({', '.join(VARIANTS)}) and phases ({', '.join(PHASES)})",
     )
+    parser.add_argument(
+        "--modes",
+        default="",
+        help=f"generation modes to measure on each variant besides text-to-image: {', '.join(gpu_modes.MODES)}",
+    )
     parser.add_argument("--cold", default="warm,empty", help="cold starts to measure: warm and/or empty cache")
     parser.add_argument("--cache", type=Path, help="compile cache folder to start from and leave filled")
     parser.add_argument("--device", default="auto")
@@ -602,6 +683,9 @@ def main() -> None:
 
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.cold = [label for label in args.cold.split(",") if label]
+    args.modes = [mode for mode in args.modes.split(",") if mode]
+    if unknown_modes := [mode for mode in args.modes if mode not in gpu_modes.MODES]:
+        parser.error(f"--modes: unknown {', '.join(unknown_modes)}; expected {', '.join(gpu_modes.MODES)}")
     args.scale = 1.0 if args.device.startswith("cuda") else 0.3  # phase estimates are for a GPU at 1024x1024
     steps = args.run.split(",")
     unknown = [step for step in steps if step not in VARIANTS and step not in PHASES]
