@@ -48,6 +48,17 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
+def webp_canvas(width: int, height: int) -> bytes:
+    """An animated WebP of two 64x64 frames whose canvas (VP8X) says width x height."""
+    frames = [Image.new("RGB", (64, 64), color) for color in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"VP8X") + 12
+    data[at : at + 6] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
 def parse(instances: list[dict[str, Any]], **parameters: Any) -> Request:
     body = {"instances": instances, "parameters": parameters}
     return parse_request(json.dumps(body).encode(), max_images=4, default_size=(1024, 1024), draw_seed=lambda: 1)
@@ -78,6 +89,8 @@ BAD_IMAGES: list[tuple[str, str, str]] = [
     ("bomb-100000x100000", raw_b64(png_header_only(100_000, 100_000)), "pixels"),
     ("bomb-10000x10000-pil-warning", raw_b64(png_header_only(10_000, 10_000)), "pixels"),
     ("bomb-2049x2048", raw_b64(png_header_only(2049, 2048)), "at most 2048x2048"),
+    ("bomb-webp-canvas-16383x16383", raw_b64(webp_canvas(16383, 16383)), "pixels"),
+    ("webp-canvas-4000x64", raw_b64(webp_canvas(4000, 64)), "4000x64"),
     ("side-63", encoded(Image.new("RGB", (63, 64))), "at least 64"),
     ("real-4096x4096", encoded(Image.new("RGB", (4096, 4096), "navy")), "4096x4096"),
     ("gif", encoded(gradient(), "GIF"), "GIF"),

@@ -75,7 +75,10 @@ def decode(text: str, field: str) -> Image:
             raise _bad(field, f"not a complete {kind} image (truncated or corrupt): send the whole file") from None
         raise _bad(field, f"{_what(raw)} is not an image this server reads: send a PNG, JPEG or WebP") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise _bad(field, f"the image is over {MAX_PIXELS} pixels (at most {MAX_SIDE}x{MAX_SIDE})") from None
+        raise _bad(
+            field,
+            f"its header says over {Image.MAX_IMAGE_PIXELS} pixels: at most {MAX_SIDE}x{MAX_SIDE} (it was not decoded)",
+        ) from None
     except Exception:  # a header PIL cannot parse: SyntaxError, struct.error, ValueError, ...
         kind = _allowed_kind(raw) or "PNG, JPEG or WebP"
         raise _bad(field, f"not a complete {kind} image (its header is corrupt)") from None
