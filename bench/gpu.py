@@ -342,6 +342,11 @@ def measure_mode(run: Run, args: argparse.Namespace, bench: Bench, variant: str,
         result["ratio_to_baseline"] = round(median / bench.baseline_s, 3)
     if args.device.startswith("cuda"):
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    # A mode that needed a graph of its own (a shape text-to-image did not have) shows here.
+    for name, model in (("base", bench.pipe), ("refiner", bench.refiner)):
+        graphs = getattr(getattr(model, "unet", None), "forward", None)
+        if isinstance(graphs, optimize.GraphedForward):
+            result.setdefault("cuda_graphs", {})[name] = {"captured": len(graphs.graphs), "off_because": graphs.broken}
     if bench.pipe.unet.dtype != dtype:  # from_pipe casting the shared weights would make every later figure wrong
         result["error"] = f"the base UNet went from {dtype} to {bench.pipe.unet.dtype}"
     if variant == "none":

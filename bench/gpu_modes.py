@@ -101,8 +101,8 @@ def markdown(phases: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "| variant | mode | UNet calls | first call s | median s | x variant's text-to-image | x baseline "
-        "| x same mode at none | peak GiB | max abs diff vs none |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| x same mode at none | peak GiB | max abs diff vs none | CUDA graphs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for variant, mode, entry in rows:
         if "error" in entry:
@@ -112,6 +112,13 @@ def markdown(phases: dict[str, Any]) -> list[str]:
             f"| {variant} | {mode} | {entry['unet_calls']} | {entry['first_call_s']} | {entry['median_s']} | "
             f"{entry['ratio_to_text']} | {entry.get('ratio_to_baseline', '')} | "
             f"{entry.get('ratio_to_mode_baseline', '')} | {entry.get('peak_gib', '')} | "
-            f"{entry.get('vs_mode_baseline', {}).get('max_abs', '')} |"
+            f"{entry.get('vs_mode_baseline', {}).get('max_abs', '')} | {graphs(entry)} |"
         )
     return lines
+
+
+def graphs(entry: dict[str, Any]) -> str:
+    """'base 1, refiner 1': the CUDA graphs captured so far by each UNet (or why they are off)."""
+    return ", ".join(
+        f"{name} {state['off_because'] or state['captured']}" for name, state in entry.get("cuda_graphs", {}).items()
+    )
