@@ -8,24 +8,17 @@ from typing import Any
 
 import pytest
 
+from sdxl_server.schedulers import build
 from sdxl_server.schema import SCHEDULER_NAMES
-from sdxl_server.steps import _SAMPLERS, ensemble_split
+from sdxl_server.steps import ensemble_split
 
 CASES = [(2, 0.8), (4, 0.8), (5, 0.35), (3, 0.97)]  # each a boundary for some sampler
 
 
 def sampler(name: str) -> Any:
-    import diffusers
-
     from sdxl_server.sources import CONFIGS
 
-    cls, options = _SAMPLERS[name]
-    config = json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
-    return getattr(diffusers, cls).from_config(config, **options)
-
-
-def test_every_scheduler_name_can_be_counted() -> None:
-    assert set(_SAMPLERS) == set(SCHEDULER_NAMES)
+    return build(name, json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
 
 
 class Counted(Exception):

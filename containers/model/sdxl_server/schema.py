@@ -21,6 +21,7 @@ from pydantic import (
 
 from sdxl_server import images, steps
 from sdxl_server.errors import InvalidRequest
+from sdxl_server.schedulers import unet_calls
 from sdxl_server.steps import BASE_IMAGE_STRENGTH
 from sdxl_server.styles import styles
 
@@ -53,7 +54,6 @@ SCHEDULER_NAMES = (
     "unipc",
     "kdpm2",
 )
-SECOND_ORDER = frozenset({"heun", "kdpm2", "dpmpp_sde_karras"})  # two UNet calls per step
 REFINE_MODES = ("none", "expert_ensemble", "base_image")
 
 
@@ -218,7 +218,7 @@ class Request:
         denoised = self.steps if self.strength is None else int(self.steps * self.strength)
         if self.refine == "base_image":
             denoised += int((self.refine_steps or self.steps) * BASE_IMAGE_STRENGTH)
-        calls = denoised * (2 if self.scheduler in SECOND_ORDER else 1)
+        calls = denoised * unet_calls(self.scheduler)
         overhead = 2 if self.mode == "text-to-image" else 3
         return float(self.num_images * self.width * self.height * (calls + overhead))
 

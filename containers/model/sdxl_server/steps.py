@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any
 
 from sdxl_server.errors import InvalidRequest
 
@@ -81,35 +80,19 @@ def ensemble_split(scheduler: str | None, steps: int, high_noise_frac: float) ->
     (denoising_start; for a second-order sampler the count is made odd). Computed from the sampler's own
     timesteps, since samplers space them differently (Euler 'leading', DPM++ and UniPC 'linspace'-like,
     Karras sigmas), for the SDXL 1.0 scheduler config (the base's and the refiner's are the same)."""
-    import diffusers
-
+    from sdxl_server.schedulers import build
     from sdxl_server.sources import CONFIGS
 
-    name, options = _SAMPLERS[scheduler or "euler"]
-    config = json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
-    sampler = getattr(diffusers, name).from_config(config, **options)
+    sampler = build(scheduler, json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
     sampler.set_timesteps(steps)
     trained = sampler.config.num_train_timesteps
-    cutoff = int(round(trained - (high_noise_frac * trained)))  # noqa: RUF046  # diffusers' very expression: same rounding
+    # diffusers' very expression, so the float rounding is the same
+    cutoff = int(round(trained - (high_noise_frac * trained)))  # noqa: RUF046
     timesteps = sampler.timesteps.tolist()
     refined = sum(t < cutoff for t in timesteps)
     if sampler.order == 2 and refined % 2 == 0:
         refined += 1
     return sum(t >= cutoff for t in timesteps), refined
-
-
-# Only to count steps; sdxl_server.schedulers builds the samplers that run (a test keeps the two equal).
-_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "kdpm2": ("KDPM2DiscreteScheduler", {}),
-}
 
 
 def _refusal(field: str, message: str) -> InvalidRequest:
