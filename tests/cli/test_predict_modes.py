@@ -120,13 +120,16 @@ def test_a_scheduler_changes_the_image_and_its_names_complete(predict: Cli, tmp_
 
 @pytest.mark.parametrize(
     "args",
-    [("--refine", "expert-ensemble", "--high-noise-frac", "0.5"), ("--refine", "base-image", "--refine-steps", "2")],
+    [("--refine", "expert-ensemble", "--high-noise-frac", "0.5"), ("--refine", "base-image", "--refine-steps", "4")],
 )
 def test_the_refiner_runs_both_ways(predict: Cli, tmp_path: Path, args: tuple[str, ...]) -> None:
-    result = predict("a fox", "--steps", "4", "--width", "64", "--height", "64", *args, "-o", "refined.png")
+    common = ("a fox", "--seed", "5", "--steps", "4", "--width", "64", "--height", "64")
+    result = predict(*common, *args, "-o", "refined.png")
     assert result.code == 0, result.err
     with Image.open(tmp_path / "refined.png") as out:
         assert out.size == (64, 64)
+    assert predict(*common, "-o", "base.png").code == 0
+    assert pixels(tmp_path / "refined.png") != pixels(tmp_path / "base.png")  # the refiner changed the image
 
 
 def test_an_image_over_the_request_limit_is_re_encoded_and_the_file_kept(predict: Cli, tmp_path: Path) -> None:
