@@ -177,6 +177,7 @@ def test_the_names_are_the_servers() -> None:
         (("--refine", "expert-ensemble", "--refine-steps", "3"), "--refine-steps applies to --refine base-image"),
         (("--image", "missing.png"), "--image missing.png: no such file"),
         (("--image", "."), "--image .: is a folder"),
+        (("--image", "notes.txt/in.png"), "--image notes.txt/in.png: cannot read it (Not a directory)"),
         (("--image", "notes.txt"), "--image notes.txt is not an image"),
         (("--image", "cut.png"), "--image cut.png is not a complete PNG"),
         (("--image", "in.png", "--mask", "notes.txt"), "--mask notes.txt is not an image"),
