@@ -22,8 +22,10 @@ from sdxl_server import logs
 from sdxl_server.connection import read_body, request_id, unless_disconnected
 from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError
 from sdxl_server.generator import Generator
+from sdxl_server.modes import MODES
 from sdxl_server.responses import error_response, http_error, internal_error, render
 from sdxl_server.runner import Runner
+from sdxl_server.schedulers import SCHEDULERS
 from sdxl_server.schema import SEED_SPACE, parse_request
 from sdxl_server.settings import Settings
 
@@ -99,10 +101,15 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
                 queue=runner.pending,
                 optimize=state.generator.optimize_level,
             )
+            if state.generator.refiner is not None:
+                body["refiner"] = state.generator.refiner_source
+            # What a request may ask for: clients (sdxlctl predict, the UI) read it instead of guessing.
+            body.update(modes=list(MODES), schedulers=list(SCHEDULERS), refine=list(state.generator.refines))
             if cache is not None:
                 body["compile_cache"] = "warm" if cache.warm else "cold"
             if state.generator.fast_sizes is not None:  # compiled; other sizes run uncompiled
                 body["compiled_sizes"] = [f"{w}x{h}" for w, h in sorted(state.generator.fast_sizes)]
+                body["compiled_modes"] = list(state.generator.compiled_modes)
             return JSONResponse(body)
         if state.health is Health.FAILED:
             body["reason"] = state.reason
@@ -143,6 +150,7 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             max_images=settings.max_images,
             default_size=generator.native_size,
             draw_seed=lambda: secrets.randbelow(SEED_SPACE),
+            refiner=generator.refiner is not None,
         )
         fields.update(
             steps=parsed.steps,
@@ -150,6 +158,9 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             height=parsed.height,
             images=parsed.num_images,
             format=parsed.output_format,
+            mode=parsed.mode,
+            scheduler=parsed.scheduler or "default",
+            refine=parsed.refine,
             steps_run=0,
             **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
         )

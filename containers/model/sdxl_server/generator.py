@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sdxl_server import logs, optimize
+from sdxl_server import logs, modes, optimize
 from sdxl_server.errors import TimeLimitExceeded
 from sdxl_server.schema import Job, Request
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from PIL.Image import Image
 
     from sdxl_server.optimize import CompileCache
@@ -28,12 +28,30 @@ class Generator:
         *,
         optimize_level: str = "none",
         compile_cache: CompileCache | None = None,
+        refiner: StableDiffusionXLImg2ImgPipeline | None = None,
+        refiner_source: str = "",
     ) -> None:
         self.pipeline = pipeline
+        self.refiner = refiner
+        self.refiner_source = refiner_source
         self.optimize_level = optimize_level
         self.compile_cache = compile_cache
         self.fast_sizes: frozenset[tuple[int, int]] | None = None  # after warm-up of a compiled level
+        self.compiled_modes: tuple[str, ...] = ()  # the modes (and "refiner") warmed up at fast_sizes
         self._told: set[tuple[int, int]] = set()
+        self._pipes: modes.Pipelines | None = None
+
+    @property
+    def pipes(self) -> modes.Pipelines:
+        """Every mode's pipeline, built from the loaded one on first use (no weight copied)."""
+        if self._pipes is None:
+            self._pipes = modes.Pipelines.around(self.pipeline, self.refiner)
+        return self._pipes
+
+    @property
+    def refines(self) -> tuple[str, ...]:
+        """The values of `refine` this server serves."""
+        return modes.REFINES if self.refiner is not None else ("none",)
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -55,20 +73,26 @@ class Generator:
         return [self._run(job, request, should_stop) for job in request.jobs]
 
     def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
-        """Run two steps at each size, so the first real request pays no first-call costs.
+        """Run two steps of every mode (and the refiner) at each size: the first real request pays no
+        first-call costs.
 
         On a compiled level these are the sizes that get compiled code and CUDA graphs: afterwards
-        nothing more is compiled (`optimize.freeze`), and other sizes run uncompiled.
+        nothing more is compiled (`optimize.freeze`), and other sizes run uncompiled. The modes call the
+        UNet with the same shapes, so image-to-image and inpainting mostly reuse text-to-image's compiled
+        code; the VAE encoder they add runs uncompiled (one call per image, not one per step).
         """
         for width, height in sizes:
-            job = Job("warm-up", None, None, None, (0,), model_garden=False)
-            request = Request(
-                (job,), steps=2, guidance_scale=5.0, width=width, height=height, output_format="jpeg", quality=90
-            )
-            self.generate(request)
+            for request in _warm_up_requests(width, height, refiner=self.refiner is not None):
+                self.generate(request)
         # No sizes (SDXL_WARMUP=none): each size compiles on its first request, as asked.
-        if sizes and optimize.compiles(self.optimize_level) and optimize.freeze(self.pipeline):
+        if not (sizes and optimize.compiles(self.optimize_level)):
+            return
+        frozen = optimize.freeze(self.pipeline)
+        if self.refiner is not None:
+            frozen = optimize.freeze(self.refiner) or frozen
+        if frozen:
             self.fast_sizes = frozenset(sizes)
+            self.compiled_modes = modes.MODES + (("refiner",) if self.refiner is not None else ())
 
     def _run(self, job: Job, request: Request, should_stop: StopCheck) -> list[Image]:
         # Compiled code is specialised to its shapes: one image at a time, the sizes warmed up are all
@@ -88,25 +112,12 @@ class Generator:
         def stop_between_steps(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if should_stop():
                 # Over the time limit, or the client went away: the runner knows which and answers for it.
-                raise TimeLimitExceeded(f"stopped after {step + 1} of {request.steps} steps")
+                of = " of the refiner" if pipe is self.refiner else ""
+                raise TimeLimitExceeded(f"stopped after {step + 1} of {pipe.num_timesteps} steps{of}")
             return kwargs
 
         with torch.inference_mode():
-            result = self.pipeline(
-                prompt=job.prompt,
-                prompt_2=job.prompt_2,
-                negative_prompt=job.negative_prompt,
-                negative_prompt_2=job.negative_prompt_2,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
-                num_images_per_prompt=len(seeds),
-                generator=generators,
-                callback_on_step_end=stop_between_steps,
-                output_type="pt",
-            )
-            return to_pil(result.images)
+            return to_pil(modes.run(self.pipes, job, seeds, request, generators, stop_between_steps))
 
 
 def to_pil(images: Any) -> list[Image]:
@@ -117,3 +128,25 @@ def to_pil(images: Any) -> list[Image]:
 
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     return [PIL.Image.fromarray(frame) for frame in pixels]
+
+
+def _warm_up_requests(width: int, height: int, *, refiner: bool) -> list[Request]:
+    """Two steps of each mode at one size (and of the refiner's both ways): every UNet call a request
+    at this size can make, whatever its mode."""
+    import PIL.Image
+
+    def request(image: Image | None = None, mask: Image | None = None, **refine: Any) -> Request:
+        job = Job("warm-up", None, None, None, (0,), model_garden=False, image=image, mask=mask)
+        return Request(
+            (job,), steps=2, guidance_scale=5.0, width=width, height=height, output_format="jpeg", quality=90, **refine
+        )
+
+    gray = PIL.Image.new("RGB", (width, height), (128, 128, 128))
+    mask = PIL.Image.new("L", (width, height), 255)
+    requests = [request(), request(gray, strength=1.0), request(gray, mask, strength=1.0)]
+    if refiner:
+        requests += [
+            request(refine="expert_ensemble", high_noise_frac=0.5),
+            request(refine="base_image", refine_steps=4),  # int(4 x 0.3) = 1 refiner step
+        ]
+    return requests
