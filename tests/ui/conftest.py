@@ -109,3 +109,35 @@ def flaky_server(*refusals: tuple[int, str | None]) -> Iterator[tuple[str, list[
 
     with serve_app(Starlette(routes=[Route("/predict", predict, methods=["POST"])])) as server:
         yield server.url, asked
+
+
+@contextlib.contextmanager
+def recording_proxy(target: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A pass-through in front of the real model server at `target` (predict and health), keeping each
+    predict body the page sent; yields its URL and the bodies, in order."""
+    import json
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from tests.servers import serve_app
+
+    bodies: list[dict[str, Any]] = []
+
+    async def forward(request: Request) -> Response:
+        import httpx as client
+
+        data = await request.body()
+        if request.method == "POST":
+            bodies.append(json.loads(data))
+        async with client.AsyncClient(timeout=120) as http:
+            answer = await http.request(
+                request.method, target + request.url.path, content=data, headers={"content-type": "application/json"}
+            )
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
+    routes = [Route("/predict", forward, methods=["POST"]), Route("/health", forward, methods=["GET"])]
+    with serve_app(Starlette(routes=routes)) as server:
+        yield server.url, bodies

@@ -30,7 +30,9 @@ def test_gradio_client_calls_generate(plain_server: Server, tmp_path: Path) -> N
     with ui_process(plain_server.url, tmp_path, SDXL_UI_MAX_IMAGES="3") as url:
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         gallery, info, seed = client.predict(
-            "a lighthouse", "", "pixel-art", 7, False, 64, 64, 2, 5.0, 2, api_name="/generate"
+            *("a lighthouse", "", "pixel-art", 7, False, 64, 64, 2, 5.0, 2, "dpmpp_2m", "none", 0.8),
+            *(None, 0.8, None, 1.0),  # image to image and inpainting: unused in text to image
+            api_name="/generate",
         )
         sliders = {
             c["props"]["label"]: c["props"]["maximum"]
@@ -44,6 +46,8 @@ def test_gradio_client_calls_generate(plain_server: Server, tmp_path: Path) -> N
         "Steps": schema.MAX_STEPS,
         "Guidance": schema.MAX_GUIDANCE,
         "Images": 3,
+        "Strength": 1.0,  # image to image's and inpainting's: the server takes 0 < strength <= 1
+        "High noise fraction": 0.95,
     }
     assert len(gallery) == 2
     assert all(Path(item["image"]).is_file() for item in gallery)

@@ -126,3 +126,20 @@ def test_the_servers_refusal_names_the_config_key_too(body: dict[str, Any]) -> N
 
     with pytest.raises(InvalidRequest, match=r"at most 2 .*\[model\] max_images"):
         parse_request(json.dumps(body).encode(), max_images=2, default_size=(64, 64), draw_seed=lambda: 1)
+
+
+def test_samplers_refine_modes_strengths_and_the_byte_limit_are_the_servers() -> None:
+    from sdxl_server import modes, schema
+    from sdxl_server.schedulers import SCHEDULERS
+    from sdxl_server.settings import Settings
+    from sdxl_ui import limits
+
+    assert [key for key, _ in limits.SCHEDULERS] == list(schema.SCHEDULER_NAMES) == list(SCHEDULERS)
+    assert limits.DEFAULT_SCHEDULER == "euler"  # SDXL 1.0's own
+    # the page says which samplers take twice the time a step
+    assert {key for key, name in limits.SCHEDULERS if "x2" in name} == {
+        key for key, sampler in SCHEDULERS.items() if sampler.unet_calls == 2
+    }
+    assert [key for key, _ in limits.REFINE_MODES] == list(schema.REFINE_MODES)
+    assert limits.DEFAULT_STRENGTH == modes.DEFAULT_STRENGTH
+    assert Settings().max_request_bytes == limits.DEFAULT_MAX_REQUEST_BYTES

@@ -10,14 +10,15 @@ import pytest
 
 from sdxl_ui.app import KEEP, MAX_RETRIES, MAX_RETRY_WAIT_S, generate
 from sdxl_ui.backend import Busy, HttpBackend, retry_after
+from sdxl_ui.request import Choices
 from tests.ui.conftest import flaky_server
 
-ARGS = ("a fox", "", "none", 5, False, 64, 64, 2, 5.0, 1)
+CHOICES = Choices("a fox", seed=5, randomize=False, width=64, height=64, steps=2)
 
 
 def _run(url: str) -> tuple[list[tuple[Any, str, Any]], list[float]]:
     waits: list[float] = []
-    return list(generate(HttpBackend(url), *ARGS, sleep=waits.append)), waits
+    return list(generate(HttpBackend(url), CHOICES, sleep=waits.append)), waits
 
 
 def test_a_busy_server_is_asked_again_after_its_retry_after() -> None:

@@ -13,7 +13,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from sdxl_ui.app import CSS, build
     from sdxl_ui.backend import from_environment
-    from sdxl_ui.limits import DEFAULT_MAX_IMAGES
+    from sdxl_ui.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_BYTES
 
     endpoint = os.environ.get("SDXL_ENDPOINT", "http://127.0.0.1:8080")
     try:
@@ -21,6 +21,7 @@ def main() -> int:
             endpoint,
             api_base=os.environ.get("SDXL_VERTEX_API_ENDPOINT", ""),
             predict_route=os.environ.get("SDXL_PREDICT_ROUTE", "/predict"),
+            health_route=os.environ.get("SDXL_HEALTH_ROUTE", "/health"),
         )
         port = _number("PORT", 7860)
         numbers = {
@@ -31,8 +32,10 @@ def main() -> int:
                 ("height", 1024),
                 ("steps", 30),
                 ("max_images", DEFAULT_MAX_IMAGES),
+                ("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
             )
         }
+        refiner = _flag("SDXL_UI_REFINER")
     except ValueError as exc:
         print(f"sdxl_ui: {exc}", file=sys.stderr)
         return 2
@@ -43,6 +46,8 @@ def main() -> int:
         height=numbers["height"],
         steps=numbers["steps"],
         max_images=numbers["max_images"],
+        max_request_bytes=numbers["max_request_bytes"],
+        refiner=refiner,
     )
     page.launch(
         server_name=os.environ.get("SDXL_UI_HOST", "0.0.0.0"),
@@ -62,6 +67,14 @@ def _number(var: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{var}={raw!r} is invalid: expected a whole number of at least 1")
     return int(raw)
+
+
+def _flag(var: str) -> bool:
+    """1/true/yes or 0/false/no (or unset: no); a ValueError that names the variable otherwise."""
+    raw = os.environ.get(var, "").strip().lower() or "0"
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{var}={raw!r} is invalid: expected 1 or 0")
+    return raw in ("1", "true", "yes")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The Gradio Blocks page: prompt, Generate, a gallery, and the advanced settings. It never runs a model."""
+"""The Gradio Blocks page: prompt, Generate, a tab per mode, a gallery, and the advanced settings. It never
+runs a model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 from sdxl_ui import limits
 from sdxl_ui.backend import Backend, BackendError, Busy
+from sdxl_ui.images import ImageProblem
+from sdxl_ui.request import Choices, build_body
 from sdxl_ui.styles import STYLES
 
 EXAMPLES = [
@@ -25,8 +28,8 @@ MAX_RETRY_WAIT_S = 30.0
 # Gradio gives every gallery cell a square box as wide as its column, so one image was a full-width
 # square cut to the gallery's height (a banner) and a 2x2 grid ran below the fold. Rows that share the
 # gallery's height and `contain` show every image whole, at its own aspect: one image fills the gallery,
-# four make a 2x2 grid. tests/ui/test_browser.py measures this at 1280x800.
-GALLERY_HEIGHT = "max(320px, calc(100vh - 240px))"
+# four make a 2x2 grid, below the title, prompt and mode tabs. tests/ui/test_browser.py measures this at 1280x800.
+GALLERY_HEIGHT = "max(320px, calc(100vh - 300px))"
 CSS = """
 #gallery .grid-container { height: 100%; }
 #gallery .thumbnail-item { aspect-ratio: auto; }
@@ -36,45 +39,24 @@ KEEP = None  # in generate's output: leave the gallery as it is
 
 def generate(
     backend: Backend,
-    prompt: str,
-    negative: str,
-    style: str,
-    seed: float | None,
-    randomize: bool,
-    width: float,
-    height: float,
-    steps: float,
-    guidance: float,
-    num_images: float,
+    choices: Choices,
     *,
+    max_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[tuple[list[Any] | None, str, float | None]]:
     """Ask the backend for images; yield (images or KEEP, a line about them, the seed to show), first a
     "busy, retrying in N s" line for each wait, last the images or what went wrong."""
     from PIL import Image
 
-    if not prompt or not prompt.strip():
+    seed = choices.seed
+    if not choices.prompt or not choices.prompt.strip():
         yield [], "⚠️ Type a prompt first.", seed
         return
-    instance: dict[str, Any] = {"prompt": prompt.strip()}
-    if negative and negative.strip():
-        instance["negative_prompt"] = negative.strip()
-    if style and style != "none":
-        instance["style"] = style
-    if not randomize and seed is not None:
-        instance["seed"] = int(seed)
-    body = {
-        "instances": [instance],
-        "parameters": {
-            "num_inference_steps": int(steps),
-            "guidance_scale": float(guidance),
-            "width": int(width),
-            "height": int(height),
-            "num_images": int(num_images),
-            "output_format": "jpeg",
-            "quality": 92,
-        },
-    }
+    try:
+        body, notes = build_body(choices, max_bytes=max_bytes)
+    except ImageProblem as exc:
+        yield [], f"⚠️ {str(exc)[:1].upper()}{str(exc)[1:]}.", seed
+        return
     started = time.monotonic()
     for attempt in range(1, MAX_RETRIES + 2):
         try:
@@ -97,7 +79,16 @@ def generate(
     seeds = prediction.get("seeds", [])
     seed_text = ", ".join(str(s) for s in seeds)
     info = f"**Seed {seed_text}** · {prediction.get('width')}x{prediction.get('height')} · {seconds:.1f} s"
+    if notes:
+        info += " · the image was " + "; ".join(notes)
     yield images, info, float(seeds[0]) if seeds else seed
+
+
+def has_refiner(backend: Backend, configured: bool) -> bool:
+    """Whether to offer the refiner: the server's health says (local target); where the page cannot ask it
+    (Vertex AI proxies only predict) or it is still loading, what sdxlctl passed (SDXL_UI_REFINER)."""
+    health = backend.health()
+    return bool(health.get("refiner")) if health is not None else configured
 
 
 def build(
@@ -109,12 +100,16 @@ def build(
     height: int = 1024,
     steps: int = 30,
     max_images: int = limits.DEFAULT_MAX_IMAGES,
+    max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES,
+    refiner: bool = False,
 ) -> Any:
-    """The page, wired to `backend`, with a bounded queue in front of it; defaults fit SDXL 1.0."""
+    """The page, wired to `backend`, with a bounded queue in front of it; defaults fit SDXL 1.0. `refiner`:
+    whether the server has one, where its health cannot say."""
     import gradio as gr
 
     with gr.Blocks(title="SDXL", analytics_enabled=False) as page:
         gr.Markdown("# Stable Diffusion XL")
+        mode = gr.State("text-to-image")
         with gr.Row():
             prompt = gr.Textbox(
                 label="Prompt",
@@ -126,6 +121,49 @@ def build(
                 autofocus=True,
             )
             button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
+        with gr.Tabs(elem_id="modes"):
+            with gr.Tab("Text to image", id="text-to-image") as text_tab:
+                pass  # the prompt alone, at the width and height under Advanced
+            with gr.Tab("Image to image", id="image-to-image") as image_tab, gr.Row():
+                image = gr.Image(
+                    label="Image",
+                    type="pil",
+                    sources=["upload", "clipboard"],
+                    height=320,
+                    scale=2,
+                    elem_id="init-image",
+                )
+                strength = gr.Slider(
+                    limits.MIN_STRENGTH_OFFERED,
+                    limits.MAX_STRENGTH,
+                    value=limits.DEFAULT_STRENGTH["image-to-image"],
+                    step=0.05,
+                    label="Strength",
+                    info="how far from the image: 1 ignores it",
+                    elem_id="strength",
+                )
+            with gr.Tab("Inpainting", id="inpainting") as inpaint_tab, gr.Row():
+                editor = gr.ImageMask(
+                    label="Image: paint over what to repaint",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=["upload", "clipboard"],
+                    layers=False,
+                    transforms=(),
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                    canvas_size=(512, 512),
+                    scale=2,
+                    elem_id="inpaint-editor",
+                )
+                inpaint_strength = gr.Slider(
+                    limits.MIN_STRENGTH_OFFERED,
+                    limits.MAX_STRENGTH,
+                    value=limits.DEFAULT_STRENGTH["inpainting"],
+                    step=0.05,
+                    label="Strength",
+                    info="1 repaints the painted part from scratch",
+                    elem_id="inpaint-strength",
+                )
         info = gr.Markdown(elem_id="info")
         gallery = gr.Gallery(
             label="Images",
@@ -140,6 +178,12 @@ def build(
             negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
             with gr.Row():
                 style = gr.Dropdown(choices=[(name, key) for key, name in STYLES], value="none", label="Style")
+                scheduler = gr.Dropdown(
+                    choices=[(name, key) for key, name in limits.SCHEDULERS],
+                    value=limits.DEFAULT_SCHEDULER,
+                    label="Sampler",
+                    elem_id="sampler",
+                )
                 seed = gr.Number(label="Seed", value=None, precision=0, minimum=0, maximum=2**32 - 1)
                 randomize = gr.Checkbox(label="Randomize seed", value=True)
             with gr.Row():
@@ -150,14 +194,44 @@ def build(
                 guidance = gr.Slider(limits.MIN_GUIDANCE, limits.MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance")
                 # a slider needs two ends: with max_images = 1 there is nothing to choose
                 count = gr.Slider(1, max(max_images, 2), value=1, step=1, label="Images", visible=max_images > 1)
+            # Shown at page load when the server has a refiner (see has_refiner)
+            with gr.Row(visible=False, elem_id="refiner") as refiner_row:
+                refine = gr.Radio(
+                    choices=[(name, key) for key, name in limits.REFINE_MODES],
+                    value="none",
+                    label="Refiner",
+                    elem_id="refine",
+                )
+                high_noise_frac = gr.Slider(
+                    0.05,
+                    0.95,
+                    value=limits.DEFAULT_HIGH_NOISE_FRAC,
+                    step=0.05,
+                    label="High noise fraction",
+                    info="expert ensemble: where the base model hands over to the refiner",
+                )
         gr.Examples(EXAMPLES, inputs=[prompt])
 
         def run(*values: Any) -> Iterator[tuple[Any, str, float | None]]:
-            for images, info, seed in generate(backend, *values):
+            for images, info, seed in generate(backend, Choices(*values), max_bytes=max_request_bytes):
                 yield (gr.skip() if images is KEEP else images), info, seed
 
-        inputs = [prompt, negative, style, seed, randomize, width, height, steps, guidance, count]
+        # in Choices' order
+        inputs = [prompt, negative, style, seed, randomize, width, height, steps, guidance, count, scheduler]
+        inputs += [refine, high_noise_frac, mode, image, strength, editor, inpaint_strength]
         outputs = [gallery, info, seed]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)
+        for tab in (text_tab, image_tab, inpaint_tab):
+            tab.select(_constant(tab.id), None, mode, api_name=False, show_progress="hidden")
+        # The editor sizes its canvas when it mounts, and mounted with its tab it read a width of 0 (an
+        # upload then sat off-center, half outside the view): mounted again once the tab is laid out.
+        inpaint_tab.select(
+            _constant(gr.update(visible=False)), None, editor, api_name=False, show_progress="hidden"
+        ).then(_constant(gr.update(visible=True)), None, editor, api_name=False, show_progress="hidden")
+        page.load(lambda: gr.update(visible=has_refiner(backend, refiner)), None, refiner_row, api_name=False)
     return page.queue(max_size=queue_size, default_concurrency_limit=concurrency)
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value

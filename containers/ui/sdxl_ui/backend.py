@@ -30,6 +30,10 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
+    def health(self) -> dict[str, Any] | None:
+        """The model server's health answer (what it has loaded), or None where the page cannot ask."""
+        ...
+
 
 def _explain(status: int, text: str) -> str:
     """A sentence for the page from an error answer (the model server's or Google's JSON)."""
@@ -59,9 +63,18 @@ class HttpBackend:
     url: str
     predict_route: str = "/predict"
     timeout_s: float = 120.0
+    health_route: str = "/health"
 
     def describe(self) -> str:
         return self.url
+
+    def health(self) -> dict[str, Any] | None:
+        # Asked at each page load: a server still loading (503) answers too, without what it will have.
+        try:
+            answer = httpx.get(self.url.rstrip("/") + self.health_route, timeout=CONNECT_TIMEOUT_S).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return answer if isinstance(answer, dict) and answer.get("status") == "ready" else None
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         target = self.url.rstrip("/") + self.predict_route
@@ -81,6 +94,9 @@ class VertexBackend:
 
     def describe(self) -> str:
         return self.endpoint
+
+    def health(self) -> dict[str, Any] | None:
+        return None  # a Vertex AI endpoint proxies only predict
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         match = VERTEX_ENDPOINT.match(self.endpoint)
@@ -150,10 +166,12 @@ def retry_after(value: str | None) -> float:
     return max(1.0, seconds) if seconds == seconds else 2.0  # NaN is not a wait
 
 
-def from_environment(endpoint: str, *, api_base: str = "", predict_route: str = "/predict") -> Backend:
+def from_environment(
+    endpoint: str, *, api_base: str = "", predict_route: str = "/predict", health_route: str = "/health"
+) -> Backend:
     """SDXL_ENDPOINT: an http(s) URL of a model server, or a Vertex AI endpoint resource name."""
     if endpoint.startswith(("http://", "https://")):
-        return HttpBackend(endpoint, predict_route)
+        return HttpBackend(endpoint, predict_route, health_route=health_route)
     if VERTEX_ENDPOINT.match(endpoint):
         return VertexBackend(endpoint, api_base)
     raise ValueError(

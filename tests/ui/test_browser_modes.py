@@ -1,0 +1,165 @@
+"""The generation modes in a real headless Chromium: a tab each for image to image and inpainting (a brush
+paints the mask), the sampler menu and the refiner's controls. The UI process talks to the real tiny model
+server through a pass-through that keeps the bodies it sent, so each test sees the request and the image."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.servers import Server
+from tests.ui.conftest import recording_proxy, ui_process
+
+TIMEOUT_MS = 60_000
+# Sets window.editorGone once the inpainting editor, mounted, is removed again.
+EDITOR_REMOUNTED = """() => {
+    window.editorGone = false;
+    let seen = false;
+    new MutationObserver(() => {
+        const editor = document.querySelector('#inpaint-editor');
+        if (editor) seen = true; else if (seen) window.editorGone = true;
+    }).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def page_at(
+    plain_server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """One UI process for the module (its start is most of a test's time), and the bodies it sent."""
+    tmp = tmp_path_factory.mktemp("ui-modes")
+    with recording_proxy(plain_server.url) as (proxy, bodies), ui_process(proxy, tmp) as url:
+        yield url, bodies
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    """A 100x76 PNG (not a multiple of 8: the page makes it one): a gradient, so resizing shows."""
+    image = Image.new("RGB", (100, 76))
+    image.putdata([(x * 2, y * 3, 128) for y in range(76) for x in range(100)])
+    path = tmp_path / "photo.png"
+    image.save(path)
+    return path
+
+
+def _decoded(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def _generate_and_wait(page: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Click Generate, wait for an image and its seed line; the body the page sent."""
+    sent = len(bodies)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "['Seed', '⚠️'].some(s => document.querySelector('#info').innerText.includes(s))", timeout=TIMEOUT_MS
+    )
+    assert "⚠️" not in page.locator("#info").inner_text(), page.locator("#info").inner_text()
+    page.locator("#gallery img").first.wait_for(timeout=TIMEOUT_MS)
+    assert len(bodies) == sent + 1
+    return bodies[-1]
+
+
+def test_image_to_image_uploads_an_image_and_gets_one_back(
+    browser: Any, page_at: tuple[str, list[dict[str, Any]]], photo: Path
+) -> None:
+    url, bodies = page_at
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("a watercolour of the same")
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(photo))
+    page.locator("#init-image img").first.wait_for(timeout=TIMEOUT_MS)
+    body = _generate_and_wait(page, bodies)
+    instance, parameters = body["instances"][0], body["parameters"]
+    assert _decoded(instance["image"]).size == (96, 72) == (parameters["width"], parameters["height"])
+    assert parameters["strength"] == 0.8 and "mask_image" not in instance
+    info = page.locator("#info").inner_text()
+    assert "96x72" in info and "resized from 100x76 to 96x72" in info
+    page.close()
+
+
+def test_inpainting_paints_a_mask_with_the_brush_and_gets_an_image_back(
+    browser: Any, page_at: tuple[str, list[dict[str, Any]]], photo: Path
+) -> None:
+    url, bodies = page_at
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("a red ball")
+    # The page mounts the editor again once its tab is laid out (a first mount read a width of 0)
+    page.evaluate(EDITOR_REMOUNTED)
+    page.get_by_role("tab", name="Inpainting").click()
+    page.wait_for_function("window.editorGone && document.querySelector('#inpaint-editor input[type=file]')")
+    page.locator("#inpaint-editor input[type=file]").set_input_files(str(photo))
+    page.locator('#inpaint-editor button[aria-label="Pan"]').wait_for(timeout=TIMEOUT_MS)  # the image is in
+    page.wait_for_timeout(500)  # the editor zooms the image to fit before it takes strokes
+    # whole and centered: the image at 30% and 70% of the editor's width (the photo is 4:3 in a wide box)
+    with Image.open(io.BytesIO(page.locator("#inpaint-editor").screenshot())) as shot:
+        width, height = shot.size
+        colours: list[Any] = [shot.convert("RGB").getpixel((int(width * f), height // 2)) for f in (0.3, 0.7)]
+    assert all(abs(blue - 128) < 16 and red < 230 for red, _, blue in colours), f"not centered: {colours}"
+    box = page.locator("#inpaint-editor").bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # a stroke across the middle
+    page.mouse.move(x - 30, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x - 30 + 6 * step, y, steps=2)
+    page.mouse.up()
+    body = _generate_and_wait(page, bodies)
+    instance, parameters = body["instances"][0], body["parameters"]
+    image, mask = _decoded(instance["image"]), _decoded(instance["mask_image"])
+    assert image.size == mask.size == (96, 72) == (parameters["width"], parameters["height"])
+    assert mask.mode == "L" and set(mask.getdata()) == {0, 255}  # painted and not: both there
+    bbox = mask.getbbox()
+    assert bbox is not None
+    left, top, right, bottom = bbox
+    assert left > 0 and right < 96 and top > 0 and bottom < 72  # a stroke, not the whole image
+    assert parameters["strength"] == 1.0
+    page.close()
+
+
+def test_the_sampler_menu_changes_the_request_and_the_image(
+    browser: Any, page_at: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, bodies = page_at
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("a lighthouse")
+    page.get_by_text("Advanced").click()
+    page.get_by_label("Randomize seed").uncheck()
+    page.get_by_role("spinbutton", name="Seed").fill("11")
+    euler = _generate_and_wait(page, bodies)
+    first = page.locator("#gallery img").first.get_attribute("src")
+    page.locator("#sampler input").click()
+    page.get_by_role("option", name="DPM++ 2M Karras").click()
+    other = _generate_and_wait(page, bodies)
+    page.wait_for_function(
+        f"document.querySelector('#gallery img').getAttribute('src') !== {first!r}", timeout=TIMEOUT_MS
+    )
+    assert euler["parameters"]["scheduler"] == "euler" and other["parameters"]["scheduler"] == "dpmpp_2m_karras"
+    assert euler["instances"][0]["seed"] == other["instances"][0]["seed"] == 11
+    images = [page.request.get(page.locator("#gallery img").first.get_attribute("src")).body()]
+    images.append(page.request.get(first).body())
+    assert Image.open(io.BytesIO(images[0])).tobytes() != Image.open(io.BytesIO(images[1])).tobytes()
+    page.close()
+
+
+def test_the_refiner_controls_are_hidden_without_a_refiner(
+    browser: Any, page_at: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, _ = page_at
+    page = browser.new_page()
+    page.goto(url)
+    page.get_by_text("Advanced").click()
+    page.get_by_label("number input for Steps").wait_for(timeout=TIMEOUT_MS)
+    assert (
+        page.get_by_text("High noise fraction").count() == 0 or not page.get_by_text("High noise fraction").is_visible()
+    )
+    assert not page.locator("#refiner").is_visible()
+    page.close()
