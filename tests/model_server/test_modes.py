@@ -25,9 +25,11 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from sdxl_server import optimize
 from sdxl_server.app import create_app
 from sdxl_server.errors import TimeLimitExceeded
 from sdxl_server.generator import Generator, to_pil
+from sdxl_server.modes import MODES
 from sdxl_server.refiner import build_tiny_refiner
 from sdxl_server.schema import SCHEDULER_NAMES, Job, Request, parse_request
 from sdxl_server.settings import Settings
@@ -346,3 +348,32 @@ def test_a_server_without_a_refiner_says_so(plain: Any) -> None:
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["field"] == "parameters.refine" and "SDXL_REFINER" in error["message"]
+
+
+@pytest.mark.timeout(900)  # compiles two tiny UNets: seconds alone, minutes on a loaded 2-core machine
+def test_a_compiled_level_compiles_every_mode_and_the_refiner_at_warm_up() -> None:
+    """After warm-up at 64x64, each mode, the refiner both ways and another sampler run compiled code
+    with nothing left to compile: torch's fail_on_recompile stance would raise otherwise."""
+    base = build_tiny_pipeline()
+    base.set_progress_bar_config(disable=True)
+    refiner = build_tiny_refiner(base)
+    for pipe in (base, refiner):
+        optimize.apply(pipe, "compile")
+    generator = Generator(base, optimize_level="compile", refiner=refiner, refiner_source="tiny")
+    generator.warm_up(((SIDE, SIDE),))
+    assert generator.compiled_modes == (*MODES, "refiner")
+    assert refiner.unet.forward.frozen and base.unet.forward.frozen
+    for forward in (base.unet.forward, refiner.unet.forward, base.vae.decoder.forward):
+        forward.frozen = False  # or a shape without compiled code would run eagerly, unseen
+    picture = PIL.Image.new("RGB", (SIDE, SIDE), (200, 40, 40))
+    mask = PIL.Image.new("L", (SIDE, SIDE), 255)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for req in (
+            request(),
+            request(picture, strength=0.6),
+            request(picture, mask),
+            request(refine="expert_ensemble"),
+            request(picture, refine="base_image"),
+            request(scheduler="dpmpp_2m"),  # integer timesteps: the timestep embedding is not compiled
+        ):
+            generator.generate(req)
