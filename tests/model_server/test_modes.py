@@ -261,7 +261,8 @@ def test_the_modes_share_the_loaded_modules(server: Generator) -> None:
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             assert getattr(pipe, name) is getattr(base, name), name
     refiner = server.refiner
-    assert refiner is not None and pipes.refiner is refiner
+    assert pipes.refiner is refiner
+    assert refiner is not None
     assert refiner.vae is base.vae and refiner.text_encoder_2 is base.text_encoder_2
     every = {id(p) for pipe in (base, pipes.image, pipes.inpaint, refiner) for p in _parameters(pipe)}
     assert every == {id(p) for p in _parameters(base)} | {id(p) for p in refiner.unet.parameters()}
@@ -377,3 +378,22 @@ def test_a_compiled_level_compiles_every_mode_and_the_refiner_at_warm_up() -> No
             request(scheduler="dpmpp_2m"),  # integer timesteps: the timestep embedding is not compiled
         ):
             generator.generate(req)
+
+
+def test_cuda_graphs_take_integer_timesteps_as_float(plain: Any) -> None:
+    """DPM++'s integer timesteps reach the UNet as float32, what warm-up's Euler captured graphs with
+    (on a GPU; on a CPU the wrapper passes the call through): the image is the same."""
+    base, _ = plain
+    seen: list[torch.dtype] = []
+    hook = base.unet.time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    generator = Generator(base)
+    try:
+        before = served(generator, request(scheduler="dpmpp_2m"))
+        assert set(seen) == {torch.int64}
+        seen.clear()
+        base.unet.forward = optimize.GraphedForward(base.unet.forward)
+        assert np.array_equal(served(generator, request(scheduler="dpmpp_2m")), before)
+        assert set(seen) == {torch.float32}
+    finally:
+        hook.remove()
+        del base.unet.forward  # the class's own again

@@ -265,6 +265,11 @@ class GraphedForward:
     ) -> Any:
         import torch
 
+        if isinstance(timestep, torch.Tensor) and not timestep.is_floating_point():
+            # DPM++, DDIM and UniPC count in integer timesteps, Euler (what warm-up runs) in float ones. The
+            # UNet embeds either as float32: as float, every sampler replays the graphs warm-up captured
+            # (and on `max` runs the UNet compiled for them) instead of running uncompiled after `freeze`.
+            timestep = timestep.float()
         inputs = _graph_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         if (
             self.broken
