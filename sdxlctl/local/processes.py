@@ -59,6 +59,7 @@ def ui_spec(config: Config, server_url: str) -> ProcessSpec:
         "SDXL_UI_WIDTH": side,
         "SDXL_UI_HEIGHT": side,
         "SDXL_UI_MAX_IMAGES": str(config.model.max_images),  # the server's SDXL_MAX_IMAGES: one limit
+        "SDXL_UI_REFINER": "0" if config.model.refiner == "off" else "1",  # while the server's health cannot say
         "HF_HUB_OFFLINE": "1",
     }
     return ProcessSpec("local-ui", "sdxl_ui", config.local.ui_port, env, health_route="/")

@@ -10,7 +10,7 @@ from sdxlctl.state import Resource, StateStore
 from sdxlctl.steps import Change, Progress, StepResult, quiet
 from sdxlctl.vertex.access import PREDICT_ROLE_ID, predict_role
 from sdxlctl.vertex.images import build, plan_build
-from sdxlctl.vertex.names import OPERATION_TIMEOUT_S, cloud, names
+from sdxlctl.vertex.names import DEDICATED_LIMIT_BYTES, OPERATION_TIMEOUT_S, SHARED_LIMIT_BYTES, cloud, names
 
 
 def plan_ui(config: Config, store: StateStore, *, public: bool) -> StepResult:
@@ -79,6 +79,10 @@ def ui_deploy(
 def _ui_env(endpoint: Resource, config: Config) -> dict[str, str]:
     # max_images: the limit the model server was given as SDXL_MAX_IMAGES, so the slider stops where it does
     env = {"SDXL_ENDPOINT": endpoint.name, "SDXL_UI_MAX_IMAGES": str(config.model.max_images)}
+    # the endpoint proxies only predict, so the page cannot ask the server: told what deploy gave it
+    dedicated = bool(endpoint.details.get("dedicated"))
+    env["SDXL_UI_MAX_REQUEST_BYTES"] = str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES)
+    env["SDXL_UI_REFINER"] = "0" if config.model.refiner == "off" else "1"
     if endpoint.details.get("dedicated") and endpoint.details.get("dns"):
         env["SDXL_VERTEX_API_ENDPOINT"] = f"https://{endpoint.details['dns']}"  # dedicated: its own host only
     return env

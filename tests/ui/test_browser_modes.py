@@ -163,3 +163,21 @@ def test_the_refiner_controls_are_hidden_without_a_refiner(
     )
     assert not page.locator("#refiner").is_visible()
     page.close()
+
+
+def test_with_a_refiner_the_page_offers_it_and_the_request_uses_it(browser: Any, tmp_path: Path) -> None:
+    from tests.servers import server_process
+
+    env = {"SDXL_MODEL": "tiny", "SDXL_REFINER": "tiny", "SDXL_WARMUP": "64x64"}
+    with server_process(env, tmp_path) as server:
+        server.wait_until("ready")
+        with recording_proxy(server.url) as (proxy, bodies), ui_process(proxy, tmp_path) as url:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.goto(url)
+            page.locator("#prompt textarea").fill("a lighthouse")
+            page.get_by_text("Advanced").click()
+            page.locator("#refiner").wait_for(timeout=TIMEOUT_MS)  # shown: the server's health names a refiner
+            page.get_by_label("Expert ensemble (text to image)").check()
+            body = _generate_and_wait(page, bodies)
+            page.close()
+    assert body["parameters"]["refine"] == "expert_ensemble" and body["parameters"]["high_noise_frac"] == 0.8

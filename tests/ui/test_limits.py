@@ -65,6 +65,32 @@ def test_vertex_ui_gets_the_configs_max_images() -> None:
     assert env["SDXL_UI_MAX_IMAGES"] == "3"
 
 
+def test_the_ui_is_told_the_endpoints_byte_limit_and_whether_it_has_a_refiner() -> None:
+    """A Vertex AI endpoint proxies only predict: what the page cannot ask the server, sdxlctl passes."""
+    from sdxlctl.config import Config
+    from sdxlctl.local import processes as local
+    from sdxlctl.state import Resource
+    from sdxlctl.vertex.names import container_env
+    from sdxlctl.vertex.ui import _ui_env
+
+    for dedicated in (False, True):
+        config = Config.model_validate(
+            {"gcp": {"project": "p"}, "deploy": {"endpoint": "dedicated" if dedicated else "shared"}}
+        )
+        endpoint = Resource(
+            kind="endpoint",
+            name="projects/p/locations/l/endpoints/1",
+            target="vertex",
+            details={"dedicated": dedicated},
+        )
+        env = _ui_env(endpoint, config)
+        assert env["SDXL_UI_MAX_REQUEST_BYTES"] == container_env(config)["SDXL_MAX_REQUEST_BYTES"]
+        assert env["SDXL_UI_REFINER"] == "0"
+    refined = Config.model_validate({"model": {"refiner": "tiny", "source": "tiny"}})
+    assert _ui_env(endpoint, refined)["SDXL_UI_REFINER"] == "1"
+    assert local.ui_spec(refined, "http://127.0.0.1:1").env["SDXL_UI_REFINER"] == "1"
+
+
 def test_more_images_than_max_images_names_the_config_key(cli: Cli) -> None:
     result = cli("predict", "a fox", "-n", "5")
     assert result.code == 2
