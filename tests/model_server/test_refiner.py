@@ -143,6 +143,22 @@ def test_the_refiner_gets_the_same_optimize_level(log_lines: Lines) -> None:
     assert np.abs(refined(generator.pipeline, generator.refiner) - want).max() <= 2
 
 
+def test_a_compiled_level_compiles_the_refiners_unet_and_the_shared_vae_once(tmp_path: Path) -> None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from sdxl_server import optimize
+
+    settings = Settings(model="tiny", refiner="tiny", device="cpu", optimize="compile", cache_dir=tmp_path)
+    generator = load_generator(settings)
+    base, refiner = generator.pipeline, generator.refiner
+    assert refiner is not None and refiner.vae is base.vae
+    decoder = base.vae.decoder
+    assert isinstance(decoder, OptimizedModule) and not isinstance(decoder._orig_mod, OptimizedModule)
+    assert isinstance(decoder.forward, optimize.CompilerSettings)
+    assert not isinstance(decoder.forward.forward, optimize.CompilerSettings)
+    assert isinstance(refiner.unet.forward, optimize.CompilerSettings)  # the refiner's own UNet is compiled
+
+
 # SDXL_REFINER=random: the real refiner's configs
 
 

@@ -153,10 +153,12 @@ def apply(pipe: Any, level: str | Plan) -> None:
     import torch
 
     if not getattr(pipe, "_sdxl_fused", False):  # idempotent: eager, then compile, on one pipeline
-        pipe.fuse_qkv_projections()  # one matmul for Q, K and V instead of three, in UNet and VAE attention
+        # A refiner shares the base's VAE, which the base's apply fused already.
+        vae = not getattr(pipe.vae, "_sdxl_fused", False)
+        pipe.fuse_qkv_projections(vae=vae)  # one matmul for Q, K and V instead of three, in UNet and VAE attention
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        pipe._sdxl_fused = True
+        pipe._sdxl_fused = pipe.vae._sdxl_fused = True
     torch.backends.cudnn.benchmark = True  # image sizes are few and fixed: time each conv algorithm once
     if plan.compile and not getattr(pipe, "_sdxl_compiled", ()):
         _compile(pipe, plan)
@@ -196,11 +198,12 @@ def _compile(pipe: Any, plan: Plan) -> None:
                 compiled += 1
         if not compiled:
             raise ValueError(f"no {', '.join(what)} in {type(pipe.unet).__name__}: nothing to compile")
-    pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     # The compiler's settings are thread-local, and the server compiles in whichever thread first
     # runs a shape: each call carries them.
     pipe.unet.forward = CompilerSettings(pipe.unet.forward, plan)
-    pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward, plan)
+    if not isinstance(pipe.vae.decoder.forward, CompilerSettings):  # a refiner's VAE: the base's, compiled
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
+        pipe.vae.decoder.forward = CompilerSettings(pipe.vae.decoder.forward, plan)
 
 
 class CompilerSettings:
