@@ -33,7 +33,7 @@ from tests.model_server.published_refiner import (
     SDXL_REFINER,
     sdxl_refiner,
 )
-from tests.servers import gcs_emulator, serve_app
+from tests.servers import gcs_emulator, serve_app, server_process
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 FP32, FP16 = Placement("cpu", torch.float32), Placement("cpu", torch.float16)
@@ -126,6 +126,25 @@ def test_the_loaded_refiner_adds_its_unet_and_nothing_else(log_lines: Lines) -> 
     unet = sum(p.numel() for p in refiner.unet.parameters())
     assert unique_parameters(base, refiner) == unique_parameters(base) + unet
     loaded = log_lines.one("model loaded")
+    assert loaded["refiner"] == "tiny" and loaded["refiner_s"] >= 0
+
+
+def test_a_server_process_with_sdxl_refiner_serves_both_refine_modes(tmp_path: Path) -> None:
+    env = {"SDXL_MODEL": "tiny", "SDXL_REFINER": "tiny", "SDXL_WARMUP": "none"}
+    with server_process(env, tmp_path) as server:
+        health = server.wait_until("ready").json()
+        request: dict[str, Any] = {
+            "instances": [{"prompt": "a fox", "seed": 7}],
+            "parameters": {"num_inference_steps": 4, "width": 64, "height": 64},
+        }
+        answers = [
+            server.predict({**request, "parameters": {**request["parameters"], "refine": refine}})
+            for refine in ("expert_ensemble", "base_image")
+        ]
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert health["refiner"] == "tiny" and health["refine"] == ["none", "expert_ensemble", "base_image"]
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    loaded = next(line for line in lines if line["message"] == "model loaded")
     assert loaded["refiner"] == "tiny" and loaded["refiner_s"] >= 0
 
 
