@@ -17,15 +17,6 @@ from tests.servers import Server
 from tests.ui.conftest import recording_proxy, ui_process
 
 TIMEOUT_MS = 60_000
-# Sets window.editorGone once the inpainting editor, mounted, is removed again.
-EDITOR_REMOUNTED = """() => {
-    window.editorGone = false;
-    let seen = false;
-    new MutationObserver(() => {
-        const editor = document.querySelector('#inpaint-editor');
-        if (editor) seen = true; else if (seen) window.editorGone = true;
-    }).observe(document.body, {childList: true, subtree: true});
-}"""
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +44,18 @@ def _decoded(data: str) -> Image.Image:
 
 
 def _generate_and_wait(page: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Click Generate, wait for an image and its seed line; the body the page sent."""
+    """Click Generate, wait for a new image and its seed line; the body the page sent."""
     sent = len(bodies)
+    before = page.evaluate("document.querySelector('#gallery img')?.getAttribute('src') ?? ''")
     page.locator("#generate").click()
     page.wait_for_function(
-        "['Seed', '⚠️'].some(s => document.querySelector('#info').innerText.includes(s))", timeout=TIMEOUT_MS
+        """before => document.querySelector('#info').innerText.includes('⚠️') || (
+            document.querySelector('#info').innerText.includes('Seed') &&
+            (document.querySelector('#gallery img')?.getAttribute('src') ?? before) !== before)""",
+        arg=before,
+        timeout=TIMEOUT_MS,
     )
     assert "⚠️" not in page.locator("#info").inner_text(), page.locator("#info").inner_text()
-    page.locator("#gallery img").first.wait_for(timeout=TIMEOUT_MS)
     assert len(bodies) == sent + 1
     return bodies[-1]
 
@@ -91,18 +86,22 @@ def test_inpainting_paints_a_mask_with_the_brush_and_gets_an_image_back(
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     page.goto(url)
     page.locator("#prompt textarea").fill("a red ball")
-    # The page mounts the editor again once its tab is laid out (a first mount read a width of 0)
-    page.evaluate(EDITOR_REMOUNTED)
-    page.get_by_role("tab", name="Inpainting").click()
-    page.wait_for_function("window.editorGone && document.querySelector('#inpaint-editor input[type=file]')")
+    page.get_by_role("tab", name="Inpainting").click()  # the page shows the editor once the tab is laid out
+    page.locator("#inpaint-editor input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # the editor sets up its canvas before it takes an upload
     page.locator("#inpaint-editor input[type=file]").set_input_files(str(photo))
     page.locator('#inpaint-editor button[aria-label="Pan"]').wait_for(timeout=TIMEOUT_MS)  # the image is in
-    page.wait_for_timeout(500)  # the editor zooms the image to fit before it takes strokes
-    # whole and centered: the image at 30% and 70% of the editor's width (the photo is 4:3 in a wide box)
-    with Image.open(io.BytesIO(page.locator("#inpaint-editor").screenshot())) as shot:
-        width, height = shot.size
-        colours: list[Any] = [shot.convert("RGB").getpixel((int(width * f), height // 2)) for f in (0.3, 0.7)]
-    assert all(abs(blue - 128) < 16 and red < 230 for red, _, blue in colours), f"not centered: {colours}"
+    # whole and centered once the editor has zoomed it to fit: the image at 30% and 70% of the editor's
+    # width (the photo is 4:3 in a wide box), where a first mount of 0 width drew it from the middle on
+    for _ in range(40):
+        with Image.open(io.BytesIO(page.locator("#inpaint-editor").screenshot())) as shot:
+            width, height = shot.size
+            colours: list[Any] = [shot.convert("RGB").getpixel((int(width * f), height // 2)) for f in (0.3, 0.7)]
+        if all(abs(blue - 128) < 16 and red < 230 for red, _, blue in colours):
+            break
+        page.wait_for_timeout(250)
+    else:
+        raise AssertionError(f"the image is not centered in the editor: {colours} at 30% and 70%")
     box = page.locator("#inpaint-editor").bounding_box()
     assert box is not None
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # a stroke across the middle

@@ -153,6 +153,7 @@ def build(
                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
                     canvas_size=(512, 512),
                     scale=2,
+                    visible=False,  # see the tabs' select below
                     elem_id="inpaint-editor",
                 )
                 inpaint_strength = gr.Slider(
@@ -222,13 +223,12 @@ def build(
         outputs = [gallery, info, seed]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)
-        for tab in (text_tab, image_tab, inpaint_tab):
-            tab.select(_constant(tab.id), None, mode, api_name=False, show_progress="hidden")
         # The editor sizes its canvas when it mounts, and mounted with its tab it read a width of 0 (an
-        # upload then sat off-center, half outside the view): mounted again once the tab is laid out.
-        inpaint_tab.select(
-            _constant(gr.update(visible=False)), None, editor, api_name=False, show_progress="hidden"
-        ).then(_constant(gr.update(visible=True)), None, editor, api_name=False, show_progress="hidden")
+        # upload then sat off-center, half outside the view): it is shown only once its tab is laid out,
+        # by the answer to the tab's select, and hidden when another tab is chosen.
+        for tab in (text_tab, image_tab, inpaint_tab):
+            shown = gr.update(visible=tab.id == "inpainting")
+            tab.select(_constant((tab.id, shown)), None, [mode, editor], api_name=False, show_progress="hidden")
         page.load(lambda: gr.update(visible=has_refiner(backend, refiner)), None, refiner_row, api_name=False)
     return page.queue(max_size=queue_size, default_concurrency_limit=concurrency)
 
