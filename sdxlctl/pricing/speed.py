@@ -81,9 +81,20 @@ class Refining:
         }
 
 
+def ensemble_split(steps: int, high_noise_frac: float = HIGH_NOISE_FRAC) -> tuple[int, int]:
+    """expert_ensemble's (base, refiner) steps with SDXL's own sampler, as diffusers splits them: the base runs
+    the timesteps at or above round(1000 x (1 - f)), the refiner those below. SDXL's Euler spaces them
+    'leading' (1000 // steps apart, from 1), so at 30 steps and 0.8 that is 23 + 7, not 24 + 6. The server's
+    sdxl_server.steps.ensemble_split computes it from diffusers itself; a test keeps the two equal."""
+    cutoff = round(1000 - high_noise_frac * 1000)
+    base = sum(i * (1000 // steps) + 1 >= cutoff for i in range(steps))
+    base = max(1, min(steps - 1, base))  # each model gets a step at least (the server refuses less)
+    return base, steps - base
+
+
 def refining(key: str, steps: int = 30, level: str = "auto", high_noise_frac: float = HIGH_NOISE_FRAC) -> Refining:
     """Each `refine` mode's time per image at the defaults a request gets (refine_steps = steps)."""
-    base_steps = max(1, min(steps - 1, round(steps * high_noise_frac)))  # each model gets a step at least
+    base_steps, _ = ensemble_split(steps, high_noise_frac)
     ensemble = latency(key, base_steps, level, refiner_steps=steps - base_steps)
     after = max(1, int(steps * BASE_IMAGE_STRENGTH))  # as diffusers' img2img counts them: int(steps x strength)
     return Refining(

@@ -23,14 +23,24 @@ def work(steps: int, refiner_steps: int = 0, unet_calls: int = 1) -> float:
 def test_expert_ensemble_splits_the_same_steps_and_base_image_adds_three_tenths_of_refine_steps() -> None:
     plain = pricing.latency("h100", 30).seconds
     refined = pricing.refining("h100", 30)
-    assert refined.ensemble_split == (24, 6)  # high_noise_frac 0.8 of 30 steps on the base, the rest refined
-    assert refined.ensemble.seconds == pytest.approx(plain * work(24, 6) / work(30))
+    # SDXL's Euler timesteps at 30 steps are 958, 925, ..., 1: 23 at or above 200 (1000 x (1 - 0.8)), 7 below
+    assert refined.ensemble_split == (23, 7)
+    assert refined.ensemble.seconds == pytest.approx(plain * work(23, 7) / work(30))
     assert refined.base_image_steps == 9  # int(30 x 0.3), as diffusers' img2img counts them
     assert refined.base_image.seconds == pytest.approx(plain * work(30, 9) / work(30))
     # The refiner's UNet is wider at every resolution: its step costs more than the base's, not less.
     assert plain < refined.ensemble.seconds < refined.base_image.seconds
     assert pricing.refining("h100", 7).base_image_steps == 2  # int(2.1)
     assert pricing.refining("h100", 2).ensemble_split == (1, 1)  # each model keeps a step
+
+
+def test_the_ensemble_split_is_the_one_the_server_runs() -> None:
+    """cost counts the steps the server's expert_ensemble runs with the model's own sampler (diffusers splits
+    the timesteps at round(1000 x (1 - high_noise_frac)), not the step count at high_noise_frac)."""
+    from sdxl_server.steps import ensemble_split
+
+    for steps in range(2, 151):
+        assert pricing.refining("h100", steps).ensemble_split == ensemble_split(None, steps, 0.8), steps
 
 
 def test_the_two_pass_samplers_take_twice_the_unet_time_per_image() -> None:
@@ -85,13 +95,13 @@ def test_cost_shows_the_refiner_only_when_one_is_set_and_always_the_two_pass_sam
     refined = cli("cost", env=REFINED)
     assert refined.code == 0, refined.err
     said = " ".join(refined.out.split())
-    assert "with the refiner (estimated): expert_ensemble 24+6 steps 8.6 s/image" in said
+    assert "with the refiner (estimated): expert_ensemble 23+7 steps 8.6 s/image" in said
     assert "base_image +9 refiner steps 11.2 s/image" in said
     assert "GPU memory: ~11.5 GB weights (base 6.9 + refiner 4.5, fp16)" in said
     assert "warning" not in refined.err
 
     tight = cli("cost", "--gpu", "t4", env=REFINED)
-    assert "expert_ensemble 24+6 steps over 60.9 s/image" in " ".join(tight.out.split())
+    assert "expert_ensemble 23+7 steps over 61.1 s/image" in " ".join(tight.out.split())
     assert "it may run out of memory" in " ".join(tight.err.split())
 
 
