@@ -236,13 +236,27 @@ def test_png_jpeg_webp_go_as_they_are_other_formats_as_png(tmp_path: Path) -> No
     assert sent_image(sent).format == "PNG" and sent.notes == ["in.gif (GIF) sent as PNG"]
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_once_between_sdxlctl_and_the_server(tmp_path: Path, orientation: int) -> None:
+    """The server turns an image by its EXIF orientation too: what sdxlctl sends must carry no tag once turned,
+    or a photo would arrive turned twice. The server's own decoder reads what is sent."""
+    from PIL import ImageOps
+
+    from sdxl_server.images import decode
+
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to show
+    exif[0x0112] = orientation  # 6: stored sideways, turn 90 degrees clockwise to show
+    stored = Image.new("RGB", (64, 96), (250, 0, 0))
+    stored.paste((0, 0, 250), (0, 0, 64, 24))  # a blue band along one edge shows which way it was turned
     photo = tmp_path / "photo.jpg"
-    Image.new("RGB", (64, 96), (9, 9, 9)).save(photo, exif=exif.tobytes())
+    stored.save(photo, quality=100, exif=exif.tobytes())
+    with Image.open(photo) as opened:
+        upright = ImageOps.exif_transpose(opened).convert("RGB")
     sent = inputs.attach(body(), inputs.ModeInputs(image=photo), LOCAL)
-    assert sent_image(sent).size == (96, 64)
+    assert sent_image(sent).getexif().get(0x0112) is None
+    seen = decode(sent.body["instances"][0]["image"], "instances[0].image")
+    assert seen.size == upright.size == (sent.body["parameters"]["width"], sent.body["parameters"]["height"])
+    assert all(abs(a - b) <= 8 for a, b in zip(seen.tobytes(), upright.tobytes(), strict=True))
     assert "photo.jpg turned upright, as its EXIF orientation says" in sent.notes
 
 
