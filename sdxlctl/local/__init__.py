@@ -51,8 +51,9 @@ def upload(config: Config, store: StateStore, *, dry_run: bool, progress: Progre
 def deploy(config: Config, store: StateStore, *, dry_run: bool, progress: Progress = quiet) -> DeployResult | Notice:
     """Make the model server run as the config says: start, restart on a changed config, or do nothing."""
     if dry_run:
+        refiner = f" and refiner {config.model.refiner!r}" if config.model.refiner != "off" else ""
         return Notice(
-            f"would start `python -m sdxl_server` with model {config.model.source!r} "
+            f"would start `python -m sdxl_server` with model {config.model.source!r}{refiner} "
             f"on {config.local.host}:{config.local.server_port}"
         )
     return _ensure_process(config, store, processes.server_spec(config), progress, what="model server")

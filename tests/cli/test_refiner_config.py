@@ -93,8 +93,16 @@ def test_the_deploy_plan_shows_the_refiner_and_the_gpu_memory_and_sends_nothing(
     as_json = cli("deploy", "--dry-run", "--json", env=env)
     cost = json.loads(as_json.out)["cost"]
     assert cost["gpu_memory"]["verdict"] == "fits" and cost["gpu_memory"]["refiner_gb"] == pytest.approx(4.52)
-    assert cost["refiner"]["expert_ensemble"]["refiner_steps"] == 6
+    assert cost["refiner"]["expert_ensemble"]["refiner_steps"] == 7  # as the server splits 30 steps
     assert emulator.requests() == []
+
+
+def test_the_local_dry_run_names_the_refiner_too(cli: Cli) -> None:
+    plain = cli("deploy", "--dry-run")
+    assert plain.code == 0 and "refiner" not in plain.out + plain.err
+    refined = cli("deploy", "--dry-run", env={"SDXLCTL_MODEL_REFINER": "tiny"})
+    assert refined.code == 0, refined.err
+    assert "with model 'tiny' and refiner 'tiny' on 127.0.0.1" in " ".join((refined.out + refined.err).split())
 
 
 def test_weights_that_cannot_fit_the_gpu_are_refused_before_any_call(cli: Cli, emulator: Emulator) -> None:
