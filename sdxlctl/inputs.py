@@ -236,8 +236,8 @@ def _size(image: _Read, path: Path, width: int | None, height: int | None, notes
         size = (width, _eight(width * h / w))
     elif height is not None:
         size = (_eight(height * w / h), height)
-    else:
-        scale = min(1.0, MAX_SIDE / w, MAX_SIDE / h)
+    else:  # shrunk to at most 2048 a side, or enlarged to at least 64 (the server refuses either)
+        scale = max(min(1.0, MAX_SIDE / w, MAX_SIDE / h), MIN_SIDE / min(w, h))
         size = (_eight(w * scale), _eight(h * scale))
     if not all(MIN_SIDE <= side <= MAX_SIDE for side in size):
         raise UsageError(
@@ -245,14 +245,16 @@ def _size(image: _Read, path: Path, width: int | None, height: int | None, notes
             hint="crop it nearer to square, or give --width and --height",
         )
     if size != (w, h):
-        why = "--width/--height" if width or height else f"multiples of 8, at most {MAX_SIDE} a side"
+        limit = f"at least {MIN_SIDE}" if min(w, h) < MIN_SIDE else f"at most {MAX_SIDE}"
+        why = "--width/--height" if width or height else f"multiples of 8, {limit} a side"
         notes.append(f"{path.name} {_wxh((w, h))} resized to {_wxh(size)} ({why})")
     return size
 
 
 def _eight(side: float) -> int:
-    """The nearest multiple of 8 (at most MAX_SIDE, at least 8)."""
-    return min(MAX_SIDE, max(8, round(side / 8) * 8))
+    """The nearest multiple of 8 (at least 8); a side out of 64..2048 is refused by the caller, not clamped,
+    which would change the aspect."""
+    return max(8, round(side / 8) * 8)
 
 
 def _encoded_mask(mask: _Read, size: tuple[int, int]) -> str:

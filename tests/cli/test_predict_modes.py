@@ -226,6 +226,22 @@ def test_sizes_become_multiples_of_8_within_2048_keeping_the_aspect(tmp_path: Pa
     assert (sent.body["parameters"]["width"], sent.body["parameters"]["height"]) == (512, 256)
 
 
+def test_a_small_image_is_enlarged_to_64_on_its_shorter_side(tmp_path: Path) -> None:
+    """The server takes 64 to 2048 a side: a thumbnail is enlarged as a large photo is shrunk, keeping the
+    aspect; only an aspect no size can keep (1x100) is refused, and says so."""
+    for size, sent_size in (((1, 1), (64, 64)), ((32, 48), (64, 96)), ((59, 59), (64, 64))):
+        small = flat(tmp_path / "small.png", size, (9, 9, 9))
+        sent = inputs.attach(body(), inputs.ModeInputs(image=small), LOCAL)
+        assert sent_image(sent).size == sent_size
+        resized = f"{size[0]}x{size[1]} resized to {sent_size[0]}x{sent_size[1]}"
+        assert sent.notes == [f"small.png {resized} (multiples of 8, at least 64 a side)"]
+    thin = flat(tmp_path / "thin.png", (1, 100), (9, 9, 9))
+    with pytest.raises(UsageError, match=r"1x100: at that aspect no size fits 64\.\.2048 on both sides"):
+        inputs.attach(body(), inputs.ModeInputs(image=thin), LOCAL)
+    with pytest.raises(UsageError, match=r"1x100: at that aspect"):  # --width alone keeps the aspect: 64x6400
+        inputs.attach(body(width=64), inputs.ModeInputs(image=thin), LOCAL)
+
+
 def test_png_jpeg_webp_go_as_they_are_other_formats_as_png(tmp_path: Path) -> None:
     for name in ("in.png", "in.jpg", "in.webp"):
         path = noise(tmp_path / name, (96, 64), Image.registered_extensions()[Path(name).suffix])
