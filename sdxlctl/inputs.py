@@ -177,7 +177,7 @@ class _Read:
     pixels: Image
     data: bytes  # the file as it is
     format: str  # PIL's name of it: PNG, JPEG, WEBP, GIF, ...
-    changed: bool  # turned upright or a frame taken: the file's bytes no longer show these pixels
+    changed: bool  # turned upright, a frame taken, 16 bits made 8: the file's bytes no longer show these pixels
     turned: bool  # by its EXIF orientation
 
 
@@ -219,7 +219,11 @@ def _read(path: Path, option: str) -> _Read:
             f"{option} {path} is not a complete {(opened and opened.format) or 'image'} ({exc})",
             hint="save the image again",
         ) from None
-    return _Read(opened, data, str(opened.format or ""), changed=turned or frames > 1, turned=turned)
+    pixels: Image = opened
+    deep = opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG")
+    if deep:  # 16-bit grayscale: Pillow's convert("RGB") (the server's, diffusers') clips it at 255, all white
+        pixels = opened.convert("I").point(lambda value: value / 257).convert("L")
+    return _Read(pixels, data, str(opened.format or ""), changed=turned or frames > 1 or deep, turned=turned)
 
 
 def _wxh(size: tuple[int, int]) -> str:

@@ -276,6 +276,24 @@ def test_exif_orientation_is_applied_once_between_sdxlctl_and_the_server(tmp_pat
     assert "photo.jpg turned upright, as its EXIF orientation says" in sent.notes
 
 
+def test_a_16_bit_grayscale_png_reaches_the_server_as_its_8_bit_values(tmp_path: Path) -> None:
+    """Pillow's convert("RGB"), which the server applies as diffusers' load_image does, clips 16-bit values at
+    255: sent as it is, a 16-bit scan would arrive white. sdxlctl scales it to 8 bits first."""
+    import numpy as np
+
+    from sdxl_server.images import decode
+
+    deep = tmp_path / "scan.png"
+    values = (np.arange(96 * 64) * 10).astype(np.uint16).reshape(64, 96)  # 0..61430: 16 bits
+    Image.fromarray(values).save(deep)
+    with Image.open(deep) as opened:
+        assert opened.mode == "I;16"
+    expected = np.round(values / 257)
+    sent = inputs.attach(body(), inputs.ModeInputs(image=deep), LOCAL)
+    seen = decode(sent.body["instances"][0]["image"], "instances[0].image")
+    assert np.abs(np.asarray(seen)[..., 0] - expected).max() <= 1
+
+
 def test_a_large_colour_mask_goes_as_grayscale_png(tmp_path: Path) -> None:
     image = flat(tmp_path / "in.png", (512, 512), (9, 9, 9))
     mask = noise(tmp_path / "mask.png", (512, 512))  # 0.8 MB of colour: the image's share would shrink by that
