@@ -158,10 +158,19 @@ def test_refine_on_a_server_without_a_refiner_says_how_to_get_one(
 
 
 def test_the_names_are_the_servers() -> None:
-    from sdxl_server import schema
+    """sdxlctl cannot import the server (another install): its copies of the names and numbers are kept
+    equal here: the options' choices, the sizes it fits images to, what cost counts."""
+    from sdxl_server import schema, steps
+    from sdxl_server.schedulers import SCHEDULERS
+    from sdxlctl import pricing
 
     assert inputs.SCHEDULERS == schema.SCHEDULER_NAMES
     assert inputs.REFINE == schema.REFINE_MODES
+    twice = {name for name, sampler in SCHEDULERS.items() if sampler.unet_calls == 2}
+    assert set(inputs.SECOND_ORDER) == set(pricing.speed.TWO_PASS_SAMPLERS) == twice
+    assert (inputs.MIN_SIDE, inputs.MAX_SIDE) == (schema.MIN_SIDE, schema.MAX_SIDE)
+    assert schema.Request.high_noise_frac == pricing.speed.HIGH_NOISE_FRAC  # the dataclass default
+    assert pricing.speed.BASE_IMAGE_STRENGTH == steps.BASE_IMAGE_STRENGTH
 
 
 # ---------------------------------------------------------------- usage errors: refused before any request
