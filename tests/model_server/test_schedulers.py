@@ -48,3 +48,19 @@ def test_no_name_is_the_models_own_and_the_sde_sampler_takes_the_seeds() -> None
     assert type(own).__name__ == SDXL["_class_name"] == "EulerDiscreteScheduler"
     assert schedulers.build("dpmpp_sde_karras", SDXL, (3, 4)).config.noise_sampler_seed == [3, 4]
     assert "noise_sampler_seed" not in schedulers.build("dpmpp_2m", SDXL, (3,)).config
+
+
+def test_the_sde_sampler_leaves_the_log_alone() -> None:
+    """torchsde warns "Should have tb<=t1" on every request (float32 sigma vs its float64 end): a line of
+    raw text in a log of JSON lines, about a rounding that changes nothing."""
+    import warnings
+
+    import torch
+
+    sampler = schedulers.build("dpmpp_sde_karras", SDXL, (7,))
+    sampler.set_timesteps(4)
+    latents = torch.zeros(1, 4, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        for timestep in sampler.timesteps:
+            latents = sampler.step(torch.zeros_like(latents), timestep, latents).prev_sample
+    assert [str(warning.message) for warning in caught] == []

@@ -7,8 +7,14 @@ copies a dict, no weights, microseconds.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+# DPM++ SDE's Brownian tree ends at sigma_max as a Python float and is then asked for it as a float32
+# tensor, a hair past the end: torchsde says "Should have tb<=t1" on every request, a line of raw text
+# in a log of JSON lines about a rounding that changes nothing.
+_TORCHSDE_ROUNDING = r"Should have t[ab]<=t1"
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,18 @@ def build(name: str | None, config: Any, seeds: tuple[int, ...] = ()) -> Any:
         cls_name, overrides = sampler.cls, dict(sampler.overrides)
         if sampler.seeded and seeds:
             overrides["noise_sampler_seed"] = list(seeds)
+        if sampler.seeded:
+            _quiet_torchsde()
     return getattr(diffusers, cls_name).from_config(config, **overrides)
 
 
 def unet_calls(name: str | None) -> int:
     """UNet evaluations per denoising step of scheduler `name` (None: the model's own, Euler for SDXL)."""
     return 1 if name is None else SCHEDULERS[name].unet_calls
+
+
+def _quiet_torchsde() -> None:
+    # Installed when needed rather than at import: a catch_warnings around the import (pytest's, a
+    # caller's) would drop it on exit. Added once: each change to the filter list is process-wide.
+    if not any(entry[1] is not None and entry[1].pattern == _TORCHSDE_ROUNDING for entry in warnings.filters):
+        warnings.filterwarnings("ignore", message=_TORCHSDE_ROUNDING, category=UserWarning, module="torchsde")
