@@ -107,3 +107,23 @@ def test_sampler_and_refiner_choices_reach_the_parameters() -> None:
     assert plain["parameters"]["scheduler"] == "euler"
     assert {"refine", "high_noise_frac", "strength"}.isdisjoint(plain["parameters"])
     assert "image" not in plain["instances"][0]
+
+
+def test_a_16_bit_grayscale_upload_reaches_the_server_as_its_8_bit_values(tmp_path: Any) -> None:
+    """Gradio's convert("RGB") on an upload, like the server's, clips 16-bit values at 255: a 16-bit scan
+    arrived white. The page takes the upload as it is and scales it to 8 bits itself."""
+    import numpy as np
+    from gradio.data_classes import ImageData
+
+    from sdxl_server.images import decode
+    from sdxl_ui.app import build
+    from sdxl_ui.backend import HttpBackend
+
+    values = (np.arange(96 * 64) * 10).astype(np.uint16).reshape(64, 96)  # 0..61430: 16 bits
+    Image.fromarray(values).save(tmp_path / "scan.png")
+    page = build(HttpBackend("http://127.0.0.1:9"))  # never asked: only the upload's preprocessing runs
+    upload = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "init-image")
+    image = upload.preprocess(ImageData(path=str(tmp_path / "scan.png")))
+    body, _ = build_body(Choices("a scan", mode="image-to-image", image=image))
+    seen = decode(body["instances"][0]["image"], "instances[0].image")
+    assert np.abs(np.asarray(seen)[..., 0] - np.round(values / 257)).max() <= 1

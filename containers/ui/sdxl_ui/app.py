@@ -128,6 +128,7 @@ def build(
                 image = gr.Image(
                     label="Image",
                     type="pil",
+                    image_mode=None,  # as uploaded: Gradio's convert("RGB") clips 16 bits white; images.rgb does it
                     sources=["upload", "clipboard"],
                     height=320,
                     scale=2,

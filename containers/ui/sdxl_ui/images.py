@@ -63,11 +63,13 @@ def _jpeg(image: Image, quality: int) -> bytes:
 
 
 def rgb(image: Image) -> Image:
-    """RGB, transparent parts on white (as the editor shows them), not on black."""
+    """RGB, transparent parts on white (as the editor shows them), not on black; 16 bits scaled to 8."""
     from PIL import Image as PILImage
 
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16"):  # a 16-bit PNG: convert("RGB") would clip it white
+        image = image.convert("I").point(lambda value: value / 257).convert("L")
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return PILImage.alpha_composite(PILImage.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
