@@ -180,3 +180,42 @@ def test_with_a_refiner_the_page_offers_it_and_the_request_uses_it(browser: Any,
             body = _generate_and_wait(page, bodies)
             page.close()
     assert body["parameters"]["refine"] == "expert_ensemble" and body["parameters"]["high_noise_frac"] == 0.8
+
+
+def test_a_photo_with_exif_orientation_is_sent_upright_from_both_tabs(
+    browser: Any, page_at: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A phone photo stored sideways (EXIF orientation 6) is shown upright by the browser; the page sends it
+    upright and without the tag (the server would turn a tagged one again), the mask painted on it the same."""
+    url, bodies = page_at
+    stored = Image.new("RGB", (100, 76))
+    stored.putdata([(x * 2, y * 3, 128) for y in range(76) for x in range(100)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, quality=95, exif=exif.tobytes())
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("the same, upright")
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(path))
+    page.locator("#init-image img").first.wait_for(timeout=TIMEOUT_MS)
+    sent = _decoded(_generate_and_wait(page, bodies)["instances"][0]["image"])
+    assert sent.size == (72, 96) and sent.getexif().get(0x0112) is None  # 76x100 upright, in multiples of 8
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator("#inpaint-editor input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # the editor sets up its canvas before it takes an upload
+    page.locator("#inpaint-editor input[type=file]").set_input_files(str(path))
+    page.locator('#inpaint-editor button[aria-label="Pan"]').wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # zoomed to fit
+    box = page.locator("#inpaint-editor").bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 10, y)
+    page.mouse.down()
+    page.mouse.move(x + 10, y, steps=5)
+    page.mouse.up()
+    instance = _generate_and_wait(page, bodies)["instances"][0]
+    image, mask = _decoded(instance["image"]), _decoded(instance["mask_image"])
+    assert image.size == mask.size == (72, 96) and image.getexif().get(0x0112) is None
+    page.close()
