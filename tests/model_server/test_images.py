@@ -256,3 +256,22 @@ def test_images_are_decoded_only_after_every_other_field_is_good() -> None:
     assert refused([{"prompt": "a", "image": bomb}], quality=0).field == "parameters.quality"
     assert refused([{"prompt": "", "image": bomb}]).field == "instances[0].prompt"
     assert refused([{"prompt": "a", "image": bomb}], strength=2).field == "parameters.strength"
+
+
+def jpeg_with_scans(extra: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A progressive JPEG with its last scan repeated `extra` times. Each scan costs a pass over the whole
+    image: 16 bytes a scan at 2048x2048 is a minute of CPU per 80 KB, a quarter of an hour per request."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (120, 130, 140)).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")  # the last scan runs from its SOS marker to the end-of-image marker
+    return data[:last] + data[last:-2] * (extra + 1) + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        images.decode(raw_b64(jpeg_with_scans(images.MAX_JPEG_SCANS)), "instances[0].image")
+    assert raised.value.field == "instances[0].image"
+    assert "scans" in str(raised.value) and str(images.MAX_JPEG_SCANS) in str(raised.value)
+    # what encoders write (Pillow's progressive JPEG has 10 scans, mozjpeg's a few more) decodes as before
+    assert images.decode(raw_b64(jpeg_with_scans(20)), "instances[0].image").size == (64, 64)

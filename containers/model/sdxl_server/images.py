@@ -28,6 +28,11 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE
 # base64-decoding it, which would hold 75 MB more in memory for an image the pixel limit refuses anyway.
 MAX_IMAGE_BYTES = 20_000_000
 MAX_ENCODED_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + 1000  # the base64 text of that, plus a data: URL prefix
+# Each scan of a JPEG is a pass over every pixel, and a scan can be 16 bytes: a 1 MB progressive JPEG of
+# repeated scans decodes for a quarter of an hour, past any time limit (decoding is not generation) and
+# beyond stopping. libjpeg-turbo's advice is a scan limit (TurboJPEG's TJPARAM_SCANLIMIT, djpeg -maxscans,
+# 500 in its fuzzers); encoders write about ten.
+MAX_JPEG_SCANS = 500
 # Resampling of diffusers' VaeImageProcessor (resample="lanczos", reducing_gap=None): resized here, the
 # pipeline's own resize finds the image at its size already and leaves it as it is.
 RESAMPLE = "LANCZOS"
@@ -64,6 +69,7 @@ def decode(text: str, field: str) -> Image:
     64..2048 (read from the header: a decompression bomb is never decoded), truncated or corrupt data.
     """
     raw = _bytes(text, field)
+    _check_scans(raw, field)
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -201,6 +207,20 @@ def _check_size(size: tuple[int, int], field: str) -> None:
         raise _bad(field, f"{width}x{height} pixels: at most {MAX_SIDE}x{MAX_SIDE}; resize it (it was not decoded)")
     if width < MIN_SIDE or height < MIN_SIDE:
         raise _bad(field, f"{width}x{height} pixels: at least {MIN_SIDE} on each side")
+
+
+def _check_scans(raw: bytes, field: str) -> None:
+    if _allowed_kind(raw) != "JPEG":
+        return
+    # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FF DA starts a scan
+    # or sits in a metadata segment (an EXIF thumbnail's scan, stray bytes): a count never below the scans.
+    scans = raw.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise _bad(
+            field,
+            f"a JPEG of {scans} scans: at most {MAX_JPEG_SCANS} (each is a pass over every pixel; it was not "
+            "decoded): save it again as a baseline JPEG, a PNG or a WebP",
+        )
 
 
 def _wxh(size: tuple[int, int]) -> str:
