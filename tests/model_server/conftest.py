@@ -106,3 +106,14 @@ def bucket(work: Path) -> Iterator[str]:
             published.upload(weights, layout, published.sdxl_base(work, layout))
         published.upload(weights, "fp16-fix", published.fp16_fix(work))
         yield "gs://weights"
+
+
+@pytest.fixture
+def fresh_compiler() -> Iterator[None]:
+    """torch's compiler as a new process has it: graphs compiled by an earlier test of this worker (the same tiny
+    blocks at the same shapes) would otherwise be reused, and a test counting what it compiles would count 0."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -352,6 +352,7 @@ def test_a_server_without_a_refiner_says_so(plain: Any) -> None:
 
 
 @pytest.mark.timeout(900)  # compiles two tiny UNets: seconds alone, minutes on a loaded 2-core machine
+@pytest.mark.usefixtures("fresh_compiler")
 def test_a_compiled_level_compiles_every_mode_and_the_refiner_at_warm_up() -> None:
     """After warm-up at 64x64, each mode, the refiner both ways and another sampler run compiled code
     with nothing left to compile: torch's fail_on_recompile stance would raise otherwise."""

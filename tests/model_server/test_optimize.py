@@ -19,6 +19,7 @@ from tests.servers import server_process
 
 FX_GRAPH_CACHE = "torch._inductor.codecache"  # logs "fx graph cache hit|miss for key ..."
 AOT_AUTOGRAD_CACHE = "torch._functorch._aot_autograd.autograd_cache"  # "AOTAutograd cache hit|miss ..."
+pytestmark = pytest.mark.usefixtures("fresh_compiler")  # each test counts what it compiles itself
 TOLERANCE = 2  # of 255: fused projections and compiled kernels round differently, nothing more
 
 
