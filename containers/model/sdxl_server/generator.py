@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdxl_server import logs, modes, optimize
 from sdxl_server.errors import TimeLimitExceeded
-from sdxl_server.schema import Job, Request
+from sdxl_server.schema import REFINE_MODES, Job, Request
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -51,7 +51,7 @@ class Generator:
     @property
     def refines(self) -> tuple[str, ...]:
         """The values of `refine` this server serves."""
-        return modes.REFINES if self.refiner is not None else ("none",)
+        return REFINE_MODES if self.refiner is not None else ("none",)
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sdxl_server import schedulers
+from sdxl_server.steps import BASE_IMAGE_STRENGTH, DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
     from sdxl_server.schema import Job, Request
 
 MODES = ("text-to-image", "image-to-image", "inpainting")
-REFINES = ("none", "expert_ensemble", "base_image")
-# cog-sdxl's prompt_strength for image-to-image; inpainting repaints the masked area from pure noise
-# (diffusers' own default, 0.9999, is 1 but for a rounding guard it needs no longer).
-DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpainting": 1.0}
-BASE_IMAGE_STRENGTH = 0.3  # the refiner pipeline's own default: it sharpens, it does not repaint
 
 Callback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 

@@ -10,8 +10,12 @@ import math
 from sdxl_server.errors import InvalidRequest
 
 MAX_STEPS = 150
-DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpainting": 1.0}  # cog-sdxl's prompt_strength; diffusers' inpainting
-BASE_IMAGE_STRENGTH = 0.3  # base_image: how far the refiner re-noises the base's image
+# cog-sdxl's prompt_strength for image-to-image; inpainting repaints the masked area from pure noise
+# (diffusers' own default, 0.9999, is 1 but for a rounding guard it needs no longer).
+DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpainting": 1.0}
+# base_image: how far the refiner re-noises the base's image (the refiner pipeline's own default: it
+# sharpens, it does not repaint)
+BASE_IMAGE_STRENGTH = 0.3
 REFINER_SOURCE = "SDXL_REFINER; sdxlctl sets it from [model] refiner"
 
 
