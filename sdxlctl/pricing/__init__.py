@@ -12,6 +12,7 @@ from sdxlctl.errors import UsageError
 from sdxlctl.gpus import GPUS, GpuOption, gpu
 from sdxlctl.pricing.memory import GpuMemory, gpu_memory
 from sdxlctl.pricing.speed import (
+    SHARED_LIMIT_S,
     TWO_PASS_SAMPLERS,
     Latency,
     Refining,
@@ -23,7 +24,6 @@ from sdxlctl.pricing.speed import (
 
 HOURS_PER_DAY = 24
 DAYS_PER_MONTH = 30.44
-SHARED_LIMIT_S = 60.0
 WIDE_MARGIN = 2.0  # "fits with a wide margin": at most half of the shared endpoint's limit
 UI_SECONDS_PER_REQUEST_OVERHEAD = 1.0  # page work besides waiting for the model
 

@@ -101,7 +101,12 @@ def test_cost_shows_the_refiner_only_when_one_is_set_and_always_the_two_pass_sam
     assert "warning" not in refined.err
 
     tight = cli("cost", "--gpu", "t4", env=REFINED)
-    assert "expert_ensemble 23+7 steps over 61.1 s/image" in " ".join(tight.out.split())
+    # past a shared endpoint's 60 s an image is refused: no price per 1000 images, as the base's line says
+    said = " ".join(tight.out.split())
+    assert "expert_ensemble 23+7 steps over 61.1 s/image (past the 60 s limit)" in said
+    assert "base_image +9 refiner steps over 78.9 s/image (past the 60 s limit)" in said
+    as_json = json.loads(cli("cost", "--gpu", "t4", "--json", env=REFINED).out)["refiner"]
+    assert as_json["expert_ensemble"]["usd_per_1000_images"] is None
     assert "it may run out of memory" in " ".join(tight.err.split())
 
 
