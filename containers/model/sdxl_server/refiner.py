@@ -74,27 +74,15 @@ def build_tiny_refiner(base: StableDiffusionXLPipeline, seed: int = 0) -> Stable
     the target size), so `requires_aesthetics_score`.
     """
     import torch
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
+
+    from sdxl_server.sources import tiny_unet
 
     hidden = base.text_encoder_2.config.hidden_size
     pooled = base.text_encoder_2.config.projection_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 1, 2),
-            projection_class_embeddings_input_dim=pooled + 5 * 8,  # pooled text embeds + 5 time ids
-            cross_attention_dim=hidden,  # text_encoder_2 alone
-            norm_num_groups=8,
-        )
+        unet = tiny_unet(pooled=pooled, time_ids=5, cross_attention_dim=hidden)  # text_encoder_2 alone
     unet = unet.to(device=base.device, dtype=base.unet.dtype)
     return assemble(base, unet, EulerDiscreteScheduler.from_config(base.scheduler.config))
 

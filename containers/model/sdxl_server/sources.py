@@ -14,7 +14,7 @@ from sdxl_server.weights import REPO_ID
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
 CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
@@ -117,7 +117,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     real 8x downscale, the real scheduler config. Native size 256x256.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = byte_level_clip_tokenizer()
@@ -137,22 +137,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
-        # Like SDXL, no attention at the highest resolution: a 1024x1024 request stays cheap on a CPU.
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 1, 2),
-            projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embeds + 6 time ids
-            cross_attention_dim=64,  # both encoders' hidden states, concatenated
-            norm_num_groups=8,
-        )
+        # both encoders' hidden states, concatenated; six time ids (sizes and crop)
+        unet = tiny_unet(pooled=32, time_ids=6, cross_attention_dim=64)
         vae = AutoencoderKL(
             block_out_channels=(16, 16, 32, 32),
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -177,13 +163,36 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     ).to(torch.float32)
 
 
+def tiny_unet(*, pooled: int, time_ids: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """The tiny models' UNet (build_tiny_pipeline's, refiner.build_tiny_refiner's): they differ only in what
+    conditions them, the pooled text embeds and time ids, and the hidden states cross attention reads.
+    Like SDXL, no attention at the highest resolution: a 1024x1024 request stays cheap on a CPU."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=pooled + time_ids * 8,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+    )
+
+
 def build_random_sdxl(placement: Placement) -> StableDiffusionXLPipeline:
     """The full SDXL 1.0 architecture (real configs, fp16-fix VAE) with random weights, made on the device.
 
     Random weights cost exactly the arithmetic of the real ones: this is what benchmarks time.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = byte_level_clip_tokenizer()
