@@ -21,8 +21,9 @@ from pydantic import (
 
 from sdxl_server import images, steps
 from sdxl_server.errors import InvalidRequest
+from sdxl_server.images import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from sdxl_server.schedulers import unet_calls
-from sdxl_server.steps import BASE_IMAGE_STRENGTH
+from sdxl_server.steps import BASE_IMAGE_STRENGTH, MAX_STEPS
 from sdxl_server.styles import styles
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; anything this long is a mistake
 # instance uses (seed + i) mod 2**32, so every seed the server returns is one it accepts back.
 SEED_SPACE = 2**32
 MAX_SEED = SEED_SPACE - 1
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
-MIN_STEPS, MAX_STEPS = 1, 150
+MIN_STEPS = 1  # MAX_STEPS is steps.py's; the sides are images.py's (an input image's and the output's)
 MIN_GUIDANCE, MAX_GUIDANCE = 0, 30
 MIN_QUALITY, MAX_QUALITY = 1, 100
 # A valid body is three levels deep ({"instances": [{"prompt": ...}]}); deeper JSON is never a request,
