@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sdxl_server import schedulers
-from sdxl_server.steps import BASE_IMAGE_STRENGTH, DEFAULT_STRENGTH
+from sdxl_server.steps import BASE_IMAGE_STRENGTH, DEFAULT_STRENGTH, check_split, split
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -90,6 +90,21 @@ def run(
     handover: dict[str, Any] = {"output_type": "latent" if refining else "pt"}
     if request.refine == "expert_ensemble":
         handover["denoising_end"] = request.high_noise_frac
+    if request.refine == "expert_ensemble":
+        # parse_request counted the split on SDXL 1.0's scheduler config; a model loaded with another
+        # (timestep_spacing "trailing") can leave the refiner none, and diffusers would then run it over
+        # the whole schedule (timesteps[-0:]).
+        check_split(
+            split(
+                schedulers.build(request.scheduler, pipes.base_scheduler),
+                schedulers.build(request.scheduler, pipes.refiner_scheduler or pipes.base_scheduler),
+                request.steps,
+                request.high_noise_frac,
+            ),
+            request.scheduler,
+            request.steps,
+            request.high_noise_frac,
+        )
     mode = request.mode
     if mode == "text-to-image":
         pipe: Any = pipes.text

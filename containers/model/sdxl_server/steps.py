@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from typing import Any
 
 from sdxl_server.errors import InvalidRequest
 
@@ -59,14 +60,7 @@ def check(
                 "expert_ensemble hands the base's latents to the refiner mid-way and is text-to-image only: "
                 "use refine base_image with an input image",
             )
-        base, refined = ensemble_split(scheduler, steps, float(high_noise_frac))
-        if not base or not refined:
-            who, hint = ("the base model", "raise") if not base else ("the refiner", "lower")
-            raise _refusal(
-                "parameters.high_noise_frac",
-                f"high_noise_frac {high_noise_frac:g} with {steps} steps ({scheduler or 'euler'}) leaves {who} "
-                f"no step: {hint} high_noise_frac or raise num_inference_steps",
-            )
+        check_split(ensemble_split(scheduler, steps, float(high_noise_frac)), scheduler, steps, high_noise_frac)
     elif int((refine_steps or steps) * BASE_IMAGE_STRENGTH) < 1:
         given = refine_steps or steps
         raise _refusal(
@@ -77,17 +71,40 @@ def check(
     return run_strength
 
 
+def check_split(split: tuple[int, int], scheduler: str | None, steps: int, high_noise_frac: float) -> None:
+    """Refuse an expert_ensemble `split` (base, refiner timesteps) that leaves either model no step."""
+    base, refined = split
+    if not base or not refined:
+        who, hint = ("the base model", "raise") if not base else ("the refiner", "lower")
+        raise _refusal(
+            "parameters.high_noise_frac",
+            f"high_noise_frac {high_noise_frac:g} with {steps} steps ({scheduler or 'euler'}) leaves {who} "
+            f"no step: {hint} high_noise_frac or raise num_inference_steps",
+        )
+
+
 @functools.lru_cache(maxsize=512)
 def ensemble_split(scheduler: str | None, steps: int, high_noise_frac: float) -> tuple[int, int]:
-    """The timesteps (UNet calls) the base and the refiner run in expert_ensemble, as diffusers splits
-    them: the base those at or above round(1000 x (1 - f)) (denoising_end), the refiner those below
-    (denoising_start; for a second-order sampler the count is made odd). Computed from the sampler's own
-    timesteps, since samplers space them differently (Euler 'leading', DPM++ and UniPC 'linspace'-like,
-    Karras sigmas), for the SDXL 1.0 scheduler config (the base's and the refiner's are the same)."""
+    """The timesteps (UNet calls) the base and the refiner run in expert_ensemble, for the SDXL 1.0
+    scheduler config (the base's and the refiner's are the same): what parse_request checks. A model
+    loaded with another config is checked again on its own (`split`, from modes.run)."""
     from sdxl_server.schedulers import build
     from sdxl_server.sources import CONFIGS
 
-    sampler = build(scheduler, json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
+    config = json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    return split(build(scheduler, config), build(scheduler, config), steps, high_noise_frac)
+
+
+def split(base_sampler: Any, refiner_sampler: Any, steps: int, high_noise_frac: float) -> tuple[int, int]:
+    """The timesteps the base and the refiner run, as diffusers splits them: the base those at or above
+    round(1000 x (1 - f)) (denoising_end), the refiner those below (denoising_start; for a second-order
+    sampler the count is made odd). From each sampler's own timesteps, since samplers space them
+    differently (Euler 'leading' or 'trailing', DPM++ and UniPC 'linspace'-like, Karras sigmas)."""
+    return _counts(base_sampler, steps, high_noise_frac)[0], _counts(refiner_sampler, steps, high_noise_frac)[1]
+
+
+def _counts(sampler: Any, steps: int, high_noise_frac: float) -> tuple[int, int]:
+    """`sampler`'s timesteps at or above the cutoff, and those below it as the refiner counts them."""
     sampler.set_timesteps(steps)
     trained = sampler.config.num_train_timesteps
     # diffusers' very expression, so the float rounding is the same
