@@ -275,3 +275,15 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
     assert "scans" in str(raised.value) and str(images.MAX_JPEG_SCANS) in str(raised.value)
     # what encoders write (Pillow's progressive JPEG has 10 scans, mozjpeg's a few more) decodes as before
     assert images.decode(raw_b64(jpeg_with_scans(20)), "instances[0].image").size == (64, 64)
+
+
+def test_a_16_bit_grayscale_png_keeps_its_values_in_8_bits() -> None:
+    """Pillow's convert("RGB") (diffusers' load_image's) clips 16-bit values at 255: the image came out
+    white. sdxlctl predict and the UI scale it before sending; a client of the API gets the same."""
+    import numpy as np
+
+    values = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 0..65520
+    decoded = np.asarray(images.decode(encoded(Image.fromarray(values)), "instances[0].image")).astype(int)
+    expected = np.round(values / 257).astype(int)
+    assert np.abs(decoded[..., 0] - expected).max() <= 1
+    assert (decoded[..., 0] == decoded[..., 2]).all()

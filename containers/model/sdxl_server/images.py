@@ -93,7 +93,9 @@ def decode(text: str, field: str) -> Image:
     try:
         image.load()  # frame 0 of an animation; raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
         upright = ImageOps.exif_transpose(image) or image
-        return upright.convert("RGB")  # diffusers' load_image does exactly this
+        if upright.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") alone clips it at 255, white
+            upright = upright.convert("I").point(lambda value: value / 257).convert("L")
+        return upright.convert("RGB")  # diffusers' load_image does this (and nothing more)
     except Exception:  # OSError "truncated", zlib errors, ValueError on broken chunks, ...
         raise _bad(field, f"not a complete {kind} image (truncated or corrupt): send the whole file") from None
     finally:
