@@ -12,6 +12,10 @@ import pytest
 # Rich fixes a console's width at creation when COLUMNS is set; pytest-xdist sets COLUMNS=80 in its workers,
 # which would pin the CLI's consoles to 80 before any test chose a width. Tests set COLUMNS themselves.
 os.environ.pop("COLUMNS", None)
+# One compute thread per process, set before torch is imported (here and in every server a test starts,
+# which inherits it): two workers and their servers share two cores, and each torch's pool of two threads
+# spun against the others' (the model tests ran about twice as long on this machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from sdxlctl.cli.app import run
 from tests.servers import Server, server_process
