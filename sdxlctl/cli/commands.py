@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -35,10 +36,32 @@ Gpu = StrEnum("Gpu", {key.replace("-", "_"): key for key in GPUS})  # type: igno
 GPU_CHOICES = ", ".join(GPUS)
 
 
-# --scheduler's and --refine's choices: the one table in sdxlctl/inputs.py, hyphenated (click completes them).
-Scheduler = StrEnum("Scheduler", {name: spelled(name) for name in SCHEDULERS})  # type: ignore[misc]
-Refine = StrEnum("Refine", {name: spelled(name) for name in REFINE})  # type: ignore[misc]
 SLOW_SCHEDULERS = ", ".join(spelled(name) for name in SECOND_ORDER)
+
+
+def _named(names: tuple[str, ...]) -> tuple[Callable[[str | None], str | None], Callable[[str], list[str]]]:
+    """--scheduler's and --refine's check and completion, from the one table in sdxlctl/inputs.py.
+
+    Offered hyphenated; taken in any case and with the server's underscores too (`sdxlctl cost` and the
+    server's errors spell them dpmpp_2m_karras), so a name copied from either works. Returns the server's name.
+    """
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().lower().replace("-", "_")
+        if name not in names:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(spelled(n) for n in names)}")
+        return name
+
+    def complete(incomplete: str) -> list[str]:
+        return [spelled(n) for n in names if spelled(n).startswith(incomplete.lower().replace("_", "-"))]
+
+    return check, complete
+
+
+_check_scheduler, _complete_scheduler = _named(SCHEDULERS)
+_check_refine, _complete_refine = _named(REFINE)
 
 
 def _open_fraction(value: float | None) -> float | None:
@@ -189,16 +212,23 @@ def predict(
         typer.Option(callback=_strength, help="how much of --image to repaint, 0-1 (default 0.8; 1 with --mask)"),
     ] = None,
     scheduler: Annotated[
-        Scheduler | None,
+        str | None,
         typer.Option(
             metavar="<name>",
+            callback=_check_scheduler,
+            autocompletion=_complete_scheduler,
             help=f"sampler: {', '.join(spelled(n) for n in SCHEDULERS)} (default: the model's, euler); "
             f"{SLOW_SCHEDULERS} take twice the time per step",
         ),
     ] = None,
     refine: Annotated[
-        Refine | None,
-        typer.Option(metavar="<mode>", help="run the refiner: none, expert-ensemble, base-image ([model] refiner)"),
+        str | None,
+        typer.Option(
+            metavar="<mode>",
+            callback=_check_refine,
+            autocompletion=_complete_refine,
+            help="run the refiner: none, expert-ensemble, base-image ([model] refiner)",
+        ),
     ] = None,
     high_noise_frac: Annotated[
         float | None,
@@ -241,8 +271,8 @@ def predict(
             image=image,
             mask=mask,
             strength=strength,
-            scheduler=scheduler.name if scheduler else None,
-            refine=refine.name if refine else None,
+            scheduler=scheduler,
+            refine=refine,
             high_noise_frac=high_noise_frac,
             refine_steps=refine_steps,
         ),

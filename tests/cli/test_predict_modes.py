@@ -105,6 +105,10 @@ def test_a_scheduler_changes_the_image_and_its_names_complete(predict: Cli, tmp_
     karras = predict(*common, "--scheduler", "dpmpp-2m-karras", "-o", "karras.png")
     assert default.code == 0 and karras.code == 0, default.err + karras.err
     assert pixels(tmp_path / "euler.png") != pixels(tmp_path / "karras.png")
+    # As the server and `sdxlctl cost` spell it, in any case: the same sampler.
+    spelled = predict(*common, "--scheduler", "DPMPP_2M_Karras", "-o", "spelled.png")
+    assert spelled.code == 0, spelled.err
+    assert pixels(tmp_path / "spelled.png") == pixels(tmp_path / "karras.png")
 
     import typer
 
