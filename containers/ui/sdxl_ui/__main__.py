@@ -13,7 +13,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from sdxl_ui.app import CSS, build
     from sdxl_ui.backend import from_environment
-    from sdxl_ui.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_BYTES
+    from sdxl_ui.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
+
+    bounded_decoding()
 
     endpoint = os.environ.get("SDXL_ENDPOINT", "http://127.0.0.1:8080")
     try:
@@ -57,8 +59,21 @@ def main() -> int:
         quiet=True,
         ssr_mode=False,
         css=CSS,
+        max_file_size=MAX_UPLOAD_BYTES,  # Gradio's default is no limit
     )
     return 0
+
+
+def bounded_decoding() -> None:
+    """Pillow in this process refuses images over MAX_UPLOAD_PIXELS (its default only warns up to twice 89 million)."""
+    import warnings
+
+    from PIL import Image
+
+    from sdxl_ui.limits import MAX_UPLOAD_PIXELS
+
+    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def _number(var: str, default: int) -> int:

@@ -37,3 +37,9 @@ REFINE_MODES: tuple[tuple[str, str], ...] = (
     ("base_image", "Refine the base image"),
 )
 DEFAULT_HIGH_NOISE_FRAC = 0.8
+
+# What a visitor may upload (the UI may be public on Cloud Run): bytes Gradio accepts, and pixels Pillow decodes
+# in this process. Generous, since uploads are fitted down to the server's 2048 a side: a 48-megapixel phone photo
+# passes; a decompression bomb (a small file whose header claims a giant image) is refused before decoding.
+MAX_UPLOAD_BYTES = 50_000_000
+MAX_UPLOAD_PIXELS = 50_000_000
