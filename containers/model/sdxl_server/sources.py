@@ -192,7 +192,7 @@ def build_random_sdxl(placement: Placement) -> StableDiffusionXLPipeline:
     Random weights cost exactly the arithmetic of the real ones: this is what benchmarks time.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = byte_level_clip_tokenizer()
