@@ -9,6 +9,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sdxlctl.inputs import SECOND_ORDER
+
 
 @cache
 def _latency() -> dict[str, Any]:
@@ -57,7 +59,7 @@ def price_per_1000(row: Latency, usd_per_hour: float) -> float | None:
 
 
 # heun and kdpm2 take a second UNet call each step (second order); dpmpp_sde_karras's SDE solver too.
-TWO_PASS_SAMPLERS = ("heun", "kdpm2", "dpmpp_sde_karras")
+TWO_PASS_SAMPLERS = SECOND_ORDER
 HIGH_NOISE_FRAC = 0.8  # expert_ensemble's default hand-over: the base denoises the first 80%
 BASE_IMAGE_STRENGTH = 0.3  # base_image: the refiner re-noises the finished image this far
 

@@ -20,12 +20,12 @@ LAYERS: dict[str, int] = {
     "sdxlctl.gpus": 1,
     "sdxlctl.config": 2,
     "sdxlctl.state": 2,
+    "sdxlctl.inputs": 2,  # the sampler and refine names, which pricing counts too
     "sdxlctl.steps": 3,
     "sdxlctl.server_env": 3,
     "sdxlctl.pricing": 3,
     "sdxlctl.client": 3,
     "sdxlctl.outputs": 3,
-    "sdxlctl.inputs": 3,
     "sdxlctl.context": 3,
     "sdxlctl.gcp": 4,
     "sdxlctl.local": 5,
