@@ -56,6 +56,6 @@ clean:
 # the model server's pure-Python dependencies, at this project's pins, and pydantic-core built for 3.12.
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl -c constraints.txt \
-		diffusers starlette uvicorn pydantic annotated-types typing-inspection importlib-metadata lazy-importer
+		diffusers peft starlette uvicorn pydantic annotated-types typing-inspection importlib-metadata lazy-importer
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl -c constraints.txt \
 		--python-version 3.12 --platform manylinux2014_x86_64 pydantic-core
