@@ -25,6 +25,13 @@ class InvalidRequest(ServerError):
     status = 400
 
 
+class Forbidden(ServerError):
+    """The request names something this server's operator did not allow (a LoRA source outside
+    SDXL_LORA_SOURCES, or LoRA on a server without it); the message names the setting, never its value."""
+
+    status = 403
+
+
 class RequestTimeout(ServerError):
     """The client did not send its request (headers or body) within the time allowed."""
 
@@ -47,6 +54,13 @@ class ClientClosed(ServerError):
     """The client went away before its answer was ready; nobody receives the status (nginx logs 499)."""
 
     status = 499
+
+
+class FetchFailed(ServerError):
+    """Fetching something the request named failed, and not through the client's fault (storage 5xx or
+    timeouts after a retry, the server's own account denied): the message says what failed and what fixes it."""
+
+    status = 502
 
 
 class NotReady(ServerError):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_server.errors import SettingsError
+from sdxl_server.lora.sources import AllowList, parse_preloaded
 from sdxl_server.optimize import LEVELS
 from sdxl_server.schema import MAX_SIDE, MIN_SIDE, SIDE_STEP
 
@@ -47,6 +48,27 @@ def _refiner(raw: str) -> str:
     # The words are case-insensitive; folders and repo ids are not (they are checked when loading).
     value = raw.strip()
     return value.lower() if value.lower() in {"off", "tiny", "random"} else value
+
+
+def _lora_sources(raw: str) -> str:
+    """SDXL_LORA_SOURCES checked at start (a malformed prefix fails it) and kept as its canonical text:
+    the prefixes comma-joined, each ending in '/'; '' when it names none."""
+    return ",".join(AllowList.parse(raw).prefixes)
+
+
+def _loras(raw: str) -> str:
+    """SDXL_LORAS checked at start (names, sources, duplicates) and kept as given; '' when it names none."""
+    return raw.strip() if parse_preloaded(raw) else ""
+
+
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return value
+
+    return parse
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -104,11 +126,24 @@ class Settings:
     log_prompts: bool = False
     optimize: str = "auto"
     compile_cache: str = ""  # a folder, or gs://bucket/folder restored at start; "" means cache_dir/compile
+    # LoRA (issue 16). lora_sources and loras are the variables' text, validated when read: the service
+    # parses them with lora.sources' AllowList.parse and parse_preloaded (which cannot fail on them then).
+    lora_sources: str = ""  # SDXL_LORA_SOURCES, canonical: "gs://b/loras/,hf://org/"
+    loras: str = ""  # SDXL_LORAS: "name=source,..."
+    lora_max_bytes: int = 1_000_000_000  # one adapter file
+    lora_max_rank: int = 64  # the slot's rank: the sum of a request's adapters' ranks must fit in it
+    lora_cache_bytes: int = 10_000_000_000  # the disk cache under cache_dir/loras
+    lora_memory: int = 8  # adapters kept converted on the device (preloaded ones not counted)
 
     @property
     def model_source(self) -> str:
         """SDXL_MODEL if set, else the Vertex AI artifact copy, else the tiny test model."""
         return self.model or self.storage_uri or "tiny"
+
+    @property
+    def lora_enabled(self) -> bool:
+        """LoRA is on when the operator allowed sources or preloaded adapters; off, a request naming one is a 403."""
+        return bool(self.lora_sources or self.loras)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -156,4 +191,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log_prompts": ("SDXL_LOG_PROMPTS", _parse_bool),
     "optimize": ("SDXL_OPTIMIZE", _choice("auto", *LEVELS)),
     "compile_cache": ("SDXL_COMPILE_CACHE", str),
+    "lora_sources": ("SDXL_LORA_SOURCES", _lora_sources),
+    "loras": ("SDXL_LORAS", _loras),
+    "lora_max_bytes": ("SDXL_LORA_MAX_BYTES", _positive(int)),
+    "lora_max_rank": ("SDXL_LORA_MAX_RANK", _between(1, 1024)),
+    "lora_cache_bytes": ("SDXL_LORA_CACHE_BYTES", _positive(int)),
+    "lora_memory": ("SDXL_LORA_MEMORY", _positive(int)),
 }
