@@ -81,7 +81,12 @@ def parse_source(text: str, *, weight_name: str | None = None, allow_files: bool
             return _file(text, weight_name)
         if text.startswith(("/", "~", ".")) or ":" in text:
             raise SourceError(f"{_short(text)!r}: local paths and other schemes are not fetched; give {EXAMPLES}")
-        if text.split("/")[1:2] and text.split("/")[1].endswith(SUFFIX):
+        if "/" not in text:
+            raise SourceError(
+                f"{_short(text)!r} is not a source: give {EXAMPLES} "
+                '(an adapter the server preloads is named with {"name": ...} in parameters.lora)'
+            )
+        if text.split("/")[1].endswith(SUFFIX):
             raise SourceError(
                 f"{_short(text)!r}: ORG/REPO names a Hub repo; a file in one is hf://ORG/REPO/FILE{SUFFIX}"
             )
@@ -100,7 +105,7 @@ def _check_text(text: str, part: str) -> None:
         raise SourceError(f"too long: {len(text)} characters; at most {MAX_SOURCE_CHARS}", part=part)
     shown = _short(text)
     if any(ord(char) < 32 or ord(char) == 127 for char in text):
-        raise SourceError(f"{shown}: control characters (NUL, newline...) are refused", part=part)
+        raise SourceError(f"{_short(ascii(text))}: control characters (NUL, newline...) are refused", part=part)
     if any(char.isspace() for char in text):
         raise SourceError(f"{shown}: whitespace is refused; rename the file without spaces", part=part)
     if "\\" in text:
