@@ -11,6 +11,15 @@ from sdxlctl.errors import PredictError
 CONNECT_TIMEOUT_S = 5.0
 MAX_RETRIES = 3
 MAX_RETRY_WAIT_S = 15.0
+HEALTH_TIMEOUT_S = 5.0
+
+
+class Refused(PredictError):
+    """The server's JSON error: its status, the field it names (e.g. parameters.lora[1]) and its own message."""
+
+    def __init__(self, message: str, *, status: int, field: str | None, server_message: str, hint: str | None) -> None:
+        super().__init__(message, hint=hint)
+        self.status, self.field, self.server_message = status, field, server_message
 
 
 def predict(
@@ -78,11 +87,27 @@ def _answer(response: Any) -> dict[str, Any]:
             503: "the model is not ready: `sdxlctl status` shows why",
             504: "use fewer --steps, a smaller size, or raise [model] time_limit_s",
         }
-        raise PredictError(
-            f"the server answered {response.status_code}: {message}", hint=hints.get(response.status_code)
+        field = error.get("field")
+        raise Refused(
+            f"the server answered {response.status_code}: {message}",
+            status=response.status_code,
+            field=field if isinstance(field, str) else None,
+            server_message=message,
+            hint=hints.get(response.status_code),
         )
     text = " ".join(response.text[:200].split())  # one line, whatever a proxy's error page looks like
     raise PredictError(f"unexpected answer {response.status_code} from {response.url}: {text or '(empty)'}")
+
+
+def health(url: str) -> dict[str, Any]:
+    """The JSON body of the server's health route, whatever its status; {} when nothing usable answers."""
+    import httpx
+
+    try:
+        body = httpx.get(url, timeout=HEALTH_TIMEOUT_S).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def checked(data: Any, source: str) -> dict[str, Any]:

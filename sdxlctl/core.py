@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from sdxlctl import inputs, local, outputs, pricing, steps, vertex
+from sdxlctl import inputs, local, lora_ops, loras, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.pricing import Comparison, Estimate
@@ -24,6 +24,7 @@ from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, Reso
 from sdxlctl.vertex.names import DEDICATED_LIMIT_BYTES, SHARED_LIMIT_BYTES
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+lora_push, lora_status = lora_ops.push, lora_ops.status  # `sdxlctl lora push`; the LoRA part of `status`
 
 __all__ = ["TARGETS", "Comparison", "Estimate", "PredictOptions", "Target"]
 
@@ -170,6 +171,7 @@ class PredictOptions:
     output_format: str | None = None
     quality: int | None = None
     modes: inputs.ModeInputs = field(default_factory=inputs.ModeInputs)  # input image, mask, sampler, refiner
+    adapters: tuple[loras.Flag, ...] = ()  # --lora, checked
 
     @property
     def format(self) -> str:
@@ -203,6 +205,7 @@ class PredictOptions:
             "quality": self.quality,
         }
         parameters.update({k: v for k, v in optional.items() if v is not None} | self.modes.parameters())
+        parameters.update(loras.parameters(self.adapters))
         return {"instances": [instance], "parameters": parameters}
 
 
@@ -214,8 +217,8 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
     started = time.monotonic()
     try:
         answer, url = target(config.target).predict(config, store, sent.body, timeout_s=config.model.time_limit_s + 10)
-    except PredictError as exc:
-        raise inputs.explained(exc) from None
+    except SdxlctlError as exc:  # a refused --lora is named as its flag (from Vertex AI too, as a CloudError)
+        raise loras.explained(inputs.explained(exc), options.adapters) from None
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted while waiting for the images; nothing was written",

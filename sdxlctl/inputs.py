@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sdxlctl.errors import PredictError, UsageError
+from sdxlctl.errors import PredictError, SdxlctlError, UsageError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -150,8 +150,8 @@ def attach(body: dict[str, Any], inputs: ModeInputs, limit: Limit) -> Sent:
     return sent
 
 
-def explained(error: PredictError) -> PredictError:
-    """The server's refusal of a refiner it does not have, with sdxlctl's way to give it one."""
+def explained(error: SdxlctlError) -> SdxlctlError:
+    """The server's refusal of a refiner it does not have, with sdxlctl's way to give it one (on either target)."""
     if "SDXL_REFINER" in error.message:
         return PredictError(
             error.message, hint='set [model] refiner in sdxlctl.toml (e.g. "tiny" on the tiny model), then deploy'

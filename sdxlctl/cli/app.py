@@ -26,6 +26,7 @@ def run(argv: list[str]) -> int:
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
         init_cmd,  # noqa: F401  (registers `sdxlctl init`)
         logs_cmd,  # noqa: F401  (registers `sdxlctl logs`)
+        lora_cmd,  # noqa: F401  (registers `sdxlctl lora push`)
         styles,  # noqa: F401  (registers `sdxlctl styles`)
     )
 

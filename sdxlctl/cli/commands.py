@@ -237,6 +237,15 @@ def predict(
     refine_steps: Annotated[
         int | None, typer.Option(min=1, max=150, help="base-image: the refiner's steps (default --steps)")
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SOURCE[:SCALE]",
+            help="a LoRA adapter, up to 3 times: a [model] loras name, gs://BUCKET/FILE.safetensors, "
+            "hf://ORG/REPO[/FILE.safetensors] or ORG/REPO (under [model] lora_sources); "
+            "SCALE -4..4, default 1: --lora pixel-art:0.8",
+        ),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Generate images with the deployment: sdxlctl predict "a red fox in snow" -o fox.png
@@ -247,7 +256,9 @@ def predict(
     from sdxlctl.cli import render
     from sdxlctl.errors import UsageError
     from sdxlctl.inputs import ModeInputs
+    from sdxlctl.loras import parse_flags
 
+    adapters = parse_flags(lora or [])  # before anything is read or sent
     config, store = _context()
     if num_images > config.model.max_images:  # the server's own limit, so refused here before any request
         raise UsageError(
@@ -276,6 +287,7 @@ def predict(
             high_noise_frac=high_noise_frac,
             refine_steps=refine_steps,
         ),
+        adapters=adapters,
     )
     with progress("generating"):
         result = core.predict(config, store, request)
@@ -377,4 +389,5 @@ def status(as_json: Json = False) -> None:
     from sdxlctl.cli import render
 
     config, store = _context()
-    render.status(config, core.status(config, store), as_json=as_json)
+    rows = core.status(config, store)
+    render.status(config, rows, as_json=as_json, lora=core.lora_status(config, rows))

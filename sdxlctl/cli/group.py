@@ -14,7 +14,7 @@ ANYWHERE = {"--config": True, "-c": True, "--debug": False}
 # `sdxlctl -h` lists the commands in the order a deployment lives, as `sdxlctl init` to `teardown` would run;
 # a command not named here comes last.
 LIFECYCLE = [
-    "init", "check", "build", "upload", "deploy", "predict", "ui-deploy",
+    "init", "check", "build", "upload", "deploy", "predict", "lora", "ui-deploy",
     "status", "logs", "cost", "teardown", "config", "styles",
 ]  # fmt: skip
 
@@ -49,6 +49,12 @@ class Group(typer.core.TyperGroup):
         if start is None:
             return args
         command = self.get_command(ctx, args[start])
+        end = start + 1
+        if isinstance(command, Group):  # `sdxlctl lora push FILE --debug`: the options of push are its own
+            inner = command._subcommand_at(ctx, args[end:])
+            if inner is None:
+                return args
+            command, end = command.get_command(ctx, args[end + inner]), end + inner + 1
         if command is None or isinstance(command, typer.core.TyperGroup):
             return args
         own_valued, own = set(), set()
@@ -59,7 +65,7 @@ class Group(typer.core.TyperGroup):
                 own_valued.update(names)
         moved: list[str] = []
         rest: list[str] = []
-        tail = args[start + 1 :]
+        tail = args[end:]
         at = 0
         while at < len(tail):
             token = tail[at]
@@ -75,7 +81,7 @@ class Group(typer.core.TyperGroup):
                 taken = 2 if name in own_valued and valued else 1
                 rest += tail[at : at + taken]
             at += taken
-        return [*args[:start], *moved, args[start], *rest]
+        return [*args[:start], *moved, *args[start:end], *rest]
 
     def _subcommand_at(self, ctx: Any, args: list[str]) -> int | None:
         """Where the subcommand's name is in `args`, past the group's own options and their values."""

@@ -130,10 +130,16 @@ def predicted(result: PredictResult, *, as_json: bool) -> None:
     )
 
 
-def status(config: Config, rows: list[ResourceStatus], *, as_json: bool) -> None:
-    if as_json:
-        _json({"deployment": config.name, "target": config.target, "resources": [asdict(row) for row in rows]})
+def status(config: Config, rows: list[ResourceStatus], *, as_json: bool, lora: dict[str, Any] | None = None) -> None:
+    if as_json:  # "lora" only when LoRA is on: the output is otherwise as it was
+        data = {"deployment": config.name, "target": config.target, "resources": [asdict(row) for row in rows]}
+        _json(data | ({"lora": lora} if lora else {}))
         return
+    if lora:  # under the table, or under "nothing deployed": what the config allows holds either way
+        from sdxlctl.cli.lora_cmd import show_status
+
+        status(config, rows, as_json=False)
+        return show_status(lora)
     if not rows:
         err.print(f"nothing deployed for {config.name!r} (target {config.target}); `sdxlctl deploy` starts it")
         return

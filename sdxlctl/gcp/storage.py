@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sdxlctl.gcp.errors import translated
@@ -43,6 +45,30 @@ class Storage:
         with translated(f"upload gs://{self.bucket_name}/{name}", api="storage", project=self.cloud.project):
             self.client.bucket(self.bucket_name).blob(name).upload_from_string(data, content_type=content_type)
         return f"gs://{self.bucket_name}/{name}"
+
+    def upload_new(self, name: str, path: Path, *, sent: Callable[[int], None] = lambda _: None) -> bool:
+        """`path` as object `name` unless one of that name exists (ifGenerationMatch=0, so two pushes at once
+        cannot both write); False when it was there. `sent(bytes so far)` as the upload goes."""
+        from google.api_core.exceptions import PreconditionFailed
+
+        where = f"upload gs://{self.bucket_name}/{name}"
+        with translated(where, api="storage", project=self.cloud.project):
+            blob = self.client.bucket(self.bucket_name).blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
+            if blob.exists():  # a metadata read: a large file is not sent again only to be refused
+                return False
+            size = path.stat().st_size
+            try:
+                with path.open("rb") as file:
+                    blob.upload_from_file(
+                        _Counting(file, sent),
+                        size=size,
+                        content_type="application/octet-stream",
+                        if_generation_match=0,
+                        checksum="crc32c",  # GCS verifies the bytes it stored
+                    )
+            except PreconditionFailed:
+                return False
+        return True
 
     def read_from(self, name: str, offset: int) -> bytes:
         """Bytes of `name` from `offset` on; b"" when it does not exist yet or has nothing new."""
@@ -115,6 +141,29 @@ class Storage:
             for blob in blobs:
                 blob.delete()
         return len(blobs)
+
+
+UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024  # resumable chunks (a multiple of 256 KiB): progress, and a retry resends one
+
+
+class _Counting:
+    """A file whose reads are counted and told (the library reads it chunk by chunk)."""
+
+    def __init__(self, file: Any, sent: Callable[[int], None]) -> None:
+        self.file, self.sent, self.done = file, sent, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.file.read(size)
+        self.done += len(data)
+        self.sent(self.done)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # the library rewinds to resend a failed chunk
+        self.done = self.file.seek(offset, whence)
+        return self.done
+
+    def __getattr__(self, name: str) -> Any:  # tell, and whatever else the library asks of a file
+        return getattr(self.file, name)
 
 
 def prefix_condition(bucket: str, prefix: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "sdxlctl.config": 2,
     "sdxlctl.state": 2,
     "sdxlctl.inputs": 2,  # the sampler and refine names, which pricing counts too
+    "sdxlctl.loras": 2,  # --lora flags, the server's LoRA refusals, the checks before `lora push`: plain data
     "sdxlctl.steps": 3,
     "sdxlctl.server_env": 3,
     "sdxlctl.pricing": 3,
@@ -30,6 +31,7 @@ LAYERS: dict[str, int] = {
     "sdxlctl.gcp": 4,
     "sdxlctl.local": 5,
     "sdxlctl.vertex": 5,
+    "sdxlctl.lora_ops": 5,  # lora push's upload (gcp) and the local server's cached adapters (client)
     "sdxlctl.core": 6,
     "sdxlctl.cli": 7,
     "sdxlctl.__main__": 8,
@@ -37,7 +39,7 @@ LAYERS: dict[str, int] = {
 # What the command line may use: the door, the config, the errors, the state, the result types it renders,
 # and the GPU table its --gpu choices come from. Never a target, never gcp/.
 CLI_MAY_IMPORT = {"sdxlctl", "sdxlctl.core", "sdxlctl.config", "sdxlctl.errors", "sdxlctl.state", "sdxlctl.steps"}
-CLI_MAY_IMPORT |= {"sdxlctl.gpus", "sdxlctl.cli", "sdxlctl.inputs"}
+CLI_MAY_IMPORT |= {"sdxlctl.gpus", "sdxlctl.cli", "sdxlctl.inputs", "sdxlctl.loras"}
 MAX_LINES = 400
 
 
