@@ -14,9 +14,12 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from PIL.Image import Image
 
+    from sdxl_server.lora.adapters import Adapter
+    from sdxl_server.lora.slots import Slots
     from sdxl_server.optimize import CompileCache
 
 StopCheck = Callable[[], bool]
+Adapters = tuple[tuple["Adapter", float], ...]  # a request's LoRA adapters and their scales
 
 
 class Generator:
@@ -30,8 +33,10 @@ class Generator:
         compile_cache: CompileCache | None = None,
         refiner: StableDiffusionXLImg2ImgPipeline | None = None,
         refiner_source: str = "",
+        slots: Slots | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.slots = slots  # the LoRA slot on the base's modules (None: LoRA off)
         self.refiner = refiner
         self.refiner_source = refiner_source
         self.optimize_level = optimize_level
@@ -59,8 +64,15 @@ class Generator:
         side = int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
         return side, side
 
-    def generate(self, request: Request, should_stop: StopCheck = lambda: False) -> list[list[Image]]:
-        """Images for each job of the request, in order; raises TimeLimitExceeded when told to stop."""
+    def generate(
+        self, request: Request, should_stop: StopCheck = lambda: False, adapters: Adapters = ()
+    ) -> list[list[Image]]:
+        """Images for each job of the request, in order, with `adapters` in the LoRA slot (none: the base's
+        images); raises TimeLimitExceeded when told to stop."""
+        if self.slots is not None:
+            self.slots.use(adapters)  # also with none: the slot may hold the last request's
+        elif adapters:
+            raise ValueError("LoRA adapters need the slot: set SDXL_LORA_SOURCES or SDXL_LORAS")
         size = (request.width, request.height)
         if self.fast_sizes is not None and size not in self.fast_sizes and size not in self._told:
             self._told.add(size)
@@ -75,6 +87,9 @@ class Generator:
     def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
         """Run two steps of every mode (and the refiner) at each size: the first real request pays no
         first-call costs.
+
+        The LoRA slot, when there is one, runs with them (zero): compiled code and graphs include it, and a
+        swap changes only the values they read.
 
         On a compiled level these are the sizes that get compiled code and CUDA graphs: afterwards
         nothing more is compiled (`optimize.freeze`), and other sizes run uncompiled. The modes call the
