@@ -119,20 +119,9 @@ def upload_file(path: Path, uri: str) -> None:
 
 def _target(destination: Path, name: str, uri: str) -> Path:
     """Where object `name` goes under destination, or ModelLoadError if it would land anywhere else."""
-    parts = name.split("/")
-    reason = None
-    if "\\" in name:
-        reason = "it contains a backslash, a path separator on Windows and in some tools"
-    elif "\x00" in name:
-        reason = "it contains a NUL byte"
-    elif name.startswith("/"):
-        reason = "it is an absolute path"
-    elif ".." in parts:
-        reason = "it has a '..' segment"
-    elif "." in parts or "" in parts:
-        reason = "it has an empty or '.' segment, so two objects could map to one file"
+    reason = name_problem(name)
     if reason is None:
-        target = destination.joinpath(*parts)
+        target = destination.joinpath(*name.split("/"))
         # a symlink planted in the cache folder would redirect an innocent name
         if not target.resolve().is_relative_to(destination.resolve()):
             reason = f"it resolves to {target.resolve()}"
@@ -142,6 +131,22 @@ def _target(destination: Path, name: str, uri: str) -> Path:
         f"refusing {uri}: its file would be written outside the cache folder {destination} ({reason}); "
         "rename or delete that object"
     )
+
+
+def name_problem(name: str) -> str | None:
+    """Why an object name could not safely become a relative file path (None: it can)."""
+    parts = name.split("/")
+    if "\\" in name:
+        return "it contains a backslash, a path separator on Windows and in some tools"
+    if "\x00" in name:
+        return "it contains a NUL byte"
+    if name.startswith("/"):
+        return "it is an absolute path"
+    if ".." in parts:
+        return "it has a '..' segment"
+    if "." in parts or "" in parts:
+        return "it has an empty or '.' segment, so two objects could map to one file"
+    return None
 
 
 class _Manifest:
@@ -386,6 +391,13 @@ def _split(uri: str) -> tuple[str, str]:
     if not bucket_name:
         raise ModelLoadError(f"{uri!r} is not gs://BUCKET/FOLDER")
     return bucket_name, prefix.strip("/")
+
+
+def client() -> Any:
+    """A storage client: the emulator's (STORAGE_EMULATOR_HOST) or the container's service account."""
+    from google.cloud import storage
+
+    return _client(storage)
 
 
 def _client(storage: Any) -> Any:

@@ -1,0 +1,384 @@
+"""The LoRA disk cache: real google-cloud-storage against the GCS emulator (through a counting proxy on loopback),
+a fake Hugging Face Hub on loopback and offline Hub caches, real files; nothing leaves the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sdxl_server.errors import FetchFailed, InvalidRequest
+from sdxl_server.lora.sources import Source, parse_source
+from sdxl_server.lora.store import GRANT, Store, key_of
+from tests.model_server.conftest import Lines
+from tests.servers import gcs_emulator, serve_app
+
+pytestmark = pytest.mark.usefixtures("loopback_only")
+FIELD = "parameters.lora[0].source"
+MB = 1_000_000
+
+
+@dataclass
+class Proxy:
+    """An ASGI app in front of the emulator: counts what the client asks, and can fail or alter downloads."""
+
+    upstream: str
+    media: list[str] = field(default_factory=list)  # object downloads (alt=media), by path
+    metadata: list[str] = field(default_factory=list)  # object metadata GETs
+    fail_media: list[int] = field(default_factory=list)  # statuses for the next downloads, one each
+    fail_metadata: list[int] = field(default_factory=list)
+    append: bytes = b""  # added to every download's body (a body bigger than its metadata says)
+    flip: bool = False  # one bit wrong in every download
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+
+        request = Request(scope, receive)
+        query = request.url.query
+        is_media = "alt=media" in query
+        is_object = request.method == "GET" and "/o/" in request.url.path
+        if is_media:
+            self.media.append(request.url.path)
+        elif is_object:
+            self.metadata.append(request.url.path)
+        failing = self.fail_media if is_media else self.fail_metadata if is_object else []
+        if failing:
+            status = failing.pop(0)
+            message = "sdxl@p.iam.gserviceaccount.com does not have storage.objects.get access" if status == 403 else ""
+            error = {"error": {"code": status, "message": message or "backend error", "errors": []}}
+            await JSONResponse(error, status_code=status)(scope, receive, send)
+            return
+        async with httpx.AsyncClient() as client:
+            answer = await client.request(
+                request.method,
+                f"{self.upstream}{request.url.path}" + (f"?{query}" if query else ""),
+                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
+                content=await request.body(),
+            )
+        body = answer.content
+        if is_media and self.flip and body:
+            body = bytes([body[0] ^ 1]) + body[1:]
+        if is_media:
+            body += self.append
+        skip = ("content-length", "content-encoding", "x-goog-hash", "x-goog-stored-content-length")
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in skip}
+        await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
+
+
+@dataclass
+class Bucket:
+    """gs://loras in the emulator, seen through the real client and the counting proxy."""
+
+    bucket: Any
+    proxy: Proxy
+
+    def put(self, name: str, data: bytes) -> Source:
+        self.bucket.blob(name).upload_from_string(data)
+        return parse_source(f"gs://loras/{name}")
+
+    def generation(self, name: str) -> str:
+        return str(self.bucket.get_blob(name).generation)
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with gcs_emulator() as upstream:
+        proxy = Proxy(upstream)
+        with serve_app(proxy) as served:
+            # the emulator writes its Host into media links: every request, downloads too, goes through the proxy
+            monkeypatch.setenv("STORAGE_EMULATOR_HOST", served.url)
+            client = storage.Client(project="test", credentials=AnonymousCredentials())
+            yield Bucket(client.create_bucket("loras"), proxy)
+
+
+def store(folder: Path, *, max_bytes: int = MB, budget: int = 10 * MB, in_use_s: float = 0.0) -> Store:
+    return Store(folder, max_bytes=max_bytes, budget_bytes=budget, in_use_s=in_use_s)
+
+
+def cached_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} - {"index.json"}
+
+
+# -- gs:// ---------------------------------------------------------------------------------------------------
+
+
+def test_a_gs_object_arrives_verified_under_its_generation_and_the_fetch_is_logged(
+    bucket: Bucket, tmp_path: Path, log_lines: Lines
+) -> None:
+    data = os.urandom(50_000)
+    source = bucket.put("styles/pixel.safetensors", data)
+    fetched = store(tmp_path / "loras").fetch(source, field=FIELD)
+    generation = bucket.generation("styles/pixel.safetensors")
+    assert fetched.path.read_bytes() == data and fetched.path.parent == tmp_path / "loras"
+    assert (fetched.version, fetched.size, fetched.source) == (generation, len(data), source)
+    assert fetched.key == key_of("gs://loras/styles/pixel.safetensors", generation)
+    [line] = [line for line in log_lines.lines if line["message"].startswith("lora fetched")]
+    assert line["message"].startswith(f"lora fetched: {source.uri}, 0.1 MB in ") and "MB/s" in line["message"]
+    assert (line["adapter"], line["bytes"]) == (source.uri, len(data)) and {"seconds", "mb_per_s"} <= set(line)
+    assert cached_files(tmp_path / "loras") == {fetched.path.name}  # no .partial left
+    assert [p.rsplit("/o/", 1)[1] for p in bucket.proxy.media] == ["styles/pixel.safetensors"]
+
+
+def test_a_second_use_reads_metadata_only_even_after_a_restart(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", os.urandom(10_000))
+    first = store(tmp_path).fetch(source, field=FIELD)
+    again = store(tmp_path).fetch(source, field=FIELD)  # a new Store: the server restarted on the same disk
+    assert again == first
+    assert len(bucket.proxy.media) == 1 and len(bucket.proxy.metadata) == 2
+
+
+def test_eight_concurrent_first_uses_download_once(bucket: Bucket, tmp_path: Path) -> None:
+    data = os.urandom(200_000)
+    source = bucket.put("a.safetensors", data)
+    cache = store(tmp_path)
+    start = threading.Barrier(8)
+    results: list[Any] = []
+
+    def use() -> None:
+        start.wait()
+        results.append(cache.fetch(source, field=FIELD))
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len({r.path for r in results}) == 1 and results[0].path.read_bytes() == data
+    assert len(bucket.proxy.media) == 1
+
+
+def test_a_replaced_object_is_fetched_again_at_its_new_generation(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", b"first" * 1000)
+    cache = store(tmp_path)
+    first = cache.fetch(source, field=FIELD)
+    bucket.put("a.safetensors", b"again" * 1000)  # the same size: only the generation tells them apart
+    second = cache.fetch(source, field=FIELD)
+    assert second.version != first.version and second.key != first.key
+    assert second.path.read_bytes() == b"again" * 1000 and len(bucket.proxy.media) == 2
+
+
+def test_a_missing_object_is_a_400_not_found(bucket: Bucket, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        store(tmp_path).fetch(parse_source("gs://loras/nope.safetensors"), field=FIELD)
+    assert refused.value.field == FIELD and refused.value.message == "gs://loras/nope.safetensors not found"
+    assert cached_files(tmp_path) == set() and bucket.proxy.media == []
+
+
+def test_an_object_over_the_limit_is_refused_before_any_byte_moves(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("big.safetensors", os.urandom(5_000))
+    with pytest.raises(InvalidRequest) as refused:
+        store(tmp_path, max_bytes=4_999).fetch(source, field=FIELD)
+    assert "is 5000 bytes, over SDXL_LORA_MAX_BYTES=4999" in refused.value.message
+    assert refused.value.field == FIELD and bucket.proxy.media == [] and cached_files(tmp_path) == set()
+
+
+def test_a_download_that_grows_past_the_limit_is_stopped(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", os.urandom(4_000))  # its metadata says 4000 bytes: under the limit
+    bucket.proxy.append = os.urandom(100_000)
+    with pytest.raises(InvalidRequest, match="grew past the limit while downloading") as refused:
+        store(tmp_path, max_bytes=50_000).fetch(source, field=FIELD)
+    assert refused.value.field == FIELD and cached_files(tmp_path) == set()
+
+
+def test_the_server_account_refused_is_a_502_that_says_what_to_grant_and_is_not_retried(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    source = bucket.put("a.safetensors", b"x" * 100)
+    bucket.proxy.fail_metadata = [403, 403]
+    with pytest.raises(FetchFailed) as failed:
+        store(tmp_path).fetch(source, field=FIELD)
+    assert failed.value.status == 502 and failed.value.field == FIELD
+    assert failed.value.message == f"the server may not read gs://loras/a.safetensors (403): {GRANT}"
+    assert len(bucket.proxy.metadata) == 1 and bucket.proxy.fail_metadata == [403]
+
+
+def test_one_server_error_is_retried_and_two_are_a_502(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", b"x" * 100)
+    bucket.proxy.fail_media = [503]
+    assert store(tmp_path / "once").fetch(source, field=FIELD).path.read_bytes() == b"x" * 100
+    bucket.proxy.fail_media = [503, 500]
+    with pytest.raises(FetchFailed, match=r"could not fetch gs://loras/a\.safetensors: .*\(twice\)"):
+        store(tmp_path / "twice").fetch(source, field=FIELD)
+    assert cached_files(tmp_path / "twice") == set()
+
+
+def test_bytes_that_never_match_the_crc32c_are_a_502_and_leave_nothing(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", os.urandom(1_000))
+    bucket.proxy.flip = True
+    with pytest.raises(FetchFailed, match="do not match its crc32c"):
+        store(tmp_path).fetch(source, field=FIELD)
+    assert len(bucket.proxy.media) == 2 and cached_files(tmp_path) == set()
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("a/../../x.safetensors", "'..' segment"),
+        ("a//x.safetensors", "empty or '.' segment"),
+        ("/x.safetensors", "absolute"),
+    ],
+)
+def test_an_object_name_that_could_escape_is_refused_before_any_request(
+    bucket: Bucket, tmp_path: Path, path: str, why: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=why) as refused:
+        store(tmp_path).fetch(Source("gs", "loras", path), field=FIELD)  # past the parser: the store checks too
+    assert refused.value.field == FIELD and bucket.proxy.metadata == [] and cached_files(tmp_path) == set()
+
+
+# -- the budget ----------------------------------------------------------------------------------------------
+
+
+def test_past_the_budget_the_least_recently_used_file_goes_and_the_order_survives_a_restart(
+    bucket: Bucket, tmp_path: Path, log_lines: Lines
+) -> None:
+    a, b, c, d = (bucket.put(f"{n}.safetensors", os.urandom(1_000)) for n in "abcd")
+    cache = store(tmp_path, budget=2_500)
+    cache.fetch(a, field=FIELD)
+    cache.fetch(b, field=FIELD)
+    cache.fetch(a, field=FIELD)  # a used after b
+    cache.fetch(c, field=FIELD)
+    assert [e["adapter"] for e in cache.entries()] == [c.uri, a.uri]
+    assert [(line["adapter"], line["bytes"]) for line in log_lines.lines if "lora evicted" in line["message"]] == [
+        (b.uri, 1_000)
+    ]
+    restarted = store(tmp_path, budget=2_500)
+    restarted.fetch(d, field=FIELD)  # a was used before c, in the index the first Store saved
+    assert [e["adapter"] for e in restarted.entries()] == [d.uri, c.uri]
+    assert len(cached_files(tmp_path)) == 2
+
+
+def test_pinned_files_and_the_file_returned_are_never_evicted(bucket: Bucket, tmp_path: Path) -> None:
+    a, b, c = (bucket.put(f"{n}.safetensors", os.urandom(1_000)) for n in "abc")
+    big = bucket.put("big.safetensors", os.urandom(3_000))
+    cache = store(tmp_path, budget=2_000)
+    cache.pin(cache.fetch(a, field=FIELD).key)
+    cache.fetch(b, field=FIELD)
+    cache.fetch(c, field=FIELD)  # over budget: b goes, a is pinned
+    assert {e["adapter"] for e in cache.entries()} == {a.uri, c.uri}
+    fetched = cache.fetch(big, field=FIELD)  # bigger than the budget on its own: kept, as it is being returned
+    assert fetched.path.is_file() and {e["adapter"] for e in cache.entries()} == {a.uri, big.uri}
+
+
+def test_files_used_just_now_are_kept_over_the_budget(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = (bucket.put(f"{n}.safetensors", os.urandom(1_000)) for n in "ab")
+    cache = store(tmp_path, budget=1_000, in_use_s=3600)  # a caller may be reading a right now
+    first = cache.fetch(a, field=FIELD)
+    cache.fetch(b, field=FIELD)
+    assert first.path.is_file() and len(cache.entries()) == 2
+
+
+# -- a hostile or damaged cache folder -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "[]",
+        "{",
+        '{"entries": []}',
+        json.dumps(
+            {
+                "entries": {
+                    "../../etc/passwd": {"adapter": "x", "version": "1", "bytes": 1, "mtime_ns": 1, "last_used": 1}
+                }
+            }
+        ),
+        '{"entries": {"KEY": {"adapter": 5}}}',
+        '{"entries": {"KEY": {"adapter": "x", "version": "1", "bytes": -1, "mtime_ns": 1, "last_used": "soon"}}}',
+    ],
+)
+def test_a_garbage_index_is_ignored_and_the_file_fetched_again(bucket: Bucket, tmp_path: Path, garbage: str) -> None:
+    data = os.urandom(1_000)
+    source = bucket.put("a.safetensors", data)
+    key = store(tmp_path).fetch(source, field=FIELD).key
+    (tmp_path / "index.json").write_text(garbage.replace("KEY", key))
+    fetched = store(tmp_path).fetch(source, field=FIELD)
+    assert fetched.path.read_bytes() == data and len(bucket.proxy.media) == 2
+    assert json.loads((tmp_path / "index.json").read_text())["entries"].keys() == {key}
+    assert (tmp_path / "index.json").is_file() and not (tmp_path / "index.json").is_symlink()
+
+
+def test_a_cached_file_edited_on_disk_is_fetched_again(bucket: Bucket, tmp_path: Path) -> None:
+    data = os.urandom(1_000)
+    source = bucket.put("a.safetensors", data)
+    path = store(tmp_path).fetch(source, field=FIELD).path
+    path.write_bytes(bytes(1_000))  # the same size, a new mtime
+    assert store(tmp_path).fetch(source, field=FIELD).path.read_bytes() == data
+    assert len(bucket.proxy.media) == 2
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".partial"])
+def test_a_link_planted_in_the_cache_is_never_followed(bucket: Bucket, tmp_path: Path, suffix: str) -> None:
+    data = os.urandom(1_000)
+    source = bucket.put("a.safetensors", data)
+    folder, victim = tmp_path / "loras", tmp_path / "victim"
+    folder.mkdir()
+    victim.write_bytes(b"precious")
+    key = key_of(source.uri, bucket.generation("a.safetensors"))
+    cache = store(folder)  # planted while the server runs, past the sweep of stray files at start
+    (folder / f"{key}{suffix}").symlink_to(victim)
+    fetched = cache.fetch(source, field=FIELD)
+    assert fetched.path.read_bytes() == data and not fetched.path.is_symlink()
+    assert victim.read_bytes() == b"precious" and cached_files(folder) == {f"{key}.safetensors"}
+
+
+def test_links_planted_before_a_start_are_removed_not_followed(bucket: Bucket, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in (f"{'0' * 32}.partial", f"{'1' * 32}.safetensors", "index.json.partial"):
+        (folder / name).symlink_to(victim)
+    store(folder)
+    assert cached_files(folder) == set() and victim.read_bytes() == b"precious"
+
+
+def test_a_planted_link_named_as_an_indexed_file_is_not_served(bucket: Bucket, tmp_path: Path) -> None:
+    data = os.urandom(1_000)
+    source = bucket.put("a.safetensors", data)
+    fetched = store(tmp_path).fetch(source, field=FIELD)
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    victim.write_bytes(fetched.path.read_bytes())  # even with the same bytes and size
+    fetched.path.unlink()
+    fetched.path.symlink_to(victim)
+    again = store(tmp_path).fetch(source, field=FIELD)
+    assert not again.path.is_symlink() and again.path.read_bytes() == data and len(bucket.proxy.media) == 2
+
+
+# -- operator's files (SDXL_LORAS) ---------------------------------------------------------------------------
+
+
+def test_a_local_file_is_used_where_it_is_versioned_by_mtime_and_size(tmp_path: Path) -> None:
+    path = tmp_path / "pixel.safetensors"
+    path.write_bytes(b"x" * 100)
+    source = parse_source(str(path), allow_files=True)
+    cache = store(tmp_path / "loras")
+    fetched = cache.fetch(source, field="SDXL_LORAS")
+    info = path.stat()
+    assert (fetched.path, fetched.size, fetched.version) == (path, 100, f"{info.st_mtime_ns}-100")
+    assert cached_files(tmp_path / "loras") == set() and cache.entries() == []
+    path.write_bytes(b"y" * 101)
+    assert cache.fetch(source, field="SDXL_LORAS").key != fetched.key
+
+
+def test_a_local_file_missing_or_too_big_is_a_400(tmp_path: Path) -> None:
+    missing = parse_source(str(tmp_path / "gone.safetensors"), allow_files=True)
+    with pytest.raises(InvalidRequest, match="not found"):
+        store(tmp_path).fetch(missing, field="SDXL_LORAS")
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"x" * 101)
+    with pytest.raises(InvalidRequest, match="is 101 bytes, over SDXL_LORA_MAX_BYTES=100"):
+        store(tmp_path, max_bytes=100).fetch(parse_source(str(big), allow_files=True), field="SDXL_LORAS")
