@@ -159,13 +159,21 @@ def test_model_garden_shape_in_full() -> None:
     assert (request.width, request.height, request.steps, request.guidance_scale) == (768, 512, 20, 7.5)
 
 
-@pytest.mark.parametrize(
-    ("payload", "field"),
-    [(body(lora_id="pixel-art"), "parameters.lora_id"), (body({"lora_id": "x"}), "instances[0].lora_id")],
-)
-def test_lora_id_is_refused_as_not_supported_yet(payload: dict[str, Any], field: str) -> None:
-    error = refused(payload)
-    assert error.field == field and "not supported yet" in error.message
+def test_lora_limits_at_them_and_one_past() -> None:
+    source = "gs://bkt/loras/x.safetensors"
+    at_limits = body(lora=[{"source": source, "scale": -4}, {"name": "a", "scale": 4}, {"name": "b", "scale": 0}])
+    assert [ref.scale for ref in parse(at_limits).loras] == [-4.0, 4.0, 0.0]
+    assert refused(body(lora=[{"name": n} for n in "abcd"])).field == "parameters.lora"  # 4 adapters
+    for scale in (-4.001, 4.001):
+        assert refused(body(lora={"name": "a", "scale": scale})).field == "parameters.lora[0].scale"
+    long_source = "gs://bkt/" + "x" * (1024 - len("gs://bkt/") - len(".safetensors")) + ".safetensors"
+    assert parse(body(lora={"source": long_source})).loras[0].source is not None  # 1024 characters
+    assert refused(body(lora={"source": long_source.replace("gs://", "gs://a")})).field == "parameters.lora[0].source"
+
+
+def test_lora_id_in_an_instance_is_refused_pointing_to_parameters() -> None:
+    error = refused(body({"lora_id": "x"}))
+    assert error.field == "instances[0].lora_id" and "parameters.lora_id" in error.message
 
 
 def test_a_body_of_exactly_the_byte_limit_is_read_and_one_byte_more_is_413(tiny_pipeline) -> None:

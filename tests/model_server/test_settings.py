@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_server.errors import SettingsError
+from sdxl_server.lora.sources import parse_preloaded
 from sdxl_server.settings import Settings
 
 
@@ -74,6 +75,19 @@ def test_model_source_prefers_sdxl_model_then_the_vertex_artifact() -> None:
         ("SDXL_HEADER_TIMEOUT", "never"),
         ("SDXL_KEEP_ALIVE", "1.5"),
         ("SDXL_MAX_CONNECTIONS", "1"),
+        ("SDXL_LORA_SOURCES", "http://169.254.169.254/"),
+        ("SDXL_LORA_SOURCES", "gs://bkt/loras/,gs://bkt/../x/"),
+        ("SDXL_LORA_SOURCES", "gs://BKT/loras/"),
+        ("SDXL_LORAS", "pixel=gs://bkt/x.bin"),
+        ("SDXL_LORAS", "pixel=gs://bkt/a.safetensors,PIXEL=gs://bkt/b.safetensors"),
+        ("SDXL_LORAS", "gs://bkt/a.safetensors"),
+        ("SDXL_LORAS", "p=./x.safetensors"),
+        ("SDXL_LORA_MAX_BYTES", "0"),
+        ("SDXL_LORA_MAX_RANK", "0"),
+        ("SDXL_LORA_MAX_RANK", "1025"),
+        ("SDXL_LORA_MAX_RANK", "64.5"),
+        ("SDXL_LORA_CACHE_BYTES", "-1"),
+        ("SDXL_LORA_MEMORY", "0"),
     ],
 )
 def test_a_bad_value_names_the_variable(var: str, value: str) -> None:
@@ -81,3 +95,47 @@ def test_a_bad_value_names_the_variable(var: str, value: str) -> None:
         Settings.from_env({var: value})
     assert raised.value.field == var
     assert var in raised.value.message and repr(value) in raised.value.message
+
+
+def test_lora_is_off_by_default_with_the_contracts_defaults() -> None:
+    settings = Settings.from_env({})
+    assert not settings.lora_enabled and (settings.lora_sources, settings.loras) == ("", "")
+    assert (settings.lora_max_bytes, settings.lora_max_rank) == (1_000_000_000, 64)
+    assert (settings.lora_cache_bytes, settings.lora_memory) == (10_000_000_000, 8)
+    assert not Settings.from_env({"SDXL_LORA_SOURCES": " , ", "SDXL_LORAS": ","}).lora_enabled  # names nothing
+
+
+def test_lora_settings_are_read_and_the_sources_kept_canonical() -> None:
+    settings = Settings.from_env(
+        {
+            "SDXL_LORA_SOURCES": " gs://bkt/loras , hf://org",
+            "SDXL_LORA_MAX_BYTES": "5000",
+            "SDXL_LORA_MAX_RANK": "1024",
+            "SDXL_LORA_CACHE_BYTES": "9000",
+            "SDXL_LORA_MEMORY": "2",
+        }
+    )
+    assert settings.lora_enabled and settings.lora_sources == "gs://bkt/loras/,hf://org/"
+    assert (settings.lora_max_bytes, settings.lora_max_rank, settings.lora_cache_bytes, settings.lora_memory) == (
+        5000,
+        1024,
+        9000,
+        2,
+    )
+    preloaded = Settings.from_env({"SDXL_LORAS": "Pixel=gs://bkt/p.safetensors,local=/srv/l/"})
+    assert preloaded.lora_enabled and preloaded.lora_sources == ""
+    assert parse_preloaded(preloaded.loras)["pixel"].uri == "gs://bkt/p.safetensors"  # what the service reads
+
+
+def test_a_bad_lora_setting_stops_the_server_at_start_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SDXL_LORA_SOURCES": "gs://bkt/loras/,https://evil.example/", "SDXL_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdxl_server"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "SDXL_LORA_SOURCES" in done.stderr and "https://evil.example/" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -86,6 +86,8 @@ def parse_source(text: str, *, weight_name: str | None = None, allow_files: bool
                 f"{_short(text)!r} is not a source: give {EXAMPLES} "
                 '(an adapter the server preloads is named with {"name": ...} in parameters.lora)'
             )
+        if allow_files and text.endswith(SUFFIX):
+            raise SourceError(f"{_short(text)!r}: a local file needs an absolute path (/...)")
         if text.split("/")[1].endswith(SUFFIX):
             raise SourceError(
                 f"{_short(text)!r}: ORG/REPO names a Hub repo; a file in one is hf://ORG/REPO/FILE{SUFFIX}"
@@ -152,7 +154,7 @@ def _file(text: str, weight_name: str | None) -> Source:
     path = text.removesuffix("/")
     if any(part in {"", ".", ".."} for part in path.split("/")[1:]) or not path:
         raise SourceError(f"{_short(text)}: an absolute path without '.', '..' or empty ('//') parts")
-    if not text.endswith("/") and path.endswith(SUFFIX):
+    if not text.endswith("/") and path.lower().endswith((SUFFIX, *PICKLE_SUFFIXES)):
         if weight_name is not None:
             raise _named_file(text)
         return Source("file", "/" + _file_path(path[1:], text))
