@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from sdxlctl.errors import ConfigError
 from sdxlctl.gpus import GPUS
+from sdxlctl.model_config import Model, Section, check_model
+
+__all__ = ["Model", "Section"]  # [model] lives in model_config.py; `from sdxlctl.config import Model` still works
 
 CONFIG_NAME = "sdxlctl.toml"
 ENV_PREFIX = "SDXLCTL_"
 GPU_KEYS = tuple(GPUS)  # the choices of [deploy] gpu and of --gpu, from the one GPU table
-
-
-class Section(BaseModel):
-    """Unknown keys are refused: a typo must not silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class Gcp(Section):
@@ -39,71 +35,6 @@ class Gcp(Section):
     retry_s: float = Field(
         120.0, gt=0, le=3600, description="how long a call is retried through 429/5xx and dropped connections"
     )
-
-
-class Model(Section):
-    """What the model server loads and how it serves."""
-
-    source: str = Field("tiny", description="tiny | random-sdxl | local folder | Hub repo id | gs:// folder")
-    vae: str = Field("auto", description="auto | model | a VAE source")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    queue_size: int = Field(4, ge=0, le=1000)
-    time_limit_s: float = Field(55.0, gt=0, le=3600)
-    max_images: int = Field(4, ge=1, le=16)
-    optimize: Literal["auto", "none", "eager", "compile", "max"] = Field(
-        "auto", description="the fast path: auto (compile on a GPU, none on a CPU), none, eager, compile, max"
-    )
-    warmup: list[str] = Field(
-        default_factory=list,
-        description="sizes warmed up (and compiled) before the server reports ready, as WIDTHxHEIGHT; "
-        "empty: the model's native size",
-    )
-    bake: bool = Field(
-        False,
-        description="fetch the weights of `source` (a Hub repo id or a gs:// folder) into the server image at build "
-        "time, so that a replica starts without downloading them",
-    )
-    compile_cache: str = Field(
-        "auto",
-        description="where compiled code is kept: auto, none, a gs:// folder, or a folder the server can reach",
-    )
-    refiner: str = Field("off", description="off | tiny | random | Hub repo id | folder | gs:// folder")
-
-    @field_validator("warmup", mode="before")
-    @classmethod
-    def _sizes(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from the environment: "1024x1024,768x1344"
-            value = [part for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            return value
-        for size in value:
-            width, _, height = str(size).strip().lower().partition("x")
-            sides = [int(side) if side.isdigit() else 0 for side in (width, height)]
-            if not all(64 <= side <= 2048 and side % 8 == 0 for side in sides):
-                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with sides multiples of 8 from 64 to 2048")
-        return [str(size).strip().lower() for size in value]
-
-    @field_validator("refiner")
-    @classmethod
-    def _refiner(cls, value: str) -> str:
-        value = value.strip()
-        if value.lower() in ("off", "tiny", "random"):
-            return value.lower()
-        if value in ("gs://", "", "random-sdxl") or value.startswith("gs:///"):
-            raise ValueError(
-                "expected off, tiny, random (random-sdxl is the base's), a Hub repo id, a folder, or gs://bucket/folder"
-            )
-        return value.rstrip("/") if value.startswith("gs://") else value  # a Hub id or a folder: as `source`
-
-    @field_validator("compile_cache")
-    @classmethod
-    def _cache(cls, value: str) -> str:
-        value = value.strip()
-        if value in {"auto", "none"} or value.startswith("/"):
-            return value
-        if value.startswith("gs://") and len(value) > len("gs://") and not value.startswith("gs:///"):
-            return value.rstrip("/")
-        raise ValueError("expected auto, none, a gs://bucket/folder, or an absolute folder path")
 
 
 class Deploy(Section):
@@ -203,10 +134,9 @@ def _load(
             f"({config.deploy.max_replicas})",
             hint="raise max_replicas or lower min_replicas",
         )
-    if config.model.bake:
-        _check_bake(config.model, source, from_env)
-    _check_refiner(config.model, source, from_env)
-    return config, from_file, from_env
+    # The one check besides dispatch that reads the target: a file on this machine reaches only a local server.
+    model = check_model(config.model, source, from_env, local=config.target == "local", home=config.path)
+    return config.model_copy(update={"model": model}), from_file, from_env
 
 
 @dataclass(frozen=True)
@@ -291,40 +221,6 @@ def require_project(config: Config, environ: Mapping[str, str] | None = None) ->
     raise ConfigError(
         "target vertex needs a Google Cloud project: [gcp] project (or SDXLCTL_GCP_PROJECT) is not set", hint=hint
     )
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as the server tells a Hub id (owner/name) from a path
-
-
-def _check_bake(model: Model, source: str, from_env: dict[tuple[str, ...], str]) -> None:
-    """A build can fetch from the Hub or gs://; not from this machine's folders, and tiny/random have no files."""
-    if model.source.startswith("gs://") or (_REPO_ID.match(model.source) and not Path(model.source).exists()):
-        return
-    where = f"{from_env[('model', 'bake')]} (environment)" if ("model", "bake") in from_env else source
-    if model.source in ("tiny", "random-sdxl"):
-        why = f"{model.source!r} is built in code: there are no weights to bake"
-        hint = "set [model] source to a Hub repo id or a gs:// folder, or bake = false"
-    else:
-        why = f"{model.source!r} is a folder on this machine, which Cloud Build cannot read"
-        hint = f"copy it to a bucket (gcloud storage cp -r {model.source} gs://BUCKET/sdxl) and set source to that"
-    raise ConfigError(
-        f"{where}: [model] bake = true needs [model] source to be a Hub repo id or a gs:// folder; {why}", hint=hint
-    )
-
-
-def _check_refiner(model: Model, source: str, from_env: dict[tuple[str, ...], str]) -> None:
-    """The refiner shares the base's VAE and text encoder 2: sizes must match (a folder's: the server tells)."""
-    full_size = model.refiner == "random" or (_REPO_ID.match(model.refiner) and not Path(model.refiner).exists())
-    if (model.refiner == "tiny") == (model.source == "tiny") or not (model.refiner == "tiny" or full_size):
-        return
-    where = f"{from_env[('model', 'refiner')]} (environment)" if ("model", "refiner") in from_env else source
-    why, hint = (
-        ("the tiny refiner is made for the tiny base", "set [model] refiner to a Hub repo id, or random")
-        if model.refiner == "tiny"
-        else ("a full-size refiner cannot share the tiny base's VAE and text encoder", 'set refiner = "tiny"')
-    )
-    message = f"{where}: [model] refiner = {model.refiner!r} does not fit source = {model.source!r}: {why}"
-    raise ConfigError(message, hint=hint)
 
 
 def _is_section(annotation: object) -> bool:

@@ -51,10 +51,13 @@ def upload(config: Config, store: StateStore, *, dry_run: bool, progress: Progre
 def deploy(config: Config, store: StateStore, *, dry_run: bool, progress: Progress = quiet) -> DeployResult | Notice:
     """Make the model server run as the config says: start, restart on a changed config, or do nothing."""
     if dry_run:
-        refiner = f" and refiner {config.model.refiner!r}" if config.model.refiner != "off" else ""
+        model = config.model
+        refiner = f" and refiner {model.refiner!r}" if model.refiner != "off" else ""
+        loras = f"; LoRA adapters from {', '.join(model.lora_sources)}" if model.lora_sources else ""
+        loras += f"; LoRA adapters loaded at start: {', '.join(model.loras)}" if model.loras else ""
         return Notice(
-            f"would start `python -m sdxl_server` with model {config.model.source!r}{refiner} "
-            f"on {config.local.host}:{config.local.server_port}"
+            f"would start `python -m sdxl_server` with model {model.source!r}{refiner} "
+            f"on {config.local.host}:{config.local.server_port}{loras}"
         )
     return _ensure_process(config, store, processes.server_spec(config), progress, what="model server")
 
