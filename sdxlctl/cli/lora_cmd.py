@@ -47,15 +47,12 @@ def push(
         typer.confirm(f"Upload {file.name} ({size / 1e6:.1f} MB) under {prefix}?", abort=True, err=True)
     with _bar(file) as sent:
         pushed = core.lora_push(config, file, sent=sent)
-    if as_json:
-        out.print_json(
-            json.dumps(
-                {"source": pushed.source, "uploaded": pushed.uploaded, "bytes": pushed.size, "sha256": pushed.sha256}
-            )
-        )
-        return
-    what = "uploaded" if pushed.uploaded else "already there (same content), nothing uploaded"
+    what = "uploaded" if pushed.uploaded else "already there (the same content), nothing uploaded"
     err.print(f"{escape(file.name)}: {what}", highlight=False)
+    if as_json:  # messages stay on stderr: stdout is the JSON alone
+        result = {"source": pushed.source, "uploaded": pushed.uploaded, "bytes": pushed.size, "sha256": pushed.sha256}
+        out.print_json(json.dumps(result))
+        return
     out.print(escape(pushed.source))
     err.print(f'use it: sdxlctl predict "a prompt" --lora {escape(pushed.source)}:1.0', highlight=False)
 
