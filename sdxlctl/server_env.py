@@ -43,6 +43,19 @@ def server_env(
         env["SDXL_MODEL"], env["SDXL_VAE"] = baked_folder, "model"
     if cache := compile_cache(model, auto_cache):
         env["SDXL_COMPILE_CACHE"] = cache
+    return env | lora_env(model)
+
+
+def lora_env(model: Model) -> dict[str, str]:
+    """SDXL_LORA_*: absent when LoRA is off, so a deployment without it keeps the container spec it had."""
+    env = {}
+    if model.lora_sources:
+        env["SDXL_LORA_SOURCES"] = ",".join(model.lora_sources)
+    if model.loras:
+        env["SDXL_LORAS"] = ",".join(f"{name}={source}" for name, source in model.loras.items())
+    default_rank = Model.model_fields["lora_max_rank"].default
+    if env and model.lora_max_rank != default_rank:  # the rank only matters to a server with LoRA on
+        env["SDXL_LORA_MAX_RANK"] = str(model.lora_max_rank)
     return env
 
 

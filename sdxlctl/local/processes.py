@@ -62,6 +62,8 @@ def ui_spec(config: Config, server_url: str) -> ProcessSpec:
         "SDXL_UI_REFINER": "0" if config.model.refiner == "off" else "1",  # while the server's health cannot say
         "HF_HUB_OFFLINE": "1",
     }
+    if config.model.loras:  # the adapter menu before the server's health lists them (and where it cannot)
+        env["SDXL_UI_LORAS"] = ",".join(config.model.loras)
     return ProcessSpec("local-ui", "sdxl_ui", config.local.ui_port, env, health_route="/")
 
 

@@ -83,6 +83,8 @@ def _ui_env(endpoint: Resource, config: Config) -> dict[str, str]:
     dedicated = bool(endpoint.details.get("dedicated"))
     env["SDXL_UI_MAX_REQUEST_BYTES"] = str(DEDICATED_LIMIT_BYTES if dedicated else SHARED_LIMIT_BYTES)
     env["SDXL_UI_REFINER"] = "0" if config.model.refiner == "off" else "1"
+    if config.model.loras:  # the page cannot read the server's health through the endpoint: told the names
+        env["SDXL_UI_LORAS"] = ",".join(config.model.loras)
     if endpoint.details.get("dedicated") and endpoint.details.get("dns"):
         env["SDXL_VERTEX_API_ENDPOINT"] = f"https://{endpoint.details['dns']}"  # dedicated: its own host only
     return env
