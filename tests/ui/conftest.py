@@ -112,9 +112,9 @@ def flaky_server(*refusals: tuple[int, str | None]) -> Iterator[tuple[str, list[
 
 
 @contextlib.contextmanager
-def recording_proxy(target: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A pass-through in front of the real model server at `target` (predict and health), keeping each
-    predict body the page sent; yields its URL and the bodies, in order."""
+def recording_proxy(target: str, *, health: bool = True) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A pass-through in front of the real model server at `target` (predict and, unless `health` is False as
+    behind Vertex AI, health), keeping each predict body the page sent; yields its URL and the bodies, in order."""
     import json
 
     from starlette.applications import Starlette
@@ -138,6 +138,7 @@ def recording_proxy(target: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
             )
         return Response(answer.content, answer.status_code, media_type="application/json")
 
-    routes = [Route("/predict", forward, methods=["POST"]), Route("/health", forward, methods=["GET"])]
+    routes = [Route("/predict", forward, methods=["POST"])]
+    routes += [Route("/health", forward, methods=["GET"])] if health else []
     with serve_app(Starlette(routes=routes)) as server:
         yield server.url, bodies

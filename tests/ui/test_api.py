@@ -48,6 +48,7 @@ def test_gradio_client_calls_generate(plain_server: Server, tmp_path: Path) -> N
         "Images": 3,
         "Strength": 1.0,  # image to image's and inpainting's: the server takes 0 < strength <= 1
         "High noise fraction": 0.95,
+        "LoRA scale": 2.0,  # the server takes -4..4; the page offers -2..2
     }
     assert len(gallery) == 2
     assert all(Path(item["image"]).is_file() for item in gallery)

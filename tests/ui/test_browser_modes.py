@@ -161,6 +161,7 @@ def test_the_refiner_controls_are_hidden_without_a_refiner(
         page.get_by_text("High noise fraction").count() == 0 or not page.get_by_text("High noise fraction").is_visible()
     )
     assert not page.locator("#refiner").is_visible()
+    assert not page.locator("#lora").is_visible()  # and no adapter menu: the server preloads none
     page.close()
 
 

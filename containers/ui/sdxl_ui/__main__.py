@@ -41,6 +41,7 @@ def main() -> int:
     except ValueError as exc:
         print(f"sdxl_ui: {exc}", file=sys.stderr)
         return 2
+    lora_names = _lora_names(os.environ.get("SDXL_UI_LORAS", ""))
     page = build(
         backend,
         queue_size=numbers["queue"],
@@ -50,6 +51,7 @@ def main() -> int:
         max_images=numbers["max_images"],
         max_request_bytes=numbers["max_request_bytes"],
         refiner=refiner,
+        lora_names=lora_names,
     )
     page.launch(
         server_name=os.environ.get("SDXL_UI_HOST", "0.0.0.0"),
@@ -82,6 +84,18 @@ def _number(var: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{var}={raw!r} is invalid: expected a whole number of at least 1")
     return int(raw)
+
+
+def _lora_names(raw: str) -> list[str]:
+    """SDXL_UI_LORAS: the server's preloaded adapter names, for where the page cannot ask its health. An entry
+    that is no name is left out of the menu with one line (the page still serves: the menu is an extra)."""
+    from sdxl_ui.loras import NAME_RULE, parse_names
+
+    names, bad = parse_names(raw)
+    if bad:
+        ignored = ", ".join(repr(entry) for entry in bad)
+        print(f"sdxl_ui: SDXL_UI_LORAS: ignored {ignored}: a name is {NAME_RULE} (and not 'none')", file=sys.stderr)
+    return names
 
 
 def _flag(var: str) -> bool:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sdxl_ui import limits
+from sdxl_ui import limits, loras
 from sdxl_ui.backend import Backend, BackendError, Busy
 from sdxl_ui.images import ImageProblem
 from sdxl_ui.request import Choices, build_body
@@ -84,10 +84,9 @@ def generate(
     yield images, info, float(seeds[0]) if seeds else seed
 
 
-def has_refiner(backend: Backend, configured: bool) -> bool:
-    """Whether to offer the refiner: the server's health says (local target); where the page cannot ask it
-    (Vertex AI proxies only predict) or it is still loading, what sdxlctl passed (SDXL_UI_REFINER)."""
-    health = backend.health()
+def has_refiner(health: dict[str, Any] | None, configured: bool) -> bool:
+    """Whether to offer the refiner: the server's health answer says (local target); where the page cannot
+    ask it (None: Vertex AI proxies only predict, or it is still loading), what sdxlctl passed (SDXL_UI_REFINER)."""
     return bool(health.get("refiner")) if health is not None else configured
 
 
@@ -102,10 +101,16 @@ def build(
     max_images: int = limits.DEFAULT_MAX_IMAGES,
     max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES,
     refiner: bool = False,
+    lora_names: list[str] | None = None,
 ) -> Any:
     """The page, wired to `backend`, with a bounded queue in front of it; defaults fit SDXL 1.0. `refiner`:
-    whether the server has one, where its health cannot say."""
+    whether the server has one, and `lora_names`: its preloaded adapters, where its health cannot say."""
     import gradio as gr
+
+    configured_loras = list(lora_names or [])
+    # The menu's entries at start, for a client of the API (which loads no page, so never asks health below):
+    # Gradio refuses a value that is not among a menu's entries
+    offered_loras = loras.offered(backend.health(), configured_loras)
 
     with gr.Blocks(title="SDXL", analytics_enabled=False) as page:
         gr.Markdown("# Stable Diffusion XL")
@@ -212,6 +217,24 @@ def build(
                     label="High noise fraction",
                     info="expert ensemble: where the base model hands over to the refiner",
                 )
+            # The server's preloaded LoRA adapters, by name; shown (at page load) only when it has any
+            with gr.Row(visible=bool(offered_loras), elem_id="lora") as lora_row:
+                lora = gr.Dropdown(
+                    choices=loras.menu(offered_loras),
+                    value=loras.NONE,
+                    label="LoRA adapter",
+                    info="one of the model server's preloaded adapters",
+                    elem_id="lora-menu",
+                )
+                lora_scale = gr.Slider(
+                    loras.MIN_SCALE,
+                    loras.MAX_SCALE,
+                    value=loras.DEFAULT_SCALE,
+                    step=loras.SCALE_STEP,
+                    label="LoRA scale",
+                    info="how strongly the adapter applies: 0 not at all, negative away from it",
+                    elem_id="lora-scale",
+                )
         gr.Examples(EXAMPLES, inputs=[prompt])
 
         def run(*values: Any) -> Iterator[tuple[Any, str, float | None]]:
@@ -220,7 +243,7 @@ def build(
 
         # in Choices' order
         inputs = [prompt, negative, style, seed, randomize, width, height, steps, guidance, count, scheduler]
-        inputs += [refine, high_noise_frac, mode, image, strength, editor, inpaint_strength]
+        inputs += [refine, high_noise_frac, mode, image, strength, editor, inpaint_strength, lora, lora_scale]
         outputs = [gallery, info, seed]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)
@@ -230,7 +253,18 @@ def build(
         for tab in (text_tab, image_tab, inpaint_tab):
             shown = gr.update(visible=tab.id == "inpainting")
             tab.select(_constant((tab.id, shown)), None, [mode, editor], api_name=False, show_progress="hidden")
-        page.load(lambda: gr.update(visible=has_refiner(backend, refiner)), None, refiner_row, api_name=False)
+
+        def on_load() -> tuple[Any, Any, Any]:
+            """What the server has now (one health call a page): the refiner and the LoRA adapters."""
+            health = backend.health()
+            names = loras.offered(health, configured_loras)
+            return (
+                gr.update(visible=has_refiner(health, refiner)),
+                gr.update(visible=bool(names)),
+                gr.update(choices=loras.menu(names), value=loras.NONE),
+            )
+
+        page.load(on_load, None, [refiner_row, lora_row, lora], api_name=False, show_progress="hidden")
     return page.queue(max_size=queue_size, default_concurrency_limit=concurrency)
 
 

@@ -37,17 +37,21 @@ class Backend(Protocol):
 
 def _explain(status: int, text: str) -> str:
     """A sentence for the page from an error answer (the model server's or Google's JSON)."""
-    message = text[:300]
+    message, field = text[:300], None
     try:
         error = httpx.Response(status, text=text).json().get("error", {})
-        message = str(error.get("message", message))
+        message, field = str(error.get("message", message)), error.get("field")
         if message.startswith("{"):  # Vertex AI wraps the container's own error JSON in its message
-            message = str(httpx.Response(status, text=message).json().get("error", {}).get("message", message))
+            inner = httpx.Response(status, text=message).json().get("error", {})
+            message, field = str(inner.get("message", message)), inner.get("field")
     except (ValueError, AttributeError):
         pass
+    # A 403 naming a field is the model server refusing part of the request (a LoRA adapter on a server that
+    # allows none), not Google refusing the caller
+    refused_call = "Not allowed to call the model (check the service account's role on the endpoint)"
     lead = {
         400: "The request was refused",
-        403: "Not allowed to call the model (check the service account's role on the endpoint)",
+        403: "The request was refused" if field else refused_call,
         413: "The images are too large for the endpoint",
         429: "The model is busy (or scaled to zero and waking up); try again in a moment",
         503: "The model is not ready yet; try again in a moment",

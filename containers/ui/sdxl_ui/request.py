@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sdxl_ui import limits
+from sdxl_ui import limits, loras
 from sdxl_ui.images import encode, from_editor
 
 MODES = ("text-to-image", "image-to-image", "inpainting")
@@ -34,6 +34,8 @@ class Choices:
     strength: float = limits.DEFAULT_STRENGTH["image-to-image"]
     editor: Any = None  # inpainting: the editor's {"background", "layers", "composite"}
     inpaint_strength: float = limits.DEFAULT_STRENGTH["inpainting"]
+    lora: str | None = loras.NONE  # a preloaded adapter's name, or none
+    lora_scale: float = loras.DEFAULT_SCALE
 
 
 def build_body(
@@ -62,6 +64,10 @@ def build_body(
         parameters["refine"] = choices.refine
         if choices.refine == "expert_ensemble":
             parameters["high_noise_frac"] = float(choices.high_noise_frac)
+    if choices.lora and choices.lora != loras.NONE:
+        # one preloaded adapter, by name: the server checks the name; the slider's steps of 0.05 arrive as
+        # floats such as 0.7000000000000001
+        parameters["lora"] = [{"name": choices.lora, "scale": round(float(choices.lora_scale), 4)}]
     body = {"instances": [instance], "parameters": parameters}
     if choices.mode == "text-to-image":
         parameters |= {"width": int(choices.width), "height": int(choices.height)}
