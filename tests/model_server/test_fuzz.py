@@ -109,6 +109,63 @@ other_parameters: dict[str, dict[str, Any]] = {
 PARAMETER_CASES = [Case(name, post(base(**extra))) for name, extra in other_parameters.items()]
 
 
+def with_lora(raw: str, key: str = "lora") -> bytes:
+    """The base body with parameters.lora (or lora_id) set to a raw JSON token."""
+    return post(json.dumps(base(**{key: "__RAW__"})).replace('"__RAW__"', raw).encode())
+
+
+# Issue 16: the fuzz server has LoRA off, so a well-formed adapter is a 403 and a malformed one a 400.
+GS = "gs://bkt/loras/x.safetensors"
+LORA_RAW: dict[str, str] = {
+    "lora-scale-1e309": '{"name": "a", "scale": 1e309}',
+    "lora-scale-NaN": '{"name": "a", "scale": NaN}',
+    "lora-scale-string": '{"name": "a", "scale": "1"}',
+    "lora-scale-9x5000": '{"name": "a", "scale": ' + "9" * 5000 + "}",
+    "lora-null-item": "[null]",
+    "lora-string": f'"{GS}"',
+    "lora-true": "true",
+    "lora-100000-items": "[" + ",".join(['{"name": "a"}'] * 100_000) + "]",
+    "lora-deep": '[{"source": [[[[[["x"]]]]]]}]',
+    "lora-source-nul": '{"source": "gs://bkt/loras/x\\u0000.safetensors"}',
+    "lora-source-surrogate": '{"source": "gs://bkt/\\ud800.safetensors"}',
+    "lora-source-1MB": '{"source": "gs://bkt/' + "x" * 1_000_000 + '.safetensors"}',
+    "lora-id-object": '{"source": "org/repo"}',
+}
+LORA_VALUES: dict[str, Any] = {
+    "lora-metadata-ip": {"lora": {"source": "http://169.254.169.254/computeMetadata/v1/?recursive=true"}},
+    "lora-file-passwd": {"lora": {"source": "file:///etc/passwd"}},
+    "lora-local-path": {"lora": {"source": "/etc/passwd"}},
+    "lora-dotdot": {"lora": {"source": "gs://bkt/loras/../secret.safetensors"}},
+    "lora-encoded-dotdot": {"lora": {"source": "gs://bkt/loras%2f..%2fsecret.safetensors"}},
+    "lora-double-slash": {"lora": {"source": "gs://bkt/loras//x.safetensors"}},
+    "lora-backslash": {"lora": {"source": "gs://bkt/loras\\..\\x.safetensors"}},
+    "lora-lookalike": {"lora": {"source": "gs://bkt/lor\u0430s/x.safetensors"}},
+    "lora-hf-dotdot": {"lora": {"source": "hf://org/../x"}},
+    "lora-pickle": {"lora": {"source": "hf://org/repo/x.ckpt"}},
+    "lora-upper-bucket": {"lora": {"source": "gs://BKT/x.safetensors"}},
+    "lora-weight-name-dotdot": {"lora": {"source": "gs://bkt/loras/", "weight_name": "../../x.safetensors"}},
+    "lora-4": {"lora": [{"name": n} for n in "abcd"]},
+    "lora-empty-list": {"lora": []},
+    "lora-twice": {"lora": [{"source": GS}, {"source": "GS://bkt/loras/x.safetensors"}]},
+    "lora-source-and-name": {"lora": {"source": GS, "name": "a"}},
+    "lora-unknown-key": {"lora": {"name": "a", "alpha": 8}},
+    "lora-and-lora-id": {"lora": {"name": "a"}, "lora_id": "org/repo"},
+    "lora-id-number": {"lora_id": 7},
+    "lora-id-word": {"lora_id": "pixel-art"},
+    # Well-formed, on a server without LoRA: refused (403), never fetched, never a 5xx.
+    "lora-off-source": {"lora": {"source": GS, "scale": 0.5}},
+    "lora-off-hub": {"lora": [{"source": "hf://org/repo"}, {"source": "org/other", "scale": -1}]},
+    "lora-off-name": {"lora": {"name": "pixel-art"}},
+    "lora-off-lora-id": {"lora_id": "org/repo"},
+}
+LORA_CASES = [
+    *(Case(name, with_lora(raw, "lora_id" if name.startswith("lora-id") else "lora"))
+      for name, raw in LORA_RAW.items()),
+    *(Case(name, post(base(**extra))) for name, extra in LORA_VALUES.items()),
+    Case("instance-lora-object", post({**base(), "instances": [{"prompt": "a", "lora": {"source": GS}}]})),
+]
+
+
 def with_image(image: Any, mask: Any = None, **parameters: Any) -> bytes:
     instance = {"prompt": "a fox", "seed": 1, "image": image}
     if mask is not None:
@@ -300,6 +357,7 @@ CASES: list[Case] = [
     *NUMBER_CASES,
     *PROMPT_CASES,
     *PARAMETER_CASES,
+    *LORA_CASES,
     *IMAGE_CASES,
     *STRUCTURE_CASES,
     *ENCODING_CASES,

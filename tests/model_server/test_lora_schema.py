@@ -130,6 +130,13 @@ def test_a_bad_lora_is_a_400_naming_its_field(parameters: dict[str, Any], field:
     assert error.message.startswith(f"{field}: ") and words in error.message
 
 
+def test_a_list_of_100000_adapters_is_counted_before_anything_else() -> None:
+    raw = b'{"instances": [{"prompt": "a"}], "parameters": {"lora": [' + b",".join([b'{"x": 1}'] * 100_000) + b"]}}"
+    with pytest.raises(InvalidRequest, match=r"\(100000 given\)") as raised:
+        parse_request(raw, max_images=4, default_size=(64, 64), draw_seed=lambda: 7)
+    assert raised.value.field == "parameters.lora"
+
+
 def test_a_scale_json_reads_as_infinity_is_refused() -> None:
     raw = b'{"instances": [{"prompt": "a fox"}], "parameters": {"lora": {"name": "p", "scale": -1e999}}}'
     with pytest.raises(InvalidRequest, match="from -4 to 4") as raised:

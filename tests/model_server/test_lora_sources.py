@@ -88,6 +88,7 @@ REFUSED: list[tuple[str, str | None, str, str]] = [
     ("gs://bkt/lor\u0430s/x.safetensors", None, "only ASCII", "source"),  # Cyrillic a
     ("gs://bkt/loras\u2215..\u2215x.safetensors", None, "only ASCII", "source"),  # division slash
     ("gs://bkt/loras\uff0f..\uff0fx.safetensors", None, "only ASCII", "source"),  # fullwidth solidus
+    ("gs://bkt/\ud800.safetensors", None, "'gs://bkt/\\ud800.safetensors'", "source"),  # a lone surrogate
     ("gs://bkt/loras/x.safetensors?alt=media", None, "only letters", "source"),
     ("gs://bkt/loras/x.safetensors#y", None, "only letters", "source"),
     ("gs://bkt/" + "a" * 2000 + ".safetensors", None, f"at most {MAX_SOURCE_CHARS}", "source"),
@@ -130,6 +131,7 @@ def test_a_hostile_or_malformed_source_is_refused_saying_what_is_wrong(
     assert words in str(raised.value) and raised.value.part == part
     message = str(raised.value)
     assert "\n" not in message and "\x00" not in message and len(message) < 400  # one line, shown safely
+    assert message.encode("utf-8")  # a lone surrogate echoed back could not be sent as JSON: a 500
 
 
 def test_every_refusal_says_what_would_work() -> None:

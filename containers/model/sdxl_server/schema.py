@@ -22,7 +22,7 @@ from pydantic import (
 from sdxl_server import images, steps
 from sdxl_server.errors import InvalidRequest
 from sdxl_server.images import MAX_SIDE, MIN_SIDE, SIDE_STEP
-from sdxl_server.lora.request import LoraRef, lora_refs
+from sdxl_server.lora.request import LoraRef, check_count, lora_refs
 from sdxl_server.schedulers import unet_calls
 from sdxl_server.steps import BASE_IMAGE_STRENGTH, MAX_STEPS
 from sdxl_server.styles import styles
@@ -246,6 +246,7 @@ def parse_request(
             f"instances: {len(instances)} instances; at most {max_images} images per request ({MAX_IMAGES_SOURCE})",
             field="instances",
         )
+    check_count(data.get("parameters"))
     if _depth_over(data, MAX_DEPTH):
         raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body")
     images.check_lengths(instances)

@@ -55,11 +55,7 @@ def lora_refs(lora: Any, lora_id: Any) -> tuple[LoraRef, ...]:
         return _lora_id(lora_id)
     items = [lora] if isinstance(lora, dict) else lora
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ADAPTERS:
-        count = f" ({len(items)} given)" if isinstance(items, list) else ""
-        raise InvalidRequest(
-            f"parameters.lora: {LORA_SHAPE}, or a list of 1 to {MAX_ADAPTERS} of them{count}",
-            field="parameters.lora",
-        )
+        raise _not_a_list(items)
     refs: list[LoraRef] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -75,6 +71,21 @@ def lora_refs(lora: Any, lora_id: Any) -> tuple[LoraRef, ...]:
         seen[key] = index
         refs.append(ref)
     return tuple(refs)
+
+
+def check_count(parameters: Any) -> None:
+    """A list of more than MAX_ADAPTERS adapters, refused before the body is walked or validated (as the
+    instances are counted first): a list of 100,000 would otherwise cost every check a pass over it."""
+    lora = parameters.get("lora") if isinstance(parameters, dict) else None
+    if isinstance(lora, list) and len(lora) > MAX_ADAPTERS:
+        raise _not_a_list(lora)
+
+
+def _not_a_list(items: Any) -> InvalidRequest:
+    count = f" ({len(items)} given)" if isinstance(items, list) else ""
+    return InvalidRequest(
+        f"parameters.lora: {LORA_SHAPE}, or a list of 1 to {MAX_ADAPTERS} of them{count}", field="parameters.lora"
+    )
 
 
 def _lora_id(lora_id: Any) -> tuple[LoraRef, ...]:

@@ -115,7 +115,8 @@ def _check_text(text: str, part: str) -> None:
     if "%" in text:
         raise SourceError(f"{shown}: '%' (URL encoding) is refused; write the name as it is", part=part)
     if not text.isascii():
-        raise SourceError(f"{shown}: only ASCII characters ({_SEGMENT_CHARS})", part=part)
+        # Shown escaped: a lone surrogate cannot be encoded into the JSON answer, and look-alikes become visible.
+        raise SourceError(f"{_short(ascii(text))}: only ASCII characters ({_SEGMENT_CHARS})", part=part)
 
 
 def _gs(rest: str, weight_name: str | None) -> Source:
