@@ -3,6 +3,7 @@ a fake Hugging Face Hub on loopback and offline Hub caches, real files; nothing 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -23,6 +24,7 @@ from tests.servers import gcs_emulator, serve_app
 pytestmark = pytest.mark.usefixtures("loopback_only")
 FIELD = "parameters.lora[0].source"
 MB = 1_000_000
+_BUCKETS = itertools.count()
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Proxy:
     fail_metadata: list[int] = field(default_factory=list)
     append: bytes = b""  # added to every download's body (a body bigger than its metadata says)
     flip: bool = False  # one bit wrong in every download
+
+    def reset(self) -> None:
+        for kept in (self.media, self.metadata, self.fail_media, self.fail_metadata):
+            kept.clear()
+        self.append, self.flip = b"", False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         from starlette.requests import Request
@@ -75,31 +82,42 @@ class Proxy:
 
 @dataclass
 class Bucket:
-    """gs://loras in the emulator, seen through the real client and the counting proxy."""
+    """A new bucket in the emulator, seen through the real client and the counting proxy."""
 
     bucket: Any
     proxy: Proxy
 
+    @property
+    def name(self) -> str:
+        return str(self.bucket.name)
+
     def put(self, name: str, data: bytes) -> Source:
         self.bucket.blob(name).upload_from_string(data)
-        return parse_source(f"gs://loras/{name}")
+        return parse_source(f"gs://{self.name}/{name}")
 
     def generation(self, name: str) -> str:
         return str(self.bucket.get_blob(name).generation)
 
 
-@pytest.fixture
-def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[tuple[Any, Proxy]]:
+    """One emulator behind one proxy for the module (each test gets its own bucket): a client, the proxy."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    with gcs_emulator() as upstream:
+    with gcs_emulator() as upstream, pytest.MonkeyPatch.context() as env:
         proxy = Proxy(upstream)
         with serve_app(proxy) as served:
             # the emulator writes its Host into media links: every request, downloads too, goes through the proxy
-            monkeypatch.setenv("STORAGE_EMULATOR_HOST", served.url)
-            client = storage.Client(project="test", credentials=AnonymousCredentials())
-            yield Bucket(client.create_bucket("loras"), proxy)
+            env.setenv("STORAGE_EMULATOR_HOST", served.url)
+            yield storage.Client(project="test", credentials=AnonymousCredentials()), proxy
+
+
+@pytest.fixture
+def bucket(emulator: tuple[Any, Proxy], request: pytest.FixtureRequest) -> Bucket:
+    client, proxy = emulator
+    proxy.reset()
+    return Bucket(client.create_bucket(f"loras-{next(_BUCKETS)}"), proxy)
 
 
 def store(folder: Path, *, max_bytes: int = MB, budget: int = 10 * MB, in_use_s: float = 0.0) -> Store:
@@ -122,7 +140,7 @@ def test_a_gs_object_arrives_verified_under_its_generation_and_the_fetch_is_logg
     generation = bucket.generation("styles/pixel.safetensors")
     assert fetched.path.read_bytes() == data and fetched.path.parent == tmp_path / "loras"
     assert (fetched.version, fetched.size, fetched.source) == (generation, len(data), source)
-    assert fetched.key == key_of("gs://loras/styles/pixel.safetensors", generation)
+    assert fetched.key == key_of(f"gs://{bucket.name}/styles/pixel.safetensors", generation)
     [line] = [line for line in log_lines.lines if line["message"].startswith("lora fetched")]
     assert line["message"].startswith(f"lora fetched: {source.uri}, 0.1 MB in ") and "MB/s" in line["message"]
     assert (line["adapter"], line["bytes"]) == (source.uri, len(data)) and {"seconds", "mb_per_s"} <= set(line)
@@ -170,8 +188,8 @@ def test_a_replaced_object_is_fetched_again_at_its_new_generation(bucket: Bucket
 
 def test_a_missing_object_is_a_400_not_found(bucket: Bucket, tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest) as refused:
-        store(tmp_path).fetch(parse_source("gs://loras/nope.safetensors"), field=FIELD)
-    assert refused.value.field == FIELD and refused.value.message == "gs://loras/nope.safetensors not found"
+        store(tmp_path).fetch(parse_source(f"gs://{bucket.name}/nope.safetensors"), field=FIELD)
+    assert refused.value.field == FIELD and refused.value.message == f"gs://{bucket.name}/nope.safetensors not found"
     assert cached_files(tmp_path) == set() and bucket.proxy.media == []
 
 
@@ -199,7 +217,7 @@ def test_the_server_account_refused_is_a_502_that_says_what_to_grant_and_is_not_
     with pytest.raises(FetchFailed) as failed:
         store(tmp_path).fetch(source, field=FIELD)
     assert failed.value.status == 502 and failed.value.field == FIELD
-    assert failed.value.message == f"the server may not read gs://loras/a.safetensors (403): {GRANT}"
+    assert failed.value.message == f"the server may not read {source.uri} (403): {GRANT}"
     assert len(bucket.proxy.metadata) == 1 and bucket.proxy.fail_metadata == [403]
 
 
@@ -208,7 +226,7 @@ def test_one_server_error_is_retried_and_two_are_a_502(bucket: Bucket, tmp_path:
     bucket.proxy.fail_media = [503]
     assert store(tmp_path / "once").fetch(source, field=FIELD).path.read_bytes() == b"x" * 100
     bucket.proxy.fail_media = [503, 500]
-    with pytest.raises(FetchFailed, match=r"could not fetch gs://loras/a\.safetensors: .*\(twice\)"):
+    with pytest.raises(FetchFailed, match=rf"could not fetch gs://{bucket.name}/a\.safetensors: .*\(twice\)"):
         store(tmp_path / "twice").fetch(source, field=FIELD)
     assert cached_files(tmp_path / "twice") == set()
 
@@ -233,7 +251,7 @@ def test_an_object_name_that_could_escape_is_refused_before_any_request(
     bucket: Bucket, tmp_path: Path, path: str, why: str
 ) -> None:
     with pytest.raises(InvalidRequest, match=why) as refused:
-        store(tmp_path).fetch(Source("gs", "loras", path), field=FIELD)  # past the parser: the store checks too
+        store(tmp_path).fetch(Source("gs", bucket.name, path), field=FIELD)  # past the parser: the store checks too
     assert refused.value.field == FIELD and bucket.proxy.metadata == [] and cached_files(tmp_path) == set()
 
 

@@ -28,6 +28,7 @@ from sdxl_server.errors import FetchFailed, InvalidRequest
 from sdxl_server.logs import log
 
 if TYPE_CHECKING:
+    from sdxl_server.lora.hub import Hub
     from sdxl_server.lora.sources import Source
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # sources.DEFAULT_WEIGHT_NAME: a folder's file
@@ -85,8 +86,14 @@ def weight_object(source: Source) -> str:
 class Store:
     """The disk cache of LoRA files: fetch (thread-safe, one download per source at a time), pin, entries."""
 
-    def __init__(self, folder: Path, *, max_bytes: int, budget_bytes: int, in_use_s: float = IN_USE_S) -> None:
+    def __init__(
+        self, folder: Path, *, max_bytes: int, budget_bytes: int, in_use_s: float = IN_USE_S, hub: Hub | None = None
+    ) -> None:
+        """`hub`: where hf:// sources come from (None: huggingface_hub's settings from the environment)."""
+        from sdxl_server.lora.hub import Hub
+
         self.folder = folder
+        self.hub = hub or Hub()
         self.max_bytes = max_bytes
         self.budget_bytes = budget_bytes
         self.in_use_s = in_use_s
@@ -120,18 +127,28 @@ class Store:
             self._pinned.add(key)
 
     def entries(self) -> list[dict[str, Any]]:
-        """The cached files, most recently used first: adapter (its source URI), bytes, last_used (epoch)."""
+        """The cached files, most recently used first: adapter (its source URI), bytes, last_used (epoch), key."""
         with self._lock:
-            rows = sorted(self._index.values(), key=lambda e: e["last_used"], reverse=True)
-            return [{"adapter": e["adapter"], "bytes": e["bytes"], "last_used": e["last_used"]} for e in rows]
+            rows = sorted(self._index.items(), key=lambda item: item[1]["last_used"], reverse=True)
+            return [
+                {"adapter": e["adapter"], "bytes": e["bytes"], "last_used": e["last_used"], "key": key}
+                for key, e in rows
+            ]
 
     # -- one fetch -----------------------------------------------------------------------------------------
 
     def _fetch_once(self, source: Source, field: str) -> Fetched:
         if source.scheme == "gs":
             remote = self._describe_gcs(source, field)
-        elif source.scheme == "hf":  # next commit: lora/hub.py
-            raise FetchFailed(f"{source.uri}: Hub sources are not fetched yet", field=field)
+        elif source.scheme == "hf":
+            from sdxl_server.lora.hub import Cached, describe
+
+            found = describe(source, hub=self.hub, field=field, timeout=REQUEST_TIMEOUT_S)
+            if isinstance(found, Cached):  # offline: the Hub cache's file, used in place
+                if found.size > self.max_bytes:
+                    raise InvalidRequest(_too_big(source.uri, found.size, self.max_bytes), field=field)
+                return Fetched(source, found.path, found.version, key_of(source.uri, found.version), found.size)
+            remote = found
         else:
             raise InvalidRequest(f"{source.uri}: unknown source scheme {source.scheme!r}", field=field)
         if remote.size > self.max_bytes:
