@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sdxl_server.errors import FetchFailed, InvalidRequest
-from sdxl_server.lora.hub import Hub
+from sdxl_server.lora.hub import GATED, Hub
 from sdxl_server.lora.sources import parse_source
 from sdxl_server.lora.store import Store
 from tests.model_server.published import hub_app, hub_cache
@@ -41,6 +41,7 @@ class FakeHub:
     heads: list[str] = field(default_factory=list)
     fail_get: list[int] = field(default_factory=list)  # statuses for the next file GETs, one each
     head_size: int | None = None  # what HEAD says of every file's size (the truth when None)
+    gated: bool = False
 
     def app(self) -> Any:
         from starlette.responses import JSONResponse
@@ -53,6 +54,9 @@ class FakeHub:
             if "/".join(scope["path"].split("/")[1:3]) not in self.repos:  # as the Hub answers a repo it lacks
                 headers = {"X-Error-Code": "RepoNotFound"}
                 return await JSONResponse({"error": "Repository not found"}, 404, headers)(scope, receive, send)
+            if self.gated:  # as the Hub answers a gated repo's file to a token without access
+                headers = {"X-Error-Code": "GatedRepo"}
+                return await JSONResponse({"error": "Access restricted"}, 403, headers)(scope, receive, send)
             if scope["method"] == "HEAD":
                 self.heads.append(scope["path"])
             elif self.fail_get and "/resolve/" in scope["path"]:
@@ -134,6 +138,15 @@ def test_a_file_or_repo_the_hub_lacks_is_a_400_not_found(hub: tuple[FakeHub, str
     assert isinstance(refused.value, InvalidRequest), refused.value.message
     assert refused.value.message == f"{source.uri} not found" and refused.value.field == FIELD
     assert fake.downloads == [] and cached_files(tmp_path) == set()
+
+
+def test_a_gated_repo_the_token_may_not_read_is_a_502_that_says_so(hub: tuple[FakeHub, str], tmp_path: Path) -> None:
+    fake, url = hub
+    fake.gated = True
+    with pytest.raises(FetchFailed) as failed:
+        hub_store(tmp_path, url).fetch(parse_source(REPO), field=FIELD)
+    assert failed.value.message == f"the server may not read hf://{REPO}/pytorch_lora_weights.safetensors: {GATED}"
+    assert failed.value.field == FIELD and fake.downloads == []
 
 
 def test_a_hub_file_over_the_limit_is_refused_from_its_metadata(hub: tuple[FakeHub, str], tmp_path: Path) -> None:

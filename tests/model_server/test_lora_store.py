@@ -141,8 +141,7 @@ def test_a_gs_object_arrives_verified_under_its_generation_and_the_fetch_is_logg
     assert fetched.path.read_bytes() == data and fetched.path.parent == tmp_path / "loras"
     assert (fetched.version, fetched.size, fetched.source) == (generation, len(data), source)
     assert fetched.key == key_of(f"gs://{bucket.name}/styles/pixel.safetensors", generation)
-    [line] = [line for line in log_lines.lines if line["message"].startswith("lora fetched")]
-    assert line["message"].startswith(f"lora fetched: {source.uri}, 0.1 MB in ") and "MB/s" in line["message"]
+    line = log_lines.one("lora fetched")
     assert (line["adapter"], line["bytes"]) == (source.uri, len(data)) and {"seconds", "mb_per_s"} <= set(line)
     assert cached_files(tmp_path / "loras") == {fetched.path.name}  # no .partial left
     assert [p.rsplit("/o/", 1)[1] for p in bucket.proxy.media] == ["styles/pixel.safetensors"]
@@ -239,6 +238,13 @@ def test_bytes_that_never_match_the_crc32c_are_a_502_and_leave_nothing(bucket: B
     assert len(bucket.proxy.media) == 2 and cached_files(tmp_path) == set()
 
 
+def test_an_object_gone_during_its_download_is_fetched_again_from_its_metadata(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", b"x" * 100)
+    bucket.proxy.fail_media = [404]  # replaced between the metadata and the download: that generation is gone
+    assert store(tmp_path).fetch(source, field=FIELD).path.read_bytes() == b"x" * 100
+    assert len(bucket.proxy.metadata) == 2 and len(bucket.proxy.media) == 2
+
+
 @pytest.mark.parametrize(
     ("path", "why"),
     [
@@ -268,7 +274,7 @@ def test_past_the_budget_the_least_recently_used_file_goes_and_the_order_survive
     cache.fetch(a, field=FIELD)  # a used after b
     cache.fetch(c, field=FIELD)
     assert [e["adapter"] for e in cache.entries()] == [c.uri, a.uri]
-    assert [(line["adapter"], line["bytes"]) for line in log_lines.lines if "lora evicted" in line["message"]] == [
+    assert [(line["adapter"], line["bytes"]) for line in log_lines.lines if line["message"] == "lora evicted"] == [
         (b.uri, 1_000)
     ]
     restarted = store(tmp_path, budget=2_500)
@@ -362,6 +368,15 @@ def test_links_planted_before_a_start_are_removed_not_followed(bucket: Bucket, t
         (folder / name).symlink_to(victim)
     store(folder)
     assert cached_files(folder) == set() and victim.read_bytes() == b"precious"
+
+
+def test_a_folder_planted_under_a_file_name_is_a_502_not_a_crash(bucket: Bucket, tmp_path: Path) -> None:
+    source = bucket.put("a.safetensors", b"x" * 100)
+    cache = store(tmp_path)
+    (tmp_path / f"{key_of(source.uri, bucket.generation('a.safetensors'))}.safetensors").mkdir()
+    with pytest.raises(FetchFailed, match=f"could not store {source.uri} in {tmp_path}"):
+        cache.fetch(source, field=FIELD)
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_a_planted_link_named_as_an_indexed_file_is_not_served(bucket: Bucket, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -118,7 +119,7 @@ class Store:
                 except Retry as exc:
                     if attempt == 2:
                         raise FetchFailed(f"could not fetch {source.uri}: {exc} (twice)", field=field) from exc
-                    log("lora fetch failed, retrying", level=30, adapter=source.uri, reason=str(exc))
+                    log("lora fetch failed, retrying", level=logging.WARNING, adapter=source.uri, reason=str(exc))
         raise AssertionError("unreachable")
 
     def pin(self, key: str) -> None:
@@ -196,14 +197,16 @@ class Store:
                 raise Retry(f"got {sink.size} bytes, its metadata says {remote.size}")
             if remote.crc32c and sink.crc32c() != remote.crc32c:
                 raise Retry(f"the bytes received do not match its crc32c ({sink.crc32c()}, not {remote.crc32c})")
-            partial.replace(target)
+            try:
+                partial.replace(target)
+            except OSError as exc:  # something that is not a file in the way: a folder planted under its name
+                raise FetchFailed(f"could not store {source.uri} in {self.folder}: {exc}", field=field) from exc
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         seconds = max(time.monotonic() - started, 1e-9)
         log(
-            f"lora fetched: {source.uri}, {sink.size / 1e6:.1f} MB in {seconds:.1f} s "
-            f"({sink.size / 1e6 / seconds:.1f} MB/s)",
+            "lora fetched",
             adapter=source.uri,
             bytes=sink.size,
             seconds=round(seconds, 3),
@@ -304,7 +307,7 @@ class Store:
                 json.dump({"entries": self._index}, file, indent=1, sort_keys=True)
             partial.replace(self.folder / INDEX)
         except OSError as exc:  # a full disk: the files stay usable, their order of use is lost at restart
-            log("lora cache index not saved", level=30, folder=str(self.folder), reason=str(exc))
+            log("lora cache index not saved", level=logging.WARNING, folder=str(self.folder), reason=str(exc))
 
     def _evict(self, *, keep: str) -> None:
         """Delete least recently used files until the cache fits its budget (never `keep`, pinned or in use)."""
@@ -319,7 +322,7 @@ class Store:
                 self._path(key).unlink(missing_ok=True)
             del self._index[key]
             total -= entry["bytes"]
-            log(f"lora evicted: {entry['adapter']}", adapter=entry["adapter"], bytes=entry["bytes"])
+            log("lora evicted", adapter=entry["adapter"], bytes=entry["bytes"])
 
     @contextlib.contextmanager
     def _flight(self, uri: str) -> Iterator[None]:
