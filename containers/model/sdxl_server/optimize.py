@@ -145,17 +145,25 @@ def _keys(info: Any) -> frozenset[str]:
     return frozenset(f"{kind}:{key}" for kind, keys in artifacts.items() for key in keys)
 
 
-def apply(pipe: Any, level: str | Plan) -> None:
-    """Make `pipe` faster at `level` (see the module's doc); outputs match `none` within fp16 noise."""
+def apply(pipe: Any, level: str | Plan, *, fuse_qkv: bool = True) -> None:
+    """Make `pipe` faster at `level` (see the module's doc); outputs match `none` within fp16 noise.
+
+    fuse_qkv False (LoRA on): the UNet's Q, K and V projections stay apart. A fused to_qkv reads the base
+    weights of to_q/to_k/to_v and would silently bypass the LoRA slot on them; the VAE is fused as before.
+    """
     plan = plan_for(level)
     if not plan.fuse:
         return
     import torch
 
+    if fuse_qkv and _has_lora(pipe.unet):
+        raise ValueError("fusing QKV projections would bypass the UNet's LoRA layers: apply with fuse_qkv=False")
     if not getattr(pipe, "_sdxl_fused", False):  # idempotent: eager, then compile, on one pipeline
         # A refiner shares the base's VAE, which the base's apply fused already.
         vae = not getattr(pipe.vae, "_sdxl_fused", False)
-        pipe.fuse_qkv_projections(vae=vae)  # one matmul for Q, K and V instead of three, in UNet and VAE attention
+        # one matmul for Q, K and V instead of three, in UNet and VAE attention
+        if fuse_qkv or vae:
+            pipe.fuse_qkv_projections(unet=fuse_qkv, vae=vae)
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe._sdxl_fused = pipe.vae._sdxl_fused = True
@@ -165,6 +173,10 @@ def apply(pipe: Any, level: str | Plan) -> None:
         pipe._sdxl_compiled = plan.compile
     if plan.cuda_graphs and pipe.device.type == "cuda" and not isinstance(pipe.unet.forward, GraphedForward):
         pipe.unet.forward = GraphedForward(pipe.unet.forward)
+
+
+def _has_lora(module: Any) -> bool:
+    return any(hasattr(layer, "lora_A") for layer in module.modules())
 
 
 def freeze(pipe: Any) -> bool:
