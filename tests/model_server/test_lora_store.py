@@ -1,5 +1,5 @@
 """The LoRA disk cache: real google-cloud-storage against the GCS emulator (through a counting proxy on loopback),
-a fake Hugging Face Hub on loopback and offline Hub caches, real files; nothing leaves the machine."""
+real files, a hostile cache folder; nothing leaves the machine. hf:// sources: test_lora_hub.py."""
 
 from __future__ import annotations
 
@@ -8,95 +8,22 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from sdxl_server.errors import FetchFailed, InvalidRequest
 from sdxl_server.lora.sources import Source, parse_source
 from sdxl_server.lora.store import GRANT, Store, key_of
 from tests.model_server.conftest import Lines
+from tests.model_server.gcs_proxy import Bucket, Proxy
 from tests.servers import gcs_emulator, serve_app
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 FIELD = "parameters.lora[0].source"
 MB = 1_000_000
 _BUCKETS = itertools.count()
-
-
-@dataclass
-class Proxy:
-    """An ASGI app in front of the emulator: counts what the client asks, and can fail or alter downloads."""
-
-    upstream: str
-    media: list[str] = field(default_factory=list)  # object downloads (alt=media), by path
-    metadata: list[str] = field(default_factory=list)  # object metadata GETs
-    fail_media: list[int] = field(default_factory=list)  # statuses for the next downloads, one each
-    fail_metadata: list[int] = field(default_factory=list)
-    append: bytes = b""  # added to every download's body (a body bigger than its metadata says)
-    flip: bool = False  # one bit wrong in every download
-
-    def reset(self) -> None:
-        for kept in (self.media, self.metadata, self.fail_media, self.fail_metadata):
-            kept.clear()
-        self.append, self.flip = b"", False
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse, Response
-
-        request = Request(scope, receive)
-        query = request.url.query
-        is_media = "alt=media" in query
-        is_object = request.method == "GET" and "/o/" in request.url.path
-        if is_media:
-            self.media.append(request.url.path)
-        elif is_object:
-            self.metadata.append(request.url.path)
-        failing = self.fail_media if is_media else self.fail_metadata if is_object else []
-        if failing:
-            status = failing.pop(0)
-            message = "sdxl@p.iam.gserviceaccount.com does not have storage.objects.get access" if status == 403 else ""
-            error = {"error": {"code": status, "message": message or "backend error", "errors": []}}
-            await JSONResponse(error, status_code=status)(scope, receive, send)
-            return
-        async with httpx.AsyncClient() as client:
-            answer = await client.request(
-                request.method,
-                f"{self.upstream}{request.url.path}" + (f"?{query}" if query else ""),
-                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
-                content=await request.body(),
-            )
-        body = answer.content
-        if is_media and self.flip and body:
-            body = bytes([body[0] ^ 1]) + body[1:]
-        if is_media:
-            body += self.append
-        skip = ("content-length", "content-encoding", "x-goog-hash", "x-goog-stored-content-length")
-        headers = {k: v for k, v in answer.headers.items() if k.lower() not in skip}
-        await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
-
-
-@dataclass
-class Bucket:
-    """A new bucket in the emulator, seen through the real client and the counting proxy."""
-
-    bucket: Any
-    proxy: Proxy
-
-    @property
-    def name(self) -> str:
-        return str(self.bucket.name)
-
-    def put(self, name: str, data: bytes) -> Source:
-        self.bucket.blob(name).upload_from_string(data)
-        return parse_source(f"gs://{self.name}/{name}")
-
-    def generation(self, name: str) -> str:
-        return str(self.bucket.get_blob(name).generation)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +41,7 @@ def emulator() -> Iterator[tuple[Any, Proxy]]:
 
 
 @pytest.fixture
-def bucket(emulator: tuple[Any, Proxy], request: pytest.FixtureRequest) -> Bucket:
+def bucket(emulator: tuple[Any, Proxy]) -> Bucket:
     client, proxy = emulator
     proxy.reset()
     return Bucket(client.create_bucket(f"loras-{next(_BUCKETS)}"), proxy)
@@ -145,6 +72,16 @@ def test_a_gs_object_arrives_verified_under_its_generation_and_the_fetch_is_logg
     assert (line["adapter"], line["bytes"]) == (source.uri, len(data)) and {"seconds", "mb_per_s"} <= set(line)
     assert cached_files(tmp_path / "loras") == {fetched.path.name}  # no .partial left
     assert [p.rsplit("/o/", 1)[1] for p in bucket.proxy.media] == ["styles/pixel.safetensors"]
+
+
+@pytest.mark.parametrize("weight_name", [None, "v2.safetensors"])
+def test_a_gs_folder_means_its_weight_file_and_nothing_is_listed(
+    bucket: Bucket, tmp_path: Path, weight_name: str | None
+) -> None:
+    bucket.put(f"pixel/{weight_name or 'pytorch_lora_weights.safetensors'}", b"w" * 100)
+    source = parse_source(f"gs://{bucket.name}/pixel/", weight_name=weight_name)
+    assert store(tmp_path).fetch(source, field=FIELD).path.read_bytes() == b"w" * 100
+    assert len(bucket.proxy.metadata) == 1 and len(bucket.proxy.media) == 1  # one object read, no listing
 
 
 def test_a_second_use_reads_metadata_only_even_after_a_restart(bucket: Bucket, tmp_path: Path) -> None:
