@@ -88,3 +88,68 @@ def diffusers_images(loras: list[tuple[Path, float]], **call: Any) -> Any:
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
     return pipe(output_type="np", **call).images
+
+
+def kohya_lora(source: Path, folder: Path, *, layers_per_block: int = 1, weight_name: str = WEIGHT_NAME) -> Path:
+    """`source` (a diffusers-layout file from tiny_lora) as kohya's sd-scripts write an SDXL LoRA: SGM block
+    names (`lora_unet_input_blocks_4_1_...`, as A1111 and ComfyUI share them), `lora_te1_text_model_...`,
+    lora_down/lora_up and one `.alpha` per module (the source's lora_alpha; edit the file for others).
+    `layers_per_block` is the base UNet's (the tiny base: 1; SDXL: 2)."""
+    import json
+    import re
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+        meta = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    per_block = layers_per_block + 1
+    out: dict[str, Any] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        match = re.fullmatch(r"(.*)\.(?:lora|lora_linear_layer)\.(down|up)\.weight", rest)
+        assert match, key
+        parts = match[1].split(".")
+        if component == "unet":
+            if parts[0] == "down_blocks":
+                parts[:4] = ["input_blocks", str(1 + int(parts[1]) * per_block + int(parts[3])), "1"]
+            elif parts[0] == "up_blocks":
+                parts[:4] = ["output_blocks", str(int(parts[1]) * per_block + int(parts[3])), "1"]
+            elif parts[0] == "mid_block":
+                parts[:3] = ["middle_block", "1"]
+            stem = "lora_unet_" + "_".join(parts)
+        else:
+            parts = parts if parts[0] == "text_model" else ["text_model", *parts]
+            stem = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + "_".join(parts)
+        out[f"{stem}.lora_{match[2]}.weight"] = tensor
+        out[f"{stem}.alpha"] = torch.tensor(float(meta.get(f"{component}.lora_alpha", tensor.shape[0])))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / weight_name))
+    return folder / weight_name
+
+
+def tiny_dora(folder: Path, *, seed: int, rank: int = 4, weight_name: str = WEIGHT_NAME) -> Path:
+    """A DoRA adapter (peft's use_dora: a magnitude vector per module) for the tiny base's UNet, saved as
+    diffusers saves one; diffusers loads it with a different formula than B @ A."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from sdxl_server.sources import build_tiny_pipeline
+
+    unet = build_tiny_pipeline().unet
+    generator = torch.Generator().manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGETS), use_dora=True)
+    unet.add_adapter(config)
+    for name, parameter in unet.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, weight_name=weight_name, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+    )
+    return folder / weight_name

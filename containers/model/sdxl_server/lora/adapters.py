@@ -120,7 +120,7 @@ def _variant(keys: list[str], metadata: dict[str, Any] | None) -> str | None:
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys) or any(
         k.endswith("use_dora") and v for k, v in flags.items()
     ):
-        return "DoRA (lora_magnitude_vector)"
+        return "DoRA (a magnitude vector per module)"
     if any(".lokr_" in k or "lokr_w" in k for k in keys):
         return "LoKr"
     if any("hada_" in k for k in keys):
