@@ -14,13 +14,13 @@ from sdxlctl.steps import ResourceStatus
 
 
 def sources(config: Config) -> list[str]:
-    """[model] lora_sources (absent from a config of before LoRA: none)."""
-    return list(getattr(config.model, "lora_sources", None) or [])
+    """[model] lora_sources: the prefixes the server may fetch from."""
+    return list(config.model.lora_sources)
 
 
 def preloaded(config: Config) -> dict[str, str]:
     """[model] loras: name -> source."""
-    return dict(getattr(config.model, "loras", None) or {})
+    return dict(config.model.loras)
 
 
 @dataclass(frozen=True)

@@ -123,12 +123,10 @@ def explained(error: SdxlctlError, flags: tuple[Flag, ...]) -> SdxlctlError:
     if found is None:
         return error
     index = found.group(1)
-    which = (
-        "--lora"
-        if index is None or int(index) >= len(flags)
-        else f"--lora #{int(index) + 1} ({flags[int(index)].text})"
-    )
-    return PredictError(f"{which}: the server answered {status}: {message}", hint=_hint(status, message))
+    flag = flags[int(index)] if index is not None and int(index) < len(flags) else None
+    which = f"--lora #{int(index or 0) + 1} ({flag.text})" if flag else "--lora"
+    message = message.removeprefix(f"{field}: ")  # the flag names the place instead
+    return PredictError(f"{which}: the server answered {status}: {message}", hint=_hint(status, message, flag))
 
 
 def _refusal(error: SdxlctlError) -> tuple[int | str, str | None, str]:
@@ -147,17 +145,21 @@ def _refusal(error: SdxlctlError) -> tuple[int | str, str | None, str]:
     return inner.get("code", "an error"), inner["field"], str(inner.get("message", "")).strip()
 
 
-def _hint(status: int | str, message: str) -> str | None:
-    if "SDXL_LORA_SOURCES" in message and "not allowed on this server" in message:
-        return 'set [model] lora_sources in sdxlctl.toml (e.g. ["gs://BUCKET/loras/"]), then `sdxlctl deploy`'
-    if "SDXL_LORA_SOURCES" in message:
+def _hint(status: int | str, message: str, flag: Flag | None) -> str | None:
+    """sdxlctl's way to what the server asks of its operator (who is usually the one running sdxlctl)."""
+    named = flag is not None and "name" in flag.entry
+    if "are off on this server" in message or "not allowed on this server" in message:
+        if named:
+            return 'preload it: [model] loras = { NAME = "gs://BUCKET/loras/FILE.safetensors" }, then `sdxlctl deploy`'
+        return 'allow its prefix: [model] lora_sources = ["gs://BUCKET/loras/"] in sdxlctl.toml, then `sdxlctl deploy`'
+    if "not under an allowed prefix" in message:
         return (
             "add its prefix to [model] lora_sources and deploy again, "
             "or copy the file under an allowed one: `sdxlctl lora push FILE`"
         )
     if "SDXL_LORA_MAX_RANK" in message:
         return "use fewer adapters, or raise [model] lora_max_rank and deploy again"
-    if "preloaded" in message:
+    if "no preloaded adapter" in message:
         return "name one of those, or add it to [model] loras and deploy again"
     if status == 502:
         return "the server could not fetch it; `sdxlctl logs` shows why"

@@ -110,14 +110,21 @@ def test_usage_errors_send_nothing(cli: Cli, tmp_path: Path) -> None:
             "LoRA sources are not allowed on this server: its operator sets SDXL_LORA_SOURCES "
             "(sdxlctl: [model] lora_sources)",
             "--lora #2 (org/repo:0.5): the server answered 403: LoRA sources are not allowed",
-            "set [model] lora_sources",
+            'allow its prefix: [model] lora_sources = ["gs://BUCKET/loras/"]',
         ),
         (
             403,
             "parameters.lora[0].source",
-            "gs://other/x.safetensors is not under an allowed prefix (SDXL_LORA_SOURCES)",
+            "parameters.lora[0].source: gs://other/x.safetensors is not under an allowed prefix (SDXL_LORA_SOURCES)",
             "--lora #1 (gs://other/x.safetensors): the server answered 403: gs://other/x.safetensors is not under",
             "sdxlctl lora push FILE",
+        ),
+        (
+            403,
+            "parameters.lora[2].name",
+            "LoRA adapters are off on this server: its operator preloads named adapters with SDXL_LORAS",
+            "--lora #3 (nope): the server answered 403: LoRA adapters are off on this server",
+            'preload it: [model] loras = { NAME = "gs://',
         ),
         (
             400,
