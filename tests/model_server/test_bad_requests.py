@@ -92,6 +92,22 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("refine-without-refiner", req(refine="expert_ensemble"), 400, "parameters.refine"),
     ("high-noise-frac-1", req(high_noise_frac=1), 400, "parameters.high_noise_frac"),
     ("refine-steps-0", req(refine_steps=0), 400, "parameters.refine_steps"),
+    # Issue 16: adapters. Refused on the text, before the allow-list (this server has LoRA off: 403 after).
+    ("lora-4-adapters", req(lora=[{"name": n} for n in "abcd"]), 400, "parameters.lora"),
+    ("lora-string", req(lora="gs://bkt/loras/x.safetensors"), 400, "parameters.lora"),
+    ("lora-unknown-key", req(lora={"name": "pixel", "alpha": 8}), 400, "parameters.lora[0].alpha"),
+    ("lora-scale-5", req(lora=[{"name": "a"}, {"name": "b", "scale": 5}]), 400, "parameters.lora[1].scale"),
+    ("lora-source-and-name", req(lora={"source": "org/repo", "name": "pixel"}), 400, "parameters.lora[0]"),
+    ("lora-twice", req(lora=[{"source": "org/repo"}, {"source": "hf://org/repo"}]), 400, "parameters.lora[1]"),
+    ("lora-metadata-ip", req(lora={"source": "http://169.254.169.254/x"}), 400, "parameters.lora[0].source"),
+    ("lora-file", req(lora={"source": "file:///etc/passwd"}), 400, "parameters.lora[0].source"),
+    ("lora-dotdot", req(lora={"source": "gs://bkt/l/../s.safetensors"}), 400, "parameters.lora[0].source"),
+    ("lora-pickle", req(lora={"source": "hf://org/repo/x.ckpt"}), 400, "parameters.lora[0].source"),
+    ("lora-weight-dotdot", req(lora={"source": "org/r", "weight_name": "../x"}), 400, "parameters.lora[0].weight_name"),
+    ("lora-bad-name", req(lora={"name": "../x"}), 400, "parameters.lora[0].name"),
+    ("lora-and-lora-id", req(lora={"name": "pixel"}, lora_id="org/repo"), 400, "parameters.lora_id"),
+    ("lora-id-number", req(lora_id=7), 400, "parameters.lora_id"),
+    ("instance-lora-id", req({"lora_id": "org/repo"}), 400, "instances[0].lora_id"),
 ]
 
 
@@ -120,6 +136,11 @@ def test_out_of_range_messages_say_what_is_allowed(model_server: Server) -> None
         "style": (req({"style": "vaporwave"}), "cinematic"),
         "num_images": (req(num_images=5), "at most 4"),
         "output_format": (req(output_format="gif"), "'png', 'jpeg' or 'webp'"),
+        "lora scale": (req(lora={"name": "a", "scale": 9}), "from -4 to 4"),
+        "lora count": (req(lora=[{"name": "a"}] * 4), "1 to 3"),
+        "lora pickle": (req(lora={"source": "gs://bkt/x.bin"}), "never pickle"),
+        "lora twice": (req(lora=[{"name": "a"}, {"name": "A"}]), "give it once, with the sum of the scales"),
+        "instance lora_id": (req({"lora_id": "org/repo"}), "give it in parameters.lora_id"),
     }
     for name, (body, allowed) in cases.items():
         message = model_server.predict(body).json()["error"]["message"]
