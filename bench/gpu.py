@@ -13,11 +13,12 @@ variant measured last: `server` (the HTTP server's overhead: JSON, JPEG, queue),
 and 4 concurrent requests), `breakdown` (prompt encoding, denoising, VAE decode, pixels to the
 host), `attention` (each SDPA backend on SDXL's attention shapes), `batching` (two same-shape
 prompts in one batch), `cold` (process start to health 200, with the compile cache this run filled
-and/or an empty one). --modes adds, on each variant's pipeline, other generation modes
-(bench/gpu_modes.py: image-to-image, the Heun sampler, the refiner as an expert ensemble), each timed
-against the variant's own text-to-image and the run's baseline. Each step is skipped when the budget
-left is below its estimate, and written to results.json and results.md as soon as it ends. Weights are
-random (no downloads): the arithmetic is SDXL 1.0's (and the refiner's).
+and/or an empty one), `lora` (bench/gpu_lora.py: the LoRA slot's cost per image and per swap; run it
+last). --modes adds, on each variant's pipeline, other generation modes (bench/gpu_modes.py:
+image-to-image, the Heun sampler, the refiner as an expert ensemble), each timed against the variant's
+own text-to-image and the run's baseline. Each step is skipped when the budget left is below its
+estimate, and written to results.json and results.md as soon as it ends. Weights are random
+(no downloads): the arithmetic is SDXL 1.0's (and the refiner's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "containers" / "model"))  # runs from a checkout, installed or not
 sys.path.insert(0, str(ROOT / "bench"))  # imported by the tests as well as run
 
+import gpu_lora  # noqa: E402
 import gpu_modes  # noqa: E402
 
 from sdxl_server import optimize  # noqa: E402  (light: no torch until a plan is applied)
@@ -192,7 +194,7 @@ VARIANTS: dict[str, optimize.Plan] = {
         fuse=True, compile=optimize.BLOCKS, cuda_graphs=True, attention="cudnn", autotune=True
     ),
 }
-PHASES = ("server", "throughput", "breakdown", "attention", "batching", "cold")
+PHASES = ("server", "throughput", "breakdown", "attention", "batching", "cold", "lora")
 # Seconds each variant needs on an H200 with an empty compile cache (build, compile, four images);
 # 15 when it only adds to a pipeline compiled the same way.
 ESTIMATE_S = {
@@ -718,6 +720,8 @@ def main() -> None:
                 measure_attention(run, args, bench)
             elif step == "cold":
                 measure_cold_start(run, args, bench)
+            elif step == "lora":  # bench/gpu_lora.py: the LoRA slot's cost per image and per swap
+                gpu_lora.measure(run, args, bench, build, difference)
         except Exception as exc:  # one step's failure is a result too: record it and measure the rest
             traceback.print_exc()
             run.record(f"{step} failed", f"{type(exc).__name__}: {exc}")
