@@ -153,3 +153,19 @@ def test_lora_id_in_an_instance_points_to_parameters() -> None:
 def test_the_same_repo_at_two_revisions_is_two_adapters() -> None:
     refs = parse(body(lora=[{"source": "hf://org/repo@v1"}, {"source": "hf://org/repo@v2"}])).loras
     assert [ref.source.revision for ref in refs if ref.source] == ["v1", "v2"]
+
+
+def test_forbidden_and_fetch_failed_reach_the_client_as_403_and_502_json() -> None:
+    from sdxl_server.errors import FetchFailed, Forbidden, ServerError
+    from sdxl_server.responses import error_response
+
+    for error, status in (
+        (Forbidden("parameters.lora[0].source: LoRA sources are not allowed", field="parameters.lora[0].source"), 403),
+        (FetchFailed("parameters.lora[0].source: GCS answered 503 twice", field="parameters.lora[0].source"), 502),
+    ):
+        assert isinstance(error, ServerError)
+        response = error_response(error)
+        assert response.status_code == status
+        assert json.loads(bytes(response.body)) == {
+            "error": {"code": status, "message": error.message, "field": "parameters.lora[0].source"}
+        }

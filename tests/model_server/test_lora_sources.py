@@ -85,6 +85,7 @@ REFUSED: list[tuple[str, str | None, str, str]] = [
     ("gs://bkt/loras/x.safetensors\x00.png", None, "control characters", "source"),
     ("gs://bkt/loras/x.safetensors\n", None, "control characters", "source"),
     ("gs://bkt/my lora.safetensors", None, "whitespace", "source"),
+    ("gs://bkt/my\u3000lora\ud800.safetensors", None, "'gs://bkt/my\\u3000lora", "source"),  # ideographic space
     ("gs://bkt/lor\u0430s/x.safetensors", None, "only ASCII", "source"),  # Cyrillic a
     ("gs://bkt/loras\u2215..\u2215x.safetensors", None, "only ASCII", "source"),  # division slash
     ("gs://bkt/loras\uff0f..\uff0fx.safetensors", None, "only ASCII", "source"),  # fullwidth solidus

@@ -105,7 +105,9 @@ def _check_text(text: str, part: str) -> None:
     """The refusals that hold wherever in the text the character is."""
     if len(text) > MAX_SOURCE_CHARS:
         raise SourceError(f"too long: {len(text)} characters; at most {MAX_SOURCE_CHARS}", part=part)
-    shown = _short(text)
+    # Echoed escaped unless plain ASCII: a lone surrogate cannot be encoded into the JSON answer (a 500), and
+    # look-alike letters and odd spaces become visible.
+    shown = _short(text if text.isascii() else ascii(text))
     if any(ord(char) < 32 or ord(char) == 127 for char in text):
         raise SourceError(f"{_short(ascii(text))}: control characters (NUL, newline...) are refused", part=part)
     if any(char.isspace() for char in text):
@@ -115,8 +117,7 @@ def _check_text(text: str, part: str) -> None:
     if "%" in text:
         raise SourceError(f"{shown}: '%' (URL encoding) is refused; write the name as it is", part=part)
     if not text.isascii():
-        # Shown escaped: a lone surrogate cannot be encoded into the JSON answer, and look-alikes become visible.
-        raise SourceError(f"{_short(ascii(text))}: only ASCII characters ({_SEGMENT_CHARS})", part=part)
+        raise SourceError(f"{shown}: only ASCII characters ({_SEGMENT_CHARS})", part=part)
 
 
 def _gs(rest: str, weight_name: str | None) -> Source:
