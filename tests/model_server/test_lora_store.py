@@ -120,6 +120,7 @@ def test_a_replaced_object_is_fetched_again_at_its_new_generation(bucket: Bucket
     second = cache.fetch(source, field=FIELD)
     assert second.version != first.version and second.key != first.key
     assert second.path.read_bytes() == b"again" * 1000 and len(bucket.proxy.media) == 2
+    assert not first.path.exists() and [e["key"] for e in cache.entries()] == [second.key]  # the old one is dead
 
 
 def test_a_missing_object_is_a_400_not_found(bucket: Bucket, tmp_path: Path) -> None:
@@ -270,6 +271,19 @@ def test_a_garbage_index_is_ignored_and_the_file_fetched_again(bucket: Bucket, t
     assert fetched.path.read_bytes() == data and len(bucket.proxy.media) == 2
     assert json.loads((tmp_path / "index.json").read_text())["entries"].keys() == {key}
     assert (tmp_path / "index.json").is_file() and not (tmp_path / "index.json").is_symlink()
+
+
+def test_a_last_use_in_the_future_does_not_keep_a_file_forever(bucket: Bucket, tmp_path: Path) -> None:
+    a, b, c = (bucket.put(f"{n}.safetensors", os.urandom(1_000)) for n in "abc")
+    cache = store(tmp_path, budget=3_000)
+    key = cache.fetch(a, field=FIELD).key
+    cache.fetch(b, field=FIELD)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["entries"][key]["last_used"] = 1e12  # a clock set wrong, or a hand edit
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    restarted = store(tmp_path, budget=1_000)
+    restarted.fetch(c, field=FIELD)
+    assert [e["adapter"] for e in restarted.entries()] == [c.uri]
 
 
 def test_a_cached_file_edited_on_disk_is_fetched_again(bucket: Bucket, tmp_path: Path) -> None:

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from sdxl_server.lora.hub import Hub
     from sdxl_server.lora.sources import Source
 
-DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # sources.DEFAULT_WEIGHT_NAME: a folder's file
 INDEX = "index.json"
 REQUEST_TIMEOUT_S = 60.0  # per HTTP request (connect and each read), as gcs.py
 # A file returned by fetch is read right after (adapters.read_adapter), outside the store's lock: for this long
@@ -74,14 +73,6 @@ class TooBig(Exception):
 def key_of(uri: str, version: str) -> str:
     """The cache key of one version of one source: also its file name, so it is hex and nothing else."""
     return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:32]
-
-
-def weight_object(source: Source) -> str:
-    """The object or repo file a source names: a folder's weight file resolved in."""
-    path = source.path
-    if not path:
-        return DEFAULT_WEIGHT_NAME
-    return path + DEFAULT_WEIGHT_NAME if path.endswith("/") else path
 
 
 class Store:
@@ -234,8 +225,8 @@ class Store:
         """The object's generation, size and crc32c (one metadata GET), and a download of that generation."""
         from sdxl_server.gcs import name_problem
 
-        name = weight_object(source)
-        uri = f"gs://{source.location}/{name}"
+        name = source.path  # a folder's weight file is resolved in when parsed (sources.py)
+        uri = source.uri
         problem = name_problem(name)
         if problem:
             raise InvalidRequest(f"refusing {uri}: {problem}", field=field)
@@ -289,7 +280,9 @@ class Store:
         index: dict[str, dict[str, Any]] = {}
         for key, entry in (saved or {}).items() if isinstance(saved, dict) else ():
             if _KEY.fullmatch(str(key)) and _well_formed(entry) and self._intact(key, entry):
-                index[key] = {name: entry[name] for name in ("adapter", "version", "bytes", "mtime_ns", "last_used")}
+                index[key] = {name: entry[name] for name in ("adapter", "version", "bytes", "mtime_ns")}
+                # a time in the future would look in use, and never be evicted
+                index[key]["last_used"] = min(entry["last_used"], time.time())
         for path in self.folder.iterdir():
             stem, dot, suffix = path.name.partition(".")
             ours = _KEY.fullmatch(stem) and dot and suffix in ("safetensors", "partial")
@@ -310,19 +303,21 @@ class Store:
             log("lora cache index not saved", level=logging.WARNING, folder=str(self.folder), reason=str(exc))
 
     def _evict(self, *, keep: str) -> None:
-        """Delete least recently used files until the cache fits its budget (never `keep`, pinned or in use)."""
+        """After `keep` arrived: delete the versions it replaced (a new generation or commit of the same source is
+        all a later fetch will ask for), then least recently used files until the cache fits its budget; never
+        `keep`, a pinned file or one in use."""
         total = sum(e["bytes"] for e in self._index.values())
         recent = time.time() - self.in_use_s
         for key, entry in sorted(self._index.items(), key=lambda item: item[1]["last_used"]):
-            if total <= self.budget_bytes:
-                return
+            replaced = entry["adapter"] == self._index[keep]["adapter"]
             if key == keep or key in self._pinned or entry["last_used"] > recent:
                 continue
-            with contextlib.suppress(OSError):
-                self._path(key).unlink(missing_ok=True)
-            del self._index[key]
-            total -= entry["bytes"]
-            log("lora evicted", adapter=entry["adapter"], bytes=entry["bytes"])
+            if replaced or total > self.budget_bytes:
+                with contextlib.suppress(OSError):
+                    self._path(key).unlink(missing_ok=True)
+                del self._index[key]
+                total -= entry["bytes"]
+                log("lora evicted", adapter=entry["adapter"], bytes=entry["bytes"], replaced=replaced)
 
     @contextlib.contextmanager
     def _flight(self, uri: str) -> Iterator[None]:
