@@ -108,3 +108,21 @@ def test_a_preloaded_adapter_changes_the_image_and_status_shows_it(
     assert lora["cached"] == [], lora
     text = cli("status", env=env)
     assert "preloaded: tiny" in text.out and "cached on the server: none yet" in text.out
+
+
+def test_the_cached_adapters_are_listed_under_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdxlctl.cli.lora_cmd import show_status
+
+    cached = [
+        {"adapter": "gs://bkt/loras/a.safetensors", "bytes": 2_500_000, "in_memory": True},
+        {"adapter": "hf://org/repo/pytorch_lora_weights.safetensors", "bytes": 1_000_000, "in_memory": False},
+    ]
+    show_status({"sources": ["gs://bkt/loras/"], "preloaded": [], "cached": cached})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "LoRA allowed sources: gs://bkt/loras/",
+        "     preloaded: none",
+        "     cached on the server (most recent first):",
+        "       gs://bkt/loras/a.safetensors (2.5 MB, in memory)",
+        "       hf://org/repo/pytorch_lora_weights.safetensors (1.0 MB)",
+    ]

@@ -81,3 +81,27 @@ def test_a_missing_bucket_is_one_line_naming_it(cli: Cli, cloud: Emulator, tmp_p
     result = cli("lora", "push", str(lora_file(tmp_path / "a.safetensors")), "--yes", env=cloud.env())
     assert result.code == 1
     assert result.err.startswith("error: upload gs://no-such-bucket-here/loras/a-") and "Traceback" not in result.err
+
+
+def test_the_progress_is_told_the_bytes_sent_up_to_the_whole_file(cloud: Emulator, tmp_path: Path) -> None:
+    """What the transfer bar shows: lora_ops.push tells each chunk's bytes as google-cloud-storage reads them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from sdxlctl.config import load_config
+    from sdxlctl.lora_ops import push
+
+    path = tmp_path / "mid.safetensors"
+    weights = np.random.default_rng(1).standard_normal((2, 2048, 1024)).astype(np.float32)  # 8 MiB each
+    save_file({"unet.a.lora_A.weight": weights[0], "unet.a.lora_B.weight": weights[1]}, str(path))
+    told: list[tuple[int, int]] = []
+    env = cloud.env()
+    with pytest.MonkeyPatch.context() as patch:
+        for var, value in env.items():
+            patch.setenv(var, value)
+        config = load_config(tmp_path / "sdxlctl.toml")
+        pushed = push(config, path, sent=lambda done, total: told.append((done, total)))
+    size = path.stat().st_size
+    assert pushed.uploaded and told[-1] == (size, size)
+    assert len({done for done, _ in told}) >= 3  # chunk by chunk, not once at the end
+    assert [done for done, _ in told] == sorted(done for done, _ in told)
