@@ -262,3 +262,42 @@ def test_a_bad_preloaded_entry_is_named(raw: str, words: str) -> None:
     with pytest.raises(ValueError) as raised:
         parse_preloaded(raw)
     assert words in str(raised.value)
+
+
+PIECES = [
+    "gs://", "hf://", "GS://", "http://", "file://", "bkt", "BKT", "bkt2", "loras", "loras-evil", "org", "orgx",
+    "repo", "/", "/", "//", ".", "..", "%2f", "%2e", "\\", "@", "@main", ":", "?", "#", "~", "x.safetensors",
+    ".safetensors", ".bin", "\x00", "\n", " ", "\u0430", "\u2215", "\uff0f", "\ud800", "-", "_", "+", "=",
+]  # fmt: skip
+
+
+def test_no_spelling_of_a_source_escapes_its_prefix() -> None:
+    """20,000 random splices of the pieces hostile sources are made of: each is refused with a SourceError or
+    parsed to a canonical URI that parses back to itself, and the allow-list allows it only inside a prefix."""
+    import random
+
+    rng = random.Random(16)
+    allow = AllowList.parse("gs://bkt/loras,hf://org/repo")
+    accepted = allowed = 0
+    for _ in range(20_000):
+        # Mostly shaped like a source (a scheme, pieces, a file name), so the accepting paths are reached too.
+        head = rng.choice(["gs://bkt/loras", "hf://org/repo", "gs://bkt/", "hf://org/", "", rng.choice(PIECES)])
+        tail = rng.choice(["x.safetensors", "/x.safetensors", "/", "", rng.choice(PIECES)])
+        text = head + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6))) + tail
+        weight = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 3))) if rng.random() < 0.2 else None
+        try:
+            source = parse_source(text, weight_name=weight)
+        except SourceError as exc:
+            assert str(exc).encode("utf-8") and "\n" not in str(exc)
+            continue
+        accepted += 1
+        uri = source.uri
+        assert uri.isascii() and not any(char in uri for char in "%\\?# \x00")
+        scheme, rest = uri.split("://")
+        assert scheme in {"gs", "hf"} and all(part not in {"", ".", ".."} for part in rest.split("/"))
+        assert uri.endswith(".safetensors") and parse_source(uri) == source
+        if allow.allows(source):
+            allowed += 1
+            parts = source.unversioned.split("/")
+            assert parts[2:4] in (["bkt", "loras"], ["org", "repo"]) and len(parts) > 4, uri
+    assert accepted > 1000 and allowed > 300  # the splices reach the accepting paths, not only the first refusal
