@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdxlctl.gcp.errors import translated
 from sdxlctl.gcp.session import Cloud
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 
 class Storage:
@@ -80,31 +83,40 @@ class Storage:
             return b""
         return bytes(data)
 
-    def grant(self, role: str, member: str, *, prefix: str = "") -> bool:
-        """Give `member` `role` on the whole bucket, or with `prefix` only on the objects under `prefix`/;
-        True when the policy changed. A grant of `role` to `member` other than the one asked for goes.
+    def grant(self, member: str, roles: Mapping[str, Sequence[str]]) -> bool:
+        """Give `member` each role of `roles` on exactly its folders: one binding per folder, which holds for
+        the objects under it ("": the whole bucket); no folder takes the role away. Roles not named are left
+        as they are. True when the policy changed.
 
-        The prefix is an IAM condition, which needs uniform bucket-level access (`uniform_access`).
+        One binding per folder, not one condition of many terms: IAM allows 12 logical operators in a condition.
+        A folder is an IAM condition, which needs uniform bucket-level access (`uniform_access`).
         """
-        condition = prefix_condition(self.bucket_name, prefix) if prefix.strip("/") else None
-        wanted = condition["expression"] if condition else None
-        with translated(f"grant {role} on gs://{self.bucket_name}", api="storage", project=self.cloud.project):
+        wanted: dict[tuple[str, str | None], dict[str, str] | None] = {}
+        for role, folders in roles.items():
+            for folder in folders:
+                condition = prefix_condition(self.bucket_name, folder) if folder.strip("/") else None
+                wanted[(role, condition["expression"] if condition else None)] = condition
+        doing = f"grant {', '.join(roles)} on gs://{self.bucket_name}"
+        with translated(doing, api="storage", project=self.cloud.project):
             bucket = self.client.bucket(self.bucket_name)
             policy = bucket.get_iam_policy(requested_policy_version=3)
-            kept, present, dropped = [], False, False
+            kept, present, changed = [], set(), False
             for binding in policy.bindings:
-                if binding["role"] == role and member in binding["members"]:
-                    if (binding.get("condition") or {}).get("expression") == wanted and not present:
-                        present = True
-                    else:  # the same role more widely (an earlier sdxlctl) or on another prefix
+                if binding["role"] in roles and member in binding["members"]:
+                    key = (binding["role"], (binding.get("condition") or {}).get("expression"))
+                    if key in wanted and key not in present:
+                        present.add(key)
+                    else:  # the role more widely (an earlier sdxlctl), on a folder no longer wanted, or twice
                         binding = {**binding, "members": set(binding["members"]) - {member}}
-                        dropped = True
+                        changed = True
                 if binding["members"]:
                     kept.append(binding)
-            if present and not dropped:
+            for (role, expression), condition in wanted.items():
+                if (role, expression) not in present:
+                    kept.append({"role": role, "members": {member}, **({"condition": condition} if condition else {})})
+                    changed = True
+            if not changed:
                 return False
-            if not present:
-                kept.append({"role": role, "members": {member}, **({"condition": condition} if condition else {})})
             policy.bindings = kept
             if any(binding.get("condition") for binding in kept):
                 policy.version = 3  # conditions are refused in an older policy version

@@ -5,15 +5,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sdxlctl.config import Config
+from sdxlctl.lora_sources import gs_folder
 from sdxlctl.state import Resource, StateStore
 from sdxlctl.steps import Change, Progress
-from sdxlctl.vertex.names import bucket_of, cloud, compile_cache, names, server_account, server_buckets
+from sdxlctl.vertex.names import (
+    bucket_of,
+    cloud,
+    compile_cache,
+    lora_reads,
+    names,
+    server_account,
+    server_buckets,
+)
 
 if TYPE_CHECKING:
     from sdxlctl.gcp.session import Cloud
 
 CACHE_ROLE = "roles/storage.objectUser"  # read, write, list and overwrite objects; no say over the bucket
 WEIGHTS_ROLE = "roles/storage.objectViewer"
+SERVER_ROLES = (CACHE_ROLE, WEIGHTS_ROLE)  # every role sdxlctl gives the server's account on a bucket
 # The UI's account may call predict on its endpoint and nothing else (not undeploy, update or delete, which
 # roles/aiplatform.user would allow): a project role shared by every deployment, kept by teardown.
 PREDICT_ROLE_ID = "sdxlctlEndpointPredictor"
@@ -23,30 +33,61 @@ PREDICT_FALLBACK_ROLE = "roles/aiplatform.user"
 
 def ensure_server_account(config: Config, store: StateStore, progress: Progress, changes: list[Change]) -> str:
     """The account the model server runs as, when it needs one: it may write the compile cache and read
-    gs:// weights (the base's, a refiner's), nothing else. Empty: Vertex AI's own account, which may only
-    read the artifacts."""
+    gs:// weights (the base's, a refiner's) and LoRA adapters, nothing else. Empty: Vertex AI's own account,
+    which may only read the artifacts."""
     email = server_account(config)
     if not email:
         return ""
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.storage import Storage
 
-    c, n, model = cloud(config), names(config), config.model
+    c, n = cloud(config), names(config)
     cache = compile_cache(config)
     progress("giving the model server an account that may " + ("write its compile cache" if cache else "read gs://"))
     ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
-    store.record(config.name, Resource(kind="server-account", name=email, target="vertex"))
-    grants = []
+    wanted = server_grants(config)
+    recorded = store.read().get(config.name, "server-account")
+    before = set(recorded.details.get("buckets", [])) if recorded and recorded.name == email else set()
+    # Recorded before granting, so that teardown finds every bucket even when this stops halfway.
+    store.record(config.name, _account(email, before | set(wanted)))
     if cache.startswith("gs://"):
         Storage(c, bucket_of(cache), n.labels).ensure_bucket()
-        grants.append(_grant_folder(c, CACHE_ROLE, email, cache, changes))
-    if model.source.startswith("gs://") and not model.bake:  # baked: the image has them
-        grants.append(_grant_folder(c, WEIGHTS_ROLE, email, model.source, changes))
-    if model.refiner.startswith("gs://"):  # never baked: fetched at every start, as its own account
-        grants.append(_grant_folder(c, WEIGHTS_ROLE, email, model.refiner, changes))
+    grants = [_grant_bucket(c, email, bucket, roles, changes) for bucket, roles in sorted(wanted.items())]
+    kept = {bucket for bucket in before - set(wanted) if not _revoke_bucket(c, email, bucket, changes)}
+    store.record(config.name, _account(email, set(wanted) | kept))
     granted = any(done for done, _ in grants)
     changes.append(Change("update" if granted else "keep", "service account", email, ", ".join(d for _, d in grants)))
     return email
+
+
+def _account(email: str, buckets: set[str]) -> Resource:
+    return Resource(kind="server-account", name=email, target="vertex", details={"buckets": sorted(buckets)})
+
+
+def server_grants(config: Config) -> dict[str, dict[str, list[str]]]:
+    """bucket -> role -> the folders ("": all of it) the model server's account needs there."""
+    model, cache = config.model, compile_cache(config)
+    wanted: list[tuple[str, str]] = []
+    if cache.startswith("gs://"):
+        wanted.append((CACHE_ROLE, cache))
+    if model.source.startswith("gs://") and not model.bake:  # baked: the image has them
+        wanted.append((WEIGHTS_ROLE, model.source))
+    if model.refiner.startswith("gs://"):  # never baked: fetched at every start, as its own account
+        wanted.append((WEIGHTS_ROLE, model.refiner))
+    wanted += [(WEIGHTS_ROLE, uri) for uri in lora_reads(config)]
+    grants: dict[str, dict[str, list[str]]] = {}
+    for role, uri in wanted:
+        bucket, _, folder = uri.removeprefix("gs://").partition("/")
+        grants.setdefault(bucket, {}).setdefault(role, []).append(folder.strip("/"))
+    return {bucket: {role: _narrowest(folders) for role, folders in roles.items()} for bucket, roles in grants.items()}
+
+
+def _narrowest(folders: list[str]) -> list[str]:
+    """The fewest folders that cover `folders`: the bucket covers every folder, a folder those under it."""
+    if "" in folders:
+        return [""]
+    unique = sorted(set(folders))
+    return [f for f in unique if not any(f.startswith(other + "/") for other in unique if other != f)]
 
 
 def refiner_detail(config: Config) -> str:
@@ -59,27 +100,80 @@ def refiner_detail(config: Config) -> str:
     return detail
 
 
-def _grant_folder(c: Cloud, role: str, email: str, uri: str, changes: list[Change]) -> tuple[bool, str]:
-    """`role` on the objects of the gs:// folder `uri` only, when its bucket lets IAM conditions say so;
-    else on the whole bucket, with a warning. Whether the policy changed, and what was granted."""
+def server_account_plan(config: Config) -> str:
+    """What the deploy plan says the model server's account may do."""
+    cache, refiner, loras = compile_cache(config), config.model.refiner, lora_reads(config)
+    grants = [f"{CACHE_ROLE} on its compile cache {cache}/ only"] if cache else []
+    grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
+    grants += [f"{WEIGHTS_ROLE} on its LoRA folders {', '.join(loras)} only"] if loras else []
+    uniform = "and bucket-wide where the bucket has no uniform bucket-level access"
+    return f"the model server's: {', '.join(grants)}, {uniform}"
+
+
+def lora_plan(config: Config) -> list[Change]:
+    """Where the server gets LoRA adapters from, and with which access, for the deploy plan."""
+    rows = []
+    viewer = f"{WEIGHTS_ROLE} (IAM condition: that folder only)"
+    for prefix in config.model.lora_sources:
+        how = f"read as the server's account, {viewer}" if prefix.startswith("gs://") else "fetched from the Hub"
+        rows.append(Change("read", "LoRA", prefix, f"adapters requests name under it, {how}, at request time"))
+    for name, source in config.model.loras.items():
+        how = "fetched from the Hub"
+        if source.startswith("gs://"):
+            bucket, folder = gs_folder(source)
+            where = f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket} (its top level)"
+            how = f"read as the server's account, {WEIGHTS_ROLE} on {where}"
+        rows.append(Change("load", "LoRA", f"{name} = {source}", f"{how}, at every start (before it reports ready)"))
+    if rows:
+        rank = config.model.lora_max_rank
+        rows.append(Change("check", "LoRA", f"max rank {rank}", "the rank a request's adapters may add up to"))
+    return rows
+
+
+def _grant_bucket(
+    c: Cloud, email: str, bucket: str, roles: dict[str, list[str]], changes: list[Change]
+) -> tuple[bool, str]:
+    """Each role on the objects of its folders only, when the bucket lets IAM conditions say so; else on the
+    whole bucket, with a warning. Any other role sdxlctl gives the server there goes. Whether the policy
+    changed, and what was granted."""
     from sdxlctl.gcp.storage import Storage
 
-    bucket, _, folder = uri.removeprefix("gs://").partition("/")
-    folder = folder.strip("/")
     storage = Storage(c, bucket, {})
-    if folder and not storage.uniform_access():
+    folders = [folder for role in roles for folder in roles[role] if folder]
+    if folders and not storage.uniform_access():
         changes.append(
             Change(
                 "warn",
                 "bucket",
                 f"gs://{bucket}",
-                f"without uniform bucket-level access IAM conditions are refused: {role} covers every object, "
-                f"not only {folder}/ (gcloud storage buckets update gs://{bucket} --uniform-bucket-level-access)",
+                f"without uniform bucket-level access IAM conditions are refused: {', '.join(roles)} cover every "
+                f"object, not only {', '.join(f + '/' for f in folders)} "
+                f"(gcloud storage buckets update gs://{bucket} --uniform-bucket-level-access)",
             )
         )
-        folder = ""
-    granted = storage.grant(role, f"serviceAccount:{email}", prefix=folder)
-    return granted, f"{role} on " + (f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}")
+        roles = {role: [""] for role in roles}
+    granted = storage.grant(f"serviceAccount:{email}", {role: roles.get(role, []) for role in SERVER_ROLES})
+    said = [
+        f"{role} on " + (f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}")
+        for role, folders in roles.items()
+        for folder in folders
+    ]
+    return granted, ", ".join(said)
+
+
+def _revoke_bucket(c: Cloud, email: str, bucket: str, changes: list[Change]) -> bool:
+    """The server's roles on a bucket the config no longer names; False (and a warning) when that failed."""
+    from sdxlctl.gcp.errors import CloudError
+    from sdxlctl.gcp.storage import Storage
+
+    try:
+        taken = Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
+    except CloudError as exc:
+        changes.append(Change("warn", "bucket", f"gs://{bucket}", f"the config no longer names it, but {exc.message}"))
+        return False
+    if taken:
+        changes.append(Change("update", "bucket", f"gs://{bucket}", "the model server's roles taken away: unused now"))
+    return True
 
 
 def predict_role(c: Cloud, changes: list[Change]) -> str:
@@ -122,7 +216,9 @@ def revoke_grants(config: Config, store: StateStore, endpoints: list[Any], email
 
     c, n, account_id = cloud(config), names(config), email.split("@")[0]
     if account_id == n.server_account_id:
-        for bucket in sorted(server_buckets(config)):
+        recorded = store.read().get(config.name, "server-account")
+        granted = set(recorded.details.get("buckets", [])) if recorded and recorded.name == email else set()
+        for bucket in sorted(server_buckets(config) | granted):
             Storage(c, bucket, {}).revoke(f"serviceAccount:{email}")
     if account_id == n.account_id:
         recorded = store.read().get(config.name, "endpoint")

@@ -10,6 +10,7 @@ from sdxlctl.config import Config, require_project
 from sdxlctl.context import BAKED_FOLDER
 from sdxlctl.gcp.iam import account_email
 from sdxlctl.gpus import GpuOption
+from sdxlctl.lora_sources import gs_folder
 from sdxlctl.pricing import machine_price
 from sdxlctl.server_env import compile_cache as resolved_cache
 from sdxlctl.server_env import server_env
@@ -118,8 +119,10 @@ def compile_cache(config: Config) -> str:
 
 def server_account(config: Config) -> str:
     """The model server's own service account: only needed to write a gs:// compile cache or to read a gs://
-    refiner (the Model's one artifact URI, which Vertex AI's own account may read, is the base's weights)."""
-    if not compile_cache(config).startswith("gs://") and not config.model.refiner.startswith("gs://"):
+    refiner or LoRA adapters (the Model's one artifact URI, which Vertex AI's own account may read, is the
+    base's weights)."""
+    gs = (compile_cache(config), config.model.refiner, *lora_reads(config))
+    if not any(uri.startswith("gs://") for uri in gs):
         return ""
     n = names(config)
     return n.email(n.server_account_id)
@@ -132,7 +135,16 @@ def bucket_of(uri: str) -> str:
 def server_buckets(config: Config) -> set[str]:
     """Every bucket the model server's account may have been given a role on."""
     uris = (own_cache(config), config.model.compile_cache, config.model.source, config.model.refiner)
-    return {bucket_of(uri) for uri in uris if uri.startswith("gs://")}
+    return {bucket_of(uri) for uri in (*uris, *lora_reads(config)) if uri.startswith("gs://")}
+
+
+def lora_reads(config: Config) -> list[str]:
+    """The gs:// folders the server reads LoRA adapters from: each prefix requests may name, and the folder of
+    each adapter it loads at start (a file of the folder, or the folder itself)."""
+    preloaded = [source for source in config.model.loras.values() if source.startswith("gs://")]
+    folders = [prefix for prefix in config.model.lora_sources if prefix.startswith("gs://")]
+    folders += ["gs://{}/{}".format(*gs_folder(source)) for source in preloaded]
+    return list(dict.fromkeys(folder.rstrip("/") + "/" for folder in folders))
 
 
 def container_env(config: Config) -> dict[str, str]:

@@ -15,7 +15,7 @@ from sdxlctl.gpus import GpuOption, gpu
 from sdxlctl.pricing.memory import require_fit
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Change, Progress, StepResult, quiet
-from sdxlctl.vertex.access import CACHE_ROLE, WEIGHTS_ROLE, ensure_server_account, refiner_detail
+from sdxlctl.vertex.access import ensure_server_account, lora_plan, refiner_detail, server_account_plan
 from sdxlctl.vertex.images import bake_of
 from sdxlctl.vertex.names import (
     LABEL,
@@ -23,7 +23,6 @@ from sdxlctl.vertex.names import (
     Names,
     artifact,
     cloud,
-    compile_cache,
     container_env,
     daily_cost,
     machine_of,
@@ -136,11 +135,7 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
     changes = []
     if server_account(config):
         recorded = state.get(config.name, "server-account")
-        grants = [f"{CACHE_ROLE} on its compile cache {compile_cache(config)}/ only"] if compile_cache(config) else []
-        refiner = config.model.refiner
-        grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
-        uniform = "and bucket-wide where the bucket has no uniform bucket-level access"
-        detail = f"the model server's: {', '.join(grants)}, {uniform}"
+        detail = server_account_plan(config)
         changes.append(Change("keep" if recorded else "create", "service account", server_account(config), detail))
     if endpoint is None:
         detail = f"{d.endpoint} endpoint" + (
@@ -153,6 +148,7 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
         machine += f"; {option.note}"
     if config.model.refiner != "off":
         changes.append(Change("load", "refiner", config.model.refiner, refiner_detail(config)))
+    changes += lora_plan(config)
     said = memory.summary + (f"; {memory.warning}" if memory.warning else "")
     changes.append(Change("warn" if memory.warning else "check", "GPU memory", option.key, said))
     changes.append(Change("deploy", "model", model.name if model else "(the model `sdxlctl upload` makes)", machine))
