@@ -71,6 +71,10 @@ def test_fused_qkv_would_bypass_the_slot_so_lora_keeps_q_k_v_apart(files: dict[s
     pipe, slots = slotted()
     with pytest.raises(ValueError, match="fuse_qkv=False"):
         optimize.apply(pipe, "eager")
+    fused = build_tiny_pipeline()
+    optimize.apply(fused, "eager")
+    with pytest.raises(ValueError, match=r"before optimize\.apply"):  # the loader's order is the only one
+        Slots.prepare(fused, rank=4, memory=1)
     optimize.apply(pipe, "eager", fuse_qkv=False)
     assert pipe.fusing_vae and not pipe.fusing_unet
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the rest of `eager` applies

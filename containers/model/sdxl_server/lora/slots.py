@@ -77,6 +77,9 @@ class Slots:
 
         if rank < 1 or memory < 1:
             raise ValueError(f"rank and memory must be >= 1, got rank={rank}, memory={memory}")
+        if getattr(pipe, "fusing_unet", False) or getattr(pipe, "_sdxl_compiled", ()):
+            # fused to_qkv would bypass the slot, and compiled code would not contain it
+            raise ValueError("prepare the LoRA slot before optimize.apply (and apply with fuse_qkv=False)")
         targets = find_targets(pipe)
         params: dict[tuple[str, str], tuple[Any, Any]] = {}
         for component, modules in targets.items():
