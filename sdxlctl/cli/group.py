@@ -51,10 +51,15 @@ class Group(typer.core.TyperGroup):
         command = self.get_command(ctx, args[start])
         end = start + 1
         if isinstance(command, Group):  # `sdxlctl lora push FILE --debug`: the options of push are its own
-            inner = command._subcommand_at(ctx, args[end:])
-            if inner is None:
+            between: list[str] = []
+            at = end
+            while at < len(args) and args[at].split("=", 1)[0] in ANYWHERE:  # `lora --debug push`
+                taken = 2 if ANYWHERE[args[at].split("=", 1)[0]] and "=" not in args[at] else 1
+                between, at = between + args[at : at + taken], at + taken
+            if at >= len(args) or args[at].startswith("-"):
                 return args
-            command, end = command.get_command(ctx, args[end + inner]), end + inner + 1
+            args, start = [*args[:start], *between, args[start], *args[at:]], start + len(between)
+            command, end = command.get_command(ctx, args[start + 1]), start + 2
         if command is None or isinstance(command, typer.core.TyperGroup):
             return args
         own_valued, own = set(), set()

@@ -107,7 +107,17 @@ def test_without_a_gs_prefix_the_error_names_the_config_key(cli: Cli, tmp_path: 
     assert 'lora_sources = ["gs://BUCKET/loras/"]' in result.err
 
 
-def test_global_options_after_the_file(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "other.toml").write_text('[model]\nlora_sources = ["hf://org/"]\n')
-    result = cli("lora", "push", "x.safetensors", "--config", "other.toml")
-    assert result.code == 2 and "[model] lora_sources" in result.err
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["lora", "push", "x.safetensors", "--config", "other.toml"],
+        ["lora", "--config", "other.toml", "push", "x.safetensors"],
+        ["lora", "--config=other.toml", "push", "x.safetensors", "--debug"],
+    ],
+)
+def test_global_options_anywhere_after_lora(cli: Cli, tmp_path: Path, args: list[str]) -> None:
+    """sdxlctl.toml here has no gs:// prefix, other.toml has one: the file is then what is missing."""
+    (tmp_path / "sdxlctl.toml").write_text('[model]\nlora_sources = ["hf://org/"]\n')
+    (tmp_path / "other.toml").write_text(CONFIG)
+    result = cli(*args)
+    assert result.code == 2 and "error: lora push x.safetensors: no such file" in result.err, result.err
