@@ -105,7 +105,7 @@ def server_account_plan(config: Config) -> str:
     cache, refiner, loras = compile_cache(config), config.model.refiner, lora_reads(config)
     grants = [f"{CACHE_ROLE} on its compile cache {cache}/ only"] if cache else []
     grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
-    grants += [f"{WEIGHTS_ROLE} on its LoRA folders {', '.join(loras)} only"] if loras else []
+    grants += [f"{WEIGHTS_ROLE} on its LoRA folders {', '.join(_lora_folders(loras))}"] if loras else []
     uniform = "and bucket-wide where the bucket has no uniform bucket-level access"
     return f"the model server's: {', '.join(grants)}, {uniform}"
 
@@ -113,21 +113,38 @@ def server_account_plan(config: Config) -> str:
 def lora_plan(config: Config) -> list[Change]:
     """Where the server gets LoRA adapters from, and with which access, for the deploy plan."""
     rows = []
-    viewer = f"{WEIGHTS_ROLE} (IAM condition: that folder only)"
     for prefix in config.model.lora_sources:
-        how = f"read as the server's account, {viewer}" if prefix.startswith("gs://") else "fetched from the Hub"
+        how = "fetched from the Hub"
+        if prefix.startswith("gs://"):
+            whole = prefix.count("/") == 3  # gs://BUCKET/
+            how = f"read as the server's account, {WEIGHTS_ROLE} " + (
+                "on all of the bucket" if whole else "(IAM condition: that folder only)"
+            )
         rows.append(Change("read", "LoRA", prefix, f"adapters requests name under it, {how}, at request time"))
     for name, source in config.model.loras.items():
         how = "fetched from the Hub"
         if source.startswith("gs://"):
             bucket, folder = gs_folder(source)
-            where = f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket} (its top level)"
+            where = f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket} (the file is at its top)"
             how = f"read as the server's account, {WEIGHTS_ROLE} on {where}"
         rows.append(Change("load", "LoRA", f"{name} = {source}", f"{how}, at every start (before it reports ready)"))
     if rows:
         rank = config.model.lora_max_rank
         rows.append(Change("check", "LoRA", f"max rank {rank}", "the rank a request's adapters may add up to"))
     return rows
+
+
+def _lora_folders(uris: list[str]) -> list[str]:
+    """gs:// folders as they are granted: one inside another is covered by it; a bucket's top is all of it."""
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        bucket, _, folder = uri.removeprefix("gs://").partition("/")
+        by_bucket.setdefault(bucket, []).append(folder.strip("/"))
+    return [
+        f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}"
+        for bucket, folders in by_bucket.items()
+        for folder in _narrowest(folders)
+    ]
 
 
 def _grant_bucket(

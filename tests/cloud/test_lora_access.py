@@ -86,7 +86,7 @@ def test_the_plan_lists_what_the_server_reads_and_with_which_access_and_calls_no
     assert plan.code == 0, plan.err
     said = text(plan.err)
     assert f"create service account {SERVER.split(':')[1]}" in said
-    assert f"{VIEWER} on its LoRA folders gs://team-loras/loras/, gs://team-styles/styles/ink/ only" in said
+    assert f"{VIEWER} on its LoRA folders gs://team-loras/loras/ only, gs://team-styles/styles/ink/ only" in said
     assert (
         f"read LoRA gs://team-loras/loras/ adapters requests name under it, read as the server's account, {VIEWER}"
         in (said)
