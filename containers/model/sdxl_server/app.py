@@ -20,8 +20,9 @@ from starlette.routing import Route
 
 from sdxl_server import logs
 from sdxl_server.connection import read_body, request_id, unless_disconnected
-from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError
+from sdxl_server.errors import NotReady, PayloadTooLarge, ServerError, TimeLimitExceeded
 from sdxl_server.generator import Generator
+from sdxl_server.lora.service import Loras, Resolved, labels
 from sdxl_server.modes import MODES
 from sdxl_server.responses import error_response, http_error, internal_error, render
 from sdxl_server.runner import Runner
@@ -49,6 +50,7 @@ class ModelState:
     reason: str = ""
     source: str = ""
     load_seconds: float = 0.0
+    loras: Loras | None = None  # with the generator: what requests may name (LoRA off: every ref refused)
 
 
 def create_app(settings: Settings, *, load: Loader) -> Starlette:
@@ -60,6 +62,10 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
         started = time.monotonic()
         try:
             generator = await asyncio.to_thread(load, settings)
+            # Before warm-up, so that a preloaded adapter that cannot be used fails the start (health
+            # names SDXL_LORAS and the adapter) instead of every request that names it.
+            loras = Loras.from_settings(settings, generator.slots)
+            await asyncio.to_thread(loras.preload)
             warming = time.monotonic()
             await asyncio.to_thread(generator.warm_up, _warmup_sizes(settings, generator))
             warmup_s = round(time.monotonic() - warming, 3)
@@ -71,7 +77,8 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             state.health, state.reason = Health.FAILED, f"{type(exc).__name__}: {exc}"
             logs.log("model failed to load", level=logging.ERROR, source=state.source, reason=state.reason)
             return
-        state.generator, state.load_seconds = generator, round(time.monotonic() - started, 2)
+        state.generator, state.loras = generator, loras
+        state.load_seconds = round(time.monotonic() - started, 2)
         state.health = Health.READY
         # With "model loaded" (import_s, fetch_s, load_s, move_s) before it: the whole start, phase by phase.
         logs.log(
@@ -110,6 +117,9 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             if state.generator.fast_sizes is not None:  # compiled; other sizes run uncompiled
                 body["compiled_sizes"] = [f"{w}x{h}" for w, h in sorted(state.generator.fast_sizes)]
                 body["compiled_modes"] = list(state.generator.compiled_modes)
+            lora = state.loras.health() if state.loras is not None else None
+            if lora is not None:  # only where LoRA is on: a server without it answers as before
+                body["lora"] = lora
             return JSONResponse(body)
         if state.health is Health.FAILED:
             body["reason"] = state.reason
@@ -165,20 +175,55 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
             **logs.prompt_fields([job.prompt for job in parsed.jobs], include_text=settings.log_prompts),
         )
 
-        def work(should_stop: Callable[[], bool]) -> list[list[Any]]:
-            def counted() -> bool:  # the pipeline asks once after each denoising step
-                fields["steps_run"] += 1
-                return should_stop()
+        if parsed.loras:
+            fields["loras"] = labels(parsed.loras)
 
-            return generator.generate(parsed, counted)
+        def work_with(adapters: Resolved) -> Callable[[Callable[[], bool]], list[list[Any]]]:
+            def work(should_stop: Callable[[], bool]) -> list[list[Any]]:
+                def counted() -> bool:  # the pipeline asks once after each denoising step
+                    fields["steps_run"] += 1
+                    return should_stop()
+
+                if adapters:
+                    return generator.generate(parsed, counted, adapters)
+                return generator.generate(parsed, counted)  # LoRA on: the slot is zeroed for this request
+
+            return work
+
+        async def adapters_then_images() -> list[list[Any]]:
+            # Adapters are fetched before the request queues, so a download never holds the GPU; the time
+            # limit covers the whole request, fetching included, as it would a slow generation.
+            resolving = time.monotonic()
+            try:
+                async with asyncio.timeout(settings.time_limit_s) as limit:
+                    loras = state.loras or Loras(slots=None)
+                    adapters = await loras.resolve(parsed.loras)
+                    fields["lora_ms"] = round((time.monotonic() - resolving) * 1000, 1)
+                    return await runner.run(work_with(adapters), cost=parsed.cost)
+            except TimeoutError:
+                if not limit.expired():
+                    raise
+                fetching = "lora_ms" not in fields
+                raise TimeLimitExceeded(
+                    f"not finished within the time limit of {settings.time_limit_s:g} s (SDXL_TIME_LIMIT)"
+                    + (
+                        " while fetching its LoRA adapters: the download goes on, retry shortly"
+                        if fetching
+                        else "; use fewer steps, a smaller size or fewer images, or a dedicated endpoint with a "
+                        "longer limit"
+                    )
+                ) from None
 
         queued = time.monotonic()
-        images = await unless_disconnected(request, runner.run(work, cost=parsed.cost))
+        if parsed.loras:
+            images = await unless_disconnected(request, adapters_then_images())
+        else:
+            images = await unless_disconnected(request, runner.run(work_with(()), cost=parsed.cost))
         generated = time.monotonic()
         payload = await asyncio.to_thread(render, parsed, images)
         fields.update(
             bytes=len(payload),
-            generate_ms=round((generated - queued) * 1000, 1),  # waiting in the queue included
+            generate_ms=round((generated - queued) * 1000, 1),  # waiting in the queue (and for adapters) included
             encode_ms=round((time.monotonic() - generated) * 1000, 1),
         )
         if len(payload) > settings.max_response_bytes:

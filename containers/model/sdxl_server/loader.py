@@ -34,7 +34,14 @@ def load_generator(settings: Settings) -> Generator:
     pipeline = load_pipeline(
         settings.model_source, placement, vae=settings.vae, cache_dir=settings.cache_dir, phases=phases
     )
-    optimize.apply(pipeline, level)
+    slots = None
+    if settings.lora_enabled:
+        from sdxl_server.lora.slots import Slots
+
+        # Before optimizing and compiling: the slot's parameters are what compiled code reads, and a request's
+        # adapters are copied into them in place. QKV fusion would read to_q/to_k/to_v's weights around them.
+        slots = Slots.prepare(pipeline, rank=settings.lora_max_rank, memory=settings.lora_memory)
+    optimize.apply(pipeline, level, fuse_qkv=slots is None)
     refiner = None
     refined: dict[str, Any] = {}  # the log's refiner fields, when there is one
     if settings.refiner != OFF:
@@ -59,6 +66,7 @@ def load_generator(settings: Settings) -> Generator:
         compile_cache=cache,
         refiner=refiner,
         refiner_source=settings.refiner if refiner is not None else "",
+        slots=slots,
     )
 
 
