@@ -91,8 +91,8 @@ def diffusers_images(loras: list[tuple[Path, float]], **call: Any) -> Any:
 
 
 def kohya_lora(source: Path, folder: Path, *, layers_per_block: int = 1, weight_name: str = WEIGHT_NAME) -> Path:
-    """`source` (a diffusers-layout file from tiny_lora) as kohya's sd-scripts write an SDXL LoRA: SGM block
-    names (`lora_unet_input_blocks_4_1_...`, as A1111 and ComfyUI share them), `lora_te1_text_model_...`,
+    """`source` (a diffusers- or peft-layout file, e.g. tiny_lora's) as kohya's sd-scripts write an SDXL LoRA: SGM
+    block names (`lora_unet_input_blocks_4_1_...`, as A1111 and ComfyUI share them), `lora_te1_text_model_...`,
     lora_down/lora_up and one `.alpha` per module (the source's lora_alpha; edit the file for others).
     `layers_per_block` is the base UNet's (the tiny base: 1; SDXL: 2)."""
     import json
@@ -109,9 +109,9 @@ def kohya_lora(source: Path, folder: Path, *, layers_per_block: int = 1, weight_
     out: dict[str, Any] = {}
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
-        match = re.fullmatch(r"(.*)\.(?:lora|lora_linear_layer)\.(down|up)\.weight", rest)
+        match = re.fullmatch(r"(.*)\.(?:lora\.|lora_linear_layer\.|lora_)(down|up|A|B)\.weight", rest)
         assert match, key
-        parts = match[1].split(".")
+        parts, side = match[1].split("."), {"A": "down", "B": "up"}.get(match[2], match[2])
         if component == "unet":
             if parts[0] == "down_blocks":
                 parts[:4] = ["input_blocks", str(1 + int(parts[1]) * per_block + int(parts[3])), "1"]
@@ -123,8 +123,9 @@ def kohya_lora(source: Path, folder: Path, *, layers_per_block: int = 1, weight_
         else:
             parts = parts if parts[0] == "text_model" else ["text_model", *parts]
             stem = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + "_".join(parts)
-        out[f"{stem}.lora_{match[2]}.weight"] = tensor
-        out[f"{stem}.alpha"] = torch.tensor(float(meta.get(f"{component}.lora_alpha", tensor.shape[0])))
+        out[f"{stem}.lora_{side}.weight"] = tensor
+        rank = tensor.shape[0] if side == "down" else tensor.shape[1]  # no metadata: alpha = rank, diffusers' rule
+        out[f"{stem}.alpha"] = torch.tensor(float(meta.get(f"{component}.lora_alpha", rank)))
     folder.mkdir(parents=True, exist_ok=True)
     save_file(out, str(folder / weight_name))
     return folder / weight_name

@@ -20,31 +20,13 @@ FIELD = "parameters.lora[0].source"
 ALL_UNET = (*loras.UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
-def slot_targets(pipe: Any) -> Targets:
-    """What the slot covers (the contract's targets), as G1's Slots.prepare lists them."""
-    import torch
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    targets: Targets = {"unet": {}}
-    for name, module in pipe.unet.named_modules():
-        if isinstance(module, Transformer2DModel):
-            for inner, layer in module.named_modules():
-                if isinstance(layer, torch.nn.Linear):
-                    targets["unet"][f"{name}.{inner}"] = (layer.in_features, layer.out_features)
-    for component in ("text_encoder", "text_encoder_2"):
-        targets[component] = {
-            name: (layer.in_features, layer.out_features)
-            for name, layer in getattr(pipe, component).named_modules()
-            if name.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))
-        }
-    return targets
-
-
 @pytest.fixture(scope="module")
 def targets() -> Targets:
+    """What the slot covers on the tiny base, with shapes: read_adapter checks against exactly that."""
+    from sdxl_server.lora.slots import find_targets
     from sdxl_server.sources import build_tiny_pipeline
 
-    return slot_targets(build_tiny_pipeline())
+    return find_targets(build_tiny_pipeline())
 
 
 @pytest.fixture(scope="module")
