@@ -17,6 +17,8 @@ from PIL import Image
 
 from sdxlctl import loras
 from tests.conftest import Cli
+from tests.emulator.core import World
+from tests.emulator_fixtures import Emulator
 from tests.servers import free_port
 
 
@@ -55,16 +57,31 @@ def test_the_cached_list_is_the_servers_health() -> None:
 # ---------------------------------------------------------------- end to end, a real local server
 
 
+BUCKET = "lora-flow-bucket"
+
+
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
-    """`sdxlctl deploy` of the tiny model with one preloaded tiny LoRA (a file: the local target has no GCS)."""
+def deployed(tmp_path_factory: pytest.TempPathFactory, gcs: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """`sdxlctl deploy` of the tiny model with one preloaded tiny LoRA (a file, as target local allows) and
+    sources allowed under a bucket of the GCS emulator (the server reads STORAGE_EMULATOR_HOST as sdxlctl does)."""
     from tests.model_server.loras import tiny_lora
 
     folder = tmp_path_factory.mktemp("lora-local")
     adapter = tiny_lora(folder / "adapter", seed=3)
-    (folder / "sdxlctl.toml").write_text(f'[model]\nloras = {{ tiny = "{adapter}" }}\n')
-    env = {"SDXLCTL_LOCAL_SERVER_PORT": str(free_port()), "SDXLCTL_MODEL_WARMUP": "64x64"}
+    (folder / "sdxlctl.toml").write_text(
+        f'[model]\nloras = {{ tiny = "{adapter}" }}\nlora_sources = ["gs://{BUCKET}/loras/"]\n'
+    )
+    storage = Emulator("", gcs, World()).storage()  # a real client on the GCS emulator
+    if storage.lookup_bucket(BUCKET) is None:
+        storage.create_bucket(BUCKET)
+    env = {
+        "SDXLCTL_LOCAL_SERVER_PORT": str(free_port()),
+        "SDXLCTL_MODEL_WARMUP": "64x64",
+        "STORAGE_EMULATOR_HOST": gcs,
+        "SDXLCTL_GCP_API_ENDPOINT": "http://127.0.0.1:9",  # an emulator's kind of endpoint: anonymous, never called
+    }
     full = {**{k: v for k, v in os.environ.items() if not k.startswith("SDXLCTL_")}, **env, "HF_HUB_OFFLINE": "1"}
+    full["SDXL_CACHE_DIR"] = str(folder / "server-cache")  # inherited by the server: its LoRA cache starts empty
     sdxlctl = [sys.executable, "-m", "sdxlctl"]
     started = subprocess.run([*sdxlctl, "deploy"], cwd=folder, env=full, capture_output=True, text=True, timeout=240)
     try:
@@ -98,16 +115,28 @@ def test_a_preloaded_adapter_changes_the_image_and_status_shows_it(
     assert refused.code == 1
     first, hint = refused.err.splitlines()[:2]
     assert first.startswith("error: --lora #1 (gs://bkt/x.safetensors): the server answered 403:"), refused.err
-    assert "SDXL_LORA_SOURCES" in first and "[model] lora_sources" in hint
+    assert "not under an allowed prefix (SDXL_LORA_SOURCES)" in first and "sdxlctl lora push FILE" in hint
 
     status = cli("status", "--json", env=env)
     assert status.code == 0, status.err
     lora = json.loads(status.out)["lora"]
-    assert lora["sources"] == [] and lora["preloaded"] == ["tiny"]
-    # From the server's health: its disk cache, which an operator's local file is not in (used in place)
-    assert lora["cached"] == [], lora
-    text = cli("status", env=env)
-    assert "preloaded: tiny" in text.out and "cached on the server: none yet" in text.out
+    assert lora == {"sources": [f"gs://{BUCKET}/loras/"], "preloaded": ["tiny"], "cached": []}
+    # (the server's disk cache: an operator's local file is used in place, never cached)
+    assert "cached on the server: none yet" in cli("status", env=env).out
+
+    # The whole flow: push a file, predict with the source it printed, see it cached
+    from tests.model_server.loras import tiny_lora
+
+    pushed = cli("lora", "push", str(tiny_lora(tmp_path / "mine", seed=4)), "--yes", env=env)
+    assert pushed.code == 0, pushed.err
+    source = pushed.out.strip()
+    assert source.startswith(f"gs://{BUCKET}/loras/pytorch_lora_weights-")
+    mine = cli("predict", "a fox", "-o", str(tmp_path / "mine.png"), *common, "--lora", f"{source}:0.8", env=env)
+    assert mine.code == 0, mine.err
+    assert pixels(tmp_path / "mine.png") not in (pixels(tmp_path / "plain.png"), pixels(tmp_path / "lora.png"))
+    cached = json.loads(cli("status", "--json", env=env).out)["lora"]["cached"]
+    assert [(entry["adapter"], entry["in_memory"]) for entry in cached] == [(source, True)], cached
+    assert f"{source} (" in cli("status", env=env).out
 
 
 def test_the_cached_adapters_are_listed_under_the_table(capsys: pytest.CaptureFixture[str]) -> None:
