@@ -259,6 +259,10 @@ class GraphedForward:
     image on an H200 (docs/benchmarks.md). Calls the graph cannot stand for
     (LoRA scales, a timestep condition, autograd, anything but CUDA tensors) run the forward as is;
     a capture that fails is logged and the forward runs as is from then on.
+
+    The LoRA slot (lora/slots.py) needs nothing of it: a graph's kernels read the slot's parameters where
+    they are, like any weight, and a swap copies into that same storage on the stream the replays run on
+    (never a new tensor), so the next replay reads the request's adapters.
     """
 
     def __init__(self, forward: Any) -> None:
