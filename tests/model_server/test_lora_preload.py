@@ -51,25 +51,27 @@ def test_a_server_process_preloads_gs_local_and_hub_adapters_and_requests_name_t
 
 
 @pytest.mark.parametrize(
-    ("entry", "says"),
+    ("entry", "says", "rank"),
     [
-        ("sd15={sd15}", "SDXL_LORAS: sd15: "),
-        ("gone={folder}/missing.safetensors", "SDXL_LORAS: gone: "),
-        ("hub=nobody/nothing", "SDXL_LORAS: hub: "),
+        ("sd15={sd15}", "SDXL_LORAS: sd15: file://{sd15} was made for another model than SDXL", 64),
+        ("gone={folder}/missing.safetensors", "SDXL_LORAS: gone: {folder}/missing.safetensors not found", 64),
+        ("hub=nobody/nothing", "SDXL_LORAS: hub: hf://nobody/nothing/pytorch_lora_weights.safetensors not found", 64),
+        ("wide={wide}", "SDXL_LORAS: wide: rank 4 exceeds SDXL_LORA_MAX_RANK=2", 2),
     ],
 )
 def test_a_preload_that_fails_fails_health_naming_sdxl_loras_and_the_name(
-    tmp_path: Path, entry: str, says: str
+    tmp_path: Path, entry: str, says: str, rank: int
 ) -> None:
     from sdxl_server.app import create_app
     from sdxl_server.loader import load_generator
     from sdxl_server.settings import Settings
 
     sd15 = loras.sd15_lora(tmp_path / "sd15")
-    raw = entry.format(sd15=sd15, folder=tmp_path)
-    settings = Settings(model="tiny", warmup=((64, 64),), cache_dir=tmp_path / "cache", loras=raw)
+    wide = loras.tiny_lora(tmp_path / "wide", seed=9, rank=4) if "wide" in entry else None
+    raw = entry.format(sd15=sd15, folder=tmp_path, wide=wide)
+    settings = Settings(model="tiny", warmup=((64, 64),), cache_dir=tmp_path / "cache", loras=raw, lora_max_rank=rank)
     with serve_app(create_app(settings, load=load_generator)) as server:
         health = server.wait_until("failed", timeout=120)
         reason = health.json()["reason"]
-        assert says in reason and "Traceback" not in reason, reason
+        assert says.format(sd15=sd15, folder=tmp_path) in reason and "Traceback" not in reason, reason
         assert server.predict(request({"name": raw.split("=")[0]})).status_code == 503

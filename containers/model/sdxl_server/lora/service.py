@@ -101,12 +101,13 @@ class Loras:
                     fetched.path, key=fetched.key, label=source.uri, targets=slots.targets, field="SDXL_LORAS"
                 )
                 if adapter.rank > slots.rank:
-                    raise ValueError(
+                    raise ModelLoadError(
                         f"rank {adapter.rank} exceeds SDXL_LORA_MAX_RANK={slots.rank}: raise SDXL_LORA_MAX_RANK "
                         "(sdxlctl: [model] lora_max_rank) or preload a smaller adapter"
                     )
             except Exception as exc:
-                why = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+                known = isinstance(exc, ServerError | ModelLoadError)  # their messages say what and what to do
+                why = str(exc) if known else f"{type(exc).__name__}: {exc}"
                 raise ModelLoadError(f"SDXL_LORAS: {name}: {why.removeprefix('SDXL_LORAS: ')}") from None
             adapter = dataclasses.replace(adapter, label=name)  # read as its source, so errors say which file
             store.pin(fetched.key)
