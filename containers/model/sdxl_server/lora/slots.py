@@ -6,6 +6,9 @@ parameters, in place, as peft's hot-swap does: per module, lora_A = the adapters
 B side by side, each B times scale * alpha / r, zeros after. B A x is then exactly the sum diffusers'
 `set_adapters` computes, and nothing the compiled code or a CUDA graph holds (shapes, dtypes, storage,
 Python attributes) changes: nothing recompiles, graphs replay the new values.
+
+A refiner shares the base's text_encoder_2, so it reads the slot there too, as a diffusers refiner built
+around a base reads a LoRA loaded into that shared module; the refiner's own UNet has no slot.
 """
 
 from __future__ import annotations
