@@ -398,3 +398,40 @@ def test_a_fetch_slower_than_the_time_limit_is_a_504_and_the_download_goes_on(
             while not slow.health().json()["lora"]["cached"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert [entry["adapter"] for entry in slow.health().json()["lora"]["cached"]] == [gs("b")]
+
+
+def test_online_a_hub_source_is_fetched_once_and_one_outside_the_allowed_org_is_never_asked_for(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.model_server import published
+    from tests.servers import server_process
+
+    asked: list[str] = []  # every path the fake Hub is asked for
+    downloads: list[str] = []
+    weights = {loras.WEIGHT_NAME: files["a"].read_bytes()}
+    repos = {repo: ("5" * 40, weights) for repo in ("good/lora", "evil/lora", "good-evil/lora")}
+    hub = published.hub_app(repos, downloads)
+
+    async def recorded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            asked.append(scope["path"])
+        await hub(scope, receive, send)
+
+    with serve_app(recorded) as fake:
+        env = {
+            "SDXL_MODEL": "tiny",
+            "SDXL_WARMUP": "64x64",
+            "SDXL_LORA_SOURCES": "hf://good/",
+            "HF_ENDPOINT": fake.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf"),
+        }
+        with server_process(env, tmp_path) as online:
+            online.wait_until("ready")
+            for source in ("hf://evil/lora", "evil/lora", "hf://good-evil/lora", "hf://evil/lora@main/x.safetensors"):
+                refused = online.predict(request({"source": source}))
+                assert refused.status_code == 403, refused.text
+            assert not [path for path in asked if "evil" in path]
+            for _ in range(2):
+                assert_close(ok(online.predict(request(lora_id="good/lora"))), reference([(files["a"], 1.0)]))
+    assert downloads == [f"good/lora/{loras.WEIGHT_NAME}"]  # the second use asked for the metadata only
