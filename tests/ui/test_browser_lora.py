@@ -70,7 +70,7 @@ def test_an_adapter_the_server_preloads_is_offered_and_changes_the_image(browser
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             _open_advanced(page, url, "a lighthouse")
             page.locator("#lora").wait_for(timeout=TIMEOUT_MS)  # shown: the server's health names an adapter
-            assert _entries(page) == ["none", "pixel-art"]
+            assert _entries(page) == ["None", "pixel-art"]
             plain, plain_image = _generate(page, bodies)
             _choose(page, "pixel-art")
             page.get_by_label("number input for LoRA scale").fill("0.8")
@@ -97,7 +97,7 @@ def test_where_health_cannot_be_asked_the_names_come_from_sdxlctl_and_a_refusal_
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         _open_advanced(page, url, "a lighthouse")
         page.locator("#lora").wait_for(timeout=TIMEOUT_MS)
-        assert _entries(page) == ["none", "pixel-art"]
+        assert _entries(page) == ["None", "pixel-art"]
         _choose(page, "pixel-art")
         body, image = _generate(page, bodies)
         info = page.locator("#info").inner_text()

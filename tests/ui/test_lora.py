@@ -100,7 +100,7 @@ def test_sdxl_ui_loras_names_follow_the_servers_rule() -> None:
 )
 def test_the_names_offered(health: dict[str, Any] | None, configured: list[str], offered: list[str]) -> None:
     assert loras.offered(health, configured) == offered
-    assert loras.menu(offered) == [("none", "none"), *((name, name) for name in offered)]
+    assert loras.menu(offered) == [("None", "none"), *((name, name) for name in offered)]
 
 
 @contextlib.contextmanager
@@ -163,10 +163,10 @@ def test_the_ui_process_offers_what_health_says_else_sdxl_ui_loras(tmp_path: Pat
     """For a client of the API (which loads no page); the page asks again at each load (test_browser_lora)."""
     configured = {"SDXL_UI_LORAS": "pixel-art, Bad Name!,WaterColor"}
     with fake_server(None) as vertex_like, ui_process(vertex_like, tmp_path, **configured) as url:
-        assert _menu(url) == (True, [["none", "none"], ["pixel-art", "pixel-art"], ["watercolor", "watercolor"]])
+        assert _menu(url) == (True, [["None", "none"], ["pixel-art", "pixel-art"], ["watercolor", "watercolor"]])
     log = "".join(path.read_text() for path in tmp_path.glob("ui-*.log"))
     assert log.count("SDXL_UI_LORAS") == 1 and "'Bad Name!'" in log and "Traceback" not in log
     # where it can ask, the server's own list wins over what sdxlctl passed
     health = {"status": "ready", "lora": {"preloaded": ["ink"]}}
     with fake_server(health) as local, ui_process(local, tmp_path, **configured) as url:
-        assert _menu(url) == (True, [["none", "none"], ["ink", "ink"]])
+        assert _menu(url) == (True, [["None", "none"], ["ink", "ink"]])

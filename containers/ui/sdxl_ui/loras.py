@@ -53,5 +53,5 @@ def offered(health: dict[str, Any] | None, configured: list[str]) -> list[str]:
 
 
 def menu(names: list[str]) -> list[tuple[str, str]]:
-    """The menu's (label, value) entries: "none" first."""
-    return [("none", NONE), *((name, name) for name in names)]
+    """The menu's (label, value) entries: none first."""
+    return [("None", NONE), *((name, name) for name in names)]  # "None" as the Style and Refiner menus say it
