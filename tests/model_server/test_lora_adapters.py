@@ -221,6 +221,7 @@ def test_files_that_are_not_safetensors_are_refused_before_any_tensor_is_read(
         "truncated": raw[:-10],
         "bomb": struct.pack("<Q", 2**60) + b"{}",
         "not-json": struct.pack("<Q", 4) + b"\xff\xfe{}",
+        "deep": struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000,  # json's recursion limit
         "a-list": header([good]),  # type: ignore[arg-type]
         "no-tensors": header({"__metadata__": {"format": "pt"}}),
         "int8": header({"x.lora_A.weight": {"dtype": "I8", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4),
@@ -370,5 +371,7 @@ def test_files_diffusers_cannot_read_are_refused_without_a_traceback(
     bad_block = {"lora_unet_input_blocks_x_1_proj_in.lora_down.weight": torch.zeros(4, 64)}
     assert UNREADABLE in refused(saved("bad-block", bad_block), targets)
     assert UNREADABLE in refused(saved("metadata", load_file(str(published)), {"lora_adapter_metadata": "{"}), targets)
+    regex = json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": "("})  # peft takes a str as a regex
+    assert UNREADABLE in refused(saved("regex", load_file(str(everywhere)), {"lora_adapter_metadata": regex}), targets)
     only_a = {k: v for k, v in load_file(str(everywhere)).items() if ".lora_A." in k}
     assert UNREADABLE in refused(saved("only-a", only_a), targets)

@@ -80,7 +80,7 @@ def read_header(path: Path) -> tuple[int, dict[str, str]]:
         raise _Refused(f"could not be read ({error.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON; "[[[[..." past the parser's recursion limit
         raise invalid from None
     if not isinstance(header, dict):
         raise invalid
@@ -171,12 +171,12 @@ def _convert(tensors: dict[str, Any], file_metadata: dict[str, str], targets: Ta
             if k.split(".")[0] not in COMPONENTS:
                 raise _Refused(f"was made for another model than SDXL (e.g. SD 1.5): {k}")
         parts = {c: _component(c, state_dict, alphas, metadata, targets.get(c, {})) for c in COMPONENTS}
+        parts = {c: modules for c, modules in parts.items() if modules}
+        _check(parts, targets)  # peft matches the metadata's target_modules as regexes: "(" raises re.error
     except _Refused:
         raise
     except Exception as error:  # diffusers' conversions raise anything from KeyError to ValueError
         raise _Refused(f"is not a LoRA diffusers can read ({type(error).__name__})") from None
-    parts = {c: modules for c, modules in parts.items() if modules}
-    _check(parts, targets)
     return {c: {m: layer for m, (layer, _config) in modules.items()} for c, modules in parts.items()}
 
 
