@@ -6,8 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -305,52 +303,6 @@ def test_the_disk_budget_evicts_the_least_recently_used(
         assert bucket.downloads("loras", "ok/a.safetensors") == before + 2  # evicted, so fetched again
 
 
-def test_with_lora_off_a_request_naming_one_is_403_naming_the_variable(tiny_pipeline) -> None:
-    from sdxl_server.app import create_app
-    from sdxl_server.generator import Generator
-    from sdxl_server.settings import Settings
-
-    app = create_app(Settings(warmup=((64, 64),)), load=lambda _: Generator(tiny_pipeline))
-    with serve_app(app) as off:
-        assert "lora" not in off.wait_until("ready").json()
-        for lora, field in [({"source": gs("a")}, "parameters.lora[0].source"), (None, "parameters.lora_id")]:
-            body = request(lora) if lora else request(lora_id=gs("a"))
-            response = off.predict(body)
-            assert response.status_code == 403, response.text
-            error = response.json()["error"]
-            assert error["field"] == field and "SDXL_LORA_SOURCES" in error["message"]
-        named = off.predict(request({"name": "pixel"}))
-        assert named.status_code == 403 and "SDXL_LORAS" in named.json()["error"]["message"]
-        ok(off.predict(request()))
-
-
-def test_with_lora_off_the_server_adds_no_slot_and_imports_none_of_it(tmp_path: Path) -> None:
-    # peft itself is imported by diffusers whenever it is installed (diffusers/loaders/lora_base.py), so what
-    # LoRA off must leave out is ours: the slot's modules, the store (and its GCS client), the adapter reader.
-    script = (
-        "import sys\n"
-        "from sdxl_server.lora.service import Loras\n"
-        "from sdxl_server.loader import load_generator\n"
-        "from sdxl_server.settings import Settings\n"
-        f"settings = Settings(model='tiny', cache_dir={str(tmp_path)!r})\n"
-        "generator = load_generator(settings)\n"
-        "loras = Loras.from_settings(settings, generator.slots)\n"
-        "loras.preload()\n"
-        "generator.warm_up(((64, 64),))\n"
-        "assert generator.slots is None and loras.health() is None\n"
-        "pipe = generator.pipeline\n"
-        "models = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)\n"
-        "assert not [n for m in models for n, _ in m.named_parameters() if 'lora' in n]\n"
-        "ours = [m for m in sys.modules if m.startswith('sdxl_server.lora.')]\n"
-        "print(sorted(m for m in ours if m != 'sdxl_server.lora.service'))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    # sources and request parse the request (a LoRA ref is then refused with 403); nothing that fetches or loads
-    assert done.stdout.strip().splitlines()[-1] == "['sdxl_server.lora.request', 'sdxl_server.lora.sources']"
-    assert not (tmp_path / "loras").exists()
-
-
 def held_proxy(upstream: str, release: threading.Event) -> Any:
     """An ASGI app forwarding to the emulator, where a request about an object waits for `release` first: a slow
     bucket. (Only metadata passes through it: the object's mediaLink names the emulator itself.)"""
@@ -398,40 +350,3 @@ def test_a_fetch_slower_than_the_time_limit_is_a_504_and_the_download_goes_on(
             while not slow.health().json()["lora"]["cached"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert [entry["adapter"] for entry in slow.health().json()["lora"]["cached"]] == [gs("b")]
-
-
-def test_online_a_hub_source_is_fetched_once_and_one_outside_the_allowed_org_is_never_asked_for(
-    files: dict[str, Path], tmp_path: Path
-) -> None:
-    from tests.model_server import published
-    from tests.servers import server_process
-
-    asked: list[str] = []  # every path the fake Hub is asked for
-    downloads: list[str] = []
-    weights = {loras.WEIGHT_NAME: files["a"].read_bytes()}
-    repos = {repo: ("5" * 40, weights) for repo in ("good/lora", "evil/lora", "good-evil/lora")}
-    hub = published.hub_app(repos, downloads)
-
-    async def recorded(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            asked.append(scope["path"])
-        await hub(scope, receive, send)
-
-    with serve_app(recorded) as fake:
-        env = {
-            "SDXL_MODEL": "tiny",
-            "SDXL_WARMUP": "64x64",
-            "SDXL_LORA_SOURCES": "hf://good/",
-            "HF_ENDPOINT": fake.url,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HOME": str(tmp_path / "hf"),
-        }
-        with server_process(env, tmp_path) as online:
-            online.wait_until("ready")
-            for source in ("hf://evil/lora", "evil/lora", "hf://good-evil/lora", "hf://evil/lora@main/x.safetensors"):
-                refused = online.predict(request({"source": source}))
-                assert refused.status_code == 403, refused.text
-            assert not [path for path in asked if "evil" in path]
-            for _ in range(2):
-                assert_close(ok(online.predict(request(lora_id="good/lora"))), reference([(files["a"], 1.0)]))
-    assert downloads == [f"good/lora/{loras.WEIGHT_NAME}"]  # the second use asked for the metadata only
