@@ -303,16 +303,22 @@ def test_the_disk_budget_evicts_the_least_recently_used(
         assert bucket.downloads("loras", "ok/a.safetensors") == before + 2  # evicted, so fetched again
 
 
-def held_proxy(upstream: str, release: threading.Event) -> Any:
+def held_proxy(upstream: str, release: threading.Event, *, refuse: bool = False) -> Any:
     """An ASGI app forwarding to the emulator, where a request about an object waits for `release` first: a slow
-    bucket. (Only metadata passes through it: the object's mediaLink names the emulator itself.)"""
+    bucket (or, with `refuse`, Cloud Storage's 403 for an account without storage.objects.get). Only metadata
+    passes through it: the object's mediaLink names the emulator itself."""
     import anyio
     import httpx
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import JSONResponse, Response
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
+        if "/o/" in request.url.path and refuse:
+            message = "sdxl@p.iam.gserviceaccount.com does not have storage.objects.get access"
+            error = {"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden"}]}}
+            await JSONResponse(error, status_code=403)(scope, receive, send)
+            return
         if "/o/" in request.url.path:
             await anyio.to_thread.run_sync(lambda: release.wait(60))
         async with httpx.AsyncClient() as client:
@@ -350,3 +356,20 @@ def test_a_fetch_slower_than_the_time_limit_is_a_504_and_the_download_goes_on(
             while not slow.health().json()["lora"]["cached"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert [entry["adapter"] for entry in slow.health().json()["lora"]["cached"]] == [gs("b")]
+
+
+def test_a_bucket_that_refuses_the_servers_account_is_a_502_saying_what_to_grant(
+    bucket: Emulated, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sdxl_server.app import create_app
+    from sdxl_server.loader import load_generator
+
+    with serve_app(held_proxy(os.environ["STORAGE_EMULATOR_HOST"], threading.Event(), refuse=True)) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        with serve_app(create_app(lora_settings(tmp_path), load=load_generator)) as refused:
+            refused.wait_until("ready")
+            response = refused.predict(request({"source": gs("a")}))
+            assert response.status_code == 502, response.text
+            error = response.json()["error"]
+            assert error["field"] == "parameters.lora[0].source" and "roles/storage.objectViewer" in error["message"]
+            ok(refused.predict(request()))  # the server itself is fine
