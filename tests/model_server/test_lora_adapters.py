@@ -373,5 +373,14 @@ def test_files_diffusers_cannot_read_are_refused_without_a_traceback(
     assert UNREADABLE in refused(saved("metadata", load_file(str(published)), {"lora_adapter_metadata": "{"}), targets)
     regex = json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": "("})  # peft takes a str as a regex
     assert UNREADABLE in refused(saved("regex", load_file(str(everywhere)), {"lora_adapter_metadata": regex}), targets)
+    # peft matches alpha_pattern keys as regexes: one that backtracks exponentially is refused unmatched
+    redos = json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"(a|a?)+$": 8}})
+    assert "module pattern" in refused(
+        saved("redos", load_file(str(everywhere)), {"lora_adapter_metadata": redos}), targets
+    )
+    # metadata saying another rank than the tensors have: peft's load_state_dict fails on the shapes
+    ranked = json.dumps({"unet.r": 8, "unet.lora_alpha": 8, "unet.target_modules": ["to_q"]})
+    message = refused(saved("ranked", load_file(str(everywhere)), {"lora_adapter_metadata": ranked}), targets)
+    assert UNREADABLE in message and "rank 4, its config says 8" in message
     only_a = {k: v for k, v in load_file(str(everywhere)).items() if ".lora_A." in k}
     assert UNREADABLE in refused(saved("only-a", only_a), targets)

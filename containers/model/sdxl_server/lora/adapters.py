@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,14 +232,33 @@ def _component(
     if not rank and meta is None:
         return {m: ((ab.get("A"), ab.get("B"), 1.0), None) for m, ab in modules.items()}  # _check refuses
     config = LoraConfig(**(meta or get_peft_kwargs(rank, own_alphas, part, is_unet=component == "unet")))
+    _tame(config)
     return {m: ((ab.get("A"), ab.get("B"), _scaling(config, m)), config) for m, ab in modules.items()}
+
+
+def _tame(config: Any) -> None:
+    """peft matches these as regexes, and they come from the file: refuse what could backtrack for minutes
+    (nested or many quantifiers) before any is matched. Module names and diffusers' "^name" pass."""
+    patterns = [*config.rank_pattern, *config.alpha_pattern]
+    patterns += [p for p in (config.target_modules, config.exclude_modules) if isinstance(p, str)]
+    for pattern in patterns:
+        if len(pattern) > 1000 or re.search(r"\)[*+?{]|[*+}][*+?{]", pattern) or len(re.findall(r"[*+{]", pattern)) > 4:
+            raise _Refused(
+                f"is not a LoRA diffusers can read (a module pattern this server will not match: {pattern[:60]!r})"
+            )
+
+
+def _rank(config: Any, module: str) -> int:
+    from peft.utils.other import get_pattern_key
+
+    return int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r))
 
 
 def _scaling(config: Any, module: str) -> float:
     """peft's LoraModel: per-module r and alpha from the patterns, then alpha / r (or / sqrt(r): rsLoRA)."""
     from peft.utils.other import get_pattern_key
 
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    r = _rank(config, module)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
     return float(alpha / math.sqrt(r) if config.use_rslora else alpha / r)
 
@@ -273,6 +293,9 @@ def _check(parts: dict[str, dict[str, Any]], targets: Targets) -> None:
                 raise _Refused(f"is not a LoRA diffusers can read ({name}: lora_A and lora_B ranks differ)")
             if config is not None and not check_target_module_exists(config, module):
                 del modules[module]  # peft does not inject it, so diffusers drops its weights too
+            elif config is not None and _rank(config, module) != a.shape[0]:  # peft's load would fail
+                said = _rank(config, module)
+                raise _Refused(f"is not a LoRA diffusers can read ({name}: rank {a.shape[0]}, its config says {said})")
     if uncovered:
         kind, name = uncovered[0]
         raise _Refused(
