@@ -333,6 +333,8 @@ def test_a_conv_lora_is_refused_naming_the_kind(folder: Path, targets: Targets) 
     message = refused(peft_layout(made, folder / "locon" / loras.WEIGHT_NAME), targets)
     assert "targets convolution layers (e.g. unet." in message
     assert "which this server does not adapt: only attention, feed-forward and projection layers" in message
+    timed = loras.tiny_lora(folder / "time-made", seed=5, unet_targets=(*loras.UNET_TARGETS, "time_emb_proj"))
+    assert "targets time-embedding layers" in refused(peft_layout(timed, folder / "time" / loras.WEIGHT_NAME), targets)
 
 
 def test_dora_is_refused(published: Path, folder: Path, targets: Targets) -> None:
