@@ -55,7 +55,7 @@ class _Refused(Exception):
 def read_adapter(path: Path, *, key: str, label: str, targets: Targets, field: str) -> Adapter:
     """Read the LoRA at `path` and check it against the slot's `targets`; InvalidRequest(field=field) if not."""
     try:
-        size, metadata = read_header(path)
+        size, metadata = _read_header(path)
         tensors = _load(path)
         layers = _convert(tensors, metadata, targets)
     except _Refused as refused:
@@ -64,7 +64,7 @@ def read_adapter(path: Path, *, key: str, label: str, targets: Targets, field: s
     return Adapter(key=key, label=label, rank=rank, size=size, layers=layers)
 
 
-def read_header(path: Path) -> tuple[int, dict[str, str]]:
+def _read_header(path: Path) -> tuple[int, dict[str, str]]:
     """Check a .safetensors header without reading a tensor; returns the file size and its __metadata__."""
     invalid = _Refused("is not a valid .safetensors file")
     try:
