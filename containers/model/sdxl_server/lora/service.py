@@ -82,11 +82,6 @@ class Loras:
         )
         return cls(slots=slots, store=store, allow=allow, preload_sources=preload, memory=settings.lora_memory)
 
-    @property
-    def enabled(self) -> bool:
-        """Whether requests may use adapters at all."""
-        return self.slots is not None
-
     def preload(self) -> None:
         """Fetch, check and pin SDXL_LORAS' adapters (blocking, before warm-up); a failure names the entry."""
         if not self.preload_sources:
