@@ -77,7 +77,7 @@ def test_an_unexpected_error_is_500_with_a_request_id_and_no_internals(
     class Exploding(Generator):
         calls = 0
 
-        def generate(self, request, should_stop=lambda: False):
+        def generate(self, request, should_stop=lambda: False, adapters=()):
             if request.jobs[0].prompt != "warm-up":  # warm-up passes (a request per mode), then
                 Exploding.calls += 1
             if Exploding.calls == 1:  # the first request breaks, the next one works
@@ -171,7 +171,7 @@ def test_a_client_that_leaves_mid_generation_is_logged_499_with_the_steps_it_ran
     started = threading.Event()
 
     class Slow(Generator):
-        def generate(self, request, should_stop=lambda: False):
+        def generate(self, request, should_stop=lambda: False, adapters=()):
             def tell() -> bool:
                 started.set()
                 return should_stop()
