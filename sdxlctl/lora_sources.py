@@ -149,7 +149,9 @@ def _file(text: str) -> None:
     path = text.removesuffix("/")
     if not path or any(part in {"", ".", ".."} for part in path.split("/")[1:]):
         raise ValueError(f"{text!r}: an absolute path without '.', '..' or empty ('//') parts")
-    if path.lower().endswith(PICKLE_SUFFIXES):  # the server would look for a folder of that name
+    # As the server reads it: a name ending in .safetensors or a pickle suffix (any case) is a file, which then
+    # must end in .safetensors exactly; with a trailing '/', a folder of any name holding the weight file.
+    if not text.endswith("/") and path.lower().endswith((SUFFIX, *PICKLE_SUFFIXES)):
         _file_path(path[1:], text)
 
 

@@ -164,6 +164,9 @@ SOURCES = [
     "/srv/loras/pixel.safetensors",
     "/srv/loras/pixel/",
     "/srv/loras/pixel.ckpt",
+    "/srv/loras/pixel.SAFETENSORS",  # the server reads it as a file and refuses the case
+    "/srv/loras/.safetensors",
+    "/srv/loras/pixel.ckpt/",  # a folder of that name: the server reads its weight file
     "/srv/../etc/x.safetensors",
     "~/pixel.safetensors",
     "./pixel.safetensors",
