@@ -321,12 +321,16 @@ def test_links_planted_before_a_start_are_removed_not_followed(bucket: Bucket, t
     assert cached_files(folder) == set() and victim.read_bytes() == b"precious"
 
 
-def test_a_folder_planted_under_a_file_name_is_a_502_not_a_crash(bucket: Bucket, tmp_path: Path) -> None:
+def test_a_folder_planted_under_a_file_name_is_a_502_not_a_crash(
+    bucket: Bucket, tmp_path: Path, log_lines: Lines
+) -> None:
     source = bucket.put("a.safetensors", b"x" * 100)
     cache = store(tmp_path)
     (tmp_path / f"{key_of(source.uri, bucket.generation('a.safetensors'))}.safetensors").mkdir()
-    with pytest.raises(FetchFailed, match=f"could not store {source.uri} in {tmp_path}"):
+    with pytest.raises(FetchFailed, match=f"could not store {source.uri} in its LoRA cache") as raised:
         cache.fetch(source, field=FIELD)
+    assert str(tmp_path) not in raised.value.message  # the client is not told the server's paths; its log is
+    assert str(tmp_path) in log_lines.one("lora cache not writable")["reason"]
     assert not list(tmp_path.glob("*.partial"))
 
 

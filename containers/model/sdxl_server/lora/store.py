@@ -166,6 +166,11 @@ class Store:
             self._save()
         return Fetched(source, path, remote.version, key, size)
 
+    def _unwritable(self, what: str, exc: OSError, field: str) -> FetchFailed:
+        """The 502 of a cache the server cannot write: its paths go to the log, never to the client."""
+        log("lora cache not writable", level=logging.ERROR, folder=str(self.folder), reason=str(exc))
+        return FetchFailed(f"{what} its LoRA cache (SDXL_CACHE_DIR): the server's log says why", field=field)
+
     def _download(self, source: Source, remote: Remote, key: str, field: str) -> Path:
         """remote's bytes into the cache: a .partial file (never through a link), verified, then renamed."""
         target = self._path(key)
@@ -176,7 +181,7 @@ class Store:
             # O_EXCL | O_NOFOLLOW: a link planted between the unlink and the open is refused, not written through
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
-            raise FetchFailed(f"could not write the LoRA cache {self.folder}: {exc}", field=field) from exc
+            raise self._unwritable(f"could not fetch {source.uri} into", exc, field) from exc
         try:
             with os.fdopen(fd, "wb") as file:
                 sink = Sink(file, self.max_bytes)
@@ -191,7 +196,7 @@ class Store:
             try:
                 partial.replace(target)
             except OSError as exc:  # something that is not a file in the way: a folder planted under its name
-                raise FetchFailed(f"could not store {source.uri} in {self.folder}: {exc}", field=field) from exc
+                raise self._unwritable(f"could not store {source.uri} in", exc, field) from exc
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
