@@ -202,6 +202,8 @@ def _check_lora_files(
         path = str((base / Path(text).expanduser()).resolve()) + ("/" if text.endswith("/") else "")
         try:
             rules.check_source(path, allow_files=True)
+            if "," in path:  # a folder's path is not checked by segment: it would split SDXL_LORAS's entries
+                raise ValueError(f"{path!r}: a ',' cannot pass in SDXL_LORAS (comma-separated); move or rename it")
         except ValueError as exc:
             raise ConfigError(f"{where}: [model] loras: {name} = {text!r}: {exc}") from None
         resolved[name] = path

@@ -238,3 +238,15 @@ def test_sdxlctl_takes_the_names_the_server_takes(name: str) -> None:
     except ValueError:
         ours = None
     assert ours == theirs
+
+
+def test_a_local_folder_whose_path_has_a_comma_is_refused_since_sdxl_loras_is_comma_separated(tmp_path: Path) -> None:
+    """The server reads SDXL_LORAS split at ',': ink=/x/proj,v2/ink/ would reach it as 'v2/ink/', a failed start."""
+    home = tmp_path / "proj,v2"
+    home.mkdir()
+    file = home / "sdxlctl.toml"
+    file.write_text('[model.loras]\nink = "./ink/"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, {})
+    assert caught.value.message.startswith(f"{file}: [model] loras: ink = './ink/': ")
+    assert "','" in caught.value.message and "SDXL_LORAS" in caught.value.message
