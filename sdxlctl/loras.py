@@ -16,7 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from sdxlctl.errors import PredictError, SdxlctlError, UsageError
 
@@ -24,7 +24,7 @@ MAX_ADAPTERS = 3  # the server's MAX_ADAPTERS: more is a usage error before any 
 MAX_SCALE = 4.0  # the server's -4 <= scale <= 4
 MAX_BYTES = 1_000_000_000  # the server's default SDXL_LORA_MAX_BYTES
 MAX_HEADER_BYTES = 100_000_000  # the server refuses a larger safetensors header
-DTYPES = {"F16", "BF16", "F32"}  # what the server reads
+DTYPES = {"F16": 2, "BF16": 2, "F32": 4}  # what the server reads, and the bytes of one number
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 FLAG = "SOURCE[:SCALE]"
 _FIELD = re.compile(r"^parameters\.lora(?:_id)?(?:\[(\d+)\])?")
@@ -236,15 +236,23 @@ def _header_problem(prefix: bytes, file: Any, size: int) -> str:
         if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
             dtype = info.get("dtype") if isinstance(info, dict) else None
             return f"{key}: dtype {dtype}, where the server reads only {', '.join(sorted(DTYPES))}"
-        offsets = info.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"{key}: no data_offsets"
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (_counts(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] and _counts(shape)):
+            return f"{key}: no data_offsets [begin, end] and shape of whole numbers"
+        held, wanted = offsets[1] - offsets[0], math.prod(shape) * DTYPES[info["dtype"]]
+        if held != wanted:  # the safetensors library refuses such a file, so the server does
+            return f"{key}: shape {shape} of {info['dtype']} is {wanted} bytes, its offsets hold {held}"
         end = max(end, offsets[1])
     if end != size - 8 - length:
         return f"its tensors cover {end} bytes of {size - 8 - length}"
     if not any("lora" in key.lower() for key in tensors):
         return "no LoRA weights in it (no key names lora): a full model or another kind of file?"
     return ""
+
+
+def _counts(value: Any) -> TypeGuard[list[int]]:
+    """A JSON list of whole numbers >= 0 (JSON's true is no number)."""
+    return isinstance(value, list) and all(type(item) is int and item >= 0 for item in value)
 
 
 def first_gs_prefix(prefixes: list[str]) -> str:

@@ -72,11 +72,32 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
         ),
         "truncated": (raw_file(folder / "t.safetensors", {"a.lora_A.weight": f32}, b"\0" * 4), "cover 8 bytes of 4"),
         "not a lora": (lora_file(folder / "full.safetensors", keys=("unet.conv_in.weight",)), "no LoRA weights"),
+        # The bytes cover the data, but not as the shape says: the safetensors library refuses it, so the server does
+        "shape against offsets": (
+            raw_file(folder / "o.safetensors", {"a.lora_A.weight": {**f32, "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape [2] of F32 is 8 bytes, its offsets hold 4",
+        ),
+        "negative offset": (
+            raw_file(folder / "n.safetensors", {"a.lora_A.weight": {**f32, "data_offsets": [-4, 4]}}, b"\0" * 4),
+            "data_offsets",
+        ),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["pickle", "missing", "short", "not json", "header past the end", "int64", "truncated", "not a lora"]
+    "case",
+    [
+        "pickle",
+        "missing",
+        "short",
+        "not json",
+        "header past the end",
+        "int64",
+        "truncated",
+        "not a lora",
+        "shape against offsets",
+        "negative offset",
+    ],
 )
 def test_a_bad_file_is_one_line_before_any_upload(cli: Cli, tmp_path: Path, case: str) -> None:
     (tmp_path / "sdxlctl.toml").write_text(CONFIG)
