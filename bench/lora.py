@@ -117,10 +117,12 @@ def real_slot(models: Any, rank: int, device: str, dtype: Any) -> Any:
         for path in modules:
             layer = model.get_submodule(path)
             for part in (layer.lora_A[NAME], layer.lora_B[NAME]):
-                part.to_empty(device=device)  # in place: the slot's Parameter objects stay the same
-                part.to(dtype)
-                with torch.no_grad():
-                    part.weight.zero_()
+                # Swapped, not moved: to_empty/to give a meta parameter a new Parameter object, and the slot
+                # would go on copying into the meta ones it holds (no work at all: a switch measured as ~0).
+                real = torch.nn.Parameter(torch.zeros(part.weight.shape, device=device, dtype=dtype))
+                torch.utils.swap_tensors(part.weight, real)
+    down, _up = next(iter(slots._params.values()))
+    assert down.device.type == torch.device(device).type and down.dtype == dtype, "the slot holds the real tensors"
     return slots
 
 
