@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cloud.gcs_access import Access, allowed, recording_proxy
+from tests.cloud.test_least_privilege import up
 from tests.conftest import Cli
 from tests.emulator_fixtures import PROJECT, Emulator
 
@@ -35,15 +36,6 @@ def buckets(emulator: Emulator) -> tuple[str, str]:
         client.create_bucket(bucket)
         made.append(bucket.name)
     return made[0], made[1]
-
-
-def up(cli: Cli, env: dict[str, str], *steps: str) -> str:
-    err = ""
-    for step in steps:
-        result = cli(step, env=env)
-        assert result.code == 0, (step, result.err)
-        err += result.err
-    return err
 
 
 def text(err: str) -> str:
