@@ -52,10 +52,10 @@ def check_source(text: str, *, allow_files: bool) -> str:
             return "file"
         if text.startswith(("/", "~", ".")) or ":" in text:
             raise ValueError(f"{text!r}: local paths and other schemes are not fetched; give {EXAMPLES}")
+        if allow_files and text.endswith(SUFFIX):  # pixel.safetensors too: a file beside the config, without ./
+            raise ValueError(f"{text!r}: a file on this machine is written ./{text} or as an absolute path")
         if "/" not in text:
             raise ValueError(f"{text!r} is not a source: give {EXAMPLES}")
-        if allow_files and text.endswith(SUFFIX):
-            raise ValueError(f"{text!r}: a file on this machine is written ./{text} or as an absolute path")
         if text.split("/")[1].endswith(SUFFIX):
             raise ValueError(f"{text!r}: ORG/REPO names a Hub repo; a file in one is hf://ORG/REPO/FILE{SUFFIX}")
         scheme, rest = "hf", text  # a Hub id, as Model Garden's lora_id gives it

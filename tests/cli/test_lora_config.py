@@ -250,3 +250,11 @@ def test_a_local_folder_whose_path_has_a_comma_is_refused_since_sdxl_loras_is_co
         load_config(file, {})
     assert caught.value.message.startswith(f"{file}: [model] loras: ink = './ink/': ")
     assert "','" in caught.value.message and "SDXL_LORAS" in caught.value.message
+
+
+def test_a_file_name_without_its_dot_slash_is_told_how_to_write_it(tmp_path: Path) -> None:
+    file = tmp_path / "sdxlctl.toml"
+    file.write_text('[model.loras]\npixel = "pixel.safetensors"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, {})
+    assert "a file on this machine is written ./pixel.safetensors or as an absolute path" in caught.value.message
