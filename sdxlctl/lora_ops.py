@@ -13,16 +13,6 @@ from sdxlctl.config import Config
 from sdxlctl.steps import ResourceStatus
 
 
-def sources(config: Config) -> list[str]:
-    """[model] lora_sources: the prefixes the server may fetch from."""
-    return list(config.model.lora_sources)
-
-
-def preloaded(config: Config) -> dict[str, str]:
-    """[model] loras: name -> source."""
-    return dict(config.model.loras)
-
-
 @dataclass(frozen=True)
 class Pushed:
     """Where `lora push` put the file, and whether it had to (the same bytes are never sent twice)."""
@@ -38,7 +28,7 @@ def push(config: Config, path: Path, *, sent: Callable[[int, int], None] = lambd
     from sdxlctl.gcp.session import Cloud
     from sdxlctl.gcp.storage import Storage
 
-    prefix = loras.first_gs_prefix(sources(config))  # before reading a large file: the config may be wrong
+    prefix = loras.first_gs_prefix(config.model.lora_sources)  # before reading a large file: the config may be wrong
     adapter = loras.check_file(path)
     bucket, _, folder = prefix.removeprefix("gs://").partition("/")
     name = folder + adapter.object_name
@@ -51,11 +41,11 @@ def push(config: Config, path: Path, *, sent: Callable[[int, int], None] = lambd
 
 def status(config: Config, rows: list[ResourceStatus]) -> dict[str, Any] | None:
     """The LoRA part of `sdxlctl status`; with a ready local server, what its health says it has cached."""
-    found = sources(config), preloaded(config)
-    if not any(found):
+    prefixes, preloaded = config.model.lora_sources, config.model.loras
+    if not prefixes and not preloaded:
         return None
     health = None
     for row in rows:
         if row.target == "local" and row.kind == "local-server" and row.url and row.state == "ready":
             health = client.health(row.url + row.details.get("health_route", "/health"))
-    return loras.status(*found, health)
+    return loras.status(prefixes, preloaded, health)
