@@ -103,7 +103,9 @@ def refiner_detail(config: Config) -> str:
 def server_account_plan(config: Config) -> str:
     """What the deploy plan says the model server's account may do."""
     cache, refiner, loras = compile_cache(config), config.model.refiner, lora_reads(config)
+    weights = config.model.source if config.model.source.startswith("gs://") and not config.model.bake else ""
     grants = [f"{CACHE_ROLE} on its compile cache {cache}/ only"] if cache else []
+    grants += [f"{WEIGHTS_ROLE} on its weights {weights.rstrip('/')}/ only"] if weights else []  # read by itself
     grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
     grants += [f"{WEIGHTS_ROLE} on its LoRA folders {', '.join(_lora_folders(loras))}"] if loras else []
     uniform = "and bucket-wide where the bucket has no uniform bucket-level access"

@@ -199,3 +199,14 @@ def test_folders_of_one_bucket_are_each_kept_a_grant_of_their_own(
     assert again.code == 0 and f"keep service account {SERVER.split(':')[1]}" in text(again.err), again.err
     assert cli("teardown", "--yes", env=env).code == 0
     assert bindings(emulator, shared) == []
+
+
+def test_the_plan_names_the_base_weights_the_server_reads_itself_once_lora_gives_it_an_account(
+    cli: Cli, emulator: Emulator
+) -> None:
+    """gs:// weights were the Model's artifact, read by Vertex AI's account; with the server's own account (here
+    for LoRA alone) the server reads them itself, and deploy grants that: the plan says so too."""
+    env = lora_env(emulator, "team-loras", "team-styles", SDXLCTL_MODEL_SOURCE="gs://team-weights/sdxl-base")
+    plan = cli("deploy", "--dry-run", env={**env, "SDXLCTL_MODEL_DTYPE": "fp16"})
+    assert plan.code == 0, plan.err
+    assert f"{VIEWER} on its weights gs://team-weights/sdxl-base/ only" in text(plan.err)
