@@ -28,7 +28,8 @@ def push(config: Config, path: Path, *, sent: Callable[[int, int], None] = lambd
     from sdxlctl.gcp.session import Cloud
     from sdxlctl.gcp.storage import Storage
 
-    prefix = loras.first_gs_prefix(config.model.lora_sources)  # before reading a large file: the config may be wrong
+    # Before reading a large file: the config may be wrong
+    prefix = loras.first_gs_prefix(config.model.lora_sources, config.path)
     adapter = loras.check_file(path)
     bucket, _, folder = prefix.removeprefix("gs://").partition("/")
     name = folder + adapter.object_name

@@ -255,14 +255,16 @@ def _counts(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(item) is int and item >= 0 for item in value)
 
 
-def first_gs_prefix(prefixes: list[str]) -> str:
-    """Where `lora push` uploads: the first gs:// prefix of [model] lora_sources, ending in '/'."""
+def first_gs_prefix(prefixes: list[str], config_file: Path | None = None) -> str:
+    """Where `lora push` uploads: the first gs:// prefix of [model] lora_sources, ending in '/'.
+    `config_file`: the file the config was read from, named in the fix (None: no file, sdxlctl.toml)."""
     for prefix in prefixes:
         if prefix.startswith("gs://"):
             return prefix if prefix.endswith("/") else prefix + "/"
     raise UsageError(
         "lora push uploads under the first gs:// prefix of [model] lora_sources, and there is none",
-        hint='add one to sdxlctl.toml: [model] lora_sources = ["gs://BUCKET/loras/"], then `sdxlctl deploy`',
+        hint=f"add one to {config_file or 'sdxlctl.toml'}: "
+        '[model] lora_sources = ["gs://BUCKET/loras/"], then `sdxlctl deploy`',
     )
 
 

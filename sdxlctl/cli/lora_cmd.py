@@ -41,7 +41,7 @@ def push(
     from sdxlctl.config import load_config
 
     config = load_config(options.config_path)
-    prefix = loras.first_gs_prefix(config.model.lora_sources)
+    prefix = loras.first_gs_prefix(config.model.lora_sources, config.path)
     if not yes and sys.stdin.isatty() and file.is_file():  # a script (no terminal) goes ahead, as gcloud's cp does
         size = file.stat().st_size
         typer.confirm(f"Upload {file.name} ({size / 1e6:.1f} MB) under {prefix}?", abort=True, err=True)

@@ -126,6 +126,10 @@ def test_without_a_gs_prefix_the_error_names_the_config_key(cli: Cli, tmp_path: 
         "error: lora push uploads under the first gs:// prefix of [model] lora_sources, and there is none"
     )
     assert 'lora_sources = ["gs://BUCKET/loras/"]' in result.err
+    (tmp_path / "other.toml").write_text('[model]\nlora_sources = ["hf://org/"]\n')
+    other = cli("lora", "push", str(tmp_path / "a.safetensors"), "--yes", "--config", "other.toml")
+    said = " ".join(other.err.split())  # the hint may wrap
+    assert f"hint: add one to {(tmp_path / 'other.toml').resolve()}: " in said, other.err  # the file read
 
 
 @pytest.mark.parametrize(
