@@ -258,3 +258,35 @@ def test_a_file_name_without_its_dot_slash_is_told_how_to_write_it(tmp_path: Pat
     with pytest.raises(ConfigError) as caught:
         load_config(file, {})
     assert "a file on this machine is written ./pixel.safetensors or as an absolute path" in caught.value.message
+
+
+def test_sdxlctl_and_the_server_agree_on_random_splices_of_hostile_pieces() -> None:
+    """The table above holds the cases someone thought of; seeded splices find the others (this found that
+    /x.SAFETENSORS passed the config and failed the server's start)."""
+    import random
+
+    from sdxl_server.lora.sources import AllowList
+
+    pieces = ["gs://", "hf://", "GS://", "b", "bkt", "Bkt", "/", "//", "..", ".", "loras", "x.safetensors", "x.bin"]
+    pieces += ["x.SAFETENSORS", ".safetensors", "@main", "@v1..2", "org", "--", "~", "./", "%2e", "\\", "\u2024"]
+    pieces += ["\u2215", "goog", "1.2.3.4", "x.ckpt", "/abs/", "a.git", " ", ":", "?", "file://", "s3://", "-x"]
+    draw = random.Random(16)
+    for _ in range(4000):
+        text = "".join(draw.choice(pieces) for _ in range(draw.randint(1, 6)))
+        for allow_files in (False, True):
+            try:
+                rules.check_source(text, allow_files=allow_files)
+                ours = True
+            except ValueError:
+                ours = False
+            assert ours == _server_source(text, allow_files), (text, allow_files)
+        try:
+            theirs: tuple[str, ...] | None = AllowList.parse(text).prefixes
+        except ValueError:
+            theirs = None
+        try:
+            mine: tuple[str, ...] | None = (rules.check_prefix(text),) if text.strip() else ()
+        except ValueError:
+            mine = None
+        if text == text.strip():  # the config strips each entry before checking it
+            assert mine == theirs, text
