@@ -184,9 +184,7 @@ def create_app(settings: Settings, *, load: Loader) -> Starlette:
                     fields["steps_run"] += 1
                     return should_stop()
 
-                if adapters:
-                    return generator.generate(parsed, counted, adapters)
-                return generator.generate(parsed, counted)  # LoRA on: the slot is zeroed for this request
+                return generator.generate(parsed, counted, adapters)  # none: a LoRA slot is zeroed for it
 
             return work
 
