@@ -245,6 +245,7 @@ def test_an_adapter_the_server_cannot_use_is_a_400_naming_the_field(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["field"] == field and says in error["message"], error
+    assert error["message"].startswith(f"{field}: "), error  # as every 400 says where, the store's too
     assert "Traceback" not in response.text
     if "big" in str(lora):
         assert bucket.downloads("loras", "ok/big.safetensors") == 0  # known from the object's metadata

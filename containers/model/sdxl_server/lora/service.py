@@ -185,7 +185,10 @@ class Loras:
         _slots, store = self._ready()
         field = _field(ref, "source")
         # Every use asks the store: it re-reads the metadata only, and a replaced object is a new version.
-        fetched = await asyncio.to_thread(store.fetch, ref.source, field=field)
+        try:
+            fetched = await asyncio.to_thread(store.fetch, ref.source, field=field)
+        except ServerError as exc:
+            raise _placed(exc, field) from None
         self._keys[ref.source.uri] = fetched.key
         try:
             return await self._read_once(fetched, label=ref.source.uri, field=field)
@@ -245,6 +248,14 @@ def _field(ref: LoraRef, part: str) -> str:
     """Where in the request a ref's source or name is: `parameters.lora[1].source`, or `parameters.lora_id`
     (the alias is itself the source)."""
     return ref.field if ref.field.endswith("lora_id") else f"{ref.field}.{part}"
+
+
+def _placed(exc: ServerError, field: str) -> ServerError:
+    """The store's refusal saying where in the request, as every other 400 does (the store also serves
+    SDXL_LORAS, whose failures preload names its own way)."""
+    if exc.message.startswith(f"{field}: "):
+        return exc
+    return type(exc)(f"{field}: {exc.message}", field=field, retry_after=exc.retry_after)
 
 
 def labels(refs: tuple[LoraRef, ...]) -> list[str]:
