@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sdxl_server import logs
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 Resolved = tuple[tuple["Adapter", float], ...]
 
 MAX_LISTED = 20  # health's "cached": the most recently used, enough to see what a server holds
+# Fetches and reads get threads of their own: on asyncio's default pool, requests waiting on one slow
+# download would hold every thread, and finished images would wait there to be encoded.
+FETCH_THREADS = 4
 NOT_ALLOWED = (
     "LoRA sources are not allowed on this server: its operator sets SDXL_LORA_SOURCES (sdxlctl: [model] lora_sources)"
 )
@@ -58,6 +62,7 @@ class Loras:
         self.preloaded: dict[str, Adapter] = {}  # name -> adapter, pinned on the device and on disk
         self._pinned: dict[str, Adapter] = {}  # key -> preloaded adapter
         self._names: dict[str, str] = {}  # key -> preloaded name: health shows the name, not the URI
+        self._pool: ThreadPoolExecutor | None = None  # made on the first fetch: LoRA off makes none
         self._read: OrderedDict[str, Adapter] = OrderedDict()  # key -> adapter, least recently used first
         self._reading: dict[str, asyncio.Future[Adapter]] = {}  # key -> the one read in flight
         self._keys: dict[str, str] = {}  # canonical URI -> key of its latest version fetched
@@ -186,7 +191,7 @@ class Loras:
         field = _field(ref, "source")
         # Every use asks the store: it re-reads the metadata only, and a replaced object is a new version.
         try:
-            fetched = await asyncio.to_thread(store.fetch, ref.source, field=field)
+            fetched = await self._in_thread(store.fetch, ref.source, field=field)
         except ServerError as exc:
             raise _placed(exc, field) from None
         self._keys[ref.source.uri] = fetched.key
@@ -211,12 +216,18 @@ class Loras:
 
             slots, _store = self._ready()
             reading = asyncio.ensure_future(
-                asyncio.to_thread(read_adapter, fetched.path, key=key, label=label, targets=slots.targets, field=field)
+                self._in_thread(read_adapter, fetched.path, key=key, label=label, targets=slots.targets, field=field)
             )
             self._reading[key] = reading
             reading.add_done_callback(lambda done: self._finished_reading(key, done))
         # Shielded: a request that gives up (time limit, client gone) leaves the read to finish for the next.
         return await asyncio.shield(reading)
+
+    async def _in_thread(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """`call` on one of the LoRA threads (FETCH_THREADS), not asyncio's default pool."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sdxl-lora")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: call(*args, **kwargs))
 
     def _finished_reading(self, key: str, done: asyncio.Future[Adapter]) -> None:
         self._reading.pop(key, None)
