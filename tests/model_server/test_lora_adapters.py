@@ -389,3 +389,19 @@ def test_files_diffusers_cannot_read_are_refused_without_a_traceback(
     assert UNREADABLE in message and "rank 4, its config says 8" in message
     only_a = {k: v for k, v in load_file(str(everywhere)).items() if ".lora_A." in k}
     assert UNREADABLE in refused(saved("only-a", only_a), targets)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_an_adapter_with_weights_that_are_not_finite_is_refused(
+    published: Path, folder: Path, targets: Targets, bad: str
+) -> None:
+    """One NaN in a LoRA makes every image of every request naming it NaN (black): refused when read, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(published))
+    key = next(k for k in tensors if k.startswith("unet.") and "lora.up" in k)
+    tensors[key][0, 0] = float(bad)
+    path = folder / f"not-finite-{bad}" / loras.WEIGHT_NAME
+    path.parent.mkdir()
+    save_file(tensors, str(path))
+    assert "has weights that are not finite numbers (NaN or infinity)" in refused(path, targets)
