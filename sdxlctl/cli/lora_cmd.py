@@ -93,7 +93,9 @@ def show_status(lora: dict[str, Any]) -> None:
         return
     out.print("     cached on the server (most recent first):")
     for entry in cached:
-        memory = ", in memory" if entry.get("in_memory") else ""
         size = entry.get("bytes")
-        mb = f"{size / 1e6:.1f} MB" if isinstance(size, int | float) else "? MB"
-        out.print(f"       {escape(str(entry.get('adapter')))} ({mb}{memory})")
+        # The server lists a preloaded adapter by its name; a local file has no disk-cache size to show.
+        said = ["preloaded"] if entry.get("adapter") in lora["preloaded"] else []
+        said += [f"{size / 1e6:.1f} MB"] if isinstance(size, int | float) and not isinstance(size, bool) else []
+        said += ["in memory"] if entry.get("in_memory") else []
+        out.print(f"       {escape(str(entry.get('adapter')))} ({', '.join(said) or 'on disk'})")

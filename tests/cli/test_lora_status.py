@@ -155,3 +155,19 @@ def test_the_cached_adapters_are_listed_under_the_table(capsys: pytest.CaptureFi
         "       gs://bkt/loras/a.safetensors (2.5 MB, in memory)",
         "       hf://org/repo/pytorch_lora_weights.safetensors (1.0 MB)",
     ]
+
+
+def test_a_preloaded_adapter_in_the_servers_cache_is_shown_as_preloaded(capsys: pytest.CaptureFixture[str]) -> None:
+    """The server's health lists each preloaded adapter in lora.cached by its name (in memory from the start; a
+    local file has no disk-cache size): status says it is there, never 'none yet' beside it, nor '? MB'."""
+    from sdxlctl.cli.lora_cmd import show_status
+
+    health = {"lora": {"cached": [{"adapter": "tiny", "in_memory": True}, {"adapter": "ink", "bytes": 2_000_000}]}}
+    show_status(loras.status([], {"tiny": "/x.safetensors", "ink": "gs://bkt/ink/"}, health) or {})
+    assert capsys.readouterr().out.splitlines() == [
+        "LoRA allowed sources: none (requests may name only preloaded adapters)",
+        "     preloaded: ink, tiny",
+        "     cached on the server (most recent first):",
+        "       tiny (preloaded, in memory)",
+        "       ink (preloaded, 2.0 MB)",
+    ]
