@@ -41,6 +41,12 @@ def test_a_server_process_preloads_gs_local_and_hub_adapters_and_requests_name_t
         with server_process(env, tmp_path) as server:
             lora = server.wait_until("ready").json()["lora"]
             assert lora["preloaded"] == ["hub", "local", "pixel"] and lora["sources"] == 0
+            # Each preloaded adapter is listed once, by name and first, whether its file is in the disk cache
+            # (gs://), the Hub's cache or the operator's own (both used in place): all three are on the device.
+            sizes = {"hub": tmp_path / "hub" / loras.WEIGHT_NAME, "local": local, "pixel": pixel}
+            assert lora["cached"] == [
+                {"adapter": name, "bytes": file.stat().st_size, "in_memory": True} for name, file in sizes.items()
+            ]
             answer = server.predict(request({"name": "pixel", "scale": 0.7}))
             assert answer.status_code == 200, answer.text
             assert_close(pixels(answer.json()), reference([(pixel, 0.7)]))

@@ -61,7 +61,6 @@ class Loras:
         self.memory = memory
         self.preloaded: dict[str, Adapter] = {}  # name -> adapter, pinned on the device and on disk
         self._pinned: dict[str, Adapter] = {}  # key -> preloaded adapter
-        self._names: dict[str, str] = {}  # key -> preloaded name: health shows the name, not the URI
         self._pool: ThreadPoolExecutor | None = None  # made on the first fetch: LoRA off makes none
         self._read: OrderedDict[str, Adapter] = OrderedDict()  # key -> adapter, least recently used first
         self._reading: dict[str, asyncio.Future[Adapter]] = {}  # key -> the one read in flight
@@ -113,7 +112,6 @@ class Loras:
             store.pin(fetched.key)
             slots.pin(adapter)
             self.preloaded[name] = self._pinned[fetched.key] = adapter
-            self._names[fetched.key] = name
             self._keys[source.uri] = fetched.key
             logs.log("lora preloaded", adapter=name, source=source.uri, rank=adapter.rank, bytes=adapter.size)
 
@@ -141,13 +139,20 @@ class Loras:
         if self.slots is None or self.store is None or self.allow is None:
             return None
         resident = self.slots.resident()
-        cached = []
-        for entry in self.store.entries()[:MAX_LISTED]:
+        # Preloaded adapters first, by name, from what was read: a local file or an offline Hub file is used in
+        # place and never enters the disk cache's index, yet it is on the device for good.
+        cached = [
+            {"adapter": name, "bytes": adapter.size, "in_memory": adapter.key in resident}
+            for name, adapter in sorted(self.preloaded.items())
+        ]
+        for entry in self.store.entries():
+            if len(cached) >= max(MAX_LISTED, len(self.preloaded)):
+                break
             uri = entry["adapter"]
             key = entry.get("key") or self._keys.get(uri)
-            cached.append(
-                {"adapter": self._names.get(key or "", uri), "bytes": entry["bytes"], "in_memory": key in resident}
-            )
+            if key in self._pinned:  # a preloaded gs:// or online Hub file: listed above by its name
+                continue
+            cached.append({"adapter": uri, "bytes": entry["bytes"], "in_memory": key in resident})
         return {
             "max_rank": self.slots.rank,
             "max_adapters": MAX_ADAPTERS,
