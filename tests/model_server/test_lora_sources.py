@@ -65,6 +65,10 @@ REFUSED: list[tuple[str, str | None, str, str]] = [
     ("hf://org/repo/../../other/repo/x.safetensors", None, "'..'", "source"),
     ("hf://org/repo@../x.safetensors", None, "revision", "source"),
     ("hf://org/repo@", None, "revision", "source"),
+    # refs/pr/N reads as revision 'refs' and file 'pr/N': the message must be about the revision, not the suffix
+    ("hf://org/repo@refs/pr/1", None, "a Hub revision is a branch, tag or commit without '/'", "source"),
+    ("hf://org/repo@refs/pr/1/x.safetensors", None, "refs/pr/N is not supported", "source"),
+    ("org/repo@refs/convert/parquet", None, "without '/'", "source"),
     ("hf://org", None, "not a Hub repo id", "source"),
     ("hf://org--x/repo", None, "not a Hub repo id", "source"),
     ("hf://org/repo.git", None, "not a Hub repo id", "source"),

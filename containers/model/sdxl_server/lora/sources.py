@@ -142,6 +142,13 @@ def _hf(rest: str, weight_name: str | None) -> Source:
                 f"{shown}: not a Hub repo id (ORG/REPO, each part letters, digits, '.', '_' or '-', "
                 "starting and ending with a letter or digit, at most 96 characters)"
             )
+    if at and revision == "refs":
+        # refs/pr/N (a pull request) or refs/convert/...: the '/' splits it into revision 'refs' and a file path,
+        # which would be refused as no .safetensors file or, worse, fetched as one at a revision no one meant.
+        raise SourceError(
+            f"{shown}: a Hub revision is a branch, tag or commit without '/': refs/pr/N is not supported "
+            "(give the pull request's commit after '@')"
+        )
     if at and not (_REVISION.fullmatch(revision) and ".." not in revision):
         raise SourceError(f"{shown}: the revision after '@' must be a branch, tag or commit (letters, digits, . _ -)")
     if path and not path.endswith("/"):
