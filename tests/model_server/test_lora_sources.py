@@ -260,12 +260,25 @@ def test_preloaded_names_and_sources() -> None:
         ("pixel=/srv/../etc/x.safetensors", "pixel: "),
         ("pixel=http://169.254.169.254/x", "pixel: "),
         ("pixel=gs://bkt/x.bin", "never pickle"),
+        ("none=gs://bkt/a.safetensors", "'none' is reserved"),
+        ("NONE=/srv/x.safetensors", "'none' is reserved"),
     ],
 )
 def test_a_bad_preloaded_entry_is_named(raw: str, words: str) -> None:
     with pytest.raises(ValueError) as raised:
         parse_preloaded(raw)
     assert words in str(raised.value)
+
+
+def test_an_adapter_preloaded_as_none_stops_the_start_naming_sdxl_loras() -> None:
+    """'none' is the UI's no-adapter entry; {"name": "none"} naming a real adapter would read as no adapter."""
+    from sdxl_server.errors import SettingsError
+    from sdxl_server.settings import Settings
+
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"SDXL_LORAS": "pixel=/srv/p.safetensors,None=gs://bkt/n.safetensors"})
+    assert raised.value.field == "SDXL_LORAS"
+    assert "SDXL_LORAS" in raised.value.message and "'none' is reserved" in raised.value.message
 
 
 PIECES = [

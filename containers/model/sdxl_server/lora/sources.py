@@ -301,6 +301,8 @@ def parse_preloaded(raw: str) -> dict[str, Source]:
                 f"{_short(entry)!r}: the name must be 1 to 64 lower-case letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
+        if name == "none":  # {"name": "none"} and the UI's no-adapter entry would name two things
+            raise ValueError(f"{_short(entry)!r}: the name 'none' is reserved (it means no adapter); choose another")
         if name in loras:
             raise ValueError(f"{name!r} is named twice; each name once")
         try:
