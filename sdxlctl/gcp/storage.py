@@ -85,7 +85,8 @@ class Storage:
 
     def grant(self, member: str, roles: Mapping[str, Sequence[str]]) -> bool:
         """Give `member` each role of `roles` on exactly its folders: one binding per folder, which holds for
-        the objects under it ("": the whole bucket); no folder takes the role away. Roles not named are left
+        the objects under it ("": the whole bucket; a name not ending in '/': that object alone); no folder
+        takes the role away. Roles not named are left
         as they are. True when the policy changed.
 
         One binding per folder, not one condition of many terms: IAM allows 12 logical operators in a condition.
@@ -94,7 +95,7 @@ class Storage:
         wanted: dict[tuple[str, str | None], dict[str, str] | None] = {}
         for role, folders in roles.items():
             for folder in folders:
-                condition = prefix_condition(self.bucket_name, folder) if folder.strip("/") else None
+                condition = _condition(self.bucket_name, folder) if folder.strip("/") else None
                 wanted[(role, condition["expression"] if condition else None)] = condition
         doing = f"grant {', '.join(roles)} on gs://{self.bucket_name}"
         with translated(doing, api="storage", project=self.cloud.project):
@@ -176,6 +177,20 @@ class _Counting:
 
     def __getattr__(self, name: str) -> Any:  # tell, and whatever else the library asks of a file
         return getattr(self.file, name)
+
+
+def _condition(bucket: str, target: str) -> dict[str, str]:
+    """A folder's condition, or (a name not ending in '/') one object's."""
+    return prefix_condition(bucket, target) if target.endswith("/") else object_condition(bucket, target)
+
+
+def object_condition(bucket: str, name: str) -> dict[str, str]:
+    """An IAM condition that holds for one object (its metadata and bytes), nothing else: no listing."""
+    return {
+        "title": f"only {name}"[:100],
+        "description": f"sdxlctl: the object gs://{bucket}/{name}"[:256],
+        "expression": f'resource.name == "projects/_/buckets/{bucket}/objects/{name}"',
+    }
 
 
 def prefix_condition(bucket: str, prefix: str) -> dict[str, str]:

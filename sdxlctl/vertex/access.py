@@ -65,7 +65,8 @@ def _account(email: str, buckets: set[str]) -> Resource:
 
 
 def server_grants(config: Config) -> dict[str, dict[str, list[str]]]:
-    """bucket -> role -> the folders ("": all of it) the model server's account needs there."""
+    """bucket -> role -> what the model server's account needs there: "" all of it, "a/b/" a folder, or an
+    object's name (a preloaded adapter at the bucket's top)."""
     model, cache = config.model, compile_cache(config)
     wanted: list[tuple[str, str]] = []
     if cache.startswith("gs://"):
@@ -74,20 +75,29 @@ def server_grants(config: Config) -> dict[str, dict[str, list[str]]]:
         wanted.append((WEIGHTS_ROLE, model.source))
     if model.refiner.startswith("gs://"):  # never baked: fetched at every start, as its own account
         wanted.append((WEIGHTS_ROLE, model.refiner))
-    wanted += [(WEIGHTS_ROLE, uri) for uri in lora_reads(config)]
+    wanted = [(role, uri.rstrip("/") + "/") for role, uri in wanted]  # folders, whatever their names
+    wanted += [(WEIGHTS_ROLE, uri) for uri in lora_reads(config)]  # folders, or an object at a bucket's top
     grants: dict[str, dict[str, list[str]]] = {}
     for role, uri in wanted:
-        bucket, _, folder = uri.removeprefix("gs://").partition("/")
-        grants.setdefault(bucket, {}).setdefault(role, []).append(folder.strip("/"))
+        grants.setdefault(bucket_of(uri), {}).setdefault(role, []).append(_target(uri))
     return {bucket: {role: _narrowest(folders) for role, folders in roles.items()} for bucket, roles in grants.items()}
 
 
-def _narrowest(folders: list[str]) -> list[str]:
-    """The fewest folders that cover `folders`: the bucket covers every folder, a folder those under it."""
-    if "" in folders:
+def _target(uri: str) -> str:
+    """A gs:// URI as a grant holds it: "" for a bucket, "a/b/" for a folder (ending in '/'), else an object."""
+    return uri.removeprefix("gs://").partition("/")[2].lstrip("/")
+
+
+def _narrowest(targets: list[str]) -> list[str]:
+    """The fewest targets that cover `targets`: the bucket covers everything, a folder what lies under it."""
+    if "" in targets:
         return [""]
-    unique = sorted(set(folders))
-    return [f for f in unique if not any(f.startswith(other + "/") for other in unique if other != f)]
+    unique = sorted(set(targets))
+    return [t for t in unique if not any(t.startswith(o) for o in unique if o != t and o.endswith("/"))]
+
+
+def _said(bucket: str, target: str) -> str:
+    return f"gs://{bucket}/{target} only" if target else f"all of gs://{bucket}"
 
 
 def refiner_detail(config: Config) -> str:
@@ -127,7 +137,8 @@ def lora_plan(config: Config) -> list[Change]:
         how = "fetched from the Hub"
         if source.startswith("gs://"):
             bucket, folder = gs_folder(source)
-            where = f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket} (the file is at its top)"
+            top = not folder and not source.endswith("/")  # a file at the bucket's top: that object alone
+            where = f"{source} only (IAM condition: that object)" if top else _said(bucket, folder and folder + "/")
             how = f"read as the server's account, {WEIGHTS_ROLE} on {where}"
         rows.append(Change("load", "LoRA", f"{name} = {source}", f"{how}, at every start (before it reports ready)"))
     if rows:
@@ -137,23 +148,19 @@ def lora_plan(config: Config) -> list[Change]:
 
 
 def _lora_folders(uris: list[str]) -> list[str]:
-    """gs:// folders as they are granted: one inside another is covered by it; a bucket's top is all of it."""
+    """gs:// folders (and objects) as they are granted: one inside another is covered by it; a bucket's top
+    is all of it."""
     by_bucket: dict[str, list[str]] = {}
     for uri in uris:
-        bucket, _, folder = uri.removeprefix("gs://").partition("/")
-        by_bucket.setdefault(bucket, []).append(folder.strip("/"))
-    return [
-        f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}"
-        for bucket, folders in by_bucket.items()
-        for folder in _narrowest(folders)
-    ]
+        by_bucket.setdefault(bucket_of(uri), []).append(_target(uri))
+    return [_said(bucket, target) for bucket, targets in by_bucket.items() for target in _narrowest(targets)]
 
 
 def _grant_bucket(
     c: Cloud, email: str, bucket: str, roles: dict[str, list[str]], changes: list[Change]
 ) -> tuple[bool, str]:
-    """Each role on the objects of its folders only, when the bucket lets IAM conditions say so; else on the
-    whole bucket, with a warning. Any other role sdxlctl gives the server there goes. Whether the policy
+    """Each role on the objects of its folders (or that object) only, when the bucket lets IAM conditions say
+    so; else on the whole bucket, with a warning. Any other role sdxlctl gives the server there goes. Whether the policy
     changed, and what was granted."""
     from sdxlctl.gcp.storage import Storage
 
@@ -166,17 +173,13 @@ def _grant_bucket(
                 "bucket",
                 f"gs://{bucket}",
                 f"without uniform bucket-level access IAM conditions are refused: {', '.join(roles)} cover every "
-                f"object, not only {', '.join(f + '/' for f in folders)} "
+                f"object, not only {', '.join(folders)} "
                 f"(gcloud storage buckets update gs://{bucket} --uniform-bucket-level-access)",
             )
         )
         roles = {role: [""] for role in roles}
     granted = storage.grant(f"serviceAccount:{email}", {role: roles.get(role, []) for role in SERVER_ROLES})
-    said = [
-        f"{role} on " + (f"gs://{bucket}/{folder}/ only" if folder else f"all of gs://{bucket}")
-        for role, folders in roles.items()
-        for folder in folders
-    ]
+    said = [f"{role} on {_said(bucket, folder)}" for role, folders in roles.items() for folder in folders]
     return granted, ", ".join(said)
 
 

@@ -139,12 +139,15 @@ def server_buckets(config: Config) -> set[str]:
 
 
 def lora_reads(config: Config) -> list[str]:
-    """The gs:// folders the server reads LoRA adapters from: each prefix requests may name, and the folder of
-    each adapter it loads at start (a file of the folder, or the folder itself)."""
+    """The gs:// folders (ending in '/') the server reads LoRA adapters from: each prefix requests may name, and
+    the folder of each adapter it loads at start (a file of the folder, or the folder itself). A file at a
+    bucket's top is itself (no '/'): its folder would be all of the bucket, and the server reads that object only."""
     preloaded = [source for source in config.model.loras.values() if source.startswith("gs://")]
-    folders = [prefix for prefix in config.model.lora_sources if prefix.startswith("gs://")]
-    folders += ["gs://{}/{}".format(*gs_folder(source)) for source in preloaded]
-    return list(dict.fromkeys(folder.rstrip("/") + "/" for folder in folders))
+    folders = [prefix.rstrip("/") + "/" for prefix in config.model.lora_sources if prefix.startswith("gs://")]
+    for source in preloaded:
+        bucket, folder = gs_folder(source)
+        folders.append(f"gs://{bucket}/{folder}/" if folder or source.endswith("/") else source)
+    return list(dict.fromkeys(folders))
 
 
 def container_env(config: Config) -> dict[str, str]:

@@ -210,3 +210,34 @@ def test_the_plan_names_the_base_weights_the_server_reads_itself_once_lora_gives
     plan = cli("deploy", "--dry-run", env={**env, "SDXLCTL_MODEL_DTYPE": "fp16"})
     assert plan.code == 0, plan.err
     assert f"{VIEWER} on its weights gs://team-weights/sdxl-base/ only" in text(plan.err)
+
+
+def test_a_preloaded_object_at_a_buckets_top_is_granted_alone_not_the_bucket(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, buckets: tuple[str, str]
+) -> None:
+    """gs://b/x.safetensors has no folder: its folder's grant was all of the bucket. The server only reads that
+    object (its metadata, then its bytes; no listing), so the grant names that object and nothing else."""
+    loras, styles = buckets
+    env = lora_env(emulator, loras, styles, SDXLCTL_MODEL_LORAS=f"top=gs://{styles}/top.safetensors")
+    plan = text(cli("deploy", "--dry-run", env=env).err)
+    assert f"on its LoRA folders gs://{loras}/loras/ only, gs://{styles}/top.safetensors only" in plan
+    assert f"load LoRA top = gs://{styles}/top.safetensors read as the server's account, {VIEWER} on gs://" in plan
+    assert "all of gs://" not in plan
+
+    up(cli, env, "build", "upload", "deploy")
+    (only,) = bindings(emulator, styles)
+    assert only == {
+        "role": VIEWER,
+        "condition": f'resource.name == "projects/_/buckets/{styles}/objects/top.safetensors"',
+    }
+    fetched = server_fetches(emulator, monkeypatch, tmp_path / "top", f"gs://{styles}/top.safetensors")
+    assert all(allowed(policy_of(emulator, styles), SERVER, request) for request in fetched)
+    for outside in (
+        Access("storage.objects.get", f"projects/_/buckets/{styles}/objects/other.safetensors"),
+        Access("storage.objects.get", f"projects/_/buckets/{styles}/objects/top.safetensors.old"),
+        Access("storage.objects.get", f"projects/_/buckets/{styles}/objects/top.safetensors/x.safetensors"),
+        Access("storage.objects.list", f"projects/_/buckets/{styles}", "top"),
+    ):
+        assert not allowed(policy_of(emulator, styles), SERVER, outside), outside
+    assert cli("teardown", "--yes", env=env).code == 0
+    assert bindings(emulator, styles) == []
