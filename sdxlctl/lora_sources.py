@@ -16,6 +16,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 MAX_CHARS = 1024
 MAX_RANK = 1024
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+RESERVED_NAME = "none"  # the UI's "None" entry of its adapter menu: an adapter of that name could not be picked
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 _IP = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
@@ -39,6 +40,8 @@ def check_name(name: str) -> str:
             f"{name!r} is not a name: 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter "
             "or digit"
         )
+    if lowered == RESERVED_NAME:
+        raise ValueError(f"{RESERVED_NAME!r} is reserved (the UI's menu entry for no adapter): pick another name")
     return lowered
 
 

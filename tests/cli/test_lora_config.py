@@ -57,6 +57,7 @@ def test_the_file_takes_a_table_of_adapters(tmp_path: Path) -> None:
         ("LORAS", "pixel=https://example.com/p.safetensors", "https:// sources are not fetched"),
         ("LORAS", "pixel=gs://team-loras/a%2f..%2fb.safetensors", "'%' (URL encoding) is refused"),
         ("LORAS", "pixel=loras/pixel.safetensors", "written ./loras/pixel.safetensors or as an absolute path"),
+        ("LORAS", f"None={PIXEL}", "'none' is reserved (the UI's menu entry for no adapter): pick another name"),
         ("LORA_MAX_RANK", "0", "greater than or equal to 1"),
         ("LORA_MAX_RANK", "2048", "less than or equal to 1024"),
     ],
@@ -225,7 +226,10 @@ def test_sdxlctl_writes_each_prefix_as_the_servers_allow_list_holds_it(entry: st
     assert ours == theirs
 
 
-@pytest.mark.parametrize("name", ["pixel-art", "Pixel_Art.v2", "a", "-x", "x" * 64, "x" * 65, "pixel art", "pixel=x"])
+@pytest.mark.parametrize(
+    "name",
+    ["pixel-art", "Pixel_Art.v2", "a", "-x", "x" * 64, "x" * 65, "pixel art", "pixel=x", "none", "None", "none2"],
+)
 def test_sdxlctl_takes_the_names_the_server_takes(name: str) -> None:
     from sdxl_server.lora.sources import parse_preloaded
 
