@@ -6,9 +6,6 @@ config, status says nothing of it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 from PIL import Image
 
 from sdxlctl import loras
+from tests.cli.local_deploy import local_deployment
 from tests.conftest import Cli
 from tests.emulator.core import World
 from tests.emulator_fixtures import Emulator
@@ -80,15 +78,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, gcs: str) -> Iterator[tup
         "STORAGE_EMULATOR_HOST": gcs,
         "SDXLCTL_GCP_API_ENDPOINT": "http://127.0.0.1:9",  # an emulator's kind of endpoint: anonymous, never called
     }
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith("SDXLCTL_")}, **env, "HF_HUB_OFFLINE": "1"}
-    full["SDXL_CACHE_DIR"] = str(folder / "server-cache")  # inherited by the server: its LoRA cache starts empty
-    sdxlctl = [sys.executable, "-m", "sdxlctl"]
-    started = subprocess.run([*sdxlctl, "deploy"], cwd=folder, env=full, capture_output=True, text=True, timeout=240)
-    try:
-        assert started.returncode == 0, started.stderr
+    cache = {"SDXL_CACHE_DIR": str(folder / "server-cache")}  # inherited by the server: its LoRA cache starts empty
+    with local_deployment(folder, env, server_env=cache):
         yield folder, env
-    finally:
-        subprocess.run([*sdxlctl, "teardown", "--yes"], cwd=folder, env=full, capture_output=True, timeout=60)
 
 
 def pixels(path: Path) -> bytes:
@@ -120,9 +112,11 @@ def test_a_preloaded_adapter_changes_the_image_and_status_shows_it(
     status = cli("status", "--json", env=env)
     assert status.code == 0, status.err
     lora = json.loads(status.out)["lora"]
-    assert lora == {"sources": [f"gs://{BUCKET}/loras/"], "preloaded": ["tiny"], "cached": []}
-    # (the server's disk cache: an operator's local file is used in place, never cached)
-    assert "cached on the server: none yet" in cli("status", env=env).out
+    # A preloaded local file is used in place (never in the disk cache), yet on the device from the start
+    assert lora["sources"] == [f"gs://{BUCKET}/loras/"] and lora["preloaded"] == ["tiny"]
+    assert [(entry["adapter"], entry["in_memory"]) for entry in lora["cached"]] == [("tiny", True)], lora
+    shown = cli("status", env=env).out
+    assert "none yet" not in shown and "       tiny (preloaded" in shown and "in memory)" in shown, shown
 
     # The whole flow: push a file, predict with the source it printed, see it cached
     from tests.model_server.loras import tiny_lora
@@ -135,7 +129,7 @@ def test_a_preloaded_adapter_changes_the_image_and_status_shows_it(
     assert mine.code == 0, mine.err
     assert pixels(tmp_path / "mine.png") not in (pixels(tmp_path / "plain.png"), pixels(tmp_path / "lora.png"))
     cached = json.loads(cli("status", "--json", env=env).out)["lora"]["cached"]
-    assert [(entry["adapter"], entry["in_memory"]) for entry in cached] == [(source, True)], cached
+    assert [(entry["adapter"], entry["in_memory"]) for entry in cached] == [("tiny", True), (source, True)], cached
     assert f"{source} (" in cli("status", env=env).out
 
 

@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from PIL import Image
 from sdxlctl import inputs
 from sdxlctl.errors import UsageError
 from sdxlctl.state import Resource, StateStore
+from tests.cli.local_deploy import local_deployment
 from tests.conftest import Cli, Result
 from tests.servers import Server, free_port
 
@@ -43,14 +42,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     folder = tmp_path_factory.mktemp("modes")
     port = str(free_port())  # warm-up at the smallest size: ready sooner, and warm-up is not what is tested here
     env = {"SDXLCTL_LOCAL_SERVER_PORT": port, "SDXLCTL_MODEL_REFINER": "tiny", "SDXLCTL_MODEL_WARMUP": "64x64"}
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith("SDXLCTL_")}, **env, "HF_HUB_OFFLINE": "1"}
-    sdxlctl = [sys.executable, "-m", "sdxlctl"]
-    started = subprocess.run([*sdxlctl, "deploy"], cwd=folder, env=full, capture_output=True, text=True, timeout=240)
-    try:
-        assert started.returncode == 0, started.stderr
+    with local_deployment(folder, env):
         yield folder, env
-    finally:
-        subprocess.run([*sdxlctl, "teardown", "--yes"], cwd=folder, env=full, capture_output=True, timeout=60)
 
 
 @pytest.fixture
