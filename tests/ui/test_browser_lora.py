@@ -12,27 +12,14 @@ from PIL import Image
 
 from tests.servers import Server
 from tests.ui.conftest import recording_proxy, ui_process
+from tests.ui.test_browser_modes import _generate_and_wait
 
 TIMEOUT_MS = 60_000
 
 
-def _generate(page: Any, bodies: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes]:
-    """Click Generate, wait for a new image (or a warning); the body the page sent and the image's bytes."""
-    sent = len(bodies)
-    before = page.evaluate("document.querySelector('#gallery img')?.getAttribute('src') ?? ''")
-    page.locator("#generate").click()
-    page.wait_for_function(
-        """before => document.querySelector('#info').innerText.includes('⚠️') || (
-            document.querySelector('#info').innerText.includes('Seed') &&
-            (document.querySelector('#gallery img')?.getAttribute('src') ?? before) !== before)""",
-        arg=before,
-        timeout=TIMEOUT_MS,
-    )
-    assert len(bodies) == sent + 1
-    if "⚠️" in (info := page.locator("#info").inner_text()):
-        return bodies[-1], b""
-    assert "Seed 11" in info, info
-    return bodies[-1], page.request.get(page.locator("#gallery img").first.get_attribute("src")).body()
+def _image(page: Any) -> bytes:
+    """The bytes of the image the gallery shows."""
+    return page.request.get(page.locator("#gallery img").first.get_attribute("src")).body()
 
 
 def _entries(page: Any) -> list[str]:
@@ -71,11 +58,12 @@ def test_an_adapter_the_server_preloads_is_offered_and_changes_the_image(browser
             _open_advanced(page, url, "a lighthouse")
             page.locator("#lora").wait_for(timeout=TIMEOUT_MS)  # shown: the server's health names an adapter
             assert _entries(page) == ["None", "pixel-art"]
-            plain, plain_image = _generate(page, bodies)
+            plain, plain_image = _generate_and_wait(page, bodies), _image(page)
             _choose(page, "pixel-art")
             page.get_by_label("number input for LoRA scale").fill("0.8")
             page.get_by_label("number input for LoRA scale").press("Enter")
-            adapted, adapted_image = _generate(page, bodies)
+            adapted, adapted_image = _generate_and_wait(page, bodies), _image(page)
+            assert "Seed 11" in page.locator("#info").inner_text()
             page.close()
     assert "lora" not in plain["parameters"]
     assert adapted["parameters"]["lora"] == [{"name": "pixel-art", "scale": 0.8}]
@@ -99,9 +87,9 @@ def test_where_health_cannot_be_asked_the_names_come_from_sdxlctl_and_a_refusal_
         page.locator("#lora").wait_for(timeout=TIMEOUT_MS)
         assert _entries(page) == ["None", "pixel-art"]
         _choose(page, "pixel-art")
-        body, image = _generate(page, bodies)
+        body = _generate_and_wait(page, bodies, refused=True)
         info = page.locator("#info").inner_text()
         page.close()
-    assert body["parameters"]["lora"] == [{"name": "pixel-art", "scale": 1.0}] and image == b""
+    assert body["parameters"]["lora"] == [{"name": "pixel-art", "scale": 1.0}]
     assert info.startswith("⚠️ The request was refused: ") and "SDXL_LORA_SOURCES" in info, info
     assert "service account" not in info and "Traceback" not in info

@@ -43,8 +43,9 @@ def _decoded(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
-def _generate_and_wait(page: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Click Generate, wait for a new image and its seed line; the body the page sent."""
+def _generate_and_wait(page: Any, bodies: list[dict[str, Any]], *, refused: bool = False) -> dict[str, Any]:
+    """Click Generate, wait for a new image and its seed line (or, `refused`, for the page's warning instead);
+    the body the page sent."""
     sent = len(bodies)
     before = page.evaluate("document.querySelector('#gallery img')?.getAttribute('src') ?? ''")
     page.locator("#generate").click()
@@ -55,7 +56,8 @@ def _generate_and_wait(page: Any, bodies: list[dict[str, Any]]) -> dict[str, Any
         arg=before,
         timeout=TIMEOUT_MS,
     )
-    assert "⚠️" not in page.locator("#info").inner_text(), page.locator("#info").inner_text()
+    info = page.locator("#info").inner_text()
+    assert ("⚠️" in info) == refused, info
     assert len(bodies) == sent + 1
     return bodies[-1]
 
