@@ -142,6 +142,11 @@ def _hf(rest: str, shown: str) -> None:
             )
     if at and not (_REVISION.fullmatch(revision) and ".." not in revision):
         raise ValueError(f"{shown!r}: the revision after '@' must be a branch, tag or commit (letters, digits, . _ -)")
+    if at and revision == "refs":  # refs/pr/N would be read as revision 'refs' and a path: the server refuses it
+        raise ValueError(
+            f"{shown!r}: a Hub revision is a branch, tag or commit without '/': refs/pr/N is not supported "
+            "(give the pull request's commit after '@')"
+        )
     if path and not path.endswith("/"):
         _file_path(path, shown)
     else:

@@ -135,6 +135,8 @@ def test_the_local_dry_run_names_the_lora_sources_and_adapters(cli: Cli) -> None
 
 SOURCES = [
     PIXEL,
+    "hf://team/repo@refs/pr/1/x.safetensors",  # a pull request's ref: revision 'refs' and a path, refused by both
+    "team/repo@refs/convert/parquet",
     "gs://team-loras/loras/",
     "gs://team-loras/loras",  # an object without a suffix: refused by both
     "gs://team-loras/a//b.safetensors",
