@@ -47,13 +47,7 @@ class Proxy:
             error = {"error": {"code": status, "message": message or "backend error", "errors": []}}
             await JSONResponse(error, status_code=status)(scope, receive, send)
             return
-        async with httpx.AsyncClient() as client:
-            answer = await client.request(
-                request.method,
-                f"{self.upstream}{request.url.path}" + (f"?{query}" if query else ""),
-                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
-                content=await request.body(),
-            )
+        answer = await forward(self.upstream, request)
         body = answer.content
         if is_media and self.flip and body:
             body = bytes([body[0] ^ 1]) + body[1:]
@@ -62,6 +56,18 @@ class Proxy:
         skip = ("content-length", "content-encoding", "x-goog-hash", "x-goog-stored-content-length")
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in skip}
         await Response(body, status_code=answer.status_code, headers=headers)(scope, receive, send)
+
+
+async def forward(upstream: str, request: Any) -> httpx.Response:
+    """`request` (a Starlette Request) sent on to `upstream` as it came: method, path, query, headers, body."""
+    query = request.url.query
+    async with httpx.AsyncClient() as client:
+        return await client.request(
+            request.method,
+            f"{upstream}{request.url.path}" + (f"?{query}" if query else ""),
+            headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
+            content=await request.body(),
+        )
 
 
 @dataclass

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from sdxl_server.errors import ModelLoadError
 from sdxl_server.gcs import download_folder
+from tests.model_server.gcs_proxy import forward
 from tests.servers import gcs_emulator, serve_app
 
 KIB = 1024
@@ -244,13 +244,7 @@ def media_proxy(upstream: str, change: Callable[[bytes], Awaitable[bytes]], *, r
             error = {"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden"}]}}
             await JSONResponse(error, status_code=403)(scope, receive, send)
             return
-        async with httpx.AsyncClient() as client:
-            answer = await client.request(
-                request.method,
-                f"{upstream}{request.url.path}" + (f"?{query}" if query else ""),
-                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "content-length"],
-                content=await request.body(),
-            )
+        answer = await forward(upstream, request)
         if "alt=media" in query:
             ranges.append(request.headers.get("range", ""))
         body = await change(answer.content) if "alt=media" in query else answer.content

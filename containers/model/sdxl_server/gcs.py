@@ -73,13 +73,11 @@ def download_folder(
     # A hash of the folder (bucket and prefix, however the URI spelled its slashes): two folders never share a
     # cache, one folder always has the same one, and its name needs no escaping.
     destination = cache_dir / hashlib.sha256(f"gs://{bucket_name}/{prefix}".encode()).hexdigest()[:16]
-    from google.cloud import storage
-
     try:
-        client: Any = _client(storage)
+        gcs = client()
         listed = [
             b
-            for b in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, timeout=REQUEST_TIMEOUT_S)
+            for b in gcs.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, timeout=REQUEST_TIMEOUT_S)
             if not b.name.endswith("/")  # folder placeholders that consoles create
         ]
     except Exception as exc:  # auth, network, permissions: all end the load with a reason
@@ -111,10 +109,8 @@ def download_folder(
 def upload_file(path: Path, uri: str) -> None:
     """Copy one local file to gs://bucket/folder/<its name>."""
     bucket_name, prefix = _split(uri)
-    from google.cloud import storage
-
     name = f"{prefix}/{path.name}" if prefix else path.name
-    _client(storage).bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=REQUEST_TIMEOUT_S)
+    client().bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=REQUEST_TIMEOUT_S)
 
 
 def _target(destination: Path, name: str, uri: str) -> Path:
@@ -394,14 +390,9 @@ def _split(uri: str) -> tuple[str, str]:
 
 
 def client() -> Any:
-    """A storage client: the emulator's (STORAGE_EMULATOR_HOST) or the container's service account."""
+    """A storage client: anonymous against an emulator (STORAGE_EMULATOR_HOST), else the container's service account."""
     from google.cloud import storage
 
-    return _client(storage)
-
-
-def _client(storage: Any) -> Any:
-    """Anonymous against an emulator (STORAGE_EMULATOR_HOST), else the container's service account."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
