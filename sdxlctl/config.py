@@ -60,6 +60,20 @@ class Ui(Section):
     public: bool = Field(False, description="allow unauthenticated access to the Cloud Run service")
 
 
+class CloudRun(Section):
+    """The model server as a Cloud Run service on an NVIDIA L4 (target cloudrun); the GPU is [deploy] gpu = "l4"."""
+
+    cpu: int = Field(8, ge=1, le=80, description="vCPUs of each instance (the L4 needs at least 4)")
+    memory_gib: int = Field(32, ge=1, le=512, description="GiB of memory of each instance (the L4 needs 16)")
+    min_instances: int = Field(0, ge=0, le=100, description="0: scale to zero, nothing billed while idle")
+    max_instances: int = Field(1, ge=1, le=100, description="instances at most (each is one L4 of quota)")
+    zonal_redundancy: bool = Field(False, description="GPU capacity reserved across zones: dearer, its own quota")
+    timeout_s: int = Field(600, ge=1, le=3600, description="how long one request may take")
+    startup_timeout_s: int = Field(
+        600, ge=10, le=1800, description="how long an instance may load and warm up before it must answer health"
+    )
+
+
 class Local(Section):
     """Ports and waits of the local target."""
 
@@ -73,11 +87,12 @@ class Config(Section):
     """The whole of sdxlctl.toml."""
 
     name: str = Field("sdxl", pattern=r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$", description="deployment name")
-    target: Literal["local", "vertex"] = "local"
+    target: Literal["local", "vertex", "cloudrun"] = "local"
     gcp: Gcp = Field(default_factory=Gcp)
     model: Model = Field(default_factory=Model)
     deploy: Deploy = Field(default_factory=Deploy)
     ui: Ui = Field(default_factory=Ui)
+    cloudrun: CloudRun = Field(default_factory=CloudRun)
     local: Local = Field(default_factory=Local)
 
     # Where the config came from (None: built-in defaults); the state lives beside it.
@@ -134,9 +149,43 @@ def _load(
             f"({config.deploy.max_replicas})",
             hint="raise max_replicas or lower min_replicas",
         )
+    if config.target == "cloudrun":
+        _check_cloudrun(config, source)
     # The one check besides dispatch that reads the target: a file on this machine reaches only a local server.
     model = check_model(config.model, source, from_env, local=config.target == "local", home=config.path)
     return config.model_copy(update={"model": model}), from_file, from_env
+
+
+def _check_cloudrun(config: Config, source: str) -> None:
+    """What Cloud Run refuses of a GPU service, refused here first, naming the key."""
+    from sdxlctl.gpus import CLOUD_RUN_GPU as rules
+
+    run = config.cloudrun
+    problem = rules.gpu_problem(config.deploy.gpu)
+    if problem:
+        raise ConfigError(
+            f"{source}: deploy.gpu = {config.deploy.gpu!r}: {problem}", hint='set gpu = "l4" or target = "vertex"'
+        )
+    problem = rules.region_problem(config.gcp.region)
+    if problem:
+        raise ConfigError(f"{source}: gcp.region = {config.gcp.region!r}: {problem}")
+    if run.cpu < rules.min_cpu:
+        raise ConfigError(
+            f"{source}: cloudrun.cpu = {run.cpu}: an L4 instance needs at least {rules.min_cpu} vCPUs",
+            hint=f"set cpu = {rules.min_cpu} or more (8 is the default)",
+        )
+    if run.memory_gib < rules.min_memory_gib:
+        raise ConfigError(
+            f"{source}: cloudrun.memory_gib = {run.memory_gib}: "
+            f"an L4 instance needs at least {rules.min_memory_gib} GiB",
+            hint=f"set memory_gib = {rules.min_memory_gib} or more (32 is the default)",
+        )
+    if run.min_instances > run.max_instances:
+        raise ConfigError(
+            f"{source}: cloudrun.min_instances ({run.min_instances}) is above "
+            f"cloudrun.max_instances ({run.max_instances})",
+            hint="raise max_instances or lower min_instances",
+        )
 
 
 @dataclass(frozen=True)
@@ -219,7 +268,8 @@ def require_project(config: Config, environ: Mapping[str, str] | None = None) ->
         )
     # Never taken from gcloud silently: the project is who pays, and gcloud's default may be another one's.
     raise ConfigError(
-        "target vertex needs a Google Cloud project: [gcp] project (or SDXLCTL_GCP_PROJECT) is not set", hint=hint
+        f"target {config.target} needs a Google Cloud project: [gcp] project (or SDXLCTL_GCP_PROJECT) is not set",
+        hint=hint,
     )
 
 

@@ -13,15 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from sdxlctl import inputs, local, lora_ops, loras, outputs, pricing, steps, vertex
+from sdxlctl import cloudrun, inputs, local, lora_ops, loras, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
 from sdxlctl.pricing import Comparison, Estimate
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
-from sdxlctl.vertex.names import DEDICATED_LIMIT_BYTES, SHARED_LIMIT_BYTES
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 lora_push, lora_status = lora_ops.push, lora_ops.status  # `sdxlctl lora push`; the LoRA part of `status`
@@ -52,7 +51,7 @@ class Target(Protocol):
     ) -> Outcome: ...
 
     def predict(
-        self, config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float
+        self, config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float, progress: Progress = ...
     ) -> tuple[dict[str, Any], str]:
         """The checked answer in the server contract, and where it came from."""
         ...
@@ -84,7 +83,7 @@ class Target(Protocol):
     def check(self, config: Config, store: StateStore) -> list[Check]: ...
 
 
-TARGETS: dict[str, Target] = {"local": local, "vertex": vertex}
+TARGETS: dict[str, Target] = {"local": local, "vertex": vertex, "cloudrun": cloudrun}
 
 
 def target(name: str) -> Target:
@@ -209,14 +208,16 @@ class PredictOptions:
         return {"instances": [instance], "parameters": parameters}
 
 
-def predict(config: Config, store: StateStore, options: PredictOptions) -> PredictResult:
+def predict(config: Config, store: StateStore, options: PredictOptions, *, progress: Progress = quiet) -> PredictResult:
     """Send one prediction to the deployment and write its images (out.png, out-1.png, ...)."""
     body = options.body()  # checks the format before any request
     sent = inputs.attach(body, options.modes, request_limit(config))  # reads the input images, fits them
     outputs.check(options.output, options.num_images)  # before the request: never generate for nothing
     started = time.monotonic()
     try:
-        answer, url = target(config.target).predict(config, store, sent.body, timeout_s=config.model.time_limit_s + 10)
+        answer, url = target(config.target).predict(
+            config, store, sent.body, timeout_s=config.model.time_limit_s + 10, progress=progress
+        )
     except SdxlctlError as exc:  # a refused --lora is named as its flag (from Vertex AI too, as a CloudError)
         raise loras.explained(inputs.explained(exc), options.adapters) from None
     except KeyboardInterrupt:
@@ -239,9 +240,8 @@ def predict(config: Config, store: StateStore, options: PredictOptions) -> Predi
 
 
 def request_limit(config: Config) -> inputs.Limit:
-    """What one request to the deployment may carry; the local server keeps its default, a shared endpoint's."""
-    where: Literal["local", "shared", "dedicated"] = "local" if config.target == "local" else config.deploy.endpoint
-    return inputs.Limit(DEDICATED_LIMIT_BYTES if where == "dedicated" else SHARED_LIMIT_BYTES, where)
+    """What one request to the deployment may carry (the local server takes what a shared endpoint takes)."""
+    return inputs.limit_of(config.target, config.deploy.endpoint)
 
 
 # ---------------------------------------------------------------- status

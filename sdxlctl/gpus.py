@@ -117,3 +117,56 @@ def gpu(key: str) -> GpuOption:
         return GPUS[key]
     except KeyError:
         raise UsageError(f"unknown GPU {key!r}", hint=f"choose one of {', '.join(GPUS)}") from None
+
+
+@dataclass(frozen=True)
+class CloudRunGpu:
+    """The GPU target cloudrun offers: Cloud Run services (Run Admin API v2) take one NVIDIA L4 per instance.
+
+    Facts from ../shared/CLOUD-RUN-GPU-FACTS.md: at least 4 vCPUs and 16 GiB beside it, CPU always allocated
+    (`cpuIdle: false`), in the regions below only (asia-south1 by invitation). The other GPUs are Vertex AI's.
+    """
+
+    key: str = "l4"  # the --gpu / [deploy] gpu key it is
+    accelerator: str = "nvidia-l4"  # template.nodeSelector.accelerator
+    min_cpu: int = 4
+    min_memory_gib: int = 16
+    regions: tuple[str, ...] = (
+        "asia-southeast1",
+        "asia-south1",
+        "europe-west1",
+        "europe-west4",
+        "us-central1",
+        "us-east4",
+    )
+    quota_page: str = "https://console.cloud.google.com/iam-admin/quotas?service=run.googleapis.com"
+
+    @staticmethod
+    def quota(zonal_redundancy: bool) -> str:
+        """The quota's name in the console: one with zonal redundancy, one without."""
+        kind = "with" if zonal_redundancy else "without"
+        return f"Total Nvidia L4 GPU allocation {kind} zonal redundancy, per project per region"
+
+    @staticmethod
+    def quota_id(zonal_redundancy: bool) -> str:
+        """The quota's id (Cloud Quotas API, service run.googleapis.com)."""
+        return (
+            "NvidiaL4GpuAllocPerProjectRegion"
+            if zonal_redundancy
+            else "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion"
+        )
+
+    def gpu_problem(self, gpu_key: str) -> str | None:
+        """Why `gpu_key` cannot run on Cloud Run (None: it can)."""
+        if gpu_key == self.key:
+            return None
+        return f"Cloud Run offers only the NVIDIA L4 ({self.key}); {gpu_key} is offered by target vertex"
+
+    def region_problem(self, region: str) -> str | None:
+        """Why Cloud Run has no L4 in `region` (None: it has)."""
+        if region in self.regions:
+            return None
+        return f"Cloud Run has no L4 GPUs in {region}: choose one of {', '.join(self.regions)}"
+
+
+CLOUD_RUN_GPU = CloudRunGpu()

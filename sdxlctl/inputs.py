@@ -52,12 +52,14 @@ class Limit:
     """What one request to the deployment may carry, and whose limit that is."""
 
     bytes: int
-    where: Literal["local", "shared", "dedicated"]
+    where: Literal["local", "shared", "dedicated", "cloudrun"]
 
     @property
     def name(self) -> str:
         """Whose limit, and how large: "the shared endpoint's 1.5 MB request limit"."""
-        owner = "the local server's" if self.where == "local" else f"the {self.where} endpoint's"
+        owner = {"local": "the local server's", "cloudrun": "Cloud Run's"}.get(
+            self.where, f"the {self.where} endpoint's"
+        )
         return f"{owner} {megabytes(self.bytes)} request limit"
 
     @property
@@ -67,6 +69,19 @@ class Limit:
         if self.where == "local":
             return "use a smaller image (the local server takes what a shared Vertex AI endpoint takes)"
         return "use a smaller image"
+
+
+SHARED_LIMIT_BYTES = 1_500_000  # a request to a shared Vertex AI endpoint
+DEDICATED_LIMIT_BYTES = 10_000_000  # to a dedicated one
+CLOUD_RUN_LIMIT_BYTES = 32 * 1024 * 1024  # an HTTP/1 request to a Cloud Run service (32 MiB)
+
+
+def limit_of(target: str, endpoint: Literal["shared", "dedicated"]) -> Limit:
+    """What one request may carry on `target`; the local server keeps a shared endpoint's limit."""
+    if target == "cloudrun":
+        return Limit(CLOUD_RUN_LIMIT_BYTES, "cloudrun")
+    where: Literal["local", "shared", "dedicated"] = "local" if target == "local" else endpoint
+    return Limit(DEDICATED_LIMIT_BYTES if where == "dedicated" else SHARED_LIMIT_BYTES, where)
 
 
 @dataclass(frozen=True)

@@ -289,8 +289,8 @@ def predict(
         ),
         adapters=adapters,
     )
-    with progress("generating"):
-        result = core.predict(config, store, request)
+    with progress("generating") as update:
+        result = core.predict(config, store, request, progress=update)
     render.predicted(result, as_json=as_json)
 
 

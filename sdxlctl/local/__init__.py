@@ -245,7 +245,9 @@ def _wait_until_ready(config: Config, store: StateStore, resource: Resource, pro
     )
 
 
-def predict(config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float) -> tuple[dict[str, Any], str]:
+def predict(
+    config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float, progress: Progress = quiet
+) -> tuple[dict[str, Any], str]:
     """The request to the local model server; its checked answer and its URL."""
     resource = store.read().get(config.name, SERVER)
     if resource is None:

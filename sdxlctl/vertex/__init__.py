@@ -76,7 +76,9 @@ def ui_deploy(
     return ui.ui_deploy(config, store, public=public, progress=progress, on_log=on_log)
 
 
-def predict(config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float) -> tuple[dict[str, Any], str]:
+def predict(
+    config: Config, store: StateStore, body: dict[str, Any], *, timeout_s: float, progress: Progress = quiet
+) -> tuple[dict[str, Any], str]:
     """The request through the endpoint's predict; the checked answer and the deployment's name."""
     return serve.predict(config, store, body, timeout_s=timeout_s)
 

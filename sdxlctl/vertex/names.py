@@ -10,6 +10,7 @@ from sdxlctl.config import Config, require_project
 from sdxlctl.context import BAKED_FOLDER
 from sdxlctl.gcp.iam import account_email
 from sdxlctl.gpus import GpuOption
+from sdxlctl.inputs import DEDICATED_LIMIT_BYTES, SHARED_LIMIT_BYTES
 from sdxlctl.lora_sources import gs_folder
 from sdxlctl.pricing import machine_price
 from sdxlctl.server_env import compile_cache as resolved_cache
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from sdxlctl.gcp.session import Cloud
 
 LABEL = "sdxlctl-deployment"
-SHARED_LIMIT_BYTES = 1_500_000
-DEDICATED_LIMIT_BYTES = 10_000_000
 SHARED_TIME_LIMIT_S = 55.0  # a shared endpoint cuts a prediction at 60 s: the server answers 504 before that
 OPERATION_TIMEOUT_S = 15 * 60  # creating/deleting an endpoint, model or service
 
@@ -45,6 +44,11 @@ class Names:
     @property
     def service_id(self) -> str:
         return f"{self.deployment}-ui"
+
+    @property
+    def server_service_id(self) -> str:
+        """The model server's Cloud Run service (target cloudrun)."""
+        return f"{self.deployment}-server"
 
     @property
     def account_id(self) -> str:

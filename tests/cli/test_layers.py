@@ -34,9 +34,10 @@ LAYERS: dict[str, int] = {
     "sdxlctl.local": 5,
     "sdxlctl.vertex": 5,
     "sdxlctl.lora_ops": 5,  # lora push's upload (gcp) and the local server's cached adapters (client)
-    "sdxlctl.core": 6,
-    "sdxlctl.cli": 7,
-    "sdxlctl.__main__": 8,
+    "sdxlctl.cloudrun": 6,  # runs target vertex's image, as its accounts and grants: one build, one set of names
+    "sdxlctl.core": 7,
+    "sdxlctl.cli": 8,
+    "sdxlctl.__main__": 9,
 }
 # What the command line may use: the door, the config, the errors, the state, the result types it renders,
 # and the GPU table its --gpu choices come from. Never a target, never gcp/.
@@ -155,10 +156,10 @@ def test_only_core_decides_the_target() -> None:
 
 
 def test_every_target_is_one_module_in_the_dispatch() -> None:
-    from sdxlctl import core, local, vertex
+    from sdxlctl import cloudrun, core, local, vertex
     from sdxlctl.config import Config
 
-    assert {"local": local, "vertex": vertex} == core.TARGETS
+    assert {"local": local, "vertex": vertex, "cloudrun": cloudrun} == core.TARGETS
     assert set(core.TARGETS) == set(Config.model_fields["target"].annotation.__args__)  # type: ignore[union-attr]
 
 

@@ -10,6 +10,7 @@ from google.cloud import run_v2
 from starlette.requests import Request
 
 from tests.emulator.core import ApiError, Route, World, now, packed, parse, routes
+from tests.emulator.run_gpu import validate_gpu
 
 LOCATION = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 SERVICE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
@@ -47,7 +48,7 @@ class CloudRun:
         fault = self.world.take_fault("*", path, operation=True)
         return self.world.start_operation(name, packed(run_v2.Service, service), finish, fault=fault)
 
-    def _validate(self, service: dict[str, Any]) -> None:
+    def _validate(self, service: dict[str, Any], location: str) -> None:
         containers = service.get("template", {}).get("containers", [])
         if not containers or not containers[0].get("image"):
             raise ApiError(400, "spec.template.spec.containers[0].image: Required")
@@ -59,6 +60,7 @@ class CloudRun:
             a["email"].split("@")[0] for a in self.world.table("accounts").values()
         }:
             raise ApiError(400, f"Service account {account} does not exist.")
+        validate_gpu(service, location, self.world)
 
     def _ready(self, record: dict[str, Any], p: dict[str, str]) -> dict[str, Any]:
         generation = int(record.get("generation", "0")) + 1
@@ -80,7 +82,7 @@ class CloudRun:
         if not SERVICE_ID.match(service_id):
             raise ApiError(400, f"service_id {service_id!r} must be 1-49 lowercase letters, digits or '-'")
         service = parse(run_v2.Service, body, "Service")
-        self._validate(service)
+        self._validate(service, p['location'])
         name = self._name(p, service_id)
         if name in self.world.table("services"):
             raise ApiError(409, f"Resource '{service_id}' already exists.")
@@ -111,7 +113,7 @@ class CloudRun:
     def update_service(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         record = self.world.get("services", self._name(p), "Service")
         service = parse(run_v2.Service, body, "Service")
-        self._validate(service)
+        self._validate(service, p['location'])
         record.update({k: v for k, v in service.items() if k not in {"name", "uri", "uid", "createTime"}})
         record["reconciling"] = True
         return self._operation(p, record, lambda: packed(run_v2.Service, self._ready(record, p)), request.url.path)
