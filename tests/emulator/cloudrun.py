@@ -82,7 +82,7 @@ class CloudRun:
         if not SERVICE_ID.match(service_id):
             raise ApiError(400, f"service_id {service_id!r} must be 1-49 lowercase letters, digits or '-'")
         service = parse(run_v2.Service, body, "Service")
-        self._validate(service, p['location'])
+        self._validate(service, p["location"])
         name = self._name(p, service_id)
         if name in self.world.table("services"):
             raise ApiError(409, f"Resource '{service_id}' already exists.")
@@ -113,7 +113,7 @@ class CloudRun:
     def update_service(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         record = self.world.get("services", self._name(p), "Service")
         service = parse(run_v2.Service, body, "Service")
-        self._validate(service, p['location'])
+        self._validate(service, p["location"])
         record.update({k: v for k, v in service.items() if k not in {"name", "uri", "uid", "createTime"}})
         record["reconciling"] = True
         return self._operation(p, record, lambda: packed(run_v2.Service, self._ready(record, p)), request.url.path)
