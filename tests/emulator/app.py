@@ -19,6 +19,7 @@ from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
 from tests.emulator.core import ANSWERS, ApiError, Fault, Recorded, Route, World, read_json
 from tests.emulator.iam_roles import IamRoles
+from tests.emulator.identity import Identity
 from tests.emulator.logging import Logging
 from tests.emulator.model_servers import ModelServers
 from tests.emulator.project import Project
@@ -77,6 +78,7 @@ def create_app(
         *IamRoles(world).routes(),
         *Project(world).routes(),
         *Logging(world, servers).routes(),
+        *Identity(world).routes(),
     ]
 
     async def dispatch(request: Request) -> Response:
@@ -107,7 +109,7 @@ def create_app(
                     world.detached |= set(world.operations) - started
                 return _faulty(request, fault, recorded)
             recorded.status = 200
-            return JSONResponse(result)
+            return result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as exc:
             recorded.status = exc.code
             return JSONResponse(exc.body(), status_code=exc.code)
