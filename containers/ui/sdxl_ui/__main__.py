@@ -24,6 +24,7 @@ def main() -> int:
             api_base=os.environ.get("SDXL_VERTEX_API_ENDPOINT", ""),
             predict_route=os.environ.get("SDXL_PREDICT_ROUTE", "/predict"),
             health_route=os.environ.get("SDXL_HEALTH_ROUTE", "/health"),
+            auth=os.environ.get("SDXL_AUTH", "").strip(),
         )
         port = _number("PORT", 7860)
         numbers = {

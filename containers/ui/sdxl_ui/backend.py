@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from sdxl_ui.idtoken import IdTokens, NoIdToken
+
 VERTEX_ENDPOINT = re.compile(r"^projects/[^/]+/locations/(?P<location>[^/]+)/endpoints/[^/]+$")
 CONNECT_TIMEOUT_S = 10.0
 
@@ -23,6 +25,10 @@ class Busy(BackendError):
     def __init__(self, message: str, *, status: int, retry_after_s: float) -> None:
         super().__init__(message)
         self.status, self.retry_after_s = status, retry_after_s
+
+
+class Unauthorized(BackendError):
+    """401: the caller's token was refused (missing, expired, or for another audience)."""
 
 
 class Backend(Protocol):
@@ -51,6 +57,7 @@ def _explain(status: int, text: str) -> str:
     refused_call = "Not allowed to call the model (check the service account's role on the endpoint)"
     lead = {
         400: "The request was refused",
+        401: "The model's service refused the UI's ID token",
         403: "The request was refused" if field else refused_call,
         413: "The images are too large for the endpoint",
         429: "The model is busy (or scaled to zero and waking up); try again in a moment",
@@ -62,17 +69,23 @@ def _explain(status: int, text: str) -> str:
 
 @dataclass
 class HttpBackend:
-    """A model server reached directly (the local target): POST {url}{predict_route}."""
+    """A model server reached by URL: POST {url}{predict_route}; directly (the local target), or as a private Cloud
+    Run service with an ID token from `tokens` (target cloudrun)."""
 
     url: str
     predict_route: str = "/predict"
     timeout_s: float = 120.0
     health_route: str = "/health"
+    tokens: IdTokens | None = None
 
     def describe(self) -> str:
         return self.url
 
     def health(self) -> dict[str, Any] | None:
+        if self.tokens is not None:
+            # A service that scales to zero would start a GPU instance for every page load: the page is told
+            # what the server has (SDXL_UI_REFINER, SDXL_UI_LORAS) instead, as behind Vertex AI.
+            return None
         # Asked at each page load: a server still loading (503) answers too, without what it will have.
         try:
             answer = httpx.get(self.url.rstrip("/") + self.health_route, timeout=CONNECT_TIMEOUT_S).json()
@@ -82,10 +95,27 @@ class HttpBackend:
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         target = self.url.rstrip("/") + self.predict_route
-        return _post(
-            lambda: httpx.post(target, json=body, timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S)),
-            self.url,
-        )
+        token, headers = "", {}
+        if self.tokens is not None:
+            try:
+                token = self.tokens.get()
+            except NoIdToken as exc:
+                raise BackendError(str(exc)) from None
+            headers = {"Authorization": f"Bearer {token}"}
+        try:
+            return _post(
+                lambda: httpx.post(
+                    target,
+                    json=body,
+                    headers=headers,
+                    timeout=httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S),
+                ),
+                self.url,
+            )
+        except Unauthorized:
+            if self.tokens is not None:
+                self.tokens.forget(token)  # the next request fetches a new one
+            raise
 
 
 @dataclass
@@ -144,6 +174,8 @@ def _post(send: Any, where: str) -> dict[str, Any]:
             status=response.status_code,
             retry_after_s=retry_after(response.headers.get("retry-after")),
         )
+    if response.status_code == 401:
+        raise Unauthorized(_explain(401, response.text))
     if response.status_code != 200:
         raise BackendError(_explain(response.status_code, response.text))
     try:
@@ -171,11 +203,23 @@ def retry_after(value: str | None) -> float:
 
 
 def from_environment(
-    endpoint: str, *, api_base: str = "", predict_route: str = "/predict", health_route: str = "/health"
+    endpoint: str,
+    *,
+    api_base: str = "",
+    predict_route: str = "/predict",
+    health_route: str = "/health",
+    auth: str = "",
 ) -> Backend:
-    """SDXL_ENDPOINT: an http(s) URL of a model server, or a Vertex AI endpoint resource name."""
+    """SDXL_ENDPOINT: an http(s) URL of a model server, or a Vertex AI endpoint resource name; SDXL_AUTH
+    ("id-token" or empty): whether the URL is a private Cloud Run service that takes an ID token."""
+    if auth not in ("", "id-token"):
+        raise ValueError(f"SDXL_AUTH={auth!r} is invalid: expected id-token (a private Cloud Run service) or nothing")
     if endpoint.startswith(("http://", "https://")):
-        return HttpBackend(endpoint, predict_route, health_route=health_route)
+        # The audience is the service's URL itself: Cloud Run refuses a token whose audience has a path
+        tokens = IdTokens(endpoint.rstrip("/")) if auth else None
+        return HttpBackend(endpoint, predict_route, health_route=health_route, tokens=tokens)
+    if auth:
+        raise ValueError(f"SDXL_AUTH={auth} needs SDXL_ENDPOINT to be the URL of a Cloud Run service, not {endpoint!r}")
     if VERTEX_ENDPOINT.match(endpoint):
         return VertexBackend(endpoint, api_base)
     raise ValueError(
