@@ -36,10 +36,17 @@ def logs(
 ) -> Iterator[LogLine]:
     """The deployment's entries since `request.since` (a day by default), the last `request.lines` of them;
     then, with `request.follow`, each new one once, until the caller stops."""
-    from sdxlctl.gcp.logging import Logs
-
     c = cloud(config)
     selector = _selector(config, store, c, ui=request.ui)
+    yield from read(c, selector, request, poll_s=min(config.gcp.poll_interval_s, FOLLOW_POLL_S), sleep=sleep)
+
+
+def read(
+    c: Cloud, selector: str, request: LogRequest, *, poll_s: float, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[LogLine]:
+    """The entries `selector` picks (every target's), read as `request` asks: each shown once."""
+    from sdxlctl.gcp.logging import Logs
+
     reader = Logs(c)
     start = request.since or datetime.now(UTC) - DEFAULT_SINCE
     lines = request.lines
@@ -52,7 +59,6 @@ def logs(
             yield _line(entry)
     if not request.follow:
         return
-    poll_s = min(config.gcp.poll_interval_s, FOLLOW_POLL_S)
     while True:
         sleep(poll_s)
         for entry in reader.entries(_after(selector, cursor.bound())):
