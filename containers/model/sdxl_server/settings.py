@@ -1,4 +1,4 @@
-"""Server settings, read once from the environment (Vertex AI sets the AIP_* ones)."""
+"""Server settings, read once from the environment (Vertex AI sets the AIP_* ones, Cloud Run sets PORT)."""
 
 from __future__ import annotations
 
@@ -149,10 +149,18 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `environ` (default os.environ); a bad value raises SettingsError naming it."""
         environ = os.environ if environ is None else environ
+        if not environ.get("AIP_HTTP_PORT") and environ.get("PORT"):
+            # Cloud Run (and most container hosts) say the port in PORT; Vertex AI's AIP_HTTP_PORT wins when
+            # both are set. The mapping is copied so a bad PORT is named as PORT, not AIP_HTTP_PORT.
+            environ = {**environ, "AIP_HTTP_PORT": environ["PORT"]}
+            port_var = "PORT"
+        else:
+            port_var = "AIP_HTTP_PORT"
         values: dict[str, Any] = {}
         for field in fields(cls):
             var, parse = _ENV[field.name]
             raw = environ.get(var)
+            var = port_var if field.name == "http_port" else var
             if raw is None or (raw == "" and field.name not in {"storage_uri", "model"}):
                 continue
             try:
@@ -167,7 +175,7 @@ class Settings:
 
 
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "http_port": ("AIP_HTTP_PORT", _positive(int)),
+    "http_port": ("AIP_HTTP_PORT", _between(1, 65535)),
     "host": ("SDXL_HOST", str),
     "health_route": ("AIP_HEALTH_ROUTE", str),
     "predict_route": ("AIP_PREDICT_ROUTE", str),
