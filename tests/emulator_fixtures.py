@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +13,13 @@ import httpx
 import pytest
 
 from tests.emulator.app import create_app
-from tests.emulator.core import World
+from tests.emulator.core import DEPLOYER, World
+from tests.emulator.identity import TOKEN_PATH, write_key_file
 from tests.emulator.model_servers import ModelServers
 from tests.servers import Server, gcs_emulator, serve_app
 
 PROJECT, REGION = "demo-project", "europe-west4"
+_KEYS = tempfile.TemporaryDirectory(prefix="sdxl-emulator-keys-")  # removed when the test process ends
 
 
 @dataclass
@@ -25,8 +29,10 @@ class Emulator:
     world: World
 
     def env(self, **extra: str) -> dict[str, str]:
-        """What makes sdxlctl talk to this emulator instead of Google."""
+        """What makes sdxlctl talk to this emulator instead of Google: the deployer's key file (a project
+        owner, world.owners) whose ID tokens come from this emulator, as gcloud's service-account key would."""
         return {
+            "GOOGLE_APPLICATION_CREDENTIALS": str(self.key_file()),
             "SDXLCTL_TARGET": "vertex",
             "SDXLCTL_GCP_PROJECT": PROJECT,
             "SDXLCTL_GCP_REGION": REGION,
@@ -35,6 +41,12 @@ class Emulator:
             "STORAGE_EMULATOR_HOST": self.gcs_url,
             **extra,
         }
+
+    def key_file(self, email: str = DEPLOYER) -> Path:
+        """A service account key file of `email` whose token_uri is this emulator's (one per emulator)."""
+        digest = hashlib.sha256(f"{self.url} {email}".encode()).hexdigest()[:16]
+        path = Path(_KEYS.name) / f"{email.split('@')[0]}-{digest}.json"
+        return path if path.exists() else write_key_file(path, email, self.url + TOKEN_PATH)
 
     def fault(self, **spec: Any) -> None:
         httpx.post(f"{self.url}/_emulator/faults", json=spec).raise_for_status()
@@ -52,6 +64,23 @@ class Emulator:
         """Time passes: every running operation ends at its next poll."""
         with self.world.lock:
             self.world.hurry()
+
+    def instances(self, service_id: str) -> int:
+        """How many instances Cloud Run service `service_id` runs now (0: scaled to zero)."""
+        return int(self._run(service_id)["running"])
+
+    def instance_starts(self, service_id: str) -> int:
+        """How many instances of `service_id` have started (cold starts)."""
+        return int(self._run(service_id)["started"])
+
+    def scale_to_zero(self, service_id: str) -> None:
+        """The service's idle instance stops now, as after world.run_idle_s (min instances still keep theirs)."""
+        httpx.post(f"{self.url}/_emulator/run/{service_id}/scale-to-zero").raise_for_status()
+
+    def _run(self, service_id: str) -> dict[str, Any]:
+        answer = httpx.get(f"{self.url}/_emulator/run/{service_id}")
+        answer.raise_for_status()
+        return dict(answer.json())
 
     def requests(self) -> list[dict[str, Any]]:
         return list(httpx.get(f"{self.url}/_emulator/requests").json())

@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,9 @@ from typing import Any
 from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+# The account tests deploy as (tests/emulator_fixtures.py gives sdxlctl its key file): a project owner
+DEPLOYER = "deployer@demo-project.iam.gserviceaccount.com"
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -161,6 +165,10 @@ class World:
     """Everything the emulated services hold; one lock keeps request handling consistent."""
 
     polls_to_finish: int = 2
+    # Cloud Run instances (run_instances.py): idle seconds before one stops, and the startup probe's
+    # periodSeconds multiplied by this (tests make a 10 s period a fraction of a second)
+    run_idle_s: float = 900.0
+    run_probe_scale: float = 1.0
     project_number: str = "123456789012"
     lock: threading.RLock = field(default_factory=threading.RLock)
     resources: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # kind -> name -> JSON
@@ -172,6 +180,8 @@ class World:
     # Operations whose metadata type contains a key take that many polls (a slow step to interrupt)
     slow: dict[str, int] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(int(time.time()) * 1000))
+    # Project owners: Cloud Run lets them invoke any service of the project without a binding of their own
+    owners: set[str] = field(default_factory=lambda: {DEPLOYER})
 
     def new_id(self) -> str:
         return str(next(self.ids))
@@ -284,6 +294,8 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     if not raw:
         return None
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace")))  # OAuth's token endpoint takes a form
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:

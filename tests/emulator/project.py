@@ -1,8 +1,8 @@
 """What `sdxlctl check` reads of a project: Service Usage (enabled APIs), Cloud Quotas (Vertex AI serving GPU
-quotas per region) and Artifact Registry repositories.
+quotas and Cloud Run's L4 quotas, per region) and Artifact Registry repositories.
 
-Every API is enabled and every GPU quota is DEFAULT_GPUS until a test says otherwise (`disable`, `set_quota`,
-`add_repository`), as in a project that was set up.
+Every API is enabled and every GPU quota is DEFAULT_GPUS (Cloud Run's L4s: run_gpu.DEFAULT_QUOTA) until a test
+says otherwise (`disable`, `set_quota`, `add_repository`), as in a project that was set up.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from tests.emulator.core import ApiError, Route, World, routes
+from tests.emulator.run_gpu import DEFAULT_QUOTA, L4_QUOTAS
 
 DEFAULT_GPUS = 4
 SERVING_GPUS = ("t4", "l4", "a100", "a100_80gb", "h100", "h200")  # custom_model_serving_nvidia_<this>_gpus
@@ -24,9 +25,22 @@ def disable(world: World, service: str) -> None:
 
 
 def set_quota(world: World, metric: str, value: int, region: str = "") -> None:
-    """The project's limit of `metric` in `region` ("": every region without a value of its own)."""
+    """The project's limit of `metric` in `region` ("": every region without a value of its own).
+
+    `metric` is a metric (aiplatform.googleapis.com/custom_model_serving_nvidia_l4_gpus) or a Cloud Run quota
+    id under its service (run.googleapis.com/NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion)."""
+    service, _, quota_id = metric.partition("/")
+    if service == "run.googleapis.com" and quota_id in L4_QUOTAS:
+        metric = L4_QUOTAS[quota_id]
     with world.lock:
         _quotas(world).setdefault(metric, {})[region] = value
+
+
+def quota_value(world: World, metric: str, region: str) -> int:
+    """The project's limit of `metric` in `region`: the region's own value, else every region's."""
+    with world.lock:
+        values = _quotas(world).get(metric, {})
+        return values.get(region, values.get("", 0))
 
 
 def add_repository(world: World, project: str, region: str, repository: str) -> None:
@@ -40,6 +54,8 @@ def _quotas(world: World) -> dict[str, dict[str, int]]:
     if not table:
         for gpu in SERVING_GPUS:
             table[f"aiplatform.googleapis.com/custom_model_serving_nvidia_{gpu}_gpus"] = {"": DEFAULT_GPUS}
+        for metric in L4_QUOTAS.values():
+            table[metric] = {"": DEFAULT_QUOTA}
     return table
 
 
@@ -80,7 +96,9 @@ class Project:
         for metric, values in _quotas(self.world).items():
             if not metric.startswith(service + "/"):
                 continue
-            quota_id = "".join(part.title() for part in metric.split("/")[-1].split("_")) + "PerProjectPerRegion"
+            quota_id = next((q for q, m in L4_QUOTAS.items() if m == metric), None) or (
+                "".join(part.title() for part in metric.split("/")[-1].split("_")) + "PerProjectPerRegion"
+            )
             infos.append(
                 {
                     "name": f"{p['parent']}/quotaInfos/{quota_id}",
