@@ -1,20 +1,228 @@
-"""Target cloudrun: upload (nothing to do) and deploy. STUB: helper cloudrun-deploy replaces it."""
+"""Target cloudrun: upload (nothing to do: Cloud Run runs the image) and deploy (the model's service on an L4).
+
+A deploy makes the server's own account and its grants (target vertex's), then creates the service, updates
+the fields that differ, or leaves it alone: a re-run with the same config sends no update at all.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from typing import Any
+
+from sdxlctl import pricing
+from sdxlctl.cloudrun import spec
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError
-from sdxlctl.state import StateStore
-from sdxlctl.steps import Outcome, Progress, StepResult, quiet
+from sdxlctl.gpus import CLOUD_RUN_GPU, gpu
+from sdxlctl.pricing.memory import GpuMemory, require_fit
+from sdxlctl.state import Resource, StateStore
+from sdxlctl.steps import Change, Notice, Outcome, Progress, StepResult, quiet
+from sdxlctl.vertex.access import ensure_server_account, lora_plan, refiner_detail, server_account_plan, server_email
+from sdxlctl.vertex.names import OPERATION_TIMEOUT_S, cloud, names, replica_count
+from sdxlctl.vertex.serve import _check_baked
+
+KIND = "server-service"
+SERVICE = "Cloud Run service"
+
+# USD per second (../shared/CLOUD-RUN-GPU-FACTS.md §6, Tier 1), until sdxlctl.pricing prices Cloud Run itself.
+FALLBACK_RATES = {"gpu": 0.0001867, "gpu_zonal": 0.0002909, "cpu": 0.000018, "memory_gib": 0.000002}
+
+# ---------------------------------------------------------------- upload
 
 
 def upload(config: Config, store: StateStore, *, dry_run: bool) -> Outcome:
-    raise DeployError("target cloudrun: upload is not built yet")
+    """Nothing to register: Cloud Run runs the built image itself (Vertex AI needs a Model, Cloud Run does not)."""
+    image = store.read().get(config.name, "server-image")
+    what = image.name if image else "the image `sdxlctl build` makes"
+    said = f"target cloudrun has no model registry: nothing to upload, Cloud Run runs {what} itself"
+    if dry_run:
+        return StepResult([Change("unchanged", "model", "(none on Cloud Run)", said)], dry_run=True)
+    if image is None:
+        raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
+    _check_baked(config, image)
+    return Notice(f"{said}; next: `sdxlctl deploy`")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def hourly(config: Config) -> float:
+    """USD per instance-hour while an instance is up: the L4, the vCPUs and the memory, billed per second."""
+    run = config.cloudrun
+    shape = {"cpu": run.cpu, "memory_gib": run.memory_gib, "zonal_redundancy": run.zonal_redundancy}
+    priced = getattr(pricing, "cloud_run_hourly", None)
+    if priced is not None:
+        import inspect
+
+        where = {"region": config.gcp.region} if "region" in inspect.signature(priced).parameters else {}
+        return float(priced(**shape, **where))
+    rates = FALLBACK_RATES
+    per_second = rates["gpu_zonal" if run.zonal_redundancy else "gpu"] + run.cpu * rates["cpu"]
+    return (per_second + run.memory_gib * rates["memory_gib"]) * 3600
+
+
+def price(config: Config) -> str:
+    """The plan's price: per instance-hour while up, and what idle costs (nothing at min 0)."""
+    run, per_hour = config.cloudrun, hourly(config)
+    said = f"≈ {per_hour:,.2f} USD per instance-hour while up (billed per second)"
+    if run.min_instances == 0:
+        return said + ", 0 USD while idle (scales to zero)"
+    return said + f", ≈ {per_hour * 24 * run.min_instances:,.2f} USD/day idle ({run.min_instances} kept up)"
+
+
+def shape(config: Config) -> str:
+    run = config.cloudrun
+    redundancy = "with" if run.zonal_redundancy else "without"
+    return (
+        f"1 x NVIDIA L4 ({redundancy} zonal redundancy), {run.cpu} vCPU, {run.memory_gib} GiB, "
+        f"{replica_count(run.min_instances, run.max_instances).replace('replica', 'instance')}, "
+        f"{spec.concurrency(config)} requests each, {run.timeout_s} s per request, private"
+    )
+
+
+def memory_of(config: Config) -> GpuMemory:
+    return require_fit(gpu(CLOUD_RUN_GPU.key), dtype=config.model.dtype, refiner=config.model.refiner != "off")
 
 
 def plan_deploy(config: Config, store: StateStore) -> StepResult:
-    raise DeployError("target cloudrun: deploy is not built yet")
+    """What deploy would do, from the config and the state alone: nothing is called."""
+    spec.check(config)
+    memory = memory_of(config)
+    state = store.read()
+    changes = []
+    account = server_email(config)
+    recorded_account = state.get(config.name, "server-account")
+    action = "keep" if recorded_account and recorded_account.name == account else "create"
+    changes.append(Change(action, "service account", account, server_account_plan(config)))
+    if config.model.refiner != "off":
+        changes.append(Change("load", "refiner", config.model.refiner, refiner_detail(config)))
+    changes += lora_plan(config)
+    said = memory.summary + (f"; {memory.warning}" if memory.warning else "")
+    changes.append(Change("warn" if memory.warning else "check", "GPU memory", CLOUD_RUN_GPU.key, said))
+    image = state.get(config.name, "server-image")
+    service = names(config).server_service_id
+    detail = f"{shape(config)}; {price(config)}"
+    recorded = state.get(config.name, KIND)
+    if recorded is None or image is None:
+        changes.append(Change("create", SERVICE, f"{service} in {config.gcp.region}", detail))
+    else:
+        wanted = spec.server_service(config, image=image.name, account=account)
+        if recorded.details.get("spec") == digest(wanted):
+            changes.append(Change("unchanged", SERVICE, recorded.name, detail))
+        else:
+            changed = _recorded_differences(recorded, config, image.name, account) or ["the server's environment"]
+            changes.append(Change("update", SERVICE, recorded.name, f"{', '.join(changed)}; {detail}"))
+    return StepResult(changes, dry_run=True)
+
+
+def digest(service: Any) -> str:
+    """A short fingerprint of the fields sdxlctl sets, kept in the state so that a dry run can say 'unchanged'."""
+    from sdxlctl.gcp.run import service_dict
+
+    return hashlib.sha256(json.dumps(service_dict(service), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _details(config: Config, image: str, account: str) -> dict[str, Any]:
+    run = config.cloudrun
+    return {
+        "gpu": CLOUD_RUN_GPU.key,
+        "cpu": run.cpu,
+        "memory_gib": run.memory_gib,
+        "min_instances": run.min_instances,
+        "max_instances": run.max_instances,
+        "zonal_redundancy": run.zonal_redundancy,
+        "timeout_s": run.timeout_s,
+        "account": account,
+        "image": image,
+    }
+
+
+def _recorded_differences(recorded: Resource, config: Config, image: str, account: str) -> list[str]:
+    """The fields the state records that the config changes, as `differences` names them (the dry run's view)."""
+    said = {"cpu": "cpu", "memory_gib": "memory", "min_instances": "min instances", "max_instances": "max instances"}
+    said |= {"zonal_redundancy": "zonal redundancy", "timeout_s": "timeout", "account": "service account"}
+    changed = []
+    for key, value in _details(config, image, account).items():
+        before = recorded.details.get(key)
+        if key == "image" and before != value:
+            changed.append("image")
+        elif key in said and before != value:
+            changed.append(f"{said[key]} {before} -> {value}")
+    return changed
+
+
+# ---------------------------------------------------------------- deploy
 
 
 def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> StepResult:
-    raise DeployError("target cloudrun: deploy is not built yet")
+    """The image as the model's Cloud Run service on an L4: created, updated where it differs, or left alone."""
+    from sdxlctl.gcp.run import CloudRun
+
+    started = time.monotonic()
+    spec.check(config)  # before any request
+    memory_of(config)
+    image = store.read().get(config.name, "server-image")
+    if image is None:
+        raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
+    _check_baked(config, image)
+    changes: list[Change] = []
+    account = ensure_server_account(config, store, progress, changes, always=True)
+    wanted = spec.server_service(config, image=image.name, account=account)
+    runner, service_id = CloudRun(cloud(config)), names(config).server_service_id
+    progress(f"looking for the service {service_id}")
+    live = runner.get(service_id)
+    changed = spec.differences(live, wanted) if live is not None else ["new"]
+    previous = store.read().get(config.name, KIND)
+    if changed:
+        # Recorded before the wait, so that teardown and status find a service whose deploy was cut short.
+        details = dict(previous.details) if previous else {}
+        details |= _details(config, image.name, account) | {"spec": ""}
+        url = live.uri if live is not None else (previous.url if previous else "")
+        store.record(
+            config.name, Resource(kind=KIND, name=runner.name(service_id), target="cloudrun", url=url, details=details)
+        )
+        progress(("creating" if live is None else "updating") + f" the service {service_id} ({shape(config)})")
+        live = runner.apply(service_id, wanted, progress=progress, timeout_s=OPERATION_TIMEOUT_S)
+    service: Any = live if changed else _settled(runner, service_id, live, progress)  # found, created or updated
+    _require_ready(service)
+    store.record(config.name, _resource(service, config, image.name, account, digest(wanted)))
+    if not changed:
+        changes.append(Change("unchanged", SERVICE, service.name, shape(config)))
+    elif changed == ["new"]:
+        changes.append(Change("create", SERVICE, service.name, f"{shape(config)}; {price(config)}"))
+    else:
+        changes.append(Change("update", SERVICE, service.name, ", ".join(changed)))
+    return StepResult(changes, service.uri, time.monotonic() - started)
+
+
+def _settled(runner: Any, service_id: str, service: Any, progress: Progress) -> Any:
+    """A service an earlier, interrupted run left rolling out: waited for, not updated a second time."""
+    started = time.monotonic()
+    while service.reconciling and time.monotonic() - started < OPERATION_TIMEOUT_S:
+        progress(f"waiting for the rollout an earlier run started ({time.monotonic() - started:.0f}s)")
+        time.sleep(runner.cloud.poll_s)
+        service = runner.get(service_id) or service
+    return service
+
+
+def _require_ready(service: Any) -> None:
+    """The service's latest revision serves, or the reason Cloud Run gives why not."""
+    condition = service.terminal_condition
+    state = getattr(condition.state, "name", str(condition.state))
+    if state not in ("CONDITION_SUCCEEDED", "STATE_UNSPECIFIED") or not service.latest_ready_revision:
+        raise DeployError(
+            f"service {service.name} is not ready ({state}): {condition.message or 'no reason given'}",
+            hint="`sdxlctl logs` shows why the server did not start; fix it and run `sdxlctl deploy` again",
+        )
+
+
+def _resource(service: Any, config: Config, image: str, account: str, fingerprint: str) -> Resource:
+    ready = service.terminal_condition.last_transition_time or service.update_time
+    details = _details(config, image, account) | {
+        "revision": str(service.latest_ready_revision).rsplit("/", 1)[-1],
+        "deployed_at": ready.isoformat() if ready else "",
+        "spec": fingerprint,
+    }
+    return Resource(kind=KIND, name=service.name, target="cloudrun", url=service.uri, details=details)

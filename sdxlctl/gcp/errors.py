@@ -113,6 +113,8 @@ def explain(exc: Exception, action: str, *, api: str, project: str, region: str 
             hint=f"no such GPU is free in {region or 'this region'} now: try another region "
             "(SDXLCTL_GCP_REGION=...), another --gpu, or again later",
         )
+    if api == "run" and "quota" in lowered and "gpu" in lowered:
+        return gpu_quota(message, action, project=project, region=region)
     if isinstance(exc, gexc.ResourceExhausted | gexc.TooManyRequests) or "quota" in lowered:
         metric = re.search(r"quota (?:metric|for) '?([\w./-]+)", message)
         what = f" ({metric.group(1)})" if metric else ""
@@ -125,6 +127,25 @@ def explain(exc: Exception, action: str, *, api: str, project: str, region: str 
     if isinstance(exc, gexc.NotFound):
         return CloudError(text, hint="it may have been deleted outside sdxlctl; `sdxlctl status` shows what exists")
     return CloudError(text)
+
+
+def gpu_quota(message: str, action: str, *, project: str, region: str) -> CloudError:
+    """Cloud Run's refusal of a GPU service for want of quota, naming the quota to ask for and where.
+
+    Google's message says which kind ("... GPUs with zonal redundancy" or "without"); the quota counts
+    the L4s of max instances, so fewer instances or the other kind may fit in what the project has."""
+    from sdxlctl.gpus import CLOUD_RUN_GPU
+
+    lowered = message.lower()
+    kinds = (
+        [False] if "without" in lowered or "no zonal" in lowered else [True] if "zonal" in lowered else [False, True]
+    )
+    quotas = " or ".join(f"'{CLOUD_RUN_GPU.quota(zonal)}'" for zonal in kinds)
+    where = region or "this region"
+    hint = f"request it at {CLOUD_RUN_GPU.quota_page}&project={project}, or lower [cloudrun] max_instances"
+    if kinds == [True]:
+        hint += "; or set [cloudrun] zonal_redundancy = false (its own quota, cheaper)"
+    return CloudError(f"{action}: no GPU quota for Cloud Run: {quotas} in {where} ({message})", hint=hint)
 
 
 def _is_stockout(lowered: str) -> bool:

@@ -1,4 +1,4 @@
-"""Cloud Run v2: the UI service, and who may invoke it."""
+"""Cloud Run v2: services (the model's on target cloudrun, the UI's on every cloud target), and who may invoke them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,25 @@ from typing import Any
 
 from sdxlctl.gcp.errors import translated
 from sdxlctl.gcp.session import Cloud, Progress, create_once, wait_for
+
+INVOKER = "roles/run.invoker"
+
+
+def service_message(data: dict[str, Any]) -> Any:
+    """A run_v2.Service from its fields as a dict (proto field names, enum names, durations as "600s")."""
+    from google.cloud import run_v2
+    from google.protobuf import json_format
+
+    pb = json_format.ParseDict(data, run_v2.Service.pb()())
+    return run_v2.Service.wrap(pb)
+
+
+def service_dict(service: Any) -> dict[str, Any]:
+    """A run_v2.Service's fields as a dict (proto field names; fields at their default left out)."""
+    from google.cloud import run_v2
+    from google.protobuf import json_format
+
+    return dict(json_format.MessageToDict(run_v2.Service.pb(service), preserving_proto_field_name=True))
 
 
 class CloudRun:
@@ -38,6 +57,46 @@ class CloudRun:
             services = self.client.list_services(parent=self.cloud.parent, retry=self.cloud.retry())
             return [s for s in services if s.labels.get(label[0]) == label[1]]
 
+    def apply(self, service_id: str, service: Any, *, progress: Progress, timeout_s: float) -> Any:
+        """Create the service, or update it when it exists; wait until its revision serves; return it as it is.
+
+        A create whose answer was lost (or a 409 from one that did happen) finds the service there and
+        updates it to `service`, so one run never makes two and always ends with what was asked.
+        """
+        existing = self.get(service_id)
+        operation: Any = None
+        if existing is None:
+
+            def create() -> str:
+                return str(
+                    self.client.create_service(
+                        parent=self.cloud.parent, service=service, service_id=service_id, retry=None
+                    ).operation.name
+                )
+
+            operation = create_once(
+                create,
+                lambda: self.get(service_id),
+                what=f"create service {service_id}",
+                cloud=self.cloud,
+                api="run",
+                progress=progress,
+            )
+            if not isinstance(operation, str):
+                existing = operation
+        if existing is not None:
+            update = self.run_v2.Service(service)
+            update.name = existing.name
+            with self._call(f"update service {service_id}"):
+                operation = self.client.update_service(service=update, retry=self.cloud.retry()).operation.name
+        self.wait(str(operation), what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
+        found = self.get(service_id)
+        if found is None:
+            from sdxlctl.gcp.errors import CloudError
+
+            raise CloudError(f"service {service_id} was deployed but is gone", hint="run the step again")
+        return found
+
     def deploy(
         self,
         *,
@@ -50,56 +109,68 @@ class CloudRun:
         progress: Progress,
         timeout_s: float,
     ) -> Any:
-        """Create the service, or update it when it exists; wait until it serves; return it."""
-        run_v2 = self.run_v2
-        service = run_v2.Service(
-            labels=labels,
-            ingress=run_v2.IngressTraffic.INGRESS_TRAFFIC_ALL,
-            invoker_iam_disabled=public,
-            template=run_v2.RevisionTemplate(
-                service_account=service_account,
-                labels=labels,
-                containers=[
-                    run_v2.Container(
-                        image=image,
-                        env=[run_v2.EnvVar(name=k, value=v) for k, v in sorted(env.items())],
-                        ports=[run_v2.ContainerPort(container_port=8080)],
-                        resources=run_v2.ResourceRequirements(limits={"cpu": "1", "memory": "1Gi"}),
-                    )
-                ],
-                scaling=run_v2.RevisionScaling(min_instance_count=0, max_instance_count=4),
-            ),
+        """The UI's service: created, or updated when it exists; waited for until it serves; returned."""
+        service = service_message(
+            {
+                "labels": labels,
+                "ingress": "INGRESS_TRAFFIC_ALL",
+                "invoker_iam_disabled": public,
+                "template": {
+                    "service_account": service_account,
+                    "labels": labels,
+                    "containers": [
+                        {
+                            "image": image,
+                            "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+                            "ports": [{"container_port": 8080}],
+                            "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                        }
+                    ],
+                    "scaling": {"min_instance_count": 0, "max_instance_count": 4},
+                },
+            }
         )
-        existing = self.get(service_id)
-        operation: Any = None
-        if existing is None:
+        return self.apply(service_id, service, progress=progress, timeout_s=timeout_s)
 
-            def create() -> str:
-                return str(
-                    self.client.create_service(
-                        parent=self.cloud.parent, service=service, service_id=service_id, retry=None
-                    ).operation.name
-                )
-
-            # A lost answer (or a 409 from a create that did happen) leaves the service there: update it
-            operation = create_once(
-                create,
-                lambda: self.get(service_id),
-                what=f"create service {service_id}",
-                cloud=self.cloud,
-                api="run",
-                progress=progress,
+    def allow_invoker(self, service_id: str, member: str) -> bool:
+        """Give `member` roles/run.invoker on the service (its other roles stay); True when the policy changed."""
+        with self._call(f"allow {member} to invoke service {service_id}"):
+            policy = self.client.get_iam_policy(request={"resource": self.name(service_id)}, retry=self.cloud.retry())
+            binding = next((b for b in policy.bindings if b.role == INVOKER), None)
+            if binding is not None and member in binding.members:
+                return False
+            if binding is None:
+                binding = policy.bindings.add(role=INVOKER)
+            binding.members.append(member)
+            self.client.set_iam_policy(
+                request={"resource": self.name(service_id), "policy": policy}, retry=self.cloud.retry()
             )
-            if not isinstance(operation, str):
-                existing = operation
-        if existing is not None:
-            service.name = existing.name
-            with self._call(f"deploy service {service_id}"):
-                operation = self.client.update_service(service=service, retry=self.cloud.retry()).operation.name
-        self.wait(str(operation), what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
-        found = self.get(service_id)
-        assert found is not None
-        return found
+        return True
+
+    def revoke_invoker(self, service_id: str, member: str) -> bool:
+        """Take roles/run.invoker on the service from `member`; True when it held it (False: the service is gone)."""
+        from google.api_core.exceptions import NotFound
+
+        with self._call(f"revoke {member}'s invoker role on service {service_id}"):
+            try:
+                policy = self.client.get_iam_policy(
+                    request={"resource": self.name(service_id)}, retry=self.cloud.retry()
+                )
+            except NotFound:
+                return False
+            binding = next((b for b in policy.bindings if b.role == INVOKER and member in b.members), None)
+            if binding is None:
+                return False
+            binding.members.remove(member)
+            if not binding.members:  # an empty binding is refused by setIamPolicy
+                policy.bindings.remove(binding)
+            try:
+                self.client.set_iam_policy(
+                    request={"resource": self.name(service_id), "policy": policy}, retry=self.cloud.retry()
+                )
+            except NotFound:
+                return False
+        return True
 
     def delete(self, service_id: str, *, progress: Progress, timeout_s: float) -> bool:
         """Delete the service; False when it was already gone."""

@@ -31,11 +31,14 @@ PREDICT_PERMISSIONS = ["aiplatform.endpoints.predict"]
 PREDICT_FALLBACK_ROLE = "roles/aiplatform.user"
 
 
-def ensure_server_account(config: Config, store: StateStore, progress: Progress, changes: list[Change]) -> str:
+def ensure_server_account(
+    config: Config, store: StateStore, progress: Progress, changes: list[Change], *, always: bool = False
+) -> str:
     """The account the model server runs as, when it needs one: it may write the compile cache and read
     gs:// weights (the base's, a refiner's) and LoRA adapters, nothing else. Empty: Vertex AI's own account,
-    which may only read the artifacts."""
-    email = server_account(config)
+    which may only read the artifacts. `always` (Cloud Run): an account of its own even with no grant, so the
+    server never runs as the project's default compute account (an editor of the whole project)."""
+    email = server_account(config) or (server_email(config) if always else "")
     if not email:
         return ""
     from sdxlctl.gcp.iam import ServiceAccounts
@@ -43,25 +46,33 @@ def ensure_server_account(config: Config, store: StateStore, progress: Progress,
 
     c, n = cloud(config), names(config)
     cache = compile_cache(config)
-    progress("giving the model server an account that may " + ("write its compile cache" if cache else "read gs://"))
-    ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
     wanted = server_grants(config)
+    may = "write its compile cache" if cache else "read gs://" if wanted else "do nothing else"
+    progress("giving the model server an account that may " + may)
+    ServiceAccounts(c).ensure(n.server_account_id, f"sdxlctl model server of {config.name}")
     recorded = store.read().get(config.name, "server-account")
     before = set(recorded.details.get("buckets", [])) if recorded and recorded.name == email else set()
     # Recorded before granting, so that teardown finds every bucket even when this stops halfway.
-    store.record(config.name, _account(email, before | set(wanted)))
+    store.record(config.name, _account(config, email, before | set(wanted)))
     if cache.startswith("gs://"):
         Storage(c, bucket_of(cache), n.labels).ensure_bucket()
     grants = [_grant_bucket(c, email, bucket, roles, changes) for bucket, roles in sorted(wanted.items())]
     kept = {bucket for bucket in before - set(wanted) if not _revoke_bucket(c, email, bucket, changes)}
-    store.record(config.name, _account(email, set(wanted) | kept))
+    store.record(config.name, _account(config, email, set(wanted) | kept))
     granted = any(done for done, _ in grants)
-    changes.append(Change("update" if granted else "keep", "service account", email, ", ".join(d for _, d in grants)))
+    said = ", ".join(d for _, d in grants) or "no roles: it reads nothing on gs://"
+    changes.append(Change("update" if granted else "keep", "service account", email, said))
     return email
 
 
-def _account(email: str, buckets: set[str]) -> Resource:
-    return Resource(kind="server-account", name=email, target="vertex", details={"buckets": sorted(buckets)})
+def server_email(config: Config) -> str:
+    """The model server's own account, whether target vertex needs it or not (target cloudrun always does)."""
+    n = names(config)
+    return n.email(n.server_account_id)
+
+
+def _account(config: Config, email: str, buckets: set[str]) -> Resource:
+    return Resource(kind="server-account", name=email, target=config.target, details={"buckets": sorted(buckets)})
 
 
 def server_grants(config: Config) -> dict[str, dict[str, list[str]]]:
@@ -118,6 +129,8 @@ def server_account_plan(config: Config) -> str:
     grants += [f"{WEIGHTS_ROLE} on its weights {weights.rstrip('/')}/ only"] if weights else []  # read by itself
     grants += [f"{WEIGHTS_ROLE} on its refiner {refiner}/ only"] if refiner.startswith("gs://") else []
     grants += [f"{WEIGHTS_ROLE} on its LoRA folders {', '.join(_lora_folders(loras))}"] if loras else []
+    if not grants:  # target cloudrun: an account of its own all the same, never the default compute account
+        return "the model server's own, with no roles: it reads nothing on gs://"
     uniform = "and bucket-wide where the bucket has no uniform bucket-level access"
     return f"the model server's: {', '.join(grants)}, {uniform}"
 
