@@ -161,7 +161,7 @@ def status(config: Config, rows: list[ResourceStatus], *, as_json: bool, lora: d
         "recorded": "dim",
     }
     for row in rows:
-        colour = "green" if row.state.startswith("serving") else colours.get(row.state, "red")
+        colour = "green" if row.state.startswith(("serving", "ready, ")) else colours.get(row.state, "red")
         colour = colour if row.recorded else "yellow"  # running unseen by this folder: worth a look
         cells = _status_cells(row)
         cells["state"] = f"[{colour}]{escape(row.state)}[/]"
@@ -182,7 +182,7 @@ def _status_cells(row: ResourceStatus) -> dict[str, str]:
     """The text of each column: cost so far is 0.00 for local things, — where sdxlctl cannot tell."""
     return {
         "what": row.kind,
-        "name": escape(row.name),
+        "name": escape(row.name + (f" revision {row.details['revision']}" if row.details.get("revision") else "")),
         "state": escape(row.state),
         "where": escape(row.url),
         "up for": "—" if row.uptime_s is None else duration(row.uptime_s),
