@@ -24,6 +24,9 @@ TIMEOUT_S = 30.0  # one call to the token endpoint or the metadata server
 KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS"
 LOGIN = "gcloud auth application-default login"
 SIGNERS = ("service_account", "impersonated_service_account")  # key files that mint a token for any audience
+# Where a gcloud login is refreshed. google-auth ignores a token_uri in the login's file (a file must not send
+# the refresh token elsewhere), so this is the one place it is set; tests point it at their own endpoint.
+USER_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, bool, str], tuple[str, float]] = {}  # (audience, emulated, key file) -> (token, exp)
@@ -151,7 +154,7 @@ def _user_token(info: dict[str, Any], request: Any) -> tuple[str, float]:
     from google.oauth2 import credentials as user_credentials
 
     try:
-        credentials = user_credentials.Credentials.from_authorized_user_info(info)
+        credentials = user_credentials.Credentials.from_authorized_user_info(info).with_token_uri(USER_TOKEN_URI)
     except ValueError as exc:
         raise NoIdToken(f"the gcloud login file is incomplete ({_first_line(exc)})", hint=f"run `{LOGIN}`") from None
     credentials.refresh(request)
