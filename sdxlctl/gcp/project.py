@@ -59,9 +59,10 @@ def enabled_services(cloud: Cloud, services: list[str]) -> dict[str, bool]:
     return {name: enabled.get(name, False) for name in services}
 
 
-def gpu_quota(cloud: Cloud, metric: str) -> tuple[float, str] | None:
-    """The project's limit of `metric` (a Vertex AI serving GPU quota) in the cloud's region, and the quota's
-    id (what a request for more names); None where the project lists no such quota.
+def gpu_quota(cloud: Cloud, metric: str, *, service: str = QUOTA_SERVICE) -> tuple[float, str] | None:
+    """The project's limit of `metric` (a Vertex AI serving GPU quota; or a quota id, as Cloud Run's L4 quotas
+    are known, with `service` run.googleapis.com) in the cloud's region, and the quota's id (what a request for
+    more names); None where the project lists no such quota.
 
     Through the Cloud Quotas API (as `gcloud beta quotas info list` does): a region's own value, else the
     value every region has.
@@ -69,13 +70,13 @@ def gpu_quota(cloud: Cloud, metric: str) -> tuple[float, str] | None:
     from google.cloud import cloudquotas_v1
 
     client: Any = cloud.client(cloudquotas_v1.CloudQuotasClient, "cloudquotas.googleapis.com")
-    parent = f"projects/{cloud.project}/locations/global/services/{QUOTA_SERVICE}"
+    parent = f"projects/{cloud.project}/locations/global/services/{service}"
     try:
         infos = list(client.list_quota_infos(request={"parent": parent}, retry=cloud.retry(), timeout=TIMEOUT_S))
     except Exception as exc:
         raise CloudError(f"Cloud Quotas: {_first_line(exc)}") from None
     for info in infos:
-        if info.metric != metric:
+        if metric not in (info.metric, info.quota_id):
             continue
         values = {dict(d.dimensions).get("region", ""): float(d.details.value) for d in info.dimensions_infos}
         value = values.get(cloud.region, values.get(""))
