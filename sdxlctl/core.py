@@ -18,14 +18,14 @@ from typing import Any, Protocol
 from sdxlctl import cloudrun, inputs, local, lora_ops, loras, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
-from sdxlctl.pricing import Comparison, Estimate
+from sdxlctl.pricing import CloudRunEstimate, Compared, Comparison, Estimate
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 lora_push, lora_status = lora_ops.push, lora_ops.status  # `sdxlctl lora push`; the LoRA part of `status`
 
-__all__ = ["TARGETS", "Comparison", "Estimate", "PredictOptions", "Target"]
+__all__ = ["TARGETS", "CloudRunEstimate", "Compared", "Comparison", "Estimate", "PredictOptions", "Target"]
 
 
 class Target(Protocol):
@@ -130,7 +130,7 @@ def deploy(config: Config, store: StateStore, *, dry_run: bool = False, progress
     return target(config.target).deploy(config, store, dry_run=dry_run, progress=progress)
 
 
-def deploy_cost(config: Config) -> Estimate | None:
+def deploy_cost(config: Config) -> Estimate | CloudRunEstimate | None:
     """What a day of the deployment costs where it is billed (the plan's cost); None on this machine."""
     return None if config.target == "local" else cost(config, days=1)
 
@@ -317,7 +317,7 @@ def check(config: Config, store: StateStore) -> list[Check]:
 
 
 # ---------------------------------------------------------------- cost
-# Prices are Vertex AI's whatever the target: `cost` answers what the config would cost in the cloud.
+# Prices are Cloud Run's on target cloudrun, else Vertex AI's: what the config would cost in the cloud.
 
 LIVE_PRICES_MAX_AGE_S = 24 * 3600
 
@@ -370,18 +370,19 @@ def cost(
     live: bool = False,
     warn: Progress = quiet,
     steps: int = 30,
-) -> Estimate:
+) -> Estimate | CloudRunEstimate:
     """What the config (with overrides) costs over `days`: endpoint, UI and images, as an estimate."""
     from sdxlctl.gpus import gpu
 
     table = price_table(config, live=live, warn=warn)
-    deploy = config.deploy
+    if config.target == "cloudrun":
+        return pricing.cloud_run_estimate(config, table, days=days, gpu_key=gpu_key, region=region, steps=steps)
     return pricing.estimate(
-        gpu(gpu_key or deploy.gpu),
+        gpu(gpu_key or config.deploy.gpu),
         region or config.gcp.region,
         days=days,
-        min_replicas=deploy.min_replicas,
-        max_replicas=deploy.max_replicas,
+        min_replicas=config.deploy.min_replicas,
+        max_replicas=config.deploy.max_replicas,
         table=table,
         baked=config.model.bake,
         steps=steps,
@@ -393,7 +394,7 @@ def cost(
 
 def cost_compare(
     config: Config, *, region: str | None = None, steps: int = 30, live: bool = False, warn: Progress = quiet
-) -> list[Comparison]:
-    """Every GPU option side by side in the region, at the config's fast-path level."""
+) -> Compared:
+    """Every GPU option side by side in the region, at the config's fast-path level, and Cloud Run's L4."""
     table = price_table(config, live=live, warn=warn)
-    return pricing.compare(region or config.gcp.region, steps, table, config.model.optimize)
+    return pricing.compare_all(config.cloudrun, region or config.gcp.region, steps, table, config.model.optimize)

@@ -355,6 +355,9 @@ def _confirm(yes: bool) -> None:
     typer.confirm("Tear these down?", abort=True, err=True)
 
 
+BUSY_HELP = "hours a day Cloud Run serves (0 < h <= 24): its $/day and $/1000 images; Vertex AI bills all day"
+
+
 @app.command()
 def cost(
     days: Annotated[float, typer.Option(min=0, help="days to price")] = 1,
@@ -365,21 +368,22 @@ def cost(
     compare: Annotated[bool, typer.Option("--compare", help="every GPU side by side: speed, $/1000 images")] = False,
     steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for speed and $/1000 images")] = 30,
     live: Annotated[bool, typer.Option("--live", help="today's prices from the Cloud Billing catalog")] = False,
+    busy: Annotated[float, typer.Option("--busy-hours-per-day", min=0, max=24, help=BUSY_HELP)] = 24,
     as_json: Json = False,
 ) -> None:
     """What the config costs per day, broken down, and per 1000 images (an estimate)."""
     from sdxlctl import core
-    from sdxlctl.cli import render
+    from sdxlctl.cli import cost_render, render
 
     config, _ = _context()
     warn = render.warning
     if compare:
-        rows = core.cost_compare(config, region=region, steps=steps, live=live, warn=warn)
-        render.comparison(rows, region or config.gcp.region, steps, optimize=config.model.optimize, as_json=as_json)
+        rows = core.cost_compare(config, region=region, steps=steps, live=live, warn=warn).at(busy)
+        cost_render.comparison(rows, steps, optimize=config.model.optimize, as_json=as_json)
         return
     gpu_key = gpu.value if gpu else None
     estimate = core.cost(config, days=days, gpu_key=gpu_key, region=region, live=live, warn=warn, steps=steps)
-    render.estimate(estimate, as_json=as_json)
+    cost_render.estimate(estimate, as_json=as_json, busy_hours_per_day=busy)
 
 
 @app.command()

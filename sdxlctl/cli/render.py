@@ -361,39 +361,3 @@ def speed_line(row: Comparison) -> str:
         return f"at full load: {seconds}, past a shared endpoint's 60 s limit: no throughput"
     money = "" if per_1000 is None else f", {per_1000:,.2f} USD per 1000 images"
     return f"at full load: {seconds}, {images:,.0f} images/hour{money}"
-
-
-def comparison(rows: list[Comparison], region: str, steps: int, *, optimize: str = "auto", as_json: bool) -> None:
-    if as_json:
-        summary = {"region": region, "steps": steps, "optimize": optimize, "estimate": True}
-        _json({**summary, "gpus": [r.as_dict() for r in rows]})
-        return
-    level = "" if optimize in ("auto", "compile") else f", SDXL_OPTIMIZE={optimize}"
-    table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps{level}, one replica", title_justify="left")
-    # Narrow (80 columns, or piped) drops the machine (the estimate names it) so that no figure is cut short.
-    wide = out.width >= WIDE
-    columns = ["gpu", *(["machine"] if wide else []), "$/hour", "$/day", "s/image", "images per hour", "$/1000 images"]
-    for column in [*columns, "fits 60 s"]:
-        left = column in ("gpu", "machine", "fits 60 s")
-        table.add_column(column, justify="left" if left else "right", overflow="fold")
-    for row in rows:
-        hourly = row.usd_per_hour
-        seconds = f"{'>' if row.latency.lower_bound else ''}{row.latency.seconds:.1f}"
-        seconds += "" if row.latency.measured else "*"
-        fits = "[green]yes, 2x[/]" if row.fits_with_margin else "[yellow]yes[/]" if row.fits_shared else "[red]no[/]"
-        cells = {
-            "gpu": row.option.key,
-            "machine": row.option.machine_type,
-            "$/hour": "-" if hourly is None else usd_per_hour(hourly),
-            "$/day": "-" if hourly is None else f"{hourly * 24:,.2f}",
-            "s/image": seconds,
-            "images per hour": "-" if row.images_per_hour is None else f"{row.images_per_hour:,.0f}",
-            "$/1000 images": "-" if row.usd_per_1000_images is None else f"{row.usd_per_1000_images:,.2f}",
-        }
-        table.add_row(*(cells[column] for column in columns), fits)
-    out.print(table)
-    err.print(
-        "[dim]* estimated from the work per image and the GPU's fp16 rate; others measured. Fits 60 s: a shared "
-        "endpoint's limit (2x: with a 2x margin); -: over it, no images come out. $/1000 images at full load. "
-        "An estimate of list prices.[/]"
-    )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from functools import cache
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import GPUS, GpuOption, gpu
+from sdxlctl.pricing.cloudrun import CloudRunComparison as CloudRunComparison
+from sdxlctl.pricing.cloudrun import CloudRunEstimate as CloudRunEstimate
+from sdxlctl.pricing.cloudrun import billed_seconds as billed_seconds
+from sdxlctl.pricing.cloudrun import busy_hours as busy_hours
+from sdxlctl.pricing.cloudrun import cloud_run_estimate as cloud_run_estimate
+from sdxlctl.pricing.cloudrun import cloud_run_hourly as cloud_run_hourly
+from sdxlctl.pricing.cloudrun import cloud_run_row
+from sdxlctl.pricing.cloudrun import cloud_run_usd as cloud_run_usd
 from sdxlctl.pricing.memory import GpuMemory, gpu_memory
 from sdxlctl.pricing.speed import (
     SHARED_LIMIT_S,
@@ -21,119 +26,19 @@ from sdxlctl.pricing.speed import (
     refining,
     seconds_per_image,
 )
+from sdxlctl.pricing.table import DAYS_PER_MONTH as DAYS_PER_MONTH
+from sdxlctl.pricing.table import HOURS_PER_DAY, Breakdown, PriceTable, Rate, bundled, storage_cost
+from sdxlctl.pricing.table import from_data as from_data
+from sdxlctl.pricing.table import with_live as with_live
 
-HOURS_PER_DAY = 24
-DAYS_PER_MONTH = 30.44
+if TYPE_CHECKING:
+    from sdxlctl.config import CloudRun
+
 WIDE_MARGIN = 2.0  # "fits with a wide margin": at most half of the shared endpoint's limit
 UI_SECONDS_PER_REQUEST_OVERHEAD = 1.0  # page work besides waiting for the model
 
 
-@dataclass(frozen=True)
-class Rate:
-    """One price, where it comes from, and whether a primary source confirms it."""
-
-    usd: float
-    source: str
-    verified: bool
-
-
-@dataclass(frozen=True)
-class PriceTable:
-    """The bundled (or live) unit prices per region."""
-
-    date: str
-    regions: dict[str, dict[str, Any]]
-    cloud_run: dict[str, Any]
-    artifact_registry: dict[str, Any]
-    origin: str = "bundled"
-
-    def rate(self, region: str, kind: str, key: str) -> Rate:
-        """The price of one GPU card (kind gpu), vCPU or GB of RAM per hour; a clear error when missing."""
-        entry = self.regions.get(region)
-        if entry is None:
-            raise UsageError(
-                f"no prices for region {region!r} in the table of {self.date}",
-                hint=f"regions priced: {', '.join(self.regions)}; or try --live",
-            )
-        row = entry.get(kind, {}).get(key)
-        if row is None:
-            raise UsageError(
-                f"no {kind} price for {key!r} in {region} in the table of {self.date}",
-                hint="try another region, or --live for the Cloud Billing catalog",
-            )
-        return Rate(float(row["usd"]), str(row["source"]), bool(row["verified"]))
-
-
-@cache
-def bundled() -> PriceTable:
-    """The price table shipped with sdxlctl, with derived regions expanded."""
-    data = json.loads((Path(__file__).parent / "prices.json").read_text())
-    return from_data(data)
-
-
-def from_data(data: dict[str, Any], origin: str = "bundled") -> PriceTable:
-    regions: dict[str, dict[str, Any]] = {}
-    for name, entry in data["regions"].items():
-        if "derive" in entry:
-            base, factor = data["regions"][entry["derive"]["from"]], entry["derive"]["factor"]
-            entry = {
-                "location": entry["location"],
-                **{
-                    kind: {
-                        key: {"usd": row["usd"] * factor, "verified": False, "source": entry["source"]}
-                        for key, row in base[kind].items()
-                    }
-                    for kind in ("gpu", "vcpu", "ram")
-                },
-            }
-        regions[name] = entry
-    return PriceTable(data["date"], regions, data["cloud_run"], data["artifact_registry"], origin)
-
-
-def with_live(table: PriceTable, regions: dict[str, dict[str, Any]], date: str) -> PriceTable:
-    """`table` with the catalog's prices laid over it, part by part (what the catalog lacks stays)."""
-    merged = {
-        name: {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
-        for name, entry in table.regions.items()
-    }
-    for region, parts in regions.items():
-        entry = merged.setdefault(region, {"location": region})
-        for kind in ("gpu", "vcpu", "ram"):
-            entry.setdefault(kind, {}).update(parts.get(kind, {}))
-    return replace(table, regions=merged, date=date, origin="live (Cloud Billing catalog)")
-
-
 # ---------------------------------------------------------------- cost
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """USD for the whole period, by part."""
-
-    gpu: float
-    vcpu: float
-    ram: float
-    ui: float
-    storage: float
-
-    @property
-    def endpoint(self) -> float:
-        return self.gpu + self.vcpu + self.ram
-
-    @property
-    def total(self) -> float:
-        return self.endpoint + self.ui + self.storage
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "gpu": round(self.gpu, 2),
-            "vcpu": round(self.vcpu, 2),
-            "ram": round(self.ram, 2),
-            "endpoint": round(self.endpoint, 2),
-            "ui": round(self.ui, 2),
-            "storage": round(self.storage, 2),
-            "total": round(self.total, 2),
-        }
 
 
 @dataclass(frozen=True)
@@ -271,14 +176,6 @@ def ui_cost(table: PriceTable, images: float, model_seconds: float) -> float:
     )
 
 
-def storage_cost(table: PriceTable, days: float, *, baked: bool = False) -> float:
-    """The server and UI images in Artifact Registry (with the weights, when baked), above the free allowance."""
-    registry = table.artifact_registry
-    weights = registry.get("baked_weights_gb", 0.0) if baked else 0.0
-    gigabytes = max(0.0, sum(registry["image_gb"].values()) + weights - registry["free_gb"])
-    return gigabytes * registry["usd_per_gb_month"] * days / DAYS_PER_MONTH
-
-
 def baked_note(table: PriceTable) -> str:
     """What [model] bake changes besides storage: sizes from the table, times not measured, so not given."""
     registry = table.artifact_registry
@@ -365,3 +262,23 @@ def machine_price(key: str, region: str) -> float | None:
         return machine_per_hour(bundled(), gpu(key), region)[0]
     except UsageError:
         return None
+
+
+@dataclass(frozen=True)
+class Compared:
+    """`cost --compare`: every Vertex AI GPU option, and Cloud Run's L4 with [cloudrun]'s shape."""
+
+    gpus: list[Comparison]
+    cloud_run: CloudRunComparison
+
+    def at(self, hours: float) -> Compared:
+        """Cloud Run's row at a duty cycle of `hours` a day (Vertex AI bills its replicas around the clock)."""
+        return replace(self, cloud_run=self.cloud_run.at(hours))
+
+
+def compare_all(
+    run: CloudRun, region: str, steps: int = 30, table: PriceTable | None = None, level: str = "auto"
+) -> Compared:
+    """The compare table: Vertex AI's options and Cloud Run's L4 in `region`."""
+    table = table or bundled()
+    return Compared(compare(region, steps, table, level), cloud_run_row(run, region, steps, table, level))
