@@ -158,7 +158,7 @@ def upload(dry_run: DryRun = False, as_json: Json = False) -> None:
 @app.command()
 def deploy(
     gpu: Annotated[
-        Gpu | None, typer.Option(metavar="<gpu>", help=f"GPU for target vertex: {GPU_CHOICES} (overrides [deploy] gpu)")
+        Gpu | None, typer.Option(metavar="<gpu>", help=f"{GPU_CHOICES} (cloudrun: l4 only), overrides [deploy] gpu")
     ] = None,
     dry_run: DryRun = False,
     as_json: Json = False,

@@ -24,15 +24,20 @@ REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
 class TargetName(StrEnum):
     local = "local"
     vertex = "vertex"
+    cloudrun = "cloudrun"
+
+
+CLOUD = ("vertex", "cloudrun")  # the targets that need a project, a region and a GPU
 
 
 @app.command()
 def init(
     project: Annotated[str | None, typer.Option(help="Google Cloud project id, [gcp] project")] = None,
     region: Annotated[str | None, typer.Option(help="region of the endpoint, [gcp] region")] = None,
-    gpu: Annotated[Gpu | None, typer.Option(help="the GPU of each replica, [deploy] gpu")] = None,
+    gpu: Annotated[Gpu | None, typer.Option(help="the GPU of each replica, [deploy] gpu (cloudrun: l4 only)")] = None,
     target_name: Annotated[
-        TargetName | None, typer.Option("--target", help="local (this machine, the default) or vertex")
+        TargetName | None,
+        typer.Option("--target", help="local (this machine, the default), vertex (Vertex AI) or cloudrun (Cloud Run)"),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="ask nothing: defaults for what no flag gives")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
@@ -47,16 +52,19 @@ def init(
     ask = not yes and sys.stdin.isatty()
     target = target_name.value if target_name else None
     if target is None:
-        target = _ask("target (local or vertex)", "local") if ask else "local"
-    if target not in ("local", "vertex"):
-        raise UsageError(f"target {target!r}: choose local or vertex")
+        target = _ask("target (local, vertex or cloudrun)", "local") if ask else "local"
+    if target not in ("local", *CLOUD):
+        raise UsageError(f"target {target!r}: choose local, vertex or cloudrun")
     if project is None:
         known = gcloud_project()  # offered, never taken unasked: the project is who pays
-        project = _ask("Google Cloud project id", known) if ask and target == "vertex" else ""
+        project = _ask("Google Cloud project id", known) if ask and target in CLOUD else ""
     if region is None:
-        region = _ask("region", "us-central1") if ask and target == "vertex" else "us-central1"
+        region = _ask("region", "us-central1") if ask and target in CLOUD else "us-central1"
+    # Cloud Run offers one GPU: nothing to ask
     gpu_key = gpu.value if gpu else (_ask(f"GPU ({GPU_CHOICES})", "l4") if ask and target == "vertex" else "l4")
     _check(project, region, gpu_key)
+    if target == "cloudrun":
+        _check_cloudrun(region, gpu_key)
     text = fill(
         TEMPLATE.read_text(encoding="utf-8"),
         {("", "target"): target, ("gcp", "project"): project, ("gcp", "region"): region, ("deploy", "gpu"): gpu_key},
@@ -64,8 +72,10 @@ def init(
     _write(path, text)
     out.print(str(path), highlight=False)
     err.print(f"wrote {path} (target {target}); `sdxlctl check` shows what is missing", highlight=False)
-    if target == "vertex" and not project:
-        err.print("[yellow]note:[/] [gcp] project is empty: set it before any step on target vertex", highlight=False)
+    if target in CLOUD and not project:
+        err.print(
+            f"[yellow]note:[/] [gcp] project is empty: set it before any step on target {target}", highlight=False
+        )
 
 
 def fill(template: str, values: dict[tuple[str, str], str]) -> str:
@@ -105,6 +115,19 @@ def _check(project: str, region: str, gpu_key: str) -> None:
         raise UsageError(f"--region {region!r} is not a region name", hint="e.g. us-central1, europe-west4")
     if gpu_key not in GPUS:
         raise UsageError(f"--gpu {gpu_key!r}: choose one of {', '.join(GPUS)}")
+
+
+def _check_cloudrun(region: str, gpu_key: str) -> None:
+    """What Cloud Run cannot run, refused naming the flag (the config's own check would name a temporary file)."""
+    from sdxlctl.errors import UsageError
+    from sdxlctl.gpus import CLOUD_RUN_GPU
+
+    problem = CLOUD_RUN_GPU.gpu_problem(gpu_key)
+    if problem:
+        raise UsageError(f"--gpu {gpu_key}: {problem}", hint="drop --gpu, or choose --target vertex")
+    problem = CLOUD_RUN_GPU.region_problem(region)
+    if problem:
+        raise UsageError(f"--region {region}: {problem}")
 
 
 def _write(path: Path, text: str) -> None:

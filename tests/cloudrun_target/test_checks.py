@@ -4,9 +4,11 @@ under run.googleapis.com, google-cloud-storage, Artifact Registry): one line per
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from sdxlctl.config import load_config
 from tests.conftest import Cli
 from tests.emulator.app import create_app
 from tests.emulator.core import World
@@ -82,3 +84,28 @@ def test_a_disabled_run_api_fails_and_monitoring_only_warns(cli: Cli, project: E
     assert rows["api monitoring.googleapis.com"].startswith("!") and "instance count" in said
     # Cloud Quotas answers 403 for a disabled service's quotas: a warning that says where to look, not a crash
     assert rows["gpu quota l4"].startswith("!") and "iam-admin/quotas?service=run.googleapis.com" in said
+
+
+def test_init_offers_target_cloudrun_and_its_config_is_what_check_reads(
+    cli: Cli, project: Emulator, tmp_path: Path
+) -> None:
+    result = cli("init", "--target", "cloudrun", "--project", PROJECT, "--region", REGION, "--yes")
+    assert result.code == 0, result.err
+    config = load_config(tmp_path / "sdxlctl.toml", environ={})
+    assert (config.target, config.gcp.project, config.gcp.region, config.deploy.gpu) == (
+        "cloudrun",
+        PROJECT,
+        REGION,
+        "l4",
+    )
+    code, rows, said = _check(cli, project)  # the written file, against the emulated project
+    assert code == 0 and "gpu quota l4" in rows, said
+
+
+def test_init_refuses_for_cloudrun_what_cloud_run_cannot_run_naming_the_flag(cli: Cli, tmp_path: Path) -> None:
+    gpu = cli("init", "--target", "cloudrun", "--gpu", "a100", "--yes")
+    assert gpu.code == 2 and "--gpu a100" in gpu.err and "target vertex" in gpu.err
+    region = cli("init", "--target", "cloudrun", "--region", "europe-north1", "--yes")
+    assert region.code == 2 and "--region europe-north1" in region.err and "no L4" in region.err
+    assert not (tmp_path / "sdxlctl.toml").exists()
+    assert "cloudrun" in cli("init", "--help").out
