@@ -35,6 +35,10 @@ TOO_LARGE_HINT = "ask for fewer images (--num-images) or a smaller format (--for
 Headers = Callable[[], dict[str, str]]
 
 
+class TokenRefused(PredictError):
+    """Cloud Run's 401: the ID token is missing, expired, or for another audience."""
+
+
 def predict(
     config: Config,
     store: StateStore,
@@ -45,7 +49,7 @@ def predict(
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[dict[str, Any], str]:
     """The request to the service's URL with an ID token, after waiting through a cold start; the answer and URL."""
-    from sdxlctl.gcp.idtoken import id_token
+    from sdxlctl.gcp.idtoken import forget, id_token
 
     url = service_url(config, store)
     emulated = cloud(config).emulated
@@ -55,9 +59,12 @@ def predict(
         return {"Authorization": f"Bearer {id_token(url, emulated=emulated)}"}
 
     run = config.cloudrun
-    wait_for_instance(
-        url, headers, within_s=run.startup_timeout_s + STARTUP_MARGIN_S, service=service, progress=progress, sleep=sleep
-    )
+    within_s = run.startup_timeout_s + STARTUP_MARGIN_S
+    try:
+        wait_for_instance(url, headers, within_s=within_s, service=service, progress=progress, sleep=sleep)
+    except TokenRefused:  # a cached token the service no longer takes (revoked, another key): one fresh try
+        forget(url)
+        wait_for_instance(url, headers, within_s=within_s, service=service, progress=progress, sleep=sleep)
     limit = min(timeout_s, run.timeout_s + ANSWER_MARGIN_S)
     return _post(url, body, headers, timeout_s=limit, config=config, progress=progress, sleep=sleep), url
 
@@ -148,7 +155,7 @@ def _health(url: str, headers: Headers, *, timeout_s: float, service: str) -> tu
 def _refuse_access(response: Any, url: str, service: str) -> None:
     """Cloud Run's own 401 and 403 (the model server answers neither) as one line each."""
     if response.status_code == 401:
-        raise PredictError(
+        raise TokenRefused(
             f"{url} refused the ID token (401): it is missing, expired, or for another audience",
             hint="check the credentials: `gcloud auth application-default login`, or GOOGLE_APPLICATION_CREDENTIALS",
         )

@@ -29,7 +29,7 @@ SIGNERS = ("service_account", "impersonated_service_account")  # key files that 
 USER_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 _lock = threading.Lock()
-_cache: dict[tuple[str, bool, str], tuple[str, float]] = {}  # (audience, emulated, key file) -> (token, exp)
+_cache: dict[tuple[str, bool, str], tuple[str, float]] = {}  # (audience, emulated, credentials) -> (token, exp)
 
 
 class NoIdToken(SdxlctlError):
@@ -42,7 +42,7 @@ def id_token(audience: str, *, emulated: bool) -> str:
     Emulated (an http:// api_endpoint), only the key file in GOOGLE_APPLICATION_CREDENTIALS is used (its
     token_uri is the emulator's), never the metadata server: a test must not ask this machine's cloud.
     """
-    key = (audience, emulated, os.environ.get(KEY_FILE, ""))
+    key = (audience, emulated, _credentials_version())
     with _lock:  # one fetch at a time: threads asking together get the one token
         cached = _cache.get(key)
         if cached is not None and time.time() < cached[1] - EARLY_S:
@@ -52,10 +52,20 @@ def id_token(audience: str, *, emulated: bool) -> str:
         return token
 
 
-def forget() -> None:
-    """Drop every cached token (a new login, or a test that changes the key file)."""
+def forget(audience: str | None = None) -> None:
+    """Drop the cached tokens for `audience` (one the service refused), or every one."""
     with _lock:
-        _cache.clear()
+        for key in [k for k in _cache if audience is None or k[0] == audience]:
+            del _cache[key]
+
+
+def _credentials_version() -> str:
+    """Which key file, as it is now: a token of a replaced key (or another account's) is never served."""
+    path = os.environ.get(KEY_FILE, "")
+    try:
+        return f"{path}@{os.stat(path).st_mtime_ns}" if path else ""
+    except OSError:
+        return path
 
 
 def _fetch(audience: str, *, emulated: bool) -> tuple[str, float]:

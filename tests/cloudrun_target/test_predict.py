@@ -42,6 +42,7 @@ class Front:
     health: list[Any] = field(default_factory=list)  # what the next health calls get: ("hold", s) or (status, body)
     answers: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)  # the next predict answers
     seen: list[str] = field(default_factory=list)
+    refused_tokens: set[str] = field(default_factory=set)  # revoked: 401 whatever their audience
 
     def app(self) -> object:
         from starlette.applications import Starlette
@@ -52,6 +53,8 @@ class Front:
         def allowed(request: Request) -> Response | None:
             token = request.headers.get("authorization", "").removeprefix("Bearer ")
             try:
+                if token in self.refused_tokens:
+                    raise ValueError("revoked")
                 email = self.issuer.verify(token, self.url)
             except ValueError:
                 return Response("<html>401 Unauthorized</html>", 401, media_type="text/html")
@@ -196,6 +199,14 @@ def test_a_token_for_another_audience_is_a_401_said_plainly(front: Front, tmp_pa
     with pytest.raises(PredictError, match=r"refused the ID token \(401\)") as caught:
         ask(front, tmp_path, url=other)
     assert "GOOGLE_APPLICATION_CREDENTIALS" in (caught.value.hint or "")
+
+
+def test_a_cached_token_the_service_refuses_is_replaced_once(front: Front, tmp_path: Path) -> None:
+    front.refused_tokens.add(idtoken.id_token(front.url, emulated=True))  # cached, then revoked
+    answer, _, _ = ask(front, tmp_path)
+    assert answer == ANSWER
+    assert front.issuer.asked == [front.url, front.url]  # the refused one, then a fresh one
+    assert front.seen == ["health", "health", "predict"]
 
 
 def test_cloud_runs_504_names_the_request_timeout(front: Front, tmp_path: Path) -> None:
