@@ -28,7 +28,8 @@ def test_build_upload_deploy_predict_ui_status_teardown(cli: Cli, real_emulator:
 
     ui = cli("ui-deploy", env=env)
     assert ui.code == 0, ui.err
-    assert ui.out.strip().startswith("https://sdxl-ui-") and ui.out.strip().endswith(".run.app")
+    (service,) = real_emulator.resources()["services"]
+    assert ui.out.strip() == service["uri"]  # the emulator's front end for the service, on loopback
 
     status = json.loads(cli("status", "--json", env=env).out)
     kinds = {row["kind"] for row in status["resources"]}

@@ -24,6 +24,8 @@ from tests.emulator.logging import Logging
 from tests.emulator.model_servers import ModelServers
 from tests.emulator.project import Project
 from tests.emulator.registry import Registry
+from tests.emulator.run_instances import RunInstances
+from tests.emulator.run_monitoring import Monitoring
 from tests.emulator.vertex import Vertex
 
 
@@ -69,10 +71,12 @@ def create_app(
     world = world or World()
     servers = servers or ModelServers()
     storage = Storage(gcs_url)
+    instances = RunInstances(world, servers)
     routes: list[Route] = [
         *Vertex(world, servers).routes(),
         *CloudBuild(world, storage.read, storage.write).routes(),
-        *CloudRun(world).routes(),
+        *CloudRun(world, instances).routes(),
+        *Monitoring(world, instances).routes(),
         *Billing(world).routes(),
         *Registry(world).routes(),
         *IamRoles(world).routes(),
@@ -152,8 +156,24 @@ def create_app(
             world.faults.clear()
         return JSONResponse({"cleared": left})
 
+    async def run_instances(request: Request) -> Response:
+        """How many instances a Cloud Run service runs now, and how many it has started."""
+        frontend = instances.find(request.path_params["service"])
+        if frontend is None:
+            return JSONResponse({"error": "no such Cloud Run service"}, status_code=404)
+        return JSONResponse({"running": instances.count(frontend.name), "started": frontend.starts})
+
+    async def scale_to_zero(request: Request) -> Response:
+        """The service's idle instance stops now, as after run_idle_s."""
+        frontend = instances.find(request.path_params["service"])
+        if frontend is None:
+            return JSONResponse({"error": "no such Cloud Run service"}, status_code=404)
+        await asyncio.to_thread(instances.scale_to_zero, frontend)
+        return JSONResponse({"running": instances.count(frontend.name)})
+
     async def reset(request: Request) -> Response:
         servers.stop_all()
+        await asyncio.to_thread(instances.stop_all)
         with world.lock:
             world.resources.clear()
             world.operations.clear()
@@ -169,20 +189,24 @@ def create_app(
             StarletteRoute("/_emulator/faults", faults, methods=["POST"]),
             StarletteRoute("/_emulator/faults", clear_faults, methods=["DELETE"]),
             StarletteRoute("/_emulator/reset", reset, methods=["POST"]),
+            StarletteRoute("/_emulator/run/{service}", run_instances, methods=["GET"]),
+            StarletteRoute("/_emulator/run/{service}/scale-to-zero", scale_to_zero, methods=["POST"]),
             StarletteRoute("/{path:path}", dispatch, methods=["GET", "POST", "PATCH", "DELETE", "PUT"]),
         ],
-        lifespan=_stopping(servers),
+        lifespan=_stopping(servers, instances),
     )
     app.state.world = world
     app.state.servers = servers
+    app.state.instances = instances
     return app
 
 
-def _stopping(servers: ModelServers) -> Any:
+def _stopping(servers: ModelServers, instances: RunInstances) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        servers.stop_all()  # no model server outlives the emulator
+        servers.stop_all()  # no model server, Cloud Run listener or instance outlives the emulator
+        await asyncio.to_thread(instances.stop_all)
 
     return lifespan
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from tests.emulator.core import ApiError, Route, World, now, packed, parse, routes
 from tests.emulator.run_gpu import validate_gpu
+from tests.emulator.run_instances import RunInstances
 
 LOCATION = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 SERVICE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
@@ -18,10 +19,12 @@ ACCOUNT_ID = re.compile(r"^[a-z](?:[-a-z0-9]{4,28}[a-z0-9])$")
 
 
 class CloudRun:
-    """Services become ready after some polls, with a run.app URL; IAM policies are kept per service."""
+    """Services become ready after some polls; IAM policies are kept per service. Each service's URL is a
+    loopback listener that plays Google's front end and runs its instances (run_instances.py)."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, instances: RunInstances) -> None:
         self.world = world
+        self.instances = instances
 
     def routes(self) -> list[Route]:
         table = [
@@ -72,12 +75,15 @@ class CloudRun:
             latestCreatedRevision=f"{record['name']}/revisions/{revision}",
             latestReadyRevision=f"{record['name']}/revisions/{revision}",
             terminalCondition={"type": "Ready", "state": "CONDITION_SUCCEEDED", "lastTransitionTime": now()},
-            uri=f"https://{record['name'].rsplit('/', 1)[-1]}-{self.world.project_number}.{p['location']}.run.app",
             reconciling=False,
         )
+        if record["name"] in self.world.table("services"):  # not deleted meanwhile
+            record["uri"] = self.instances.ready(record)
+            record["urls"] = [record["uri"]]
         return record
 
     def create_service(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
+        self.instances.emulator_url = str(request.base_url).rstrip("/")  # the instances' metadata server
         service_id = request.query_params.get("serviceId", "")
         if not SERVICE_ID.match(service_id):
             raise ApiError(400, f"service_id {service_id!r} must be 1-49 lowercase letters, digits or '-'")
@@ -121,6 +127,7 @@ class CloudRun:
     def delete_service(self, request: Request, p: dict[str, str], body: Any) -> dict[str, Any]:
         record = self.world.get("services", self._name(p), "Service")
         del self.world.table("services")[record["name"]]
+        self.instances.remove(record["name"])
         self.world.table("service-policies").pop(record["name"], None)
         return self._operation(p, record, lambda: packed(run_v2.Service, record), request.url.path)
 
