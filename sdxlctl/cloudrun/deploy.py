@@ -112,7 +112,9 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
         if recorded.details.get("spec") == digest(wanted):
             changes.append(Change("unchanged", SERVICE, recorded.name, detail))
         else:
-            changed = _recorded_differences(recorded, config, image.name, account) or ["the server's environment"]
+            changed = _recorded_differences(recorded, config, image.name, account) or [
+                "settings the state does not record: the server environment, concurrency or probe"
+            ]
             changes.append(Change("update", SERVICE, recorded.name, f"{', '.join(changed)}; {detail}"))
     return StepResult(changes, dry_run=True)
 

@@ -136,6 +136,7 @@ def gpu_quota(message: str, action: str, *, project: str, region: str) -> CloudE
     the L4s of max instances, so fewer instances or the other kind may fit in what the project has."""
     from sdxlctl.gpus import CLOUD_RUN_GPU
 
+    message = re.sub(r"^[A-Z]+ https?://\S+: ", "", message)  # the REST client's "POST http://...: " prefix
     lowered = message.lower()
     kinds = (
         [False] if "without" in lowered or "no zonal" in lowered else [True] if "zonal" in lowered else [False, True]
