@@ -250,3 +250,28 @@ def test_nothing_recorded_and_nothing_found_says_deploy(tmp_path: Path, emulator
     with pytest.raises(DeployError, match="no Cloud Run service sdxl-server") as caught:
         cloudrun_predict.predict(config, StateStore(tmp_path / ".sdxlctl"), BODY, timeout_s=5)
     assert caught.value.hint == "run `sdxlctl deploy` first"
+
+
+def test_predict_through_the_emulator_after_scale_to_zero(cli: Any, emulator: Any, tmp_path: Path) -> None:
+    """End to end: deployed with the CLI, then predicted on the service's own listener, which checks the
+    deployer's ID token for its URL and starts an instance for the first request after idle."""
+    env = emulator.env(SDXLCTL_TARGET="cloudrun")
+    for step in ("build", "deploy"):
+        result = cli(step, env=env)
+        assert result.code == 0, (step, result.err)
+    assert emulator.instances("sdxl-server") == 0  # min instances 0: nothing runs before a request
+    first = cli("predict", "a red fox", "-o", "fox.png", "--seed", "3", env=env)
+    assert first.code == 0, first.err
+    assert (tmp_path / "fox.png").read_bytes().startswith(b"\x89PNG")
+    assert emulator.instance_starts("sdxl-server") == 1
+    emulator.scale_to_zero("sdxl-server")
+    assert emulator.instances("sdxl-server") == 0
+    again = cli("predict", "a red fox", "-o", "fox2.png", "--seed", "3", env=env)
+    assert again.code == 0, again.err
+    assert emulator.instance_starts("sdxl-server") == 2  # the first request after idle started one
+    assert (tmp_path / "fox2.png").read_bytes() == (tmp_path / "fox.png").read_bytes()
+    # Another account, without roles/run.invoker on the service: Cloud Run's 403, said as the role to grant.
+    stranger = str(emulator.key_file("stranger@demo-project.iam.gserviceaccount.com"))
+    refused = cli("predict", "a red fox", "-o", "fox3.png", env={**env, "GOOGLE_APPLICATION_CREDENTIALS": stranger})
+    assert refused.code == 1 and "roles/run.invoker on sdxl-server" in refused.err, refused.err
+    assert not (tmp_path / "fox3.png").exists()
