@@ -40,81 +40,18 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from tests.emulator.core import ApiError, World
+from tests.emulator.core import World
 from tests.emulator.model_servers import ModelServers
-
-INVOKER_ROLES = ("roles/run.invoker", "roles/run.admin")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"}
-
-
-def _page(code: int, title: str, message: str) -> Response:
-    """The HTML page Google's front end answers with."""
-    html = (
-        '<html><head>\n<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
-        f"<title>{code} {title}</title>\n</head>\n<body text=#000000 bgcolor=#ffffff>\n"
-        f"<h1>Error: {title}</h1>\n<h2>{message}</h2>\n<h2></h2>\n</body></html>\n"
-    )
-    return Response(html, status_code=code, media_type="text/html")
-
-
-def unauthorized(path: str) -> Response:
-    return _page(401, "Unauthorized", f"Your client does not have permission to the requested URL <code>{path}</code>.")
-
-
-def forbidden(path: str) -> Response:
-    return _page(
-        403, "Forbidden", f"Your client does not have permission to get URL <code>{path}</code> from this server."
-    )
-
-
-def unavailable() -> Response:
-    return _page(
-        503, "Service Unavailable", "The service you requested is not available yet. Please try again in 30 seconds."
-    )
-
-
-@dataclass
-class Instance:
-    """One running container of a service's revision."""
-
-    url: str
-    revision: str
-    process: subprocess.Popen[bytes] | None
-    log_path: Path | None
-    life: list[float | None]  # [started, stopped]: epoch seconds, in RunInstances.lives
-    last_used: float = field(default_factory=time.monotonic)
-
-    def reason(self) -> str:
-        if self.log_path is None:
-            return ""
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
-        return ""
-
-
-@dataclass
-class Frontend:
-    """A service's listener and what runs behind it."""
-
-    name: str
-    url: str
-    server: Any  # uvicorn.Server
-    thread: threading.Thread
-    instance: Instance | None = None
-    in_flight: int = 0
-    starts: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one start at a time
+from tests.emulator.run_frontend import Frontend, Instance, forward, page, refusal, unavailable
 
 
 class RunInstances:
@@ -230,10 +167,10 @@ class RunInstances:
                 service = self.world.table("services").get(name)
                 policy = self.world.get_policy("service-policies", name) if service else {}
             if frontend is None or service is None:
-                return _page(
+                return page(
                     404, "Not Found", f"The requested URL <code>{request.url.path}</code> was not found on this server."
                 )
-            refused = self._refusal(request, service, policy, frontend.url)
+            refused = refusal(self.world, request, service, policy, frontend.url)
             if refused is not None:
                 return refused
             template = service.get("template", {})
@@ -246,87 +183,12 @@ class RunInstances:
                 if instance is None:
                     frontend.in_flight -= 1
                     return unavailable()
-                return await self._forward(request, frontend, instance, _seconds(template.get("timeout", "300s")))
+                return await forward(request, frontend, instance, _seconds(template.get("timeout", "300s")))
             except BaseException:
                 frontend.in_flight -= 1
                 raise
 
         return handle
-
-    def _refusal(self, request: Request, service: dict[str, Any], policy: dict[str, Any], url: str) -> Response | None:
-        """401 or 403 as Google's front end answers a caller it does not let through; None to let it in."""
-        from tests.emulator import identity
-
-        members = {
-            m for b in policy.get("bindings", []) if b.get("role") in INVOKER_ROLES for m in b.get("members", [])
-        }
-        if service.get("invokerIamDisabled") or "allUsers" in members:
-            return None
-        path = request.url.path
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return unauthorized(path)
-        email = None
-        for audience in (url, url + "/", *service.get("customAudiences", [])):
-            with contextlib.suppress(ApiError):
-                email = identity.verify(self.world, token.strip(), audience)
-                break
-        if email is None:
-            return unauthorized(path)
-        owners = self.world.owners
-        allowed = (
-            "allAuthenticatedUsers" in members
-            or f"serviceAccount:{email}" in members
-            or f"user:{email}" in members
-            or email in owners
-        )
-        return None if allowed else forbidden(path)
-
-    async def _forward(self, request: Request, frontend: Frontend, instance: Instance, timeout_s: float) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP - {"host"}}
-        client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10))
-        upstream_request = client.build_request(
-            request.method,
-            instance.url + request.url.path,
-            params=request.url.query,
-            headers=headers,
-            content=await request.body(),
-        )
-
-        finished: list[bool] = []
-
-        async def done() -> None:  # once, whether the answer ended, failed or its client went away
-            if not finished:
-                finished.append(True)
-                instance.last_used = time.monotonic()
-                frontend.in_flight -= 1
-                await client.aclose()
-
-        try:
-            upstream = await client.send(upstream_request, stream=True)
-        except httpx.TimeoutException:
-            await done()
-            return Response("upstream request timeout", status_code=504, media_type="text/plain")
-        except httpx.HTTPError:
-            await done()
-            return unavailable()
-
-        async def body() -> Any:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            except httpx.TimeoutException:
-                return  # the client sees the answer cut short, as a Cloud Run timeout mid-stream does
-            finally:
-                await upstream.aclose()
-                await done()
-
-        kept = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP - {"content-length"}}
-        return StreamingResponse(
-            body(), status_code=upstream.status_code, headers=kept, background=BackgroundTask(done)
-        )
-
-    # ------------------------------------------------------------------ instances
 
     def _instance(self, frontend: Frontend, service: dict[str, Any]) -> Instance | None:
         """The running instance, or a new one once its startup probe passes; None when it fails to start."""
