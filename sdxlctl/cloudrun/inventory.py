@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sdxlctl.config import Config
+from sdxlctl.errors import SdxlctlError
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, Removal, StepResult, plural, quiet
 from sdxlctl.vertex.access import revoke_grants
@@ -166,22 +167,38 @@ def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | No
     from sdxlctl.pricing import cloud_run_hourly, cloud_run_usd
 
     details = resource.details
-    run = config.cloudrun
-    shape = {
-        "cpu": float(details.get("cpu") or run.cpu),
-        "memory_gib": float(details.get("memory_gib") or run.memory_gib),
-        "zonal_redundancy": bool(details.get("zonal_redundancy", run.zonal_redundancy)),
-    }
     since = datetime.fromisoformat(details["deployed_at"]) if details.get("deployed_at") else resource.created_at
     if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     seconds = billable_seconds(cloud(config), resource.name.rsplit("/", 1)[-1], since, now)
-    if seconds is not None:
-        return float(cloud_run_usd(seconds, **shape))
-    standing = int(details.get("min_instances", run.min_instances) or 0)
-    if not standing:
+    standing = int(details.get("min_instances", config.cloudrun.min_instances) or 0)
+    try:  # a region the price table lacks: no cost, rather than no status
+        if seconds is not None:
+            return cloud_run_usd(seconds, **_shape(config, resource))
+        if not standing:
+            return None
+        hourly = cloud_run_hourly(**_shape(config, resource))
+    except SdxlctlError:
         return None
-    return float(cloud_run_hourly(**shape)) * standing * max(0.0, (now - since).total_seconds()) / 3600
+    return hourly * standing * max(0.0, (now - since).total_seconds()) / 3600
+
+
+class _Shape(TypedDict):
+    cpu: float
+    memory_gib: float
+    zonal_redundancy: bool
+    region: str
+
+
+def _shape(config: Config, resource: Resource) -> _Shape:
+    """The instance as deployed (recorded, or read from the live service), else as the config says."""
+    details, run = resource.details, config.cloudrun
+    return {
+        "cpu": float(details.get("cpu") or run.cpu),
+        "memory_gib": float(details.get("memory_gib") or run.memory_gib),
+        "zonal_redundancy": bool(details.get("zonal_redundancy", run.zonal_redundancy)),
+        "region": config.gcp.region,
+    }
 
 
 # ---------------------------------------------------------------- teardown
@@ -250,12 +267,10 @@ def _saving(config: Config, resource: Resource) -> str:
         return "min 0 instances: it bills only while it serves"
     from sdxlctl.pricing import cloud_run_hourly
 
-    run = config.cloudrun
-    hourly = cloud_run_hourly(
-        cpu=float(resource.details.get("cpu") or run.cpu),
-        memory_gib=float(resource.details.get("memory_gib") or run.memory_gib),
-        zonal_redundancy=bool(resource.details.get("zonal_redundancy", run.zonal_redundancy)),
-    )
+    try:
+        hourly = cloud_run_hourly(**_shape(config, resource))
+    except SdxlctlError as exc:
+        return f"{plural(standing, 'instance')} always up ({exc.message})"
     return f"saves ≈ {hourly * 24 * standing:,.2f} USD/day: {plural(standing, 'instance')} always up"
 
 

@@ -79,7 +79,9 @@ def _pages(cloud: Cloud, metric: str, service_id: str, start: datetime, end: dat
 
     url = f"{cloud.api_endpoint or MONITORING_HOST}/v3/projects/{cloud.project}/timeSeries"
     params = {
-        "filter": f'metric.type="{metric}" AND resource.labels.service_name="{service_id}"',
+        # the region too: a service of the same name in another region is another service
+        "filter": f'metric.type="{metric}" AND resource.labels.service_name="{service_id}" '
+        f'AND resource.labels.location="{cloud.region}"',
         "interval.startTime": _rfc3339(start),
         "interval.endTime": _rfc3339(end),
     }

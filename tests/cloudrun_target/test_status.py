@@ -33,7 +33,10 @@ def test_the_monitoring_client_reads_instances_and_billed_seconds_as_google_answ
         assert billable_seconds(cloud, "other", start, start + timedelta(hours=1)) == 0.0
     asked = metrics.asked[2]
     assert asked["path"] == f"/v3/projects/{PROJECT}/timeSeries"
-    assert unquote(asked["filter"]) == f'metric.type="{BILLABLE_TIME}" AND resource.labels.service_name="sdxl-server"'
+    assert unquote(asked["filter"]) == (
+        f'metric.type="{BILLABLE_TIME}" AND resource.labels.service_name="sdxl-server" '
+        f'AND resource.labels.location="{REGION}"'
+    )
     assert (asked["interval.startTime"], asked["interval.endTime"]) == (
         "2026-12-01T10:00:00.000000Z",
         "2026-12-01T11:00:00.000000Z",
@@ -78,7 +81,7 @@ def test_status_after_deploy_shows_url_revision_and_zero_instances_before_any_re
         assert server["state"] == "ready, 1 instance"
         from sdxlctl.pricing import cloud_run_usd
 
-        expected = cloud_run_usd(3600.0, cpu=8, memory_gib=32, zonal_redundancy=False)
+        expected = cloud_run_usd(3600.0, cpu=8, memory_gib=32, zonal_redundancy=False, region=REGION)
         assert server["cost_so_far"] == pytest.approx(expected) and 1.0 < expected < 2.0
 
 
@@ -119,3 +122,25 @@ def test_status_of_a_service_deleted_behind_sdxlctls_back_is_gone(cli: Cli, emul
         run_client(front.url).delete_service(name=live["server-service"].name).result(timeout=30)
         server = rows(cli("status", "--json", env=env(front)).out)["server-service"]
     assert server["state"] == "gone" and server["cost_so_far"] is None
+
+
+def test_status_reads_the_instances_the_emulator_runs_through_its_monitoring_route(
+    cli: Cli, emulator: Emulator, tmp_path: Path
+) -> None:
+    """No stand-in: deployed by the CLI, 0 instances until the first predict starts one, 0 again once it
+    scales to zero, and the seconds it was up are billed."""
+    from tests.cloud.test_faults import up
+
+    e = env(emulator)
+    up(cli, e, "build", "deploy")
+    server = rows(cli("status", "--json", env=e).out)["server-service"]
+    assert server["state"] == "ready, 0 instances (scaled to zero)" and server["cost_so_far"] == 0.0
+    small = ("--steps", "2", "--width", "64", "--height", "64")
+    assert cli("predict", "a fox", "-o", "fox.png", *small, env=e).code == 0
+    assert emulator.instances("sdxl-server") == 1
+    server = rows(cli("status", "--json", env=e).out)["server-service"]
+    assert server["state"] == "ready, 1 instance"
+    emulator.scale_to_zero("sdxl-server")
+    server = rows(cli("status", "--json", env=e).out)["server-service"]
+    assert server["state"] == "ready, 0 instances (scaled to zero)"
+    assert server["cost_so_far"] > 0.0  # the instance's seconds up, billed
