@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from sdxlctl.state import StateStore
 from tests.conftest import Cli
 from tests.emulator_fixtures import PROJECT, REGION, Emulator
@@ -117,3 +119,50 @@ def test_the_dry_run_plans_without_writing(cli: Cli, emulator: Emulator) -> None
     assert UI_ACCOUNT in text and "roles/run.invoker on sdxl-server" in text
     assert "sdxl-ui" in text and "private" in text and "with its own ID token" in text
     assert _writes(emulator, before) == []
+
+
+def _id_token(emulator: Emulator, audience: str) -> str:
+    """The deployer's ID token for `audience` (a project owner may invoke every service), from its key file."""
+    import google.auth.transport.requests
+    from google.oauth2 import service_account
+
+    credentials = service_account.IDTokenCredentials.from_service_account_file(
+        str(emulator.key_file()), target_audience=audience
+    )
+    credentials.refresh(google.auth.transport.requests.Request())
+    return str(credentials.token)
+
+
+def _generate(client: Any) -> str:
+    """One image through the page's API; the page's sentence about it."""
+    _, info, _ = client.predict(
+        *("a lighthouse", "", "pixel-art", 7, False, 64, 64, 2, 5.0, 1, "dpmpp_2m", "none", 0.8),
+        *(None, 0.8, None, 1.0),  # image to image and inpainting: unused in text to image
+        api_name="/generate",
+    )
+    return str(info)
+
+
+def test_the_ui_calls_the_model_with_its_own_id_token(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    env = _env(emulator)
+    for step in ("build", "deploy", "ui-deploy"):
+        done = cli(step, env=env)
+        assert done.code == 0, done.err
+    ui = StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "ui-service")
+    assert ui is not None and ui.url
+    # the page is private too: the deployer opens it with an ID token of its own
+    headers = {"Authorization": f"Bearer {_id_token(emulator, ui.url)}"}
+    # the first request starts the UI's instance (a cold start): gradio_client's own wait for its config is 5 s
+    assert httpx.get(ui.url, headers=headers, timeout=120).status_code == 200
+    client = Client(ui.url, headers=headers, verbose=False, download_files=str(tmp_path / "downloads"))
+    assert _generate(client).startswith("**Seed 7**")
+    assert emulator.instance_starts("sdxl-ui") == 1
+
+    # the UI's own account is what the model's service lets in: without its grant the page is refused
+    _client(emulator).set_iam_policy(request={"resource": f"{PARENT}/sdxl-server", "policy": {"bindings": []}})
+    refused = _generate(client)
+    assert (
+        refused.startswith("⚠️ Not allowed to call the model (check the service account's role") and "<" not in refused
+    )

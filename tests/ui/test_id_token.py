@@ -207,7 +207,8 @@ def test_a_refused_token_is_replaced_on_the_next_request(tmp_path: Path, monkeyp
         backend.predict(BODY)
         model.revoked.add(identity.issued[0])
         steps = list(generate(backend, CHOICES, sleep=lambda _: None))
-        assert steps[-1][1].startswith("⚠️ The model's service refused the UI's ID token: no valid ID token")
+        assert steps[-1][1].startswith("⚠️ The model's service refused the UI's identity")
+        assert steps[-1][1].endswith("takes SDXL_AUTH=id-token): no valid ID token")
         backend.predict(BODY)
     assert len(identity.issued) == 2 and model.tokens == identity.issued
 

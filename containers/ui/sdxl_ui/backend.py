@@ -51,13 +51,14 @@ def _explain(status: int, text: str) -> str:
             inner = httpx.Response(status, text=message).json().get("error", {})
             message, field = str(inner.get("message", message)), inner.get("field")
     except (ValueError, AttributeError):
-        pass
+        if message.lstrip().startswith("<"):  # Google's front end answers 401/403/429 with an HTML page
+            message = ""
     # A 403 naming a field is the model server refusing part of the request (a LoRA adapter on a server that
     # allows none), not Google refusing the caller
-    refused_call = "Not allowed to call the model (check the service account's role on the endpoint)"
+    refused_call = "Not allowed to call the model (check the service account's role on the endpoint or service)"
     lead = {
         400: "The request was refused",
-        401: "The model's service refused the UI's ID token",
+        401: "The model's service refused the UI's identity (a private Cloud Run service takes SDXL_AUTH=id-token)",
         403: "The request was refused" if field else refused_call,
         413: "The images are too large for the endpoint",
         429: "The model is busy (or scaled to zero and waking up); try again in a moment",
