@@ -173,6 +173,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     account = ensure_server_account(config, store, progress, changes, always=True)
     wanted = spec.server_service(config, image=image.name, account=account)
     runner, service_id = CloudRun(cloud(config)), names(config).server_service_id
+    resumed = _resume(config, store, runner, service_id, progress)
     progress(f"looking for the service {service_id}")
     live = runner.get(service_id)
     changed = spec.differences(live, wanted) if live is not None else ["new"]
@@ -182,21 +183,72 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
         details = dict(previous.details) if previous else {}
         details |= _details(config, image.name, account) | {"spec": ""}
         url = live.uri if live is not None else (previous.url if previous else "")
-        store.record(
-            config.name, Resource(kind=KIND, name=runner.name(service_id), target="cloudrun", url=url, details=details)
-        )
+        name = runner.name(service_id)
+        store.record(config.name, Resource(kind=KIND, name=name, target="cloudrun", url=url, details=details))
         progress(("creating" if live is None else "updating") + f" the service {service_id} ({shape(config)})")
-        live = runner.apply(service_id, wanted, progress=progress, timeout_s=OPERATION_TIMEOUT_S)
+
+        def pending(operation: str) -> None:  # the rerun of a run cut short waits for it, sending nothing again
+            store.update_details(config.name, KIND, operation=operation)
+
+        live = _waited(
+            config,
+            store,
+            lambda: runner.apply(
+                service_id, wanted, progress=progress, timeout_s=OPERATION_TIMEOUT_S, on_operation=pending
+            ),
+        )
     service: Any = live if changed else _settled(runner, service_id, live, progress)  # found, created or updated
     _require_ready(service)
     store.record(config.name, _resource(service, config, image.name, account, digest(wanted)))
-    if not changed:
+    if not changed and resumed:
+        changes.append(Change("update", SERVICE, service.name, "resumed the rollout an earlier run started"))
+    elif not changed:
         changes.append(Change("unchanged", SERVICE, service.name, shape(config)))
     elif changed == ["new"]:
         changes.append(Change("create", SERVICE, service.name, f"{shape(config)}; {price(config)}"))
     else:
         changes.append(Change("update", SERVICE, service.name, ", ".join(changed)))
     return StepResult(changes, service.uri, time.monotonic() - started)
+
+
+def _waited(config: Config, store: StateStore, wait: Any) -> Any:
+    """`wait()`'s service; the recorded operation is forgotten once it ended, kept while it may go on."""
+    from sdxlctl.gcp.errors import CloudError, OperationPending
+
+    try:
+        service = wait()
+    except OperationPending:
+        raise  # it may still finish: the next run waits for it instead of sending the change again
+    except CloudError:
+        if store.read().get(config.name, KIND):
+            store.update_details(config.name, KIND, operation=None)
+        raise
+    store.update_details(config.name, KIND, operation=None)
+    return service
+
+
+def _resume(config: Config, store: StateStore, runner: Any, service_id: str, progress: Progress) -> bool:
+    """Wait for the rollout an earlier run started and did not see end; whether there was one. One that
+    failed is said and forgotten: this run sends the config again."""
+    from sdxlctl.gcp.errors import CloudError, OperationPending
+
+    recorded = store.read().get(config.name, KIND)
+    operation = recorded.details.get("operation") if recorded else None
+    if not operation:
+        return False
+    progress("waiting for the rollout an earlier run started")
+    try:
+        _waited(
+            config,
+            store,
+            lambda: runner.settle(service_id, operation, progress=progress, timeout_s=OPERATION_TIMEOUT_S),
+        )
+    except OperationPending:
+        raise
+    except CloudError as exc:
+        progress(f"the rollout an earlier run started failed ({exc.message}); deploying again")
+        return False
+    return True
 
 
 def _settled(runner: Any, service_id: str, service: Any, progress: Progress) -> Any:

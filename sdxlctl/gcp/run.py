@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sdxlctl.gcp.errors import translated
@@ -57,11 +58,20 @@ class CloudRun:
             services = self.client.list_services(parent=self.cloud.parent, retry=self.cloud.retry())
             return [s for s in services if s.labels.get(label[0]) == label[1]]
 
-    def apply(self, service_id: str, service: Any, *, progress: Progress, timeout_s: float) -> Any:
+    def apply(
+        self,
+        service_id: str,
+        service: Any,
+        *,
+        progress: Progress,
+        timeout_s: float,
+        on_operation: Callable[[str], None] | None = None,
+    ) -> Any:
         """Create the service, or update it when it exists; wait until its revision serves; return it as it is.
 
         A create whose answer was lost (or a 409 from one that did happen) finds the service there and
         updates it to `service`, so one run never makes two and always ends with what was asked.
+        `on_operation` is told the operation before it is waited on (to record it: a rerun waits for it).
         """
         existing = self.get(service_id)
         operation: Any = None
@@ -89,7 +99,13 @@ class CloudRun:
             update.name = existing.name
             with self._call(f"update service {service_id}"):
                 operation = self.client.update_service(service=update, retry=self.cloud.retry()).operation.name
-        self.wait(str(operation), what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
+        if on_operation is not None:
+            on_operation(str(operation))
+        return self.settle(service_id, str(operation), progress=progress, timeout_s=timeout_s)
+
+    def settle(self, service_id: str, operation: str, *, progress: Progress, timeout_s: float) -> Any:
+        """Wait for an operation on the service (this run's, or one an earlier run started); the service then."""
+        self.wait(operation, what=f"service {service_id}", progress=progress, timeout_s=timeout_s)
         found = self.get(service_id)
         if found is None:
             from sdxlctl.gcp.errors import CloudError

@@ -220,3 +220,24 @@ def test_an_image_without_the_baked_weights_is_refused(cli: Cli, emulator: Emula
     result = cli("deploy", env={**env, "SDXLCTL_MODEL_BAKE": "true"})
     assert result.code == 1 and "bake" in result.err and "sdxlctl build" in result.err, result.err
     assert emulator.resources().get("services", []) == []
+
+
+def test_a_rollout_whose_polls_keep_failing_stays_recorded_and_the_rerun_waits_for_it(
+    cli: Cli, emulator: Emulator, tmp_path: Any
+) -> None:
+    env = _env(emulator, SDXLCTL_GCP_RETRY_S="1")
+    _up(cli, env, "build")
+    emulator.fault(method="GET", path=r"/operations/", code=503, status="UNAVAILABLE", times=10_000)
+    failed = cli("deploy", env=env)
+    assert failed.code == 1 and "running the step again waits for it" in failed.err, failed.err
+    recorded = StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "server-service")
+    assert recorded is not None and recorded.name == SERVICE and recorded.details.get("operation")
+    emulator.clear_faults()
+    again = cli("deploy", env=env)
+    assert again.code == 0 and "resumed the rollout" in again.err, again.err
+    assert [w for w in _writes(emulator) if "/services" in w[1]] == [
+        ("POST", f"/v2/projects/{PROJECT}/locations/{REGION}/services")
+    ]
+    recorded = StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "server-service")
+    assert recorded is not None and not recorded.details.get("operation") and recorded.details["revision"]
+    assert cli("deploy", env=env).err.count("unchanged") == 1
