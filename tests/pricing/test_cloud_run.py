@@ -4,7 +4,11 @@ hours of a service that scales to zero, and Cloud Run's L4 beside Vertex AI's GP
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import TypedDict
 
 import pytest
@@ -36,8 +40,10 @@ PER_SECOND = GPU_S + 8 * VCPU_S + 32 * GIB_S
         (1, 1.0),
         (1.0, 1.0),
         (1.01, 1.1),
-        (1.1, 1.1),  # 1.1 x 10 is 11.000000000000002 in floats: billed 1.2 s by a naive ceil
-        (0.7, 0.7),  # 0.7 x 10 is 7.000000000000001
+        (1.1, 1.1),
+        (0.1 + 0.2, 0.3),  # 0.30000000000000004: a naive ceil(s x 10) bills 0.4 s
+        (10.3 - 0.1, 10.2),  # 10.200000000000001, a difference of two times
+        (1.2 - 1.0, 0.2),  # 0.19999999999999996: still 0.2
         (0.05, 0.1),
         (0.0, 0.0),
         (3600.0001, 3600.1),
@@ -237,3 +243,20 @@ def test_the_deploy_plans_cost_on_target_cloudrun_is_cloud_runs() -> None:
     assert isinstance(estimate, pricing.CloudRunEstimate)
     assert estimate.as_dict()["usd"]["endpoint"] == pytest.approx(24 * 1.42092, abs=0.01)  # busy all day: the most
     assert estimate.as_dict()["idle_usd_per_day"] == 0
+
+
+def test_the_cloud_run_row_fits_80_columns_piped(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SDXLCTL_")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "sdxlctl", "cost", "--compare"],
+        cwd=tmp_path,
+        env={**clean, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 80 and "…" not in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if line.strip("│ ").startswith("run l4"))
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert cells[:3] == ["run l4", "1.4209", "34.10"], row  # no machine column at 80: $/hour, $/day at 24 h
