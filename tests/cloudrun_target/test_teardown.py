@@ -46,6 +46,11 @@ def test_teardown_after_the_clis_deploy_and_ui_deploy_leaves_nothing_labelled(
     assert emulator.bucket_roles(BUCKET, SERVER_MEMBER) == []
     kinds = set(StateStore(tmp_path / ".sdxlctl").read().of("sdxl"))
     assert kinds == {"server-image", "ui-image"}, kinds  # the images stay unless --images
+    images = cli("teardown", "--yes", "--images", env=e)
+    assert images.code == 0, images.err
+    assert "sdxl-server" in images.err and "sdxl-ui" in images.err
+    assert StateStore(tmp_path / ".sdxlctl").read().of("sdxl") == {}
+    assert not [p for p in emulator.resources().get("packages", []) if "/packages/sdxl-" in p.get("name", "")]
 
 
 def test_teardown_with_the_state_file_deleted_finds_everything_by_label(
