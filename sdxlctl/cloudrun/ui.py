@@ -66,18 +66,21 @@ def ui_deploy(
     server = store.read().get(config.name, "server-service")
     if server is None or not server.url:
         raise DeployError("the UI needs the model's Cloud Run service", hint="run `sdxlctl deploy` first")
+    run = CloudRun(c)
+    model_id = _service_id(server, n)
+    model = run.get(model_id)  # before the build: a UI for a service that is gone would be an image for nothing
+    if model is None:
+        raise DeployError(f"the model's Cloud Run service {model_id} is gone", hint="run `sdxlctl deploy` first")
     built = build(config, store, part="ui", progress=progress, on_log=on_log)
     changes = list(built.changes)
     progress("creating the UI's service account")
     email = ServiceAccounts(c).ensure(n.account_id, f"sdxlctl UI of {config.name}")
     store.record(config.name, Resource(kind="ui-account", name=email, target="cloudrun"))
-    run = CloudRun(c)
-    model_id = _service_id(server, n)
     granted = run.allow_invoker(model_id, f"serviceAccount:{email}")
     changes.append(
         Change("update" if granted else "keep", "service account", email, f"{INVOKER_ROLE} on {model_id} only")
     )
-    env = ui_env(config, server)
+    env = ui_env(config, model.uri or str(server.url))
     existing = run.get(n.service_id)
     if existing is not None and same_service(existing, built.result, env, n.labels, email, public=public):
         service, action = existing, "unchanged"
@@ -102,10 +105,10 @@ def ui_deploy(
     return StepResult(changes, service.uri, time.monotonic() - started)
 
 
-def ui_env(config: Config, server: Resource) -> dict[str, str]:
+def ui_env(config: Config, model_url: str) -> dict[str, str]:
     """The UI's environment: the model service's URL, called with an ID token for it, and what the page offers."""
     env = {
-        "SDXL_ENDPOINT": str(server.url),
+        "SDXL_ENDPOINT": model_url,
         "SDXL_AUTH": "id-token",
         # the slider stops where the server does ([model] max_images is its SDXL_MAX_IMAGES)
         "SDXL_UI_MAX_IMAGES": str(config.model.max_images),

@@ -166,3 +166,18 @@ def test_the_ui_calls_the_model_with_its_own_id_token(cli: Cli, emulator: Emulat
     assert (
         refused.startswith("⚠️ Not allowed to call the model (check the service account's role") and "<" not in refused
     )
+
+
+def test_a_model_service_deleted_behind_sdxlctls_back_stops_ui_deploy_before_the_build(
+    cli: Cli, emulator: Emulator, tmp_path: Path
+) -> None:
+    env = _env(emulator)
+    for step in ("build", "deploy"):
+        assert cli(step, env=env).code == 0
+    _client(emulator).delete_service(name=f"{PARENT}/sdxl-server").result()
+    before = len(emulator.requests())
+    result = cli("ui-deploy", env=env)
+    assert result.code == 1 and "the model's Cloud Run service sdxl-server is gone" in result.err, result.err
+    assert "run `sdxlctl deploy` first" in result.err
+    assert _writes(emulator, before) == []  # no UI image built, no account made
+    assert StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "ui-image") is None
