@@ -241,23 +241,23 @@ def test_more_requests_than_concurrency_get_429_and_a_request_past_the_timeout_5
 # ---------------------------------------------------------------- real processes
 
 
-@pytest.fixture
-def process_emulator(gcs: str, tmp_path: Path) -> Iterator[Emulator]:
-    """An emulator that runs each instance's command (`python -m sdxl_server`) itself."""
+def test_a_container_that_exits_at_start_gives_503_and_a_good_one_serves_until_the_emulator_stops(
+    gcs: str, tmp_path: Path
+) -> None:
+    """Each instance runs the image's command (`python -m sdxl_server`) as a process of its own."""
     world = World(run_probe_scale=0.1, run_idle_s=3600)  # 60 tries a second apart: a loaded machine starts slowly
-    with serve_app(create_app(world, servers=ModelServers(log_dir=tmp_path), gcs_url=gcs)) as server:
-        yield Emulator(server.url, gcs, world)
+    app = create_app(world, servers=ModelServers(log_dir=tmp_path), gcs_url=gcs)
+    with serve_app(app) as server:
+        emulator = Emulator(server.url, gcs, world)
+        broken = create(emulator, "broken-server", env={"SDXL_DTYPE": "fp64"})
+        answer = call(emulator, broken)
+        assert answer.status_code == 503 and "Service Unavailable" in answer.text
+        assert emulator.instances("broken-server") == 0
 
-
-def test_a_container_that_exits_at_start_gives_503_and_a_good_one_serves(process_emulator: Emulator) -> None:
-    broken = create(process_emulator, "broken-server", env={"SDXL_DTYPE": "fp64"})
-    answer = call(process_emulator, broken)
-    assert answer.status_code == 503 and "Service Unavailable" in answer.text
-    assert process_emulator.instances("broken-server") == 0
-
-    good = create(process_emulator, env={"SDXL_MODEL": "tiny", "SDXL_WARMUP": "64x64"})
-    health = call(process_emulator, good)  # the first request waits through the cold start
-    assert health.status_code == 200 and health.json()["status"] == "ready", health.text
-    assert process_emulator.instances("sdxl-server") == 1
-    process_emulator.scale_to_zero("sdxl-server")
-    assert process_emulator.instances("sdxl-server") == 0
+        good = create(emulator, env={"SDXL_MODEL": "tiny", "SDXL_WARMUP": "64x64"})
+        health = call(emulator, good)  # the first request waits through the cold start
+        assert health.status_code == 200 and health.json()["status"] == "ready", health.text
+        assert emulator.instances("sdxl-server") == 1
+        process = app.state.instances.find("sdxl-server").instance.process
+        assert process.poll() is None
+    assert process.poll() is not None  # no instance outlives the emulator

@@ -1,7 +1,7 @@
 """Cloud Run's front end and instances for the emulator's services, on loopback.
 
 Every Cloud Run service the emulator holds gets a listener of its own, `http://127.0.0.1:<port>`, which is
-its `uri`. The listener plays Google's front end for that one service, in Google's order:
+its `uri`. The listener plays Google's front end for that one service (run_frontend.py), in Google's order:
 1. the caller: `Authorization: Bearer <ID token>` whose audience is the service's URL (with or without a
    trailing '/', or one of its customAudiences): 401 without one, or for a bad, expired or foreign token;
 2. invoke permission: roles/run.invoker (or run.admin) on the service for `serviceAccount:`/`user:` the
