@@ -26,8 +26,6 @@ from sdxlctl.vertex.serve import _check_baked
 KIND = "server-service"
 SERVICE = "Cloud Run service"
 
-# USD per second (../shared/CLOUD-RUN-GPU-FACTS.md §6, Tier 1), until sdxlctl.pricing prices Cloud Run itself.
-FALLBACK_RATES = {"gpu": 0.0001867, "gpu_zonal": 0.0002909, "cpu": 0.000018, "memory_gib": 0.000002}
 
 # ---------------------------------------------------------------- upload
 
@@ -48,24 +46,24 @@ def upload(config: Config, store: StateStore, *, dry_run: bool) -> Outcome:
 # ---------------------------------------------------------------- the plan
 
 
-def hourly(config: Config) -> float:
-    """USD per instance-hour while an instance is up: the L4, the vCPUs and the memory, billed per second."""
-    run = config.cloudrun
-    shape = {"cpu": run.cpu, "memory_gib": run.memory_gib, "zonal_redundancy": run.zonal_redundancy}
-    priced = getattr(pricing, "cloud_run_hourly", None)
-    if priced is not None:
-        import inspect
+def hourly(config: Config) -> float | None:
+    """USD per instance-hour while an instance is up (the L4, the vCPUs, the memory); None: no price there."""
+    from sdxlctl.errors import UsageError
 
-        where = {"region": config.gcp.region} if "region" in inspect.signature(priced).parameters else {}
-        return float(priced(**shape, **where))
-    rates = FALLBACK_RATES
-    per_second = rates["gpu_zonal" if run.zonal_redundancy else "gpu"] + run.cpu * rates["cpu"]
-    return (per_second + run.memory_gib * rates["memory_gib"]) * 3600
+    run = config.cloudrun
+    try:
+        return pricing.cloud_run_hourly(
+            cpu=run.cpu, memory_gib=run.memory_gib, zonal_redundancy=run.zonal_redundancy, region=config.gcp.region
+        )
+    except UsageError:  # a region the table has no Cloud Run prices for: the plan still shows
+        return None
 
 
 def price(config: Config) -> str:
     """The plan's price: per instance-hour while up, and what idle costs (nothing at min 0)."""
     run, per_hour = config.cloudrun, hourly(config)
+    if per_hour is None:
+        return f"no Cloud Run price in the table for {config.gcp.region} (`sdxlctl cost`)"
     said = f"≈ {per_hour:,.2f} USD per instance-hour while up (billed per second)"
     if run.min_instances == 0:
         return said + ", 0 USD while idle (scales to zero)"

@@ -140,6 +140,12 @@ def test_dry_run_calls_nothing_and_shows_the_plan_and_price(cli: Cli, emulator: 
     assert emulator.requests() == []
 
 
+def test_a_region_the_price_table_lacks_still_plans(cli: Cli, emulator: Emulator) -> None:
+    plan = cli("deploy", "--dry-run", env=_env(emulator, SDXLCTL_GCP_REGION="asia-southeast1"))
+    assert plan.code == 0, plan.err
+    assert "no Cloud Run price in the table for asia-southeast1" in " ".join(plan.err.split())
+
+
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 def test_another_gpu_is_refused_before_any_request(cli: Cli, emulator: Emulator, dry_run: list[str]) -> None:
     result = cli("deploy", "--gpu", "a100", *dry_run, env=_env(emulator))
