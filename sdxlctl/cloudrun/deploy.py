@@ -168,7 +168,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
         raise DeployError("no server image is recorded for this deployment", hint="run `sdxlctl build` first")
     _check_baked(config, image)
     changes: list[Change] = []
-    account = ensure_server_account(config, store, progress, changes, always=True)
+    account = ensure_server_account(config, store, progress, changes, always=True, target="cloudrun")
     wanted = spec.server_service(config, image=image.name, account=account)
     runner, service_id = CloudRun(cloud(config)), names(config).server_service_id
     resumed = _resume(config, store, runner, service_id, progress)

@@ -32,12 +32,19 @@ PREDICT_FALLBACK_ROLE = "roles/aiplatform.user"
 
 
 def ensure_server_account(
-    config: Config, store: StateStore, progress: Progress, changes: list[Change], *, always: bool = False
+    config: Config,
+    store: StateStore,
+    progress: Progress,
+    changes: list[Change],
+    *,
+    always: bool = False,
+    target: str = "vertex",
 ) -> str:
     """The account the model server runs as, when it needs one: it may write the compile cache and read
     gs:// weights (the base's, a refiner's) and LoRA adapters, nothing else. Empty: Vertex AI's own account,
     which may only read the artifacts. `always` (Cloud Run): an account of its own even with no grant, so the
-    server never runs as the project's default compute account (an editor of the whole project)."""
+    server never runs as the project's default compute account (an editor of the whole project). `target`: the
+    target whose state records the account."""
     email = server_account(config) or (server_email(config) if always else "")
     if not email:
         return ""
@@ -53,12 +60,12 @@ def ensure_server_account(
     recorded = store.read().get(config.name, "server-account")
     before = set(recorded.details.get("buckets", [])) if recorded and recorded.name == email else set()
     # Recorded before granting, so that teardown finds every bucket even when this stops halfway.
-    store.record(config.name, _account(config, email, before | set(wanted)))
+    store.record(config.name, _account(target, email, before | set(wanted)))
     if cache.startswith("gs://"):
         Storage(c, bucket_of(cache), n.labels).ensure_bucket()
     grants = [_grant_bucket(c, email, bucket, roles, changes) for bucket, roles in sorted(wanted.items())]
     kept = {bucket for bucket in before - set(wanted) if not _revoke_bucket(c, email, bucket, changes)}
-    store.record(config.name, _account(config, email, set(wanted) | kept))
+    store.record(config.name, _account(target, email, set(wanted) | kept))
     granted = any(done for done, _ in grants)
     said = ", ".join(d for _, d in grants) or "no roles: it reads nothing on gs://"
     changes.append(Change("update" if granted else "keep", "service account", email, said))
@@ -71,8 +78,8 @@ def server_email(config: Config) -> str:
     return n.email(n.server_account_id)
 
 
-def _account(config: Config, email: str, buckets: set[str]) -> Resource:
-    return Resource(kind="server-account", name=email, target=config.target, details={"buckets": sorted(buckets)})
+def _account(target: str, email: str, buckets: set[str]) -> Resource:
+    return Resource(kind="server-account", name=email, target=target, details={"buckets": sorted(buckets)})
 
 
 def server_grants(config: Config) -> dict[str, dict[str, list[str]]]:

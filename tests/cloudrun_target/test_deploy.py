@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sdxlctl.context import BAKED_FOLDER
 from sdxlctl.state import StateStore
 from tests.conftest import Cli
 from tests.emulator_fixtures import PROJECT, REGION, Emulator
@@ -96,6 +97,8 @@ def test_deploy_creates_the_private_l4_service_with_every_field(cli: Cli, emulat
         "max_instances": 1,
     }
     assert (details["zonal_redundancy"], details["timeout_s"], details["account"]) == (False, 600, SERVER_ACCOUNT)
+    account = StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "server-account")
+    assert account is not None and (account.name, account.target) == (SERVER_ACCOUNT, "cloudrun")
 
 
 def test_the_same_config_again_sends_no_update(cli: Cli, emulator: Emulator) -> None:
@@ -226,6 +229,10 @@ def test_an_image_without_the_baked_weights_is_refused(cli: Cli, emulator: Emula
     result = cli("deploy", env={**env, "SDXLCTL_MODEL_BAKE": "true"})
     assert result.code == 1 and "bake" in result.err and "sdxlctl build" in result.err, result.err
     assert emulator.resources().get("services", []) == []
+    baked = {**env, "SDXLCTL_MODEL_BAKE": "true"}
+    _up(cli, baked, "build", "deploy")
+    env_vars = {e.name: e.value for e in _service(emulator).template.containers[0].env}
+    assert (env_vars["SDXL_MODEL"], env_vars["SDXL_VAE"]) == (BAKED_FOLDER, "model")  # loaded from the image
 
 
 def test_a_rollout_whose_polls_keep_failing_stays_recorded_and_the_rerun_waits_for_it(
