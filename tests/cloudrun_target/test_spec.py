@@ -87,6 +87,9 @@ def test_server_filled_fields_are_not_differences(config: Config) -> None:
     live["template"]["revision"] = "sdxl-server-00002-abc"
     live["template"]["containers"][0]["name"] = "sdxl-server-1"
     live["latest_ready_revision"] = "projects/p/locations/europe-west4/services/sdxl-server/revisions/r"
+    live["labels"]["goog-managed-by"] = "console"  # labels and probe defaults the server or a person adds
+    live["template"]["containers"][0]["startup_probe"]["initial_delay_seconds"] = 1
+    live["template"]["containers"][0]["startup_probe"]["http_get"]["http_headers"] = [{"name": "x", "value": "y"}]
     assert spec.differences(service_message(live), _service(config)) == []
 
 
