@@ -170,11 +170,16 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     changes: list[Change] = []
     account = ensure_server_account(config, store, progress, changes, always=True, target="cloudrun")
     wanted = spec.server_service(config, image=image.name, account=account)
+    fingerprint = digest(wanted)  # of the config's service, before a retry names its revision
     runner, service_id = CloudRun(cloud(config)), names(config).server_service_id
     resumed = _resume(config, store, runner, service_id, progress)
     progress(f"looking for the service {service_id}")
     live = runner.get(service_id)
     changed = spec.differences(live, wanted) if live is not None else ["new"]
+    if live is not None and not changed and (why := _failed(live)):
+        # The same template again would be no change to Cloud Run: a revision named anew makes it try again.
+        wanted.template.revision = f"{service_id}-r{int(time.time()) % 10**8:08d}"
+        changed = [f"its last rollout failed ({why}): tried again"]
     previous = store.read().get(config.name, KIND)
     if changed:
         # Recorded before the wait, so that teardown and status find a service whose deploy was cut short.
@@ -197,7 +202,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
         )
     service: Any = live if changed else _settled(runner, service_id, live, progress)  # found, created or updated
     _require_ready(service)
-    store.record(config.name, _resource(service, config, image.name, account, digest(wanted)))
+    store.record(config.name, _resource(service, config, image.name, account, fingerprint))
     if not changed and resumed:
         changes.append(Change("update", SERVICE, service.name, "resumed the rollout an earlier run started"))
     elif not changed:
@@ -257,6 +262,14 @@ def _settled(runner: Any, service_id: str, service: Any, progress: Progress) -> 
         time.sleep(runner.cloud.poll_s)
         service = runner.get(service_id) or service
     return service
+
+
+def _failed(service: Any) -> str:
+    """Why Cloud Run ended the service's last rollout in failure ("" when it did not, or still rolls it out)."""
+    condition = service.terminal_condition
+    if service.reconciling or getattr(condition.state, "name", "") != "CONDITION_FAILED":
+        return ""
+    return str(condition.message or "no reason given")
 
 
 def _require_ready(service: Any) -> None:

@@ -254,3 +254,19 @@ def test_a_rollout_whose_polls_keep_failing_stays_recorded_and_the_rerun_waits_f
     recorded = StateStore(tmp_path / ".sdxlctl").read().get("sdxl", "server-service")
     assert recorded is not None and not recorded.details.get("operation") and recorded.details["revision"]
     assert cli("deploy", env=env).err.count("unchanged") == 1
+
+
+def test_a_service_whose_last_rollout_failed_is_tried_again(cli: Cli, emulator: Emulator) -> None:
+    env = _env(emulator)
+    _up(cli, env, "build", "deploy")
+    with emulator.world.lock:  # as Cloud Run leaves a service whose revision failed to start: done, failed
+        record = emulator.world.table("services")[SERVICE]
+        record["terminalCondition"] = {"type": "Ready", "state": "CONDITION_FAILED", "message": "probe failed"}
+    before = len(emulator.requests())
+    again = cli("deploy", env=env)
+    assert again.code == 0 and "last rollout failed (probe failed): tried again" in " ".join(again.err.split())
+    (patch,) = [r for r in emulator.requests()[before:] if r["method"] == "PATCH"]
+    assert patch["body"]["template"]["revision"].startswith("sdxl-server-r")
+    assert _service(emulator).terminal_condition.state.name == "CONDITION_SUCCEEDED"
+    assert "unchanged" in cli("deploy", env=env).err  # the revision's name is Cloud Run's business, not a change
+    assert "unchanged" in cli("deploy", "--dry-run", env=env).err
