@@ -52,11 +52,6 @@ def test_a_create_that_happened_but_lost_its_answer_is_found_not_repeated(cli: C
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the emulator leaves a service whose create operation failed reconciling forever (Cloud Run ends it "
-    "with reconciling false and a failed terminalCondition), and the rerun's deploy waits in _settled for it",
-)
 def test_a_failed_operation_is_a_clear_error_and_the_rerun_finishes(
     cli: Cli, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -49,6 +49,15 @@ class CloudRun:
     def _operation(self, p: dict[str, str], service: dict[str, Any], finish: Any, path: str) -> dict[str, Any]:
         name = f"projects/{p['project']}/locations/{p['location']}/operations/{uuid.uuid4()}"
         fault = self.world.take_fault("*", path, operation=True)
+        if fault is not None:  # Cloud Run ends a failed rollout: reconciling no more, its terminal condition failed
+            error = fault.error
+
+            def failed() -> dict[str, Any]:
+                condition = {"type": "Ready", "state": "CONDITION_FAILED", "message": error.message}
+                service.update(reconciling=False, terminalCondition={**condition, "lastTransitionTime": now()})
+                raise error
+
+            finish, fault = failed, None
         return self.world.start_operation(name, packed(run_v2.Service, service), finish, fault=fault)
 
     def _validate(self, service: dict[str, Any], location: str) -> None:
