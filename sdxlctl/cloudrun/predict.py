@@ -20,13 +20,14 @@ from sdxlctl.errors import DeployError, PredictError
 from sdxlctl.inputs import CLOUD_RUN_LIMIT_BYTES
 from sdxlctl.state import StateStore
 from sdxlctl.steps import Progress, quiet
-from sdxlctl.vertex.names import LABEL, cloud, names
+from sdxlctl.vertex.names import cloud, names
 
 FIRST_HEALTH_S = 3.0  # a running instance answers health at once; longer means Cloud Run is starting one
 HEALTH_HOLD_S = 30.0  # one health poll during a cold start (Cloud Run holds it until an instance serves)
 HEALTH_PAUSE_S = 2.0  # between polls that were answered at once (503 loading, 429 no instance yet)
 STARTUP_MARGIN_S = 60.0  # past [cloudrun] startup_timeout_s: the instance's own start before its probe runs
 ANSWER_MARGIN_S = 10.0  # past [cloudrun] timeout_s, so Cloud Run's 504 arrives before this side gives up
+HEALTH_BYTES = 64 * 1024
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
 RETRY_TOTAL_S = 120.0  # 429/503 on predict are retried for at most this long in all
 LIMIT_MIB = CLOUD_RUN_LIMIT_BYTES // 2**20
@@ -70,20 +71,43 @@ def predict(
 
 
 def service_url(config: Config, store: StateStore) -> str:
-    """The model service's URL: as recorded by deploy, else found by label (the state file may be lost)."""
-    recorded = store.read().get(config.name, "server-service")
-    if recorded is not None and recorded.url:
-        return recorded.url.rstrip("/")
+    """The model service's URL as Cloud Run reports it now: the only place the caller's ID token may go.
+
+    Not the state file's url: a tampered state would hand the token to any host, and a gcloud login's token
+    (its audience is gcloud's, not the service's) is taken by every Cloud Run service its user may invoke.
+    `store` stays in the signature (the contract's); the service is named by the config, as deploy names it.
+    """
     from sdxlctl.gcp.run import CloudRun
 
-    service_id = names(config).server_service_id
-    found = [s for s in CloudRun(cloud(config)).find((LABEL, config.name)) if s.name.rsplit("/", 1)[-1] == service_id]
-    if not found or not found[0].uri:
+    c, service_id = cloud(config), names(config).server_service_id
+    live = CloudRun(c).get(service_id)
+    if live is None or not live.uri:
         raise DeployError(
             f"no Cloud Run service {service_id} for {config.name!r} in {config.gcp.region}",
             hint="run `sdxlctl deploy` first",
         )
-    return str(found[0].uri).rstrip("/")
+    return trusted_url(str(live.uri), emulated=c.emulated, service=service_id)
+
+
+def trusted_url(url: str, *, emulated: bool, service: str) -> str:
+    """`url` rebuilt from its parts when it is a Cloud Run service's (https://*.run.app; http://127.0.0.1:PORT
+    only against the emulator), with no user, path, query or fragment; anything else refused, token unsent."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        host, port, parts = "", None, urlsplit("")
+    plain = not (parts.username or parts.password or parts.query or parts.fragment) and parts.path in ("", "/")
+    if plain and parts.scheme == "https" and host.endswith(".run.app") and port is None:
+        return f"https://{host}"
+    if plain and emulated and parts.scheme == "http" and host == "127.0.0.1" and port is not None:
+        return f"http://127.0.0.1:{port}"
+    raise DeployError(
+        f"the URL of {service} is not a Cloud Run service's ({url[:100]!r}): no ID token is sent there",
+        hint="`sdxlctl status` shows the service; `sdxlctl deploy` makes it again",
+    )
 
 
 def wait_for_instance(
@@ -126,12 +150,19 @@ def wait_for_instance(
 
 def _health(url: str, headers: Headers, *, timeout_s: float, service: str) -> tuple[int | None, dict[str, Any]]:
     """Health's status and JSON body; (None, {}) when it did not answer in time (an instance is starting)."""
+    import json
+
     import httpx
 
+    content = b""
     try:
-        response = httpx.get(
-            f"{url}/health", headers=headers(), timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
-        )
+        with httpx.stream(
+            "GET", f"{url}/health", headers=headers(), timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
+        ) as response:
+            for chunk in response.iter_bytes():  # health is a line of JSON: no more than HEALTH_BYTES is read
+                content += chunk
+                if len(content) > HEALTH_BYTES:
+                    break
     except httpx.TimeoutException:
         return None, {}
     except httpx.HTTPError as exc:
@@ -146,7 +177,7 @@ def _health(url: str, headers: Headers, *, timeout_s: float, service: str) -> tu
             hint="`sdxlctl status` shows what is deployed; `sdxlctl deploy` makes it",
         )
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         body = {}
     return response.status_code, body if isinstance(body, dict) else {}
@@ -190,10 +221,7 @@ def _post(
                 headers=headers(),
                 timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
             ) as response:
-                size = int(response.headers.get("content-length") or 0)
-                if response.status_code == 200 and size > CLOUD_RUN_LIMIT_BYTES:
-                    raise _too_large(f"the answer is {size / 2**20:.1f} MiB")
-                response.read()
+                content = _bounded(response)
         except httpx.TimeoutException:
             raise PredictError(
                 f"no answer from {url} within {timeout_s:.0f} s",
@@ -213,7 +241,7 @@ def _post(
                 sleep(wait)
                 waited, delay = waited + wait, min(delay * 2, RETRY_MAX_S)
                 continue
-        return _answer(response, url, service, config)
+        return _answer(response, content, url, service, config)
 
 
 def _retry_after(response: Any) -> float:
@@ -224,15 +252,34 @@ def _retry_after(response: Any) -> float:
         return 0.0
 
 
+def _bounded(response: Any) -> bytes:
+    """The body, read no further than Cloud Run's limit: a body without (or lying in) Content-Length included."""
+    try:
+        size = int(response.headers.get("content-length") or 0)
+    except ValueError:
+        size = 0
+    if size > CLOUD_RUN_LIMIT_BYTES:
+        raise _too_large(f"the answer is {size / 2**20:.1f} MiB")
+    chunks, total = [], 0
+    for chunk in response.iter_bytes():
+        total += len(chunk)
+        if total > CLOUD_RUN_LIMIT_BYTES:
+            raise _too_large(f"the answer is over {LIMIT_MIB} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _too_large(what: str) -> PredictError:
     return PredictError(f"{what}: over Cloud Run's {LIMIT_MIB} MiB response limit", hint=TOO_LARGE_HINT)
 
 
-def _answer(response: Any, url: str, service: str, config: Config) -> dict[str, Any]:
+def _answer(response: Any, content: bytes, url: str, service: str, config: Config) -> dict[str, Any]:
     """The checked answer; else the server's JSON error (as client.Refused, naming its field), else Cloud Run's."""
+    import json
+
     try:
-        data = response.json()
-    except ValueError:
+        data = json.loads(content)
+    except ValueError:  # UnicodeDecodeError included
         data = None
     status = response.status_code
     if status == 200:
@@ -255,7 +302,7 @@ def _answer(response: Any, url: str, service: str, config: Config) -> dict[str, 
             hint=hints.get(status),
         )
     _refuse_access(response, url, service)
-    text = " ".join(response.text[:200].split())
+    text = " ".join(content[:200].decode("utf-8", "replace").split())
     if status == 504:
         raise PredictError(
             f"the request took longer than [cloudrun] timeout_s ({config.cloudrun.timeout_s} s): Cloud Run cut it",

@@ -43,11 +43,13 @@ class Front:
     answers: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)  # the next predict answers
     seen: list[str] = field(default_factory=list)
     revoked: int = 0  # how many of the next requests get 401 whatever their token (a token revoked)
+    audience: str = ""  # what the front end takes tokens for: its own URL unless set
+    uri: str | None = None  # what Cloud Run's API reports as the service's uri: its own URL unless set
 
     def app(self) -> object:
         from starlette.applications import Starlette
         from starlette.requests import Request
-        from starlette.responses import JSONResponse, Response
+        from starlette.responses import JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
 
         def allowed(request: Request) -> Response | None:
@@ -56,7 +58,7 @@ class Front:
                 if self.revoked:
                     self.revoked -= 1
                     raise ValueError("revoked")
-                email = self.issuer.verify(token, self.url)
+                email = self.issuer.verify(token, self.audience or self.url)
             except ValueError:
                 return Response("<html>401 Unauthorized</html>", 401, media_type="text/html")
             if email not in self.invokers:
@@ -83,9 +85,23 @@ class Front:
             status, body, headers = self.answers.pop(0) if self.answers else (200, ANSWER, {})
             if isinstance(body, dict):
                 return JSONResponse(body, status, headers=headers)
+            if not isinstance(body, str | bytes):  # a generator: sent chunked, without Content-Length
+                return StreamingResponse(body, status, headers=headers, media_type="application/json")
             return Response(body, status, headers=headers, media_type="text/html")
 
-        return Starlette(routes=[Route("/health", health), Route("/predict", predict, methods=["POST"])])
+        async def service(request: Request) -> Response:  # Cloud Run's API (v2 REST): services.get
+            name = request.path_params["name"]
+            if not name.endswith("/services/sdxl-server"):
+                return JSONResponse({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}, 404)
+            return JSONResponse({"name": name, "uri": self.url if self.uri is None else self.uri})
+
+        return Starlette(
+            routes=[
+                Route("/health", health),
+                Route("/predict", predict, methods=["POST"]),
+                Route("/v2/{name:path}", service),
+            ]
+        )
 
 
 @pytest.fixture
@@ -108,24 +124,26 @@ def front(issuer: Issuer) -> Iterator[Front]:
         yield front
 
 
-def deployment(tmp_path: Path, url: str) -> tuple[Config, StateStore]:
-    """A cloudrun config (an http:// endpoint: emulated, so the key file's token) whose state records `url`."""
+def deployment(tmp_path: Path, url: str, api: str = "") -> tuple[Config, StateStore]:
+    """A cloudrun config (an http:// endpoint: emulated, so the key file's token) whose state records `url`;
+    `api` answers Cloud Run's services.get (the front end's own stand-in), else nothing does."""
     path = tmp_path / "sdxlctl.toml"
     path.write_text('target = "cloudrun"\n[gcp]\nproject = "demo-project"\nregion = "europe-west4"\n')
-    config = load_config(path, {"SDXLCTL_GCP_API_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    config = load_config(path, {"SDXLCTL_GCP_API_ENDPOINT": api or f"http://127.0.0.1:{free_port()}"})
     store = StateStore(tmp_path / ".sdxlctl")
     store.record(config.name, Resource(kind="server-service", name="sdxl-server", target="cloudrun", url=url))
     return config, store
 
 
 def ask(front: Front, tmp_path: Path, url: str | None = None) -> tuple[dict[str, Any], list[str], list[float]]:
-    config, store = deployment(tmp_path, url or front.url)
+    """Predict with `url` recorded in the state (the front end's URL unless given): sent where Cloud Run says."""
+    config, store = deployment(tmp_path, url or front.url, api=front.url)
     said: list[str] = []
     slept: list[float] = []
     answer, where = cloudrun_predict.predict(
         config, store, BODY, timeout_s=30, progress=said.append, sleep=slept.append
     )
-    assert where == (url or front.url)
+    assert where == front.url
     return answer, said, slept
 
 
@@ -196,9 +214,9 @@ def test_an_account_without_run_invoker_is_told_the_role(front: Front, tmp_path:
 
 def test_a_token_for_another_audience_is_a_401_said_plainly(front: Front, tmp_path: Path) -> None:
     """The token is for the URL sdxlctl calls; a front end that is not at that URL refuses it."""
-    other = front.url.replace("127.0.0.1", "localhost")
+    front.audience = front.url.replace("127.0.0.1", "localhost")
     with pytest.raises(PredictError, match=r"refused the ID token \(401\)") as caught:
-        ask(front, tmp_path, url=other)
+        ask(front, tmp_path)
     assert "GOOGLE_APPLICATION_CREDENTIALS" in (caught.value.hint or "")
 
 

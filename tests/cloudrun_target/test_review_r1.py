@@ -1,0 +1,111 @@
+"""Review R1 of target cloudrun: the caller's ID token goes only to the URL Cloud Run reports for the service
+(never to a URL a tampered state file names), and an answer is read no further than Cloud Run's limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdxlctl.errors import DeployError, PredictError
+from tests.cloudrun_target import test_predict
+from tests.cloudrun_target.test_predict import ANSWER, BODY, Front, cloudrun_predict, deployment
+from tests.servers import serve_app
+
+issuer, front = test_predict.issuer, test_predict.front  # its fixtures: a token endpoint, Cloud Run's front end
+
+
+class Trap:
+    """A listener a tampered state points at: it records every Authorization header it is sent."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def app(self) -> object:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        async def anything(request: Request) -> Response:
+            self.seen.append(request.headers.get("authorization", ""))
+            return JSONResponse({"status": "ready", **ANSWER})
+
+        return Starlette(routes=[Route("/{path:path}", anything, methods=["GET", "POST"])])
+
+
+@pytest.mark.parametrize("form", ["{trap}", "http://user:pw@{host}", "{trap}/x?y=1"], ids=["url", "userinfo", "path"])
+def test_a_tampered_state_url_never_receives_the_token(front: Front, tmp_path: Path, form: str) -> None:
+    trap = Trap()
+    with serve_app(trap.app()) as server:
+        tampered = form.format(trap=server.url, host=server.url.removeprefix("http://"))
+        config, store = deployment(tmp_path, tampered, api=front.url)
+        answer, where = cloudrun_predict.predict(config, store, BODY, timeout_s=30, sleep=lambda _: None)
+    assert answer == ANSWER and where == front.url  # the service's own URL, as Cloud Run reports it
+    assert trap.seen == []
+    assert front.seen == ["health", "predict"]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://evil.example",
+        "file:///etc/passwd",
+        "https://u:p@sdxl-server-x.a.run.app",
+        "https://evil.example",
+        "https://sdxl-server-x.a.run.app.evil.example",
+        "https://sdxl-server-x.a.run.app:8443",
+        "http://localhost:1",
+    ],
+)
+def test_a_uri_that_is_not_a_cloud_run_services_gets_no_token(front: Front, tmp_path: Path, uri: str) -> None:
+    front.uri = uri
+    config, store = deployment(tmp_path, front.url, api=front.url)
+    with pytest.raises(DeployError, match=r"not a Cloud Run service's .*no ID token is sent there"):
+        cloudrun_predict.predict(config, store, BODY, timeout_s=30)
+    assert front.seen == [] and front.issuer.asked == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "emulated", "trusted"),
+    [
+        ("https://sdxl-server-abc-ez.a.run.app", False, "https://sdxl-server-abc-ez.a.run.app"),
+        ("https://SDXL-server-abc-ez.a.run.app/", False, "https://sdxl-server-abc-ez.a.run.app"),
+        ("http://127.0.0.1:8123", True, "http://127.0.0.1:8123"),
+        ("http://127.0.0.1:8123", False, None),  # plain http only against the emulator
+        ("https://127.0.0.1.run.app@evil.example", False, None),
+        ("https://evil.example#.run.app", False, None),
+    ],
+)
+def test_trusted_url(uri: str, emulated: bool, trusted: str | None) -> None:
+    if trusted is None:
+        with pytest.raises(DeployError):
+            cloudrun_predict.trusted_url(uri, emulated=emulated, service="sdxl-server")
+    else:
+        assert cloudrun_predict.trusted_url(uri, emulated=emulated, service="sdxl-server") == trusted
+
+
+def test_a_huge_answer_without_content_length_is_not_read_whole(front: Front, tmp_path: Path) -> None:
+    """A chunked body (no Content-Length) past 32 MiB: refused once the limit is passed, not read into memory."""
+
+    async def endless() -> Any:
+        for _ in range(1024):  # 64 MiB if read to the end
+            yield b"x" * 65536
+
+    front.answers = [(200, endless(), {})]
+    config, store = deployment(tmp_path, front.url, api=front.url)
+    with pytest.raises(PredictError, match="over Cloud Run's 32 MiB response limit"):
+        cloudrun_predict.predict(config, store, BODY, timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "slept"),
+    [("-5", 1.0), ("Wed, 21 Oct 2099 07:28:00 GMT", 1.0), ("1e12", 30.0), ("nan", 1.0), ("inf", 30.0)],
+)
+def test_a_hostile_retry_after_is_bounded(front: Front, tmp_path: Path, retry_after: str, slept: float) -> None:
+    front.answers = [(429, "<html>busy</html>", {"Retry-After": retry_after})]
+    config, store = deployment(tmp_path, front.url, api=front.url)
+    waits: list[float] = []
+    answer, _ = cloudrun_predict.predict(config, store, BODY, timeout_s=30, sleep=waits.append)
+    assert answer == ANSWER and waits == [slept]
