@@ -25,6 +25,7 @@ from sdxlctl.vertex.serve import _check_baked
 
 KIND = "server-service"
 SERVICE = "Cloud Run service"
+PUBLIC = ("allUsers", "allAuthenticatedUsers")  # members that would make roles/run.invoker anyone's
 
 
 # ---------------------------------------------------------------- upload
@@ -203,6 +204,9 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     service: Any = live if changed else _settled(runner, service_id, live, progress)  # found, created or updated
     _require_ready(service)
     store.record(config.name, _resource(service, config, image.name, account, fingerprint))
+    for member in PUBLIC:  # made public by hand (console, gcloud): the model's service is private, always
+        if runner.revoke_invoker(service_id, member):
+            changes.append(Change("update", "invoker policy", service_id, f"removed {member}: the service is private"))
     if not changed and resumed:
         changes.append(Change("update", SERVICE, service.name, "resumed the rollout an earlier run started"))
     elif not changed:

@@ -109,3 +109,21 @@ def test_a_hostile_retry_after_is_bounded(front: Front, tmp_path: Path, retry_af
     waits: list[float] = []
     answer, _ = cloudrun_predict.predict(config, store, BODY, timeout_s=30, sleep=waits.append)
     assert answer == ANSWER and waits == [slept]
+
+
+def test_a_model_service_made_public_by_hand_is_private_again_after_deploy(cli: Any, emulator: Any) -> None:
+    """`gcloud run services add-iam-policy-binding --member=allUsers` on the model's service: the next deploy
+    takes it away (the service is private whatever happened to it), and says so."""
+    from tests.cloudrun_target.test_deploy import SERVICE, _client, _env, _up
+
+    env = _env(emulator)
+    _up(cli, env, "build", "deploy")
+    client = _client(emulator)
+    policy = client.get_iam_policy(request={"resource": SERVICE})
+    policy.bindings.add(role="roles/run.invoker", members=["allUsers", "allAuthenticatedUsers"])
+    client.set_iam_policy(request={"resource": SERVICE, "policy": policy})
+    again = cli("deploy", env=env)
+    assert again.code == 0, again.err
+    assert "removed allUsers" in again.err and "removed allAuthenticatedUsers" in again.err
+    members = [m for b in client.get_iam_policy(request={"resource": SERVICE}).bindings for m in b.members]
+    assert "allUsers" not in members and "allAuthenticatedUsers" not in members
