@@ -166,12 +166,10 @@ def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | No
     from sdxlctl.gcp.monitoring import billable_seconds
     from sdxlctl.pricing import cloud_run_hourly, cloud_run_usd
 
-    details = resource.details
-    since = datetime.fromisoformat(details["deployed_at"]) if details.get("deployed_at") else resource.created_at
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    details = resource.details  # the state file's: what it says is checked, as anything a person may edit
+    since = min(_when(details.get("deployed_at")) or _when(resource.created_at) or now, now)
     seconds = billable_seconds(cloud(config), resource.name.rsplit("/", 1)[-1], since, now)
-    standing = int(details.get("min_instances", config.cloudrun.min_instances) or 0)
+    standing = _number(details.get("min_instances"), float(config.cloudrun.min_instances))
     try:  # a region the price table lacks: no cost, rather than no status
         if seconds is not None:
             return cloud_run_usd(seconds, **_shape(config, resource))
@@ -180,7 +178,27 @@ def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | No
         hourly = cloud_run_hourly(**_shape(config, resource))
     except SdxlctlError:
         return None
-    return hourly * standing * max(0.0, (now - since).total_seconds()) / 3600
+    return hourly * int(standing) * (now - since).total_seconds() / 3600
+
+
+def _when(value: Any) -> datetime | None:
+    """An ISO time from the state (UTC when it names no zone); None for anything else."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _number(value: Any, default: float) -> float:
+    """A count or size from the state: `default` for one that is missing, not a number, NaN, infinite or < 0."""
+    import math
+
+    number = _float(value) if not isinstance(value, bool) else None
+    return number if number is not None and math.isfinite(number) and number >= 0 else default
 
 
 class _Shape(TypedDict):
@@ -194,8 +212,8 @@ def _shape(config: Config, resource: Resource) -> _Shape:
     """The instance as deployed (recorded, or read from the live service), else as the config says."""
     details, run = resource.details, config.cloudrun
     return {
-        "cpu": float(details.get("cpu") or run.cpu),
-        "memory_gib": float(details.get("memory_gib") or run.memory_gib),
+        "cpu": _number(details.get("cpu"), 0.0) or float(run.cpu),
+        "memory_gib": _number(details.get("memory_gib"), 0.0) or float(run.memory_gib),
         "zonal_redundancy": bool(details.get("zonal_redundancy", run.zonal_redundancy)),
         "region": config.gcp.region,
     }

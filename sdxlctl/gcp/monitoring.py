@@ -31,7 +31,7 @@ def instance_count(cloud: Cloud, service_id: str, *, now: datetime | None = None
         return None
     total = 0
     for one in series:
-        points = one.get("points") or []
+        points = _points(one)
         if points:  # newest first, as Monitoring lists them; ordered here all the same
             newest = max(points, key=lambda point: str(point.get("interval", {}).get("endTime", "")))
             total += int(_number(newest) or 0)
@@ -46,17 +46,26 @@ def billable_seconds(cloud: Cloud, service_id: str, start: datetime, end: dateti
     series = _series(cloud, BILLABLE_TIME, service_id, start, end)
     if series is None:
         return None
-    return float(sum(_number(point) or 0.0 for one in series for point in one.get("points") or []))
+    return float(sum(_number(point) or 0.0 for one in series for point in _points(one)))
+
+
+def _points(series: dict[str, Any]) -> list[dict[str, Any]]:
+    points = series.get("points")
+    return [point for point in points if isinstance(point, dict)] if isinstance(points, list) else []
 
 
 def _number(point: dict[str, Any]) -> float | None:
-    value = point.get("value") or {}
+    """A point's value; None for one that is no count or time (NaN, infinite, negative: not to be billed)."""
+    import math
+
+    value = point.get("value")
     for key in ("int64Value", "doubleValue"):
-        if key in value:
+        if isinstance(value, dict) and key in value:
             try:
-                return float(value[key])
+                number = float(value[key])
             except (TypeError, ValueError):
                 return None
+            return number if math.isfinite(number) and number >= 0 else None
     return None
 
 

@@ -3,6 +3,7 @@ rounded up to 100 ms, from the bundled table's `cloud_run_gpu` rows. Estimates, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,8 @@ _MICROSECOND = Decimal("0.000001")
 
 def billed_seconds(seconds: float, increment_s: float = 0.1) -> float:
     """Instance-seconds as Cloud Run bills them: rounded UP to the next 100 ms (1.01 s -> 1.1 s, 1 s -> 1.0 s)."""
-    if seconds < 0:
-        raise UsageError(f"{seconds:g} instance-seconds: must not be negative")
+    if not math.isfinite(seconds) or seconds < 0:  # NaN or infinity would be a bill of NaN or a crash
+        raise UsageError(f"{seconds:g} instance-seconds: must be a finite number and must not be negative")
     step = Decimal(repr(increment_s))
     exact = Decimal(repr(float(seconds))).quantize(_MICROSECOND, rounding=ROUND_HALF_EVEN)
     return float((exact / step).to_integral_value(rounding=ROUND_CEILING) * step)

@@ -127,3 +127,74 @@ def test_a_model_service_made_public_by_hand_is_private_again_after_deploy(cli: 
     assert "removed allUsers" in again.err and "removed allAuthenticatedUsers" in again.err
     members = [m for b in client.get_iam_policy(request={"resource": SERVICE}).bindings for m in b.members]
     assert "allUsers" not in members and "allAuthenticatedUsers" not in members
+
+
+def _cost_config(tmp_path: Path, api: str) -> Any:
+    from sdxlctl.config import load_config
+
+    path = tmp_path / "sdxlctl.toml"
+    path.write_text('target = "cloudrun"\n[gcp]\nproject = "demo-project"\nregion = "us-central1"\n')
+    return load_config(path, {"SDXLCTL_GCP_API_ENDPOINT": api})
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"deployed_at": "yesterday", "min_instances": 1},
+        {"deployed_at": 1733000000, "min_instances": 1},
+        {"deployed_at": "2999-01-01T00:00:00+00:00", "min_instances": 1},
+        {"deployed_at": "2026-01-01T00:00:00", "min_instances": -3},
+        {"deployed_at": "2026-01-01T00:00:00", "min_instances": "many"},
+        {"deployed_at": "2026-01-01T00:00:00", "min_instances": 1, "cpu": "nan", "memory_gib": -64},
+    ],
+    ids=["not-a-date", "a-number", "future", "negative-min", "min-not-a-number", "nan-cpu"],
+)
+def test_a_hostile_state_gives_no_negative_nan_or_traceback_cost(tmp_path: Path, details: dict[str, Any]) -> None:
+    """Monitoring unreadable (nothing answers), so the standing instances' cost from the state's details."""
+    import math
+    from datetime import UTC, datetime
+
+    from sdxlctl.cloudrun.inventory import cost_so_far
+    from sdxlctl.state import Resource
+    from tests.servers import free_port
+
+    config = _cost_config(tmp_path, f"http://127.0.0.1:{free_port()}")
+    name = "projects/demo-project/locations/us-central1/services/sdxl-server"
+    resource = Resource(kind="server-service", name=name, target="cloudrun", details=details)
+    cost = cost_so_far(config, resource, datetime.now(UTC))
+    assert cost is None or (math.isfinite(cost) and cost >= 0), cost
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-5", {"x": 1}])
+def test_a_hostile_monitoring_answer_is_unknown_not_a_crash(tmp_path: Path, value: Any) -> None:
+    import math
+    from datetime import UTC, datetime, timedelta
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from sdxlctl.gcp.monitoring import billable_seconds, instance_count
+    from sdxlctl.vertex.names import cloud
+
+    async def series(request: Request) -> Response:
+        point = {"interval": {"endTime": "2026-12-02T22:00:00Z"}, "value": {"doubleValue": value}}
+        return JSONResponse({"timeSeries": [{"points": [point, "not a point"]}, {"points": {"a": 1}}]})
+
+    with serve_app(Starlette(routes=[Route("/v3/projects/demo-project/timeSeries", series)])) as server:
+        c = cloud(_cost_config(tmp_path, server.url))
+        now = datetime.now(UTC)
+        count = instance_count(c, "sdxl-server", now=now)
+        seconds = billable_seconds(c, "sdxl-server", now - timedelta(hours=1), now)
+    assert count is None or count >= 0
+    assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf")])
+def test_billed_seconds_refuses_what_is_not_a_time(seconds: float) -> None:
+    from sdxlctl.errors import UsageError
+    from sdxlctl.pricing.cloudrun import billed_seconds
+
+    with pytest.raises(UsageError, match="instance-seconds"):
+        billed_seconds(seconds)
