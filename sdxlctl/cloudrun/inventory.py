@@ -280,7 +280,7 @@ def _saving(config: Config, resource: Resource) -> str:
     """What the model's service bills while it stands: its minimum instances, by the hour."""
     if resource.kind != "server-service":
         return ""
-    standing = int(resource.details.get("min_instances", config.cloudrun.min_instances) or 0)
+    standing = int(_number(resource.details.get("min_instances"), float(config.cloudrun.min_instances)))
     if not standing:
         return "min 0 instances: it bills only while it serves"
     from sdxlctl.pricing import cloud_run_hourly
@@ -296,21 +296,21 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
     """Everything of this deployment: by label (so a lost state file loses nothing), plus the state's."""
     from sdxlctl.gcp.run import CloudRun
 
-    run = CloudRun(cloud(config))
+    run, n, state = CloudRun(cloud(config)), names(config), store.read()
     services = run.find((LABEL, config.name))
     listed = {service.name for service in services}
-    state = store.read()
-    for kind in SERVICES:  # recorded but not labelled (a label taken off by hand): still ours
+    # Recorded but not labelled (a label taken off by hand): still ours, but only under the names sdxlctl
+    # gives; a state file naming another service or account (the default compute one) must not delete it.
+    for kind, service_id in (("server-service", n.server_service_id), ("ui-service", n.service_id)):
         recorded = state.get(config.name, kind)
-        if recorded is not None and recorded.name and recorded.name not in listed:
-            service = run.get(recorded.name.rsplit("/", 1)[-1])
-            if service is not None:
-                services.append(service)
+        if recorded is not None and recorded.name == run.name(service_id) and recorded.name not in listed:
+            services += [found for found in [run.get(service_id)] if found is not None]
     found = Inventory(services=sorted(services, key=lambda s: _kind(config, s) == "server-service"))
+    own = {n.email(n.server_account_id), n.email(n.account_id)}
     accounts = [state.get(config.name, kind) for kind in ACCOUNTS]
     found.accounts = [account.name for account in accounts if account is not None]
     found.accounts += [service.template.service_account for service in found.services]
-    found.accounts = [account for account in dict.fromkeys(found.accounts) if account]
+    found.accounts = [account for account in dict.fromkeys(found.accounts) if account in own]
     found.cache = own_cache(config)
     if images:  # images carry no labels: their names derive from the deployment's
         found.images = [f"{config.name}-server", f"{config.name}-ui"]

@@ -198,3 +198,35 @@ def test_billed_seconds_refuses_what_is_not_a_time(seconds: float) -> None:
 
     with pytest.raises(UsageError, match="instance-seconds"):
         billed_seconds(seconds)
+
+
+def test_teardown_takes_only_this_deployments_accounts_and_services(tmp_path: Path, emulator: Any) -> None:
+    """A tampered state naming another account (the default compute one) or another service of the project:
+    teardown's inventory leaves them out (it deletes only what sdxlctl names for this deployment)."""
+    from sdxlctl.cloudrun.inventory import inventory, plan_teardown
+    from sdxlctl.config import load_config
+    from sdxlctl.state import Resource, StateStore
+
+    path = tmp_path / "sdxlctl.toml"
+    path.write_text('target = "cloudrun"\n')
+    env = emulator.env(SDXLCTL_TARGET="cloudrun")
+    config = load_config(path, {k: v for k, v in env.items() if k.startswith("SDXLCTL_")})
+    from google.cloud import run_v2
+
+    from tests.cloudrun_target.test_deploy import _client
+
+    parent = f"projects/{config.gcp.project}/locations/{config.gcp.region}"
+    image = {"containers": [{"image": "us-docker.pkg.dev/cloudrun/container/hello"}]}
+    service = run_v2.Service(template=image)
+    _client(emulator).create_service(parent=parent, service=service, service_id="production-api").result()
+    store = StateStore(tmp_path / ".sdxlctl")
+    victim = "123-compute@developer.gserviceaccount.com"
+    other = f"{parent}/services/production-api"
+    store.record(config.name, Resource(kind="server-account", name=victim, target="cloudrun"))
+    store.record(
+        config.name, Resource(kind="server-service", name=other, target="cloudrun", details={"min_instances": "x"})
+    )
+    found = inventory(config, store, images=False)
+    assert victim not in found.accounts
+    assert found.services == []
+    plan_teardown(config, store, images=False)  # no traceback for the state's odd min_instances
