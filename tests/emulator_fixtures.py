@@ -19,6 +19,10 @@ from tests.emulator.model_servers import ModelServers
 from tests.servers import Server, gcs_emulator, serve_app
 
 PROJECT, REGION = "demo-project", "europe-west4"
+# Cloud Run instances in tests: no idle timer (it would race a test's "one instance after predict" on a loaded
+# machine; tests scale to zero with Emulator.scale_to_zero, and one test covers the timer), and startup probes
+# every 1 s instead of 10 s (the model's 60 tries stay a minute: time for a real process on a busy machine).
+RUN_IDLE_S, RUN_PROBE_SCALE = 24 * 3600.0, 0.1
 _KEYS = tempfile.TemporaryDirectory(prefix="sdxl-emulator-keys-")  # removed when the test process ends
 
 
@@ -121,7 +125,7 @@ def gcs() -> Iterator[str]:
 @pytest.fixture
 def emulator(gcs: str, plain_server: Server) -> Iterator[Emulator]:
     """A fresh emulator whose deployments forward to the shared tiny server (fast: no process per deploy)."""
-    world = World(polls_to_finish=2)
+    world = World(polls_to_finish=2, run_idle_s=RUN_IDLE_S, run_probe_scale=RUN_PROBE_SCALE)
     with serve_app(create_app(world, servers=ModelServers(forward_to=plain_server.url), gcs_url=gcs)) as server:
         yield Emulator(server.url, gcs, world)
 
@@ -129,7 +133,7 @@ def emulator(gcs: str, plain_server: Server) -> Iterator[Emulator]:
 @pytest.fixture
 def real_emulator(gcs: str, tmp_path: Path) -> Iterator[Emulator]:
     """An emulator that runs each deployed model's container command (`python -m sdxl_server`) itself."""
-    world = World(polls_to_finish=2)
+    world = World(polls_to_finish=2, run_idle_s=RUN_IDLE_S, run_probe_scale=RUN_PROBE_SCALE)
     servers = ModelServers(log_dir=tmp_path)
     try:
         with serve_app(create_app(world, servers=servers, gcs_url=gcs)) as server:

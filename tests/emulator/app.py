@@ -112,8 +112,9 @@ def create_app(
                 with world.lock:
                     world.detached |= set(world.operations) - started
                 return _faulty(request, fault, recorded)
-            recorded.status = 200
-            return result if isinstance(result, Response) else JSONResponse(result)
+            response = result if isinstance(result, Response) else JSONResponse(result)
+            recorded.status = response.status_code  # a handler's own Response may be an error (OAuth's 400)
+            return response
         except ApiError as exc:
             recorded.status = exc.code
             return JSONResponse(exc.body(), status_code=exc.code)

@@ -8,6 +8,7 @@ listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,14 +99,7 @@ class ModelServers:
                 }
             )
             log_path = self.log_dir / f"model-{deployed_model_id}.log"
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "sdxl_server"],
-                    env={**os.environ, **env},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            process = start_process([sys.executable, "-m", "sdxl_server"], {**os.environ, **env}, log_path)
             replica = Replica(f"http://127.0.0.1:{port}", health, predict, process, log_path)
         self.replicas[deployed_model_id] = replica
         return replica
@@ -114,19 +109,55 @@ class ModelServers:
 
     def stop(self, deployed_model_id: str) -> None:
         replica = self.replicas.pop(deployed_model_id, None)
-        if replica is None or replica.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(replica.process.pid, signal.SIGTERM)
-        try:
-            replica.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(replica.process.pid, signal.SIGKILL)
-            replica.process.wait()
+        if replica is not None and replica.process is not None:
+            stop_process(replica.process)
 
     def stop_all(self) -> None:
         for deployed_model_id in list(self.replicas):
             self.stop(deployed_model_id)
+
+
+# Every container process the emulator started and has not stopped yet. Each runs in a session of its own (so
+# that a signal reaches what it starts too), which also means nothing kills it when the test process ends: a
+# run that never reaches its emulator's shutdown (a hung test, Ctrl-C) stops them at exit instead.
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A container's command as a process group of its own, its output in `log_path`; stopped at exit at the latest."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with _running_lock:
+        _running.add(process)
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float = 15) -> None:
+    """SIGTERM to the process group the emulator started, SIGKILL after `grace_s`.
+
+    Only while the process is not yet reaped: its pid, which is its group's id, is ours until then (an exited
+    one stays a zombie); once poll() or wait() has reaped it the number may be another process's."""
+    with _running_lock:
+        _running.discard(process)
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@atexit.register
+def _stop_every_process() -> None:
+    with _running_lock:
+        left = list(_running)
+    for process in left:
+        stop_process(process, grace_s=5)
 
 
 def _free_port() -> int:

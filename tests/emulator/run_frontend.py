@@ -72,6 +72,7 @@ class Frontend:
     in_flight: int = 0
     starts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one start at a time
+    closed: threading.Event = field(default_factory=threading.Event)  # deleted or stopped: no instance starts again
 
 
 def refusal(
@@ -104,15 +105,15 @@ def refusal(
     return None if allowed else forbidden(path)
 
 
-async def forward(request: Request, frontend: Frontend, instance: Instance, timeout_s: float) -> Response:
+async def forward(
+    request: Request, content: bytes, frontend: Frontend, instance: Instance, timeout_s: float
+) -> Response:
+    """`request` passed on (its body, `content`, was read before the instance started); `frontend.in_flight` goes
+    down by one when the answer ends, fails, or its caller goes away."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP - {"host"}}
     client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10))
     upstream_request = client.build_request(
-        request.method,
-        instance.url + request.url.path,
-        params=request.url.query,
-        headers=headers,
-        content=await request.body(),
+        request.method, instance.url + request.url.path, params=request.url.query, headers=headers, content=content
     )
 
     finished: list[bool] = []

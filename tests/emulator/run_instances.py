@@ -33,9 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,12 +43,12 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
 from tests.emulator.core import World
-from tests.emulator.model_servers import ModelServers
+from tests.emulator.model_servers import ModelServers, start_process, stop_process
 from tests.emulator.run_frontend import Frontend, Instance, forward, page, refusal, unavailable
 
 
@@ -65,8 +63,7 @@ class RunInstances:
         self.frontends: dict[str, Frontend] = {}
         self.lives: dict[str, list[list[float | None]]] = {}  # service name -> [started, stopped] per instance
         self._guard = threading.RLock()
-        self._stop = threading.Event()
-        self._reaper: threading.Thread | None = None
+        self._reaper: tuple[threading.Thread, threading.Event] | None = None
 
     # ------------------------------------------------------------------ the emulator's side
 
@@ -78,7 +75,7 @@ class RunInstances:
         with self._guard:
             frontend = self.frontends.get(name) or self._listen(name)
             old = frontend.instance
-        revision = service.get("latestReadyRevision", "").rsplit("/", 1)[-1]
+        revision = _revision(service)
         if old is not None and old.revision != revision:
             self._retire(frontend)
         if _min_instances(service) > 0:
@@ -94,16 +91,19 @@ class RunInstances:
             threading.Thread(target=self._shut, args=(frontend,), daemon=True).start()
 
     def stop_all(self) -> None:
-        """Every instance and listener stops (the emulator's shutdown, or a reset)."""
-        self._stop.set()
+        """Every instance and listener stops (the emulator's shutdown, or a reset), and the reaper with them."""
         with self._guard:
             frontends = list(self.frontends.values())
             self.frontends.clear()
+            reaper, self._reaper = self._reaper, None
+        for frontend in frontends:
+            frontend.closed.set()  # starts in progress give up at their next probe
+        if reaper is not None:
+            reaper[1].set()
+            reaper[0].join(timeout=30)
         for frontend in frontends:
             self._shut(frontend)
         self.lives.clear()
-        self._stop.clear()
-        self._reaper = None
 
     def find(self, service_id: str) -> Frontend | None:
         """The front end of a service by its id (the name's last segment) or full name."""
@@ -122,9 +122,10 @@ class RunInstances:
         """An idle instance stops now, as after run_idle_s (not one serving a request, nor one min instances keep)."""
         with self.world.lock:
             service = self.world.table("services").get(frontend.name)
-        if frontend.in_flight == 0 and (service is None or _min_instances(service) == 0):
-            with frontend.lock:
-                self._retire(frontend)
+        if service is None or _min_instances(service) == 0:
+            with frontend.lock:  # a request counts itself in before it asks for the instance, under this lock
+                if frontend.in_flight == 0:
+                    self._retire(frontend)
 
     def billable_seconds(self, name: str, start: float, end: float) -> float:
         """Seconds instances of `name` were up within [start, end] (epoch seconds)."""
@@ -146,7 +147,9 @@ class RunInstances:
         app = Starlette(routes=[StarletteRoute("/{path:path}", self._handler(name), methods=_METHODS)])
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off")
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name=f"run-frontend-{name.rsplit('/', 1)[-1]}", daemon=True
+        )
         thread.start()
         deadline = time.monotonic() + 10
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
@@ -156,7 +159,9 @@ class RunInstances:
         return frontend
 
     def _shut(self, frontend: Frontend) -> None:
-        self._retire(frontend)
+        frontend.closed.set()
+        with frontend.lock:  # a start in progress sees `closed` at its next probe and stops what it started
+            self._retire(frontend)
         frontend.server.should_exit = True
         frontend.thread.join(timeout=10)
 
@@ -177,13 +182,19 @@ class RunInstances:
             cap = (template.get("maxInstanceRequestConcurrency") or 80) * _max_instances(service)
             if frontend.in_flight >= cap:
                 return Response("Rate exceeded.", status_code=429, media_type="text/plain")
+            try:
+                # Read before a cold start: a caller that gives up meanwhile (sdxlctl's first health poll waits
+                # 3 s) would leave nothing to read after it, and Starlette's ClientDisconnect went to stderr.
+                body = await request.body()
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody reads it
             frontend.in_flight += 1
             try:
                 instance = await asyncio.to_thread(self._instance, frontend, service)
                 if instance is None:
                     frontend.in_flight -= 1
                     return unavailable()
-                return await forward(request, frontend, instance, _seconds(template.get("timeout", "300s")))
+                return await forward(request, body, frontend, instance, _seconds(template.get("timeout", "300s")))
             except BaseException:
                 frontend.in_flight -= 1
                 raise
@@ -191,12 +202,21 @@ class RunInstances:
         return handle
 
     def _instance(self, frontend: Frontend, service: dict[str, Any]) -> Instance | None:
-        """The running instance, or a new one once its startup probe passes; None when it fails to start."""
+        """The running instance, or a new one once its startup probe passes; None when it fails to start.
+
+        Two first requests at once start one (the second waits on the lock). A start that a new revision
+        overtook serves the request that started it; the next one retires it and starts the new revision's.
+        A service deleted (or an emulator stopped) during a start keeps nothing of it."""
         with frontend.lock:
-            if frontend.instance is not None and frontend.name in self.frontends:
-                return frontend.instance
+            if frontend.closed.is_set():
+                return None
+            running = frontend.instance
+            if running is not None and running.revision == _revision(service):
+                return running
+            if running is not None:
+                self._retire(frontend)
             instance = self._start(frontend, service)
-            if not self._probe(instance, service):
+            if not self._probe(instance, service, frontend) or frontend.closed.is_set():
                 self._kill(instance)
                 return None
             instance.last_used = time.monotonic()
@@ -212,7 +232,7 @@ class RunInstances:
 
         container = (service.get("template", {}).get("containers") or [{}])[0]
         image = container.get("image", "")
-        revision = service.get("latestReadyRevision", "").rsplit("/", 1)[-1]
+        revision = _revision(service)
         service_id = frontend.name.rsplit("/", 1)[-1]
         life: list[float | None] = [time.time(), None]
         self.lives.setdefault(frontend.name, []).append(life)
@@ -242,30 +262,29 @@ class RunInstances:
             }
         )
         log_path = self.log_dir / f"run-{service_id}-{frontend.starts}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "sdxl_ui" if ui else "sdxl_server"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_process([sys.executable, "-m", "sdxl_ui" if ui else "sdxl_server"], env, log_path)
         return Instance(f"http://127.0.0.1:{port}", revision, process, log_path, life)
 
-    def _probe(self, instance: Instance, service: dict[str, Any]) -> bool:
-        """The container's startup probe; without one, Cloud Run's default: TCP on the port for up to 240 s."""
+    def _probe(self, instance: Instance, service: dict[str, Any], frontend: Frontend) -> bool:
+        """The container's startup probe, its periods x world.run_probe_scale. Without one, Cloud Run's default:
+        TCP on the port, which waits up to 240 s for it (not scaled: an instance without a probe, the UI's, would
+        get 2.4 s to start at a scale of 0.01; a container that exits is seen at once all the same)."""
         container = (service.get("template", {}).get("containers") or [{}])[0]
-        probe = container.get("startupProbe") or {"tcpSocket": {}, "periodSeconds": 1, "failureThreshold": 240}
+        probe = container.get("startupProbe")
         scale = self.world.run_probe_scale
+        if not probe:
+            probe, scale = {"tcpSocket": {}, "periodSeconds": 0.1, "failureThreshold": 2400}, 1.0
         period = float(probe.get("periodSeconds") or 10) * scale
         timeout = float(probe.get("timeoutSeconds") or 1)
-        time.sleep(float(probe.get("initialDelaySeconds") or 0) * scale)
+        if frontend.closed.wait(float(probe.get("initialDelaySeconds") or 0) * scale):
+            return False
         for _ in range(int(probe.get("failureThreshold") or 3)):
-            if self._stop.is_set() or (instance.process is not None and instance.process.poll() is not None):
+            if frontend.closed.is_set() or (instance.process is not None and instance.process.poll() is not None):
                 return False
             if _passes(instance.url, probe, timeout):
                 return True
-            time.sleep(period)
+            if frontend.closed.wait(period):
+                return False
         return False
 
     def _retire(self, frontend: Frontend) -> None:
@@ -274,27 +293,22 @@ class RunInstances:
             self._kill(instance)
 
     def _kill(self, instance: Instance) -> None:
-        instance.life[1] = time.time()
-        process = instance.process
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if instance.life[1] is None:
+            instance.life[1] = time.time()
+        if instance.process is not None:
+            stop_process(instance.process)
 
     def _start_reaper(self) -> None:
         with self._guard:
-            if self._reaper is None or not self._reaper.is_alive():
-                self._reaper = threading.Thread(target=self._reap, daemon=True)
-                self._reaper.start()
+            if self._reaper is None or not self._reaper[0].is_alive():
+                stop = threading.Event()
+                thread = threading.Thread(target=self._reap, args=(stop,), name="run-reaper", daemon=True)
+                self._reaper = (thread, stop)
+                thread.start()
 
-    def _reap(self) -> None:
+    def _reap(self, stop: threading.Event) -> None:
         """Idle instances of services at minInstanceCount 0 stop after `world.run_idle_s`."""
-        while not self._stop.wait(0.1):
+        while not stop.wait(0.1):
             idle_s = self.world.run_idle_s
             with self._guard:
                 frontends = list(self.frontends.values())
@@ -328,6 +342,10 @@ def _passes(url: str, probe: dict[str, Any], timeout: float) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=timeout):
         return True
     return False
+
+
+def _revision(service: dict[str, Any]) -> str:
+    return str(service.get("latestReadyRevision", "")).rsplit("/", 1)[-1]
 
 
 def _min_instances(service: dict[str, Any]) -> int:
