@@ -242,3 +242,39 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # an exited orphan waiting for init is not running
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_standalone_emulator_gives_the_deployers_key_file_for_id_tokens(tmp_path: Path) -> None:
+    """`python -m tests.emulator` for target cloudrun: sdxlctl predict needs an ID token from a key file whose token_uri
+    is the emulator; the emulator writes the deployer's and says what to export."""
+    from google.auth.transport.requests import Request
+    from google.oauth2 import service_account
+
+    port = free_port()
+    command = [sys.executable, "-m", "tests.emulator", "--port", str(port), "--gcs-port", str(free_port())]
+    key = tmp_path / "deployer.json"
+    process = subprocess.Popen(
+        [*command, "--key-file", str(key)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(4)]
+        assert f"  export GOOGLE_APPLICATION_CREDENTIALS={key}\n" in lines, lines
+        assert f"  export SDXLCTL_GCP_API_ENDPOINT=http://127.0.0.1:{port}\n" in lines
+        until(lambda: _answers(f"http://127.0.0.1:{port}/oauth2/v1/certs"))
+        credentials = service_account.IDTokenCredentials.from_service_account_file(
+            str(key), target_audience="http://127.0.0.1:1"
+        )
+        credentials.refresh(Request())
+        assert credentials.token.count(".") == 2
+        assert credentials.service_account_email == "deployer@demo-project.iam.gserviceaccount.com"
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
