@@ -278,3 +278,14 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_ui_waits_for_a_cloud_run_answer_as_long_as_cloud_run_may_take() -> None:
+    """The first request after scale to zero waits through the instance's start (minutes for SDXL on an L4), and
+    Cloud Run answers 504 itself past the service's timeout (up to 3600 s): the UI gave up at 120 s, saying
+    "the model may be overloaded", while the request ran on (and was billed)."""
+    from sdxl_ui.backend import from_environment
+
+    private = from_environment("https://sdxl-server-abc-ew.a.run.app", auth="id-token")
+    assert private.timeout_s > 3600  # type: ignore[attr-defined]
+    assert from_environment("http://127.0.0.1:8080").timeout_s == 120  # type: ignore[attr-defined]

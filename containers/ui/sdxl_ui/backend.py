@@ -13,6 +13,9 @@ from sdxl_ui.idtoken import IdTokens, NoIdToken
 
 VERTEX_ENDPOINT = re.compile(r"^projects/[^/]+/locations/(?P<location>[^/]+)/endpoints/[^/]+$")
 CONNECT_TIMEOUT_S = 10.0
+# A private Cloud Run service holds a request through an instance's start (minutes for SDXL after scale to zero)
+# and answers 504 itself past its timeout, at most an hour: the UI waits for that answer instead of its own guess.
+CLOUD_RUN_TIMEOUT_S = 3600.0 + 30.0
 
 
 class BackendError(Exception):
@@ -217,8 +220,10 @@ def from_environment(
         raise ValueError(f"SDXL_AUTH={auth!r} is invalid: expected id-token (a private Cloud Run service) or nothing")
     if endpoint.startswith(("http://", "https://")):
         # The audience is the service's URL itself: Cloud Run refuses a token whose audience has a path
-        tokens = IdTokens(endpoint.rstrip("/")) if auth else None
-        return HttpBackend(endpoint, predict_route, health_route=health_route, tokens=tokens)
+        if auth:
+            tokens = IdTokens(endpoint.rstrip("/"))
+            return HttpBackend(endpoint, predict_route, CLOUD_RUN_TIMEOUT_S, health_route, tokens=tokens)
+        return HttpBackend(endpoint, predict_route, health_route=health_route)
     if auth:
         raise ValueError(f"SDXL_AUTH={auth} needs SDXL_ENDPOINT to be the URL of a Cloud Run service, not {endpoint!r}")
     if VERTEX_ENDPOINT.match(endpoint):
