@@ -80,7 +80,9 @@ def ui_deploy(
     changes.append(
         Change("update" if granted else "keep", "service account", email, f"{INVOKER_ROLE} on {model_id} only")
     )
-    env = ui_env(config, model.uri or str(server.url))
+    if not model.uri:  # never the state's url: the UI sends its ID token there
+        raise DeployError(f"the model's Cloud Run service {model_id} has no URL yet", hint="run `sdxlctl deploy`")
+    env = ui_env(config, model.uri)
     existing = run.get(n.service_id)
     if existing is not None and same_service(existing, built.result, env, n.labels, email, public=public):
         service, action = existing, "unchanged"
@@ -142,5 +144,6 @@ def same_service(
 
 
 def _service_id(server: Resource | None, n: Names) -> str:
-    """The model's service id: the recorded one (what `deploy` created), else the name it will have."""
-    return server.name.rpartition("/")[2] if server is not None and server.name else n.server_service_id
+    """The model's service id: the name `deploy` gives it, whatever the state file says (a state naming
+    another service of the project must not get the UI's account invoker on it, nor the UI's requests)."""
+    return n.server_service_id

@@ -230,3 +230,33 @@ def test_teardown_takes_only_this_deployments_accounts_and_services(tmp_path: Pa
     assert victim not in found.accounts
     assert found.services == []
     plan_teardown(config, store, images=False)  # no traceback for the state's odd min_instances
+
+
+def test_ui_deploy_grants_and_calls_only_the_model_service_cloud_run_names(
+    cli: Any, emulator: Any, tmp_path: Path
+) -> None:
+    """A state whose server-service names another service of the project: ui-deploy still gives its account
+    roles/run.invoker on <name>-server only, and points SDXL_ENDPOINT at that service's own URL."""
+    from google.cloud import run_v2
+
+    from sdxlctl.state import StateStore
+    from tests.cloudrun_target.test_deploy import _client, _env
+
+    env = _env(emulator)
+    for step in ("build", "deploy"):
+        assert cli(step, env=env).code == 0
+    client = _client(emulator)
+    parent = "projects/demo-project/locations/europe-west4"
+    image = {"containers": [{"image": "us-docker.pkg.dev/cloudrun/container/hello"}]}
+    client.create_service(parent=parent, service=run_v2.Service(template=image), service_id="production-api").result()
+    store = StateStore(tmp_path / ".sdxlctl")
+    recorded = store.read().get("sdxl", "server-service")
+    assert recorded is not None
+    store.record("sdxl", recorded.model_copy(update={"name": f"{parent}/services/production-api"}))
+    done = cli("ui-deploy", env=env)
+    assert done.code == 0, done.err
+    other = client.get_iam_policy(request={"resource": f"{parent}/services/production-api"})
+    assert not [m for b in other.bindings for m in b.members if "sdxl-ui" in m]
+    model = client.get_service(name=f"{parent}/services/sdxl-server")
+    ui = client.get_service(name=f"{parent}/services/sdxl-ui")
+    assert {e.name: e.value for e in ui.template.containers[0].env}["SDXL_ENDPOINT"] == model.uri
