@@ -23,8 +23,8 @@ def check(
 ) -> None:
     """Is everything the target needs in place? One line per check, with the fix; exit 1 if any fails.
 
-    Target vertex: credentials, APIs, GPU quota in the region, bucket and registry; target local: the
-    server's and the UI's packages, free ports.
+    Targets vertex and cloudrun: credentials, APIs, GPU quota in the region (cloudrun: Cloud Run's L4 quota),
+    bucket and registry; target local: the server's and the UI's packages, free ports.
     """
     from sdxlctl import core
     from sdxlctl.config import load_config

@@ -145,7 +145,7 @@ def build(
 
 @app.command()
 def upload(dry_run: DryRun = False, as_json: Json = False) -> None:
-    """Upload the image as a Vertex AI Model (a new version when it changed)."""
+    """Upload the image as a Vertex AI Model (a new version when it changed); nothing to do on cloudrun."""
     from sdxlctl import core
     from sdxlctl.cli import render
 
@@ -163,7 +163,7 @@ def deploy(
     dry_run: DryRun = False,
     as_json: Json = False,
 ) -> None:
-    """Start the model server (target local) or deploy it to an endpoint on a GPU (target vertex)."""
+    """Start the model server (target local), deploy it on a GPU: an endpoint (vertex), an L4 service (cloudrun)."""
     from sdxlctl import core
     from sdxlctl.cli import render
 
@@ -175,7 +175,7 @@ def deploy(
         result = core.deploy(config, store, dry_run=dry_run, progress=update)
     estimate = core.deploy_cost(config) if as_json and dry_run else None  # the plan's cost, in the JSON
     cost = estimate.as_dict() if estimate else None
-    render.outcome(result, "endpoint", as_json=as_json, command="deploy", dry_run=dry_run, cost=cost)
+    render.outcome(result, render.deployed_label(config), as_json=as_json, command="deploy", dry_run=dry_run, cost=cost)
 
 
 @app.command()
@@ -300,7 +300,7 @@ def ui_deploy(
     dry_run: DryRun = False,
     as_json: Json = False,
 ) -> None:
-    """Start the Gradio UI (target local) or deploy it to Cloud Run (target vertex)."""
+    """Start the Gradio UI (target local) or deploy it to Cloud Run (targets vertex and cloudrun)."""
     from sdxlctl import core
     from sdxlctl.cli import render
 

@@ -60,7 +60,7 @@ def logs(
     ] = False,
     since: Annotated[str | None, typer.Option(callback=_check_since, metavar="WHEN", help=SINCE_HELP)] = None,
 ) -> None:
-    """The model server's log: target local its log file, target vertex the endpoint's Cloud Logging entries."""
+    """The model server's log: target local its log file, vertex/cloudrun the endpoint's/service's Cloud Logging."""
     from sdxlctl import core
     from sdxlctl.cli import render
     from sdxlctl.config import load_config

@@ -80,6 +80,11 @@ def outcome(
         notice(result)
 
 
+def deployed_label(config: Config) -> str:
+    """What `deploy` leaves behind, in the target's own word (Cloud Run has services, not endpoints)."""
+    return "service" if config.target == "cloudrun" else "endpoint"
+
+
 def notice(result: Notice) -> None:
     err.print(escape(result.message))
 
