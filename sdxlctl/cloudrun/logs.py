@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,7 +40,10 @@ def _selector(config: Config, store: StateStore, *, ui: bool) -> str:
     )
     recorded = store.read().get(config.name, kind)
     if recorded is not None and recorded.name:
+        # a Cloud Run service id is [a-z0-9-]: anything else in a state file would rewrite the filter
         service_ids = [recorded.name.rsplit("/", 1)[-1]]
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", service_ids[0]):  # it would rewrite the filter
+            service_ids = [names(config).service_id if ui else names(config).server_service_id]
     else:
         service_ids = _labelled(config, ui=ui)
     if not service_ids:

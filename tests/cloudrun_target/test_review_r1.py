@@ -260,3 +260,15 @@ def test_ui_deploy_grants_and_calls_only_the_model_service_cloud_run_names(
     model = client.get_service(name=f"{parent}/services/sdxl-server")
     ui = client.get_service(name=f"{parent}/services/sdxl-ui")
     assert {e.name: e.value for e in ui.template.containers[0].env}["SDXL_ENDPOINT"] == model.uri
+
+
+def test_a_tampered_state_name_cannot_widen_the_log_filter(tmp_path: Path) -> None:
+    """A service name that closes the quote and adds `OR ...`: the filter names only a Cloud Run service id."""
+    from sdxlctl.cloudrun.logs import _selector
+    from sdxlctl.state import Resource
+
+    config, store = deployment(tmp_path, "")
+    name = 'projects/demo-project/locations/europe-west4/services/x") OR (logName:"anything'
+    store.record(config.name, Resource(kind="server-service", name=name, target="cloudrun"))
+    selector = _selector(config, store, ui=False)
+    assert "logName" not in selector and selector.endswith('(resource.labels.service_name="sdxl-server")')
