@@ -33,7 +33,9 @@ CLOUD = ("vertex", "cloudrun")  # the targets that need a project, a region and 
 @app.command()
 def init(
     project: Annotated[str | None, typer.Option(help="Google Cloud project id, [gcp] project")] = None,
-    region: Annotated[str | None, typer.Option(help="region of the endpoint, [gcp] region")] = None,
+    region: Annotated[
+        str | None, typer.Option(help="region of the endpoint or the Cloud Run service, [gcp] region")
+    ] = None,
     gpu: Annotated[Gpu | None, typer.Option(help="the GPU of each replica, [deploy] gpu (cloudrun: l4 only)")] = None,
     target_name: Annotated[
         TargetName | None,

@@ -54,3 +54,8 @@ def test_readme_points_only_at_files_in_the_repository() -> None:
 def test_readme_layout_names_the_cloudrun_target_and_its_tests() -> None:
     layout = README.split("Layout:", 1)[1]
     assert "`cloudrun/`" in layout and "`cloudrun_target/`" in layout, layout
+
+
+def test_init_asks_for_the_region_of_either_cloud_target(cli: Cli) -> None:
+    shown = " ".join(cli("init", "--help").out.split())
+    assert "region of the endpoint or the Cloud Run service" in shown, shown
