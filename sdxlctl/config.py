@@ -138,19 +138,19 @@ def _load(
         config = Config.model_validate({**data, "path": path.resolve() if path else None})
     except ValidationError as exc:
         raise _config_error(exc, source, from_env) from None
-    if config.deploy.min_replicas == 0 and config.deploy.endpoint != "dedicated":
+    if config.target == "cloudrun":  # sized by [cloudrun]; [deploy]'s replicas are Vertex AI's, unread there
+        _check_cloudrun(config, source)
+    elif config.deploy.min_replicas == 0 and config.deploy.endpoint != "dedicated":
         raise ConfigError(
             f'{source}: deploy.min_replicas = 0 (scale to zero) needs deploy.endpoint = "dedicated"',
             hint="Vertex AI scales to zero only dedicated endpoints (Preview); or set min_replicas = 1",
         )
-    if config.deploy.min_replicas > config.deploy.max_replicas:
+    elif config.deploy.min_replicas > config.deploy.max_replicas:
         raise ConfigError(
             f"{source}: deploy.min_replicas ({config.deploy.min_replicas}) is above deploy.max_replicas "
             f"({config.deploy.max_replicas})",
             hint="raise max_replicas or lower min_replicas",
         )
-    if config.target == "cloudrun":
-        _check_cloudrun(config, source)
     # The one check besides dispatch that reads the target: a file on this machine reaches only a local server.
     model = check_model(config.model, source, from_env, local=config.target == "local", home=config.path)
     return config.model_copy(update={"model": model}), from_file, from_env
