@@ -12,7 +12,7 @@ from sdxlctl.config import Config
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, StepResult, plural, quiet
 from sdxlctl.vertex.access import kept_role, revoke_grants
-from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, own_cache
+from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, names, own_cache
 
 
 def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
@@ -222,7 +222,11 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
     found.accounts = [account.name for account in accounts if account is not None]
     found.accounts += [service.template.service_account for service in found.services]
     found.accounts += [d.service_account for endpoint in found.endpoints for d in endpoint.deployed_models]
-    found.accounts = [account for account in dict.fromkeys(found.accounts) if account]
+    # Only the accounts sdxlctl names for this deployment: a tampered state, or a labelled endpoint or service
+    # running as another account (the default compute one), must not make teardown delete that account.
+    n = names(config)
+    own = {n.email(n.account_id), n.email(n.server_account_id)}
+    found.accounts = [account for account in dict.fromkeys(found.accounts) if account in own]
     found.cache = own_cache(config)
     if images:  # images carry no labels: their names derive from the deployment's
         found.images = [f"{config.name}-server", f"{config.name}-ui"]
