@@ -12,7 +12,7 @@ from sdxlctl.gcp.errors import CloudError
 from sdxlctl.gpus import CLOUD_RUN_GPU
 from sdxlctl.state import StateStore
 from sdxlctl.steps import Check
-from sdxlctl.vertex.checks import _bucket, _registry  # the same build, bucket and registry as target vertex
+from sdxlctl.vertex.checks import _apis, _bucket, _registry  # the same APIs check, build, bucket and registry
 from sdxlctl.vertex.names import cloud, names
 
 if TYPE_CHECKING:
@@ -52,33 +52,12 @@ def check(config: Config, store: StateStore) -> list[Check]:
         return [*found, Check("credentials", "fail", exc.message, "gcloud auth application-default login")]
     return [
         *found,
-        *_apis(where),
+        *_apis(where, REQUIRED, OPTIONAL),
         _region(where),
         _quota(config, where),
         _bucket(where, deployment.bucket),
         _registry(config, where),
     ]
-
-
-def _apis(where: Cloud) -> list[Check]:
-    from sdxlctl.gcp import project
-
-    wanted = [*REQUIRED, *OPTIONAL]
-    try:
-        enabled = project.enabled_services(where, wanted)
-    except CloudError as exc:
-        fix = f"gcloud services enable serviceusage.googleapis.com --project {where.project}"
-        return [Check("APIs", "fail", exc.message, fix)]
-    rows = []
-    for service in wanted:
-        fix = f"gcloud services enable {service} --project {where.project}"
-        if enabled[service]:
-            rows.append(Check(f"api {service}", "ok", "enabled"))
-        elif service in OPTIONAL:
-            rows.append(Check(f"api {service}", "warn", f"not enabled: needed only for {OPTIONAL[service]}", fix))
-        else:
-            rows.append(Check(f"api {service}", "fail", "not enabled", fix))
-    return rows
 
 
 def _region(where: Cloud) -> Check:

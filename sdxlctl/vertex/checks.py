@@ -46,10 +46,12 @@ def check(config: Config, store: StateStore) -> list[Check]:
     return [*found, *_apis(where), _quota(config, where), _bucket(where, deployment.bucket), _registry(config, where)]
 
 
-def _apis(where: Cloud) -> list[Check]:
+def _apis(where: Cloud, required: tuple[str, ...] = REQUIRED, optional: dict[str, str] | None = None) -> list[Check]:
+    """One line per API the steps call: a required one not enabled fails, an optional one warns (saying why)."""
     from sdxlctl.gcp import project
 
-    wanted = [*REQUIRED, *OPTIONAL]
+    optional = OPTIONAL if optional is None else optional
+    wanted = [*required, *optional]
     try:
         enabled = project.enabled_services(where, wanted)
     except CloudError as exc:
@@ -60,8 +62,8 @@ def _apis(where: Cloud) -> list[Check]:
         fix = f"gcloud services enable {service} --project {where.project}"
         if enabled[service]:
             rows.append(Check(f"api {service}", "ok", "enabled"))
-        elif service in OPTIONAL:
-            rows.append(Check(f"api {service}", "warn", f"not enabled: needed only for {OPTIONAL[service]}", fix))
+        elif service in optional:
+            rows.append(Check(f"api {service}", "warn", f"not enabled: needed only for {optional[service]}", fix))
         else:
             rows.append(Check(f"api {service}", "fail", "not enabled", fix))
     return rows
