@@ -33,8 +33,7 @@ INVOKER = "roles/run.invoker"
 
 
 def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
-    """What Google says of each recorded resource now (one GET each, at once): the model's service with its
-    instances ("ready, 0 instances (scaled to zero)"), the UI's, the accounts; "gone" for what is not there."""
+    """What Google says of each recorded resource now (one GET each, at once); "gone" for what is not there."""
     from concurrent.futures import ThreadPoolExecutor
 
     from sdxlctl.gcp.errors import CloudError
@@ -65,8 +64,7 @@ def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str
 
 
 def service_state(c: Cloud, service: Any, kind: str) -> str:
-    """Deploying until the service serves; the model's: "ready, N instances" (Cloud Monitoring's newest
-    sample; "instances unknown" where it cannot be read)."""
+    """Deploying until it serves; the model's: "ready, N instances" (Cloud Monitoring's newest sample)."""
     condition = service.terminal_condition
     if not service.uri or service.reconciling:
         return "deploying"
@@ -261,15 +259,17 @@ def teardown_plan(
 
 def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepResult:
     """The plan from the state file alone: it calls nothing."""
-    kinds = dict(KINDS) | ({"server-image": "image", "ui-image": "image"} if images else {})
     recorded = store.read().of(config.name)
     changes = [
-        Change("delete", kinds[kind], r.name or "(being created)", _saving(config, r))
-        for kind in kinds
+        Change("delete", KINDS[kind], r.name or "(being created)", _saving(config, r))
+        for kind in KINDS
         if (r := recorded.get(kind)) is not None
     ]
     if own_cache(config):
         changes.append(Change("delete", "compile cache", own_cache(config), "every object under it"))
+    where = f"projects/{config.gcp.project}/locations/{config.gcp.region}/repositories/{config.gcp.artifact_repository}"
+    # both packages, recorded or not, as the real run deletes them
+    changes += [Change("delete", "image", f"{where}/packages/{p}", "every tag") for p in _packages(config, images)]
     changes.append(
         Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
     )
@@ -277,7 +277,7 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
 
 
 def _saving(config: Config, resource: Resource) -> str:
-    """What the model's service bills while it stands: its minimum instances, by the hour."""
+    # what the model's service bills while it stands: its minimum instances, by the hour
     if resource.kind != "server-service":
         return ""
     standing = int(_number(resource.details.get("min_instances"), float(config.cloudrun.min_instances)))
@@ -312,14 +312,16 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
     found.accounts += [service.template.service_account for service in found.services]
     found.accounts = [account for account in dict.fromkeys(found.accounts) if account in own]
     found.cache = own_cache(config)
-    if images:  # images carry no labels: their names derive from the deployment's
-        found.images = [f"{config.name}-server", f"{config.name}-ui"]
+    found.images = _packages(config, images)
     return found
 
 
+def _packages(config: Config, images: bool) -> list[str]:  # images carry no labels: named by the deployment
+    return [f"{config.name}-server", f"{config.name}-ui"] if images else []
+
+
 def teardown(config: Config, store: StateStore, removal: Removal, *, progress: Progress = quiet) -> StepResult:
-    """Delete what the plan found (the UI first), keep going past failures; already gone counts as done.
-    What is gone is forgotten; a rerun finds the rest by label and state."""
+    """Delete what the plan found (the UI first), past failures; what is gone is forgotten, a rerun does the rest."""
     from sdxlctl.gcp.errors import CloudError
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.run import CloudRun
