@@ -71,6 +71,10 @@ def _number(point: dict[str, Any]) -> float | None:
 
 def _series(cloud: Cloud, metric: str, service_id: str, start: datetime, end: datetime) -> list[dict[str, Any]] | None:
     """Every time series of `metric` for the service in [start, end], or None when it cannot be read."""
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", service_id):  # a quote would rewrite the filter: no such service
+        return None
     try:
         return list(_pages(cloud, metric, service_id, start, end))
     except _Unreadable:

@@ -3,12 +3,16 @@ and text name a service, the UI's service waits as long as the model may, Monito
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from sdxlctl.state import Resource, StateStore
-from tests.cloudrun_target.made import deploy, env
+from tests.cloudrun_target.made import Metrics, deploy, env, monitoring_app
 from tests.conftest import Cli
 from tests.emulator_fixtures import PROJECT, REGION, Emulator
+from tests.servers import serve_app
 
 
 def test_teardown_images_dry_run_lists_both_packages_the_run_deletes(
@@ -28,3 +32,21 @@ def test_teardown_images_dry_run_lists_both_packages_the_run_deletes(
         assert f"/packages/{package}" in text, (package, text)
     plain = cli("teardown", "--dry-run", env=env(emulator))
     assert "/packages/" not in plain.out + plain.err  # images only with --images
+
+
+@pytest.mark.parametrize(
+    "service_id", ['sdxl-server" OR resource.labels.service_name="other', "sdxl-server)", "Sdxl", "", "a" * 64]
+)
+def test_monitoring_reads_nothing_for_what_is_not_a_cloud_run_service_id(service_id: str) -> None:
+    """An id with a quote or a parenthesis would rewrite the filter to read another service's metrics."""
+    from sdxlctl.gcp.monitoring import billable_seconds, instance_count
+    from sdxlctl.gcp.session import Cloud
+
+    metrics = Metrics(instances={"sdxl-server": 1}, billed={"sdxl-server": 60.0})
+    with serve_app(monitoring_app(metrics)) as server:
+        c = Cloud(PROJECT, REGION, server.url, 0.1)
+        now = datetime.now(UTC)
+        assert instance_count(c, service_id, now=now) is None
+        assert billable_seconds(c, service_id, now - timedelta(hours=1), now) is None
+        assert instance_count(c, "sdxl-server", now=now) == 1  # a real id is still read
+    assert len(metrics.asked) == 1, metrics.asked
