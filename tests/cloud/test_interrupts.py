@@ -21,10 +21,18 @@ def sent(emulator: Emulator, method: str, pattern: str) -> int:
     return sum(1 for r in emulator.requests() if r["method"] == method and re.search(pattern, r["path"]))
 
 
-def interrupt_while_polling(emulator: Emulator, cwd: Path, step: list[str], started: str) -> str:
-    """Run `sdxlctl STEP`, send SIGINT once the request `started` (POST) was answered and its operation
-    polled, and return stderr; the command must end as interrupted (130) within 30 s."""
-    env = {**os.environ, **emulator.env(), "HF_HUB_OFFLINE": "1"}
+def interrupt_while_polling(
+    emulator: Emulator,
+    cwd: Path,
+    step: list[str],
+    started: str,
+    *,
+    method: str = "POST",
+    env: dict[str, str] | None = None,
+) -> str:
+    """Run `sdxlctl STEP` (with `env`, default the emulator's), send SIGINT once the request `started` (`method`)
+    was answered and its operation polled, and return stderr; the command must end as interrupted (130) within 30 s."""
+    env = {**os.environ, **(env or emulator.env()), "HF_HUB_OFFLINE": "1"}
     running = subprocess.Popen(
         [sys.executable, "-m", "sdxlctl", *step], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
     )
@@ -32,7 +40,7 @@ def interrupt_while_polling(emulator: Emulator, cwd: Path, step: list[str], star
         deadline = time.monotonic() + 60
         while True:
             requests = emulator.requests()
-            posted = [i for i, r in enumerate(requests) if r["method"] == "POST" and re.search(started, r["path"])]
+            posted = [i for i, r in enumerate(requests) if r["method"] == method and re.search(started, r["path"])]
             if posted and any("/operations/" in r["path"] for r in requests[posted[0] + 1 :]):
                 break
             assert running.poll() is None, running.communicate()[1]

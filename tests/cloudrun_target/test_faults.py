@@ -4,17 +4,13 @@ happened but lost its answer, an operation that fails, Ctrl-C while deploy waits
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sdxlctl.state import StateStore
+from tests.cloud.test_interrupts import interrupt_while_polling
 from tests.cloudrun_target.test_lifecycle import SMALL, env_of, services, up
 from tests.conftest import Cli
 from tests.emulator_fixtures import Emulator
@@ -76,31 +72,7 @@ def test_ctrl_c_while_deploy_waits_resumes_into_one_service(cli: Cli, emulator: 
     env = env_of(emulator)
     up(cli, env, "build")
     emulator.slow("google.cloud.run.v2.Service")
-    running = subprocess.Popen(
-        [sys.executable, "-m", "sdxlctl", "deploy"],
-        cwd=tmp_path,
-        env={**os.environ, **env, "HF_HUB_OFFLINE": "1"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            requests = emulator.requests()
-            posted = [i for i, r in enumerate(requests) if r["method"] == "POST" and re.search(CREATE, r["path"])]
-            if posted and any("/operations/" in r["path"] for r in requests[posted[0] + 1 :]):
-                break
-            assert running.poll() is None, running.communicate()[1]
-            assert time.monotonic() < deadline, "deploy never reached the service's operation"
-            time.sleep(0.05)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=30)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.wait()
-    assert running.returncode == 130, stderr
-    assert "Traceback" not in stderr, stderr
+    interrupt_while_polling(emulator, tmp_path, ["deploy"], CREATE, env=env)
     emulator.hurry()  # meanwhile the rollout it started ends in the cloud
     again = cli("deploy", env=env)
     assert again.code == 0, again.err

@@ -4,11 +4,6 @@ run calls nothing; past a failure or an interruption it goes on, says which fail
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +11,7 @@ import pytest
 
 from sdxlctl.state import StateStore
 from tests.cloud.test_faults import up
+from tests.cloud.test_interrupts import interrupt_while_polling
 from tests.cloudrun_target.made import BUCKET, deploy, email, env, invokers
 from tests.conftest import Cli
 from tests.emulator_fixtures import Emulator
@@ -151,23 +147,7 @@ def test_teardown_interrupted_while_deleting_a_service_is_finished_by_the_rerun(
 ) -> None:
     deploy(emulator, tmp_path / ".sdxlctl")
     emulator.slow("google.cloud.run.v2.Service")  # the delete's operation runs until interrupted
-    e = {**os.environ, **env(emulator), "HF_HUB_OFFLINE": "1"}
-    running = subprocess.Popen(
-        [sys.executable, "-m", "sdxlctl", "teardown", "--yes"], cwd=tmp_path, env=e, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not any("/operations/" in r["path"] for r in _after_delete(emulator)):
-            assert running.poll() is None, running.communicate()[1]
-            assert time.monotonic() < deadline, "teardown never polled a delete"
-            time.sleep(0.05)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=30)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.wait()
-    assert running.returncode == 130 and "Traceback" not in stderr, stderr
+    interrupt_while_polling(emulator, tmp_path, ["teardown", "--yes"], "/services/", method="DELETE", env=env(emulator))
     assert not _nothing_left(emulator)  # the interrupted teardown left work to do
     with emulator.world.lock:
         emulator.world.slow.clear()
