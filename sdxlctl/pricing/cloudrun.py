@@ -298,8 +298,8 @@ class CloudRunEstimate:
             "instance_hours": round(self.row.instance_hours_per_day * self.days, 2),
             "instance_usd_per_hour": round(self.machine_per_hour, 4),
             "idle_usd_per_day": round(self.idle_usd_per_day, 2),
-            "usd": self.low.as_dict(),
-            "usd_at_max_instances": self.high.as_dict(),
+            "usd": _usd(self.low),
+            "usd_at_max_instances": _usd(self.high),
             **{key: row[key] for key in ("seconds_per_image", "seconds_measured", "images_per_hour")},
             "images_per_day": None if self.row.images_per_day is None else round(self.row.images_per_day),
             "usd_per_1000_images": row["usd_per_1000_images"],
@@ -308,6 +308,12 @@ class CloudRunEstimate:
             "notes": self.notes,
             "prices": {"date": self.table_date, "origin": self.origin},
         }
+
+
+def _usd(breakdown: Breakdown) -> dict[str, float]:
+    """The parts in USD; the instances' total is the service's ("endpoint", Vertex AI's word, kept for scripts)."""
+    usd = breakdown.as_dict()
+    return {key: value for part, value in usd.items() for key in (["service", part] if part == "endpoint" else [part])}
 
 
 def cloud_run_estimate(

@@ -50,3 +50,22 @@ def test_monitoring_reads_nothing_for_what_is_not_a_cloud_run_service_id(service
         assert billable_seconds(c, service_id, now - timedelta(hours=1), now) is None
         assert instance_count(c, "sdxl-server", now=now) == 1  # a real id is still read
     assert len(metrics.asked) == 1, metrics.asked
+
+
+def test_cloud_run_estimate_names_the_service_in_json_and_text(cli: Cli) -> None:
+    """`usd.service` is the service's total (`endpoint`, Vertex AI's word, stays for scripts that read it)."""
+    import json
+
+    e = {"SDXLCTL_TARGET": "cloudrun", "SDXLCTL_GCP_PROJECT": PROJECT}
+    cost = cli("cost", "--json", env=e)
+    assert cost.code == 0, cost.err
+    plan = cli("deploy", "--dry-run", "--json", env=e)
+    assert plan.code == 0, plan.err
+    for estimate in (json.loads(cost.out), json.loads(plan.out)["cost"]):
+        for usd in (estimate["usd"], estimate["usd_at_max_instances"]):
+            assert usd["service"] == usd["endpoint"], usd
+            assert abs(usd["service"] - (usd["gpu"] + usd["vcpu"] + usd["ram"])) < 0.02, usd  # each part rounded
+    for args in (("cost",), ("cost", "--days", "7"), ("deploy", "--dry-run")):
+        shown = cli(*args, env=e)
+        assert shown.code == 0, shown.err
+        assert "endpoint" not in (shown.out + shown.err).lower(), (args, shown.out, shown.err)
