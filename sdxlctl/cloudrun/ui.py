@@ -22,6 +22,13 @@ INVOKER_ROLE = "roles/run.invoker"
 # What CloudRun.deploy gives every UI service: compared on a re-run, so that nothing changes when nothing differs
 UI_LIMITS = {"cpu": "1", "memory": "1Gi"}
 UI_MAX_INSTANCES = 4
+MAX_TIMEOUT_S = 3600  # Cloud Run's longest request
+
+
+def ui_timeout_s(config: Config) -> int:
+    """How long the UI's service lets a browser's request run: Cloud Run's default (300 s) would cut it while
+    the model's instance starts and then generates (the UI itself waits that long with SDXL_AUTH=id-token)."""
+    return min(MAX_TIMEOUT_S, config.cloudrun.timeout_s + config.cloudrun.startup_timeout_s)
 
 
 def plan_ui(config: Config, store: StateStore, *, public: bool) -> StepResult:
@@ -43,7 +50,8 @@ def plan_ui(config: Config, store: StateStore, *, public: bool) -> StepResult:
             "create",
             "Cloud Run service",
             n.service_id,
-            f"{access}; 1 vCPU, 1 GiB, 0..{UI_MAX_INSTANCES} instances; calls {model} with its own ID token",
+            f"{access}; 1 vCPU, 1 GiB, 0..{UI_MAX_INSTANCES} instances, {ui_timeout_s(config)} s per request; "
+            f"calls {model} with its own ID token",
         ),
     ]
     return StepResult(changes, dry_run=True)
@@ -84,7 +92,9 @@ def ui_deploy(
         raise DeployError(f"the model's Cloud Run service {model_id} has no URL yet", hint="run `sdxlctl deploy`")
     env = ui_env(config, model.uri)
     existing = run.get(n.service_id)
-    if existing is not None and same_service(existing, built.result, env, n.labels, email, public=public):
+    timeout = ui_timeout_s(config)
+    same = existing is not None and same_service(existing, built.result, env, n.labels, email, public=public)
+    if existing is not None and same and existing.template.timeout.total_seconds() == timeout:
         service, action = existing, "unchanged"
     else:
         progress("deploying the UI to Cloud Run")
@@ -97,6 +107,7 @@ def ui_deploy(
             public=public,
             progress=progress,
             timeout_s=OPERATION_TIMEOUT_S,
+            request_timeout_s=timeout,
         )
         action = "create" if existing is None else "update"
     store.record(

@@ -124,8 +124,10 @@ class CloudRun:
         public: bool,
         progress: Progress,
         timeout_s: float,
+        request_timeout_s: int | None = None,
     ) -> Any:
-        """The UI's service: created, or updated when it exists; waited for until it serves; returned."""
+        """The UI's service: created, or updated when it exists; waited for until it serves; returned.
+        `request_timeout_s`: how long one request may take (None: Cloud Run's default, 300 s)."""
         service = service_message(
             {
                 "labels": labels,
@@ -143,6 +145,7 @@ class CloudRun:
                         }
                     ],
                     "scaling": {"min_instance_count": 0, "max_instance_count": 4},
+                    **({"timeout": f"{request_timeout_s}s"} if request_timeout_s else {}),
                 },
             }
         )

@@ -69,3 +69,24 @@ def test_cloud_run_estimate_names_the_service_in_json_and_text(cli: Cli) -> None
         shown = cli(*args, env=e)
         assert shown.code == 0, shown.err
         assert "endpoint" not in (shown.out + shown.err).lower(), (args, shown.out, shown.err)
+
+
+def test_the_ui_service_waits_as_long_as_a_cold_start_and_a_request_may_take(cli: Cli, emulator: Emulator) -> None:
+    """Cloud Run's default (300 s) would cut the browser's request while the model's instance starts: the UI's
+    service waits timeout_s + startup_timeout_s (at most Cloud Run's 3600 s); the same config changes nothing."""
+    from tests.cloudrun_target.made import run_client
+
+    e = env(emulator)
+    for step in ("build", "deploy", "ui-deploy"):
+        done = cli(step, env=e)
+        assert done.code == 0, done.err
+    name = f"projects/{PROJECT}/locations/{REGION}/services/sdxl-ui"
+    assert run_client(emulator.url).get_service(name=name).template.timeout.total_seconds() == 600 + 600
+    before = len(emulator.requests())
+    again = cli("ui-deploy", env=e)
+    assert again.code == 0, again.err
+    assert [r for r in emulator.requests()[before:] if r["method"] != "GET"] == [] and "unchanged" in again.err
+    slow = {"SDXLCTL_CLOUDRUN_TIMEOUT_S": "3000", "SDXLCTL_CLOUDRUN_STARTUP_TIMEOUT_S": "900"}
+    longer = cli("ui-deploy", env={**e, **slow})
+    assert longer.code == 0, longer.err
+    assert run_client(emulator.url).get_service(name=name).template.timeout.total_seconds() == 3600
