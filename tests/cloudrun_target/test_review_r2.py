@@ -287,5 +287,5 @@ def test_the_ui_waits_for_a_cloud_run_answer_as_long_as_cloud_run_may_take() -> 
     from sdxl_ui.backend import from_environment
 
     private = from_environment("https://sdxl-server-abc-ew.a.run.app", auth="id-token")
-    assert private.timeout_s > 3600  # type: ignore[attr-defined]
-    assert from_environment("http://127.0.0.1:8080").timeout_s == 120  # type: ignore[attr-defined]
+    assert private.timeout_s > 3600
+    assert from_environment("http://127.0.0.1:8080").timeout_s == 120
