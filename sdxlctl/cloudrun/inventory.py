@@ -17,7 +17,7 @@ from sdxlctl.errors import SdxlctlError
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, Removal, StepResult, plural, quiet
 from sdxlctl.vertex.access import revoke_grants
-from sdxlctl.vertex.inventory import FOUND, UNRECORDED
+from sdxlctl.vertex.inventory import FOUND, UNRECORDED, delete_cache_and_images
 from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, names, own_cache
 
 if TYPE_CHECKING:
@@ -325,7 +325,6 @@ def teardown(config: Config, store: StateStore, removal: Removal, *, progress: P
     from sdxlctl.gcp.errors import CloudError
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.run import CloudRun
-    from sdxlctl.gcp.storage import Storage
 
     found: Inventory = removal.found
     started = time.monotonic()
@@ -373,24 +372,7 @@ def teardown(config: Config, store: StateStore, removal: Removal, *, progress: P
 
         kind = "server-account" if account_id == n.server_account_id else "ui-account"
         attempt("service account", email, delete_account, forget=kind)
-    if found.cache:
-
-        def delete_cache(uri: str = found.cache) -> str:
-            bucket, _, folder = uri.removeprefix("gs://").partition("/")
-            return f"{plural(Storage(c, bucket, {}).delete_folder(folder), 'object')} deleted"
-
-        attempt("compile cache", found.cache, delete_cache)
-    if found.images:
-        from sdxlctl.gcp.registry import Registry
-
-        registry = Registry(c, config.gcp.artifact_repository)
-        for package in found.images:
-
-            def delete_image(package: str = package) -> str:
-                return "deleted, all tags" if registry.delete_package(package, progress=progress) else "already gone"
-
-            image = package.removeprefix(f"{config.name}-") + "-image"  # as build records it
-            attempt("image", f"{registry.repository}/packages/{package}", delete_image, forget=image)
+    delete_cache_and_images(config, c, found.cache, found.images, attempt, progress)
     with store.transaction() as state:
         for kind, resource in list(state.of(config.name).items()):
             # Images are recorded by vertex's build, whatever the target: forgotten only once deleted

@@ -6,13 +6,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdxlctl.config import Config
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, StepResult, plural, quiet
 from sdxlctl.vertex.access import kept_role, revoke_grants
 from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, names, own_cache
+
+if TYPE_CHECKING:
+    from sdxlctl.gcp.session import Cloud
 
 
 def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str]:
@@ -238,7 +241,6 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     from sdxlctl.gcp.errors import CloudError
     from sdxlctl.gcp.iam import ServiceAccounts
     from sdxlctl.gcp.run import CloudRun
-    from sdxlctl.gcp.storage import Storage
     from sdxlctl.gcp.vertex import Vertex
 
     started = time.monotonic()
@@ -247,7 +249,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
     changes: list[Change] = []
     failed = 0
 
-    def attempt(kind: str, name: str, action: Callable[[], str]) -> bool:
+    def attempt(kind: str, name: str, action: Callable[[], str], forget: str = "") -> bool:  # forgets all at the end
         nonlocal failed
         progress(f"deleting {kind} {name}")
         try:
@@ -318,23 +320,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
 
         attempt("service account", email, delete_account)
     changes += kept_role(config, found.accounts)
-    if found.cache:
-
-        def delete_cache(uri: str = found.cache) -> str:
-            bucket, _, folder = uri.removeprefix("gs://").partition("/")
-            return f"{plural(Storage(c, bucket, {}).delete_folder(folder), 'object')} deleted"
-
-        attempt("compile cache", found.cache, delete_cache)
-    if found.images:
-        from sdxlctl.gcp.registry import Registry
-
-        registry = Registry(c, config.gcp.artifact_repository)
-        for package in found.images:
-
-            def delete_image(package: str = package) -> str:
-                return "deleted, all tags" if registry.delete_package(package, progress=progress) else "already gone"
-
-            attempt("image", f"{registry.repository}/packages/{package}", delete_image)
+    delete_cache_and_images(config, c, found.cache, found.images, attempt, progress)
     if not failed:
         with store.transaction() as state:
             for kind in list(state.of(config.name)):
@@ -359,3 +345,33 @@ def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | No
     if resource.details.get("deployed_at"):
         since = datetime.fromisoformat(resource.details["deployed_at"])
     return hourly * replicas * max(0.0, (now - since).total_seconds()) / 3600
+
+
+def delete_cache_and_images(
+    config: Config, c: Cloud, cache: str, images: list[str], attempt: Callable[..., bool], progress: Progress
+) -> None:
+    """What both cloud targets' teardowns delete last: the compile cache sdxlctl chose, then each image package.
+
+    `attempt(kind, name, delete, forget=...)` runs one deletion past failures, as the caller's teardown does;
+    `forget` names the state record (server-image, ui-image) a deleted package may take with it.
+    """
+    from sdxlctl.gcp.storage import Storage
+
+    if cache:
+
+        def delete_cache(uri: str = cache) -> str:
+            bucket, _, folder = uri.removeprefix("gs://").partition("/")
+            return f"{plural(Storage(c, bucket, {}).delete_folder(folder), 'object')} deleted"
+
+        attempt("compile cache", cache, delete_cache)
+    if images:
+        from sdxlctl.gcp.registry import Registry
+
+        registry = Registry(c, config.gcp.artifact_repository)
+        for package in images:
+
+            def delete_image(package: str = package) -> str:
+                return "deleted, all tags" if registry.delete_package(package, progress=progress) else "already gone"
+
+            image = package.removeprefix(f"{config.name}-") + "-image"  # as build records it
+            attempt("image", f"{registry.repository}/packages/{package}", delete_image, forget=image)
