@@ -82,7 +82,12 @@ MEASURE_IMAGES = """() => [...document.querySelectorAll('#gallery img')].map(img
 
 
 def _measure(page: Any, count: int) -> list[dict[str, Any]]:
-    page.wait_for_function(f"document.querySelectorAll('#gallery img').length === {count}", timeout=TIMEOUT_MS)
+    try:
+        page.wait_for_function(f"document.querySelectorAll('#gallery img').length === {count}", timeout=TIMEOUT_MS)
+    except Exception as exc:  # a timeout under load (seen once in CI): say what the page showed instead
+        shown = page.evaluate("document.querySelectorAll('#gallery img').length")
+        info = page.evaluate("document.querySelector('#info')?.innerText")
+        raise AssertionError(f"waited for {count} images; the gallery shows {shown}, the page says {info!r}") from exc
     page.wait_for_function(
         "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth)", timeout=TIMEOUT_MS
     )
