@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from sdxlctl.errors import ConfigError
 from sdxlctl.gpus import GPUS
@@ -45,6 +45,9 @@ class Deploy(Section):
     max_replicas: int = Field(1, ge=1, le=100)
     endpoint: Literal["shared", "dedicated"] = "shared"
     timeout_min: int = Field(60, ge=1, le=120, description="minutes to wait for a deploy to finish")
+    spot: bool = Field(
+        False, description="Spot VMs for the replicas: cheaper, may be preempted (Vertex AI restarts them)"
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -74,6 +77,32 @@ class CloudRun(Section):
     )
 
 
+class Batch(Section):
+    """`sdxlctl batch`: many prompts through Vertex AI batch prediction (or the local server)."""
+
+    gpu: str = Field("", description="the GPU of each batch replica; empty: [deploy] gpu")
+    min_replicas: int = Field(1, ge=1, le=100, description="replicas a job starts with")
+    max_replicas: int = Field(1, ge=1, le=100, description="replicas a job may grow to")
+    batch_size: int = Field(0, ge=0, le=64, description="instances per request to a replica; 0: chosen for the GPU")
+    spot: bool = Field(False, description="Spot VMs: cheaper, may be preempted (the job retries the lost lines)")
+    max_lines: int = Field(50_000, ge=1, le=1_000_000, description="a prompts file longer than this is refused")
+    budget_usd: float = Field(25.0, ge=0, description="a batch estimated above this asks for confirmation")
+    out: str = Field("", description="gs:// prefix for a job's output; empty: the staging bucket's batch/ folder")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: str) -> str:
+        if value and value not in GPUS:
+            raise ValueError("Input should be '' or " + ", ".join(map(repr, GPU_KEYS)))
+        return value
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Batch:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
 class Local(Section):
     """Ports and waits of the local target."""
 
@@ -93,6 +122,7 @@ class Config(Section):
     deploy: Deploy = Field(default_factory=Deploy)
     ui: Ui = Field(default_factory=Ui)
     cloudrun: CloudRun = Field(default_factory=CloudRun)
+    batch: Batch = Field(default_factory=Batch)
     local: Local = Field(default_factory=Local)
 
     # Where the config came from (None: built-in defaults); the state lives beside it.

@@ -30,19 +30,28 @@ LAYERS: dict[str, int] = {
     "sdxlctl.client": 3,
     "sdxlctl.outputs": 3,
     "sdxlctl.context": 3,
+    "sdxlctl.batch": 3,  # `sdxlctl batch` as plain data: the prompts file, the manifest
     "sdxlctl.gcp": 4,
     "sdxlctl.local": 5,
     "sdxlctl.vertex": 5,
     "sdxlctl.lora_ops": 5,  # lora push's upload (gcp) and the local server's cached adapters (client)
     "sdxlctl.cloudrun": 6,  # runs target vertex's image, as its accounts and grants: one build, one set of names
     "sdxlctl.core": 7,
+    "sdxlctl.batch.door": 7,  # the door of `sdxlctl batch`: prices it, hands it to the target
     "sdxlctl.cli": 8,
     "sdxlctl.__main__": 9,
 }
 # What the command line may use: the door, the config, the errors, the state, the result types it renders,
 # and the GPU table its --gpu choices come from. Never a target, never gcp/.
 CLI_MAY_IMPORT = {"sdxlctl", "sdxlctl.core", "sdxlctl.config", "sdxlctl.errors", "sdxlctl.state", "sdxlctl.steps"}
-CLI_MAY_IMPORT |= {"sdxlctl.gpus", "sdxlctl.cli", "sdxlctl.inputs", "sdxlctl.loras"}
+CLI_MAY_IMPORT |= {
+    "sdxlctl.gpus",
+    "sdxlctl.cli",
+    "sdxlctl.inputs",
+    "sdxlctl.loras",
+    "sdxlctl.batch",
+    "sdxlctl.batch.door",
+}
 MAX_LINES = 400
 
 
