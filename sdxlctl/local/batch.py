@@ -1,13 +1,43 @@
-"""`sdxlctl batch` on target local: the lines through the running local server, resumable. STUB (issue 18, H4)."""
+"""`sdxlctl batch` on target local: the lines through the running local server, resumable.
+
+Each answer is written out (its images, then its manifest rows, appended) before the next request goes: an
+interrupt or a server that went away loses at most the request in flight, and a rerun of the same command
+skips every line the manifest already holds, so no answered line is ever generated twice.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sdxlctl.batch import BatchProgress, BatchResult, Row, Submission, no_progress
+from sdxlctl import client
+from sdxlctl.batch import (
+    IMAGES,
+    INPUT,
+    KEY_FIELD,
+    MANIFEST,
+    Batch,
+    BatchProgress,
+    BatchResult,
+    Counts,
+    Line,
+    Row,
+    Submission,
+    no_progress,
+)
 from sdxlctl.config import Config
-from sdxlctl.state import StateStore
+from sdxlctl.errors import DeployError, Interrupted, PredictError
+from sdxlctl.local import SERVER
+from sdxlctl.state import StateStore, interrupts_deferred
 from sdxlctl.steps import Progress, quiet
+
+RESUME_HINT = "run the same command again: it skips the lines already done"
+# Answers that say the server cannot take work now (after the client's own retries): every later request would
+# meet the same, so the batch stops and a rerun resumes, instead of failing lines that were never tried.
+NOT_NOW = (429, 503)
 
 
 def run(
@@ -19,9 +49,184 @@ def run(
     say: Progress = quiet,
 ) -> BatchResult:
     """Send the lines not yet in the manifest, `batch_size` at a time; write images and rows as they come."""
-    raise NotImplementedError
+    batch, out = submission.batch, Path(submission.out)
+    rows = previous_rows(config, store, out)
+    todo, tally, changed = _plan(batch, rows, out, retry=bool(submission.retry_of))
+    url = _predict_url(config, store) if todo else ""  # a batch already done needs no server
+    _write_input(out, batch, keep=bool(submission.retry_of))
+    if tally.skipped:
+        say(f"{tally.skipped} of {len(batch.lines)} lines are already done in {out / MANIFEST}: skipped")
+    if changed:
+        say(f"{changed} lines differ from their manifest row (prompt, seed or parameters): made again")
+    if tally.failed:
+        say(f"{len(tally.failed)} lines failed before: `--retry-failed` runs them again")
+    progress(tally.counts(len(batch.lines)))
+    size = max(1, submission.batch_size)
+    try:
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            new_rows, files = _ask(config, batch, chunk, url, tally)
+            # A Ctrl-C from here on waits until the answer is on disk: its lines are never asked for again.
+            with interrupts_deferred():
+                _write_images(config, out, files, [row.seed for row in new_rows], tally, len(batch.lines))
+                _append(out, new_rows)
+            tally.add(new_rows)
+            progress(tally.counts(len(batch.lines)))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {tally.finished} of {len(batch.lines)} lines", hint=RESUME_HINT) from None
+    return tally.result(url, out)
 
 
 def previous_rows(config: Config, store: StateStore, out: Path) -> dict[int, Row]:
     """The manifest rows already in `out` (for resume and --retry-failed)."""
-    raise NotImplementedError
+    from sdxlctl.batch import manifest
+
+    return manifest.read(Path(out) / MANIFEST)
+
+
+# ---------------------------------------------------------------- what to run, and what it came to
+
+
+@dataclass
+class _Tally:
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0  # lines answered with images, this run
+    skipped: int = 0  # lines done before (their row has no error and their images are there)
+    failed: list[Row] = field(default_factory=list)  # this run's failures, and earlier ones not retried now
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.skipped + len(self.failed)
+
+    def add(self, rows: list[Row]) -> None:
+        self.done += sum(row.error is None for row in rows)
+        self.failed.extend(row for row in rows if row.error is not None)
+
+    def counts(self, total: int) -> Counts:
+        elapsed = time.monotonic() - self.started
+        return Counts(self.done, len(self.failed), total, "running", elapsed, skipped=self.skipped)
+
+    def result(self, url: str, out: Path) -> BatchResult:
+        # As a Vertex AI job ends: FAILED only when no line made an image, else SUCCEEDED with its failures listed.
+        all_failed = bool(self.failed) and not self.done and not self.skipped
+        return BatchResult(
+            where=url,
+            out=str(out),
+            state="FAILED" if all_failed else "SUCCEEDED",
+            done=self.done,
+            failed=self.failed,
+            skipped=self.skipped,
+            seconds=time.monotonic() - self.started,
+            error=(self.failed[0].error or "") if all_failed else "",
+            replica_hours=None,
+            usd=0.0,
+        )
+
+
+def _plan(batch: Batch, rows: dict[int, Row], out: Path, *, retry: bool) -> tuple[list[Line], _Tally, int]:
+    """The lines to send now: those with no row, or whose images are gone; failed ones only on a retry.
+    A row made from another prompt, seed or parameters (the file was edited, the flags changed) is no answer
+    to this line: it runs again, and its new row is the one that counts. Also: how many such rows there were."""
+    tally, todo, changed = _Tally(), [], 0
+    for line in batch.lines:
+        row = rows.get(line.number)
+        if row is not None and (row.prompt, row.seed, row.parameters) != (line.prompt, line.seed, batch.parameters):
+            changed += 1
+            row = None
+        if row is None:
+            todo.append(line)
+        elif row.error is not None:
+            if retry:
+                todo.append(line)
+            else:
+                tally.failed.append(row)
+        elif row.images and all((out / image).is_file() for image in row.images):
+            tally.skipped += 1
+        else:  # done once, but its images were deleted or moved since: made again
+            todo.append(line)
+    return todo, tally, changed
+
+
+def _predict_url(config: Config, store: StateStore) -> str:
+    resource = store.read().get(config.name, SERVER)
+    if resource is None or not resource.url:
+        raise DeployError(f"nothing is deployed for {config.name!r} (target local)", hint="run `sdxlctl deploy` first")
+    return resource.url + str(resource.details.get("predict_route", "/predict"))
+
+
+def request_body(batch: Batch, lines: list[Line]) -> dict[str, Any]:
+    """One request: the lines' instances and the shared parameters once, at the body's level, which every
+    server version reads (a per-instance copy, as the Vertex AI input carries, would say nothing more here)."""
+    instances = [{k: v for k, v in line.instance.items() if k not in (KEY_FIELD, "parameters")} for line in lines]
+    return {"instances": instances, "parameters": batch.parameters}
+
+
+def _ask(
+    config: Config, batch: Batch, lines: list[Line], url: str, tally: _Tally
+) -> tuple[list[Row], list[tuple[str, bytes]]]:
+    """The rows and image files of one request; a refusal fails its lines; a server gone stops the batch."""
+    from sdxlctl.batch import manifest
+
+    total = len(batch.lines)
+    try:
+        answer = client.predict(url, request_body(batch, lines), timeout_s=config.model.time_limit_s + 10)
+    except client.Refused as exc:
+        if exc.status in NOT_NOW:
+            raise _stopped(exc, tally, total) from None
+        error = f"{exc.field}: {exc.server_message}" if exc.field and exc.field not in exc.server_message else ""
+        error = error or exc.server_message
+        return [Row(line.number, line.prompt, line.seed, batch.parameters, [], error) for line in lines], []
+    except PredictError as exc:  # nothing answers, no answer in time, the connection broke, not the contract
+        raise _stopped(exc, tally, total) from None
+    numbers = [line.number for line in lines]
+    return manifest.rows_from_answer(batch, numbers, answer, images_dir=IMAGES)
+
+
+def _stopped(exc: PredictError, tally: _Tally, total: int) -> PredictError:
+    hint = exc.hint + "; then " if exc.hint else ""
+    return PredictError(
+        f"{exc.message}: the batch stopped after {tally.finished} of {total} lines (their images and rows are kept)",
+        hint=hint + RESUME_HINT,
+    )
+
+
+# ---------------------------------------------------------------- files
+
+
+def _write_input(out: Path, batch: Batch, *, keep: bool) -> None:
+    """<out>/input.jsonl: the normalised lines; a --retry-failed run (a part of them) keeps the whole one there."""
+    path = out / INPUT
+    if keep and path.is_file():
+        return
+    _atomic(path, batch.jsonl())
+
+
+def _write_images(
+    config: Config, out: Path, files: list[tuple[str, bytes]], seeds: list[int], tally: _Tally, total: int
+) -> None:
+    """Each image whole or not at all; when they cannot be written (disk full) predict's way keeps them: the
+    rescue folder, and the batch stops (their rows are not written, so a rerun makes these lines again)."""
+    from sdxlctl import outputs
+
+    try:
+        for relative, data in files:
+            _atomic(out / relative, data)
+    except OSError:
+        names = [out / relative for relative, _ in files]
+        try:
+            outputs.write(names, [data for _, data in files], rescue=[config.home / "rescued"], seeds=seeds)
+        except PredictError as exc:
+            raise _stopped(exc, tally, total) from None
+
+
+def _append(out: Path, rows: list[Row]) -> None:
+    from sdxlctl.batch import manifest
+
+    manifest.append(out / MANIFEST, rows)
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
