@@ -284,7 +284,9 @@ def _parse_row(text: bytes) -> Row | None:
         return None  # a path that escapes images/ or names another line's image: not ours
     if error is not None and not isinstance(error, str):
         return None
-    return Row(line, prompt, seed, parameters, list(images), one_line(error) if error is not None else None)
+    if error is not None:  # an empty one still says the line failed: --retry-failed runs it, resume does not
+        error = one_line(error) or "the line failed (the manifest keeps no message)"
+    return Row(line, prompt, seed, parameters, list(images), error)
 
 
 def read(path: Path) -> dict[int, Row]:
