@@ -21,6 +21,7 @@ def run(argv: list[str]) -> int:
     from rich.markup import escape
 
     from sdxlctl.cli import (
+        batch_cmd,  # noqa: F401  (registers `sdxlctl batch`)
         check_cmd,  # noqa: F401  (registers `sdxlctl check`)
         commands,  # noqa: F401  (registers the commands)
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
