@@ -83,6 +83,21 @@ class Storage:
             return b""
         return bytes(data)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """name -> size of every object under `prefix` (all of them, whatever their names), in name order."""
+        with translated(f"list gs://{self.bucket_name}/{prefix}", api="storage", project=self.cloud.project):
+            return {blob.name: int(blob.size or 0) for blob in self.client.list_blobs(self.bucket_name, prefix=prefix)}
+
+    def read(self, name: str) -> bytes | None:
+        """The object's bytes; None when there is none of that name."""
+        from google.api_core.exceptions import NotFound
+
+        with translated(f"read gs://{self.bucket_name}/{name}", api="storage", project=self.cloud.project):
+            try:
+                return bytes(self.client.bucket(self.bucket_name).blob(name).download_as_bytes())
+            except NotFound:
+                return None
+
     def grant(self, member: str, roles: Mapping[str, Sequence[str]]) -> bool:
         """Give `member` each role of `roles` on exactly its folders: one binding per folder, which holds for
         the objects under it ("": the whole bucket; a name not ending in '/': that object alone); no folder

@@ -1,13 +1,85 @@
-"""`sdxlctl batch` on target vertex: a BatchPredictionJob on the uploaded Model. STUB (issue 18, H3)."""
+"""`sdxlctl batch` on target vertex: a BatchPredictionJob on the uploaded Model.
+
+The normalised input goes to <out>input.jsonl, the job writes its raw output under <out>raw/, and sdxlctl turns
+that into <out>images/ and <out>manifest.jsonl (batch_output.py). The job is recorded (kind batch-<stamp>) before
+the wait, so a Ctrl-C, `--attach`, `status` and `teardown` all find it; the job itself carries the sdxlctl-batch
+label with the same stamp, so a create whose answer was lost is found rather than sent twice.
+"""
 
 from __future__ import annotations
 
+import re
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sdxlctl.batch import BatchProgress, BatchResult, Row, Submission, no_progress
+from sdxlctl.batch import KEY_FIELD, BatchProgress, BatchResult, Counts, Row, Submission, no_progress
 from sdxlctl.config import Config
-from sdxlctl.state import StateStore
+from sdxlctl.errors import DeployError, Interrupted
+from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Progress, quiet
+from sdxlctl.vertex.batch_output import split_gs
+from sdxlctl.vertex.names import LABEL, cloud, names, server_account
+
+if TYPE_CHECKING:
+    from sdxlctl.gcp.batch import Jobs
+
+BATCH_LABEL = "sdxlctl-batch"  # its value: the job's stamp, as in its state kind batch-<stamp>
+KIND = "batch-"
+RAW = "raw/"  # the job's outputUriPrefix under <out>: Vertex AI adds prediction-<model>-<time>/ below it
+PREFIX = "JOB_STATE_"
+ENDED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "PARTIALLY_SUCCEEDED", "EXPIRED"})
+ATTACH_HINT = (
+    "`sdxlctl batch --attach` waits for it and collects its images; `sdxlctl status` shows it; "
+    "`sdxlctl teardown` cancels it"
+)
+
+
+def stamp_now(taken: set[str]) -> str:
+    """UTC yyyymmdd-hhmmss (a label value and part of a state kind), one not `taken` in this deployment."""
+    stamp = base = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while KIND + stamp in taken:
+        n += 1
+        stamp = f"{base}-{n}"
+    return stamp
+
+
+def job_body(
+    config: Config, submission: Submission, model: str, stamp: str, *, input_uri: str, account: str
+) -> dict[str, Any]:
+    """The BatchPredictionJob as the REST API takes it (v1; dedicatedResources.spot makes it a v1beta1 one)."""
+    from sdxlctl.gpus import GPUS
+
+    gpu = GPUS[submission.gpu]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", submission.batch.source.stem).strip("-") or "prompts"
+    head, tail = f"{config.name}-batch-", f"-{stamp}"
+    resources: dict[str, Any] = {
+        "machineSpec": {
+            "machineType": gpu.machine_type,
+            "acceleratorType": gpu.accelerator,
+            "acceleratorCount": gpu.count,
+        },
+        "startingReplicaCount": submission.replicas[0],
+        "maxReplicaCount": submission.replicas[1],
+    }
+    if submission.spot:
+        resources["spot"] = True
+    body: dict[str, Any] = {
+        "displayName": head + stem[: 128 - len(head) - len(tail)] + tail,
+        "model": model,
+        "inputConfig": {"instancesFormat": "jsonl", "gcsSource": {"uris": [input_uri]}},
+        "instanceConfig": {"instanceType": "object", "keyField": KEY_FIELD},
+        "modelParameters": submission.batch.parameters,
+        "outputConfig": {"predictionsFormat": "jsonl", "gcsDestination": {"outputUriPrefix": submission.out + RAW}},
+        "dedicatedResources": resources,
+        "manualBatchTuningParameters": {"batchSize": submission.batch_size},
+        "labels": {**names(config).labels, BATCH_LABEL: stamp},
+    }
+    if account:
+        body["serviceAccount"] = account
+    return body
 
 
 def run(
@@ -19,7 +91,58 @@ def run(
     say: Progress = quiet,
 ) -> BatchResult:
     """Upload the input, create the job (recorded before the wait), wait with progress, collect the output."""
-    raise NotImplementedError
+    from sdxlctl.gcp.batch import Jobs
+    from sdxlctl.gcp.storage import Storage
+    from sdxlctl.vertex.access import ensure_server_account
+
+    model = store.read().get(config.name, "model")
+    if model is None or not model.name:
+        raise DeployError(
+            "no model is recorded for this deployment", hint="run `sdxlctl build` and `sdxlctl upload` first"
+        )
+    if not submission.out.startswith("gs://") or not submission.out.endswith("/"):
+        raise DeployError(
+            f"batch output {submission.out!r} is not a gs:// folder", hint="use --out gs://BUCKET/PREFIX/"
+        )
+    c, n = cloud(config), names(config)
+    stamp = stamp_now(set(store.read().of(config.name)))
+    bucket, folder = split_gs(submission.out)
+    storage = Storage(c, bucket, n.labels)
+    if bucket == n.bucket:
+        storage.ensure_bucket()
+    # a retry shares the folder (and manifest) of the run it retries, but not its input: attach reads it back
+    name = f"input-retry-{stamp}.jsonl" if submission.retry_of else "input.jsonl"
+    say(f"uploading {len(submission.batch.lines)} lines to {submission.out}{name}")
+    input_uri = storage.upload(folder + name, submission.batch.jsonl(), content_type="application/jsonl")
+    account = ensure_server_account(config, store, say, []) if server_account(config) else ""
+    body = job_body(config, submission, model.name, stamp, input_uri=input_uri, account=account)
+    jobs = Jobs(c)
+    say("creating the batch prediction job")
+    with interrupts_deferred():  # created and recorded, or neither: a Ctrl-C between would hide a billing job
+        job = jobs.create(body, find_labels={LABEL: config.name, BATCH_LABEL: stamp}, progress=say)
+        store.record(config.name, _record(submission, job, stamp, input_uri))
+    say(f"job {job['name']} created")
+    return _follow(config, store, jobs, job["name"], KIND + stamp, submission.download, progress, say)
+
+
+def _record(submission: Submission, job: dict[str, Any], stamp: str, input_uri: str) -> Resource:
+    batch = submission.batch
+    details = {
+        "source": str(batch.source),
+        "out": submission.out,
+        "input": input_uri,
+        "lines": len(batch.lines),
+        "images": batch.images,
+        "gpu": submission.gpu,
+        "spot": submission.spot,
+        "replicas": list(submission.replicas),
+        "batch_size": submission.batch_size,
+        "download": str(submission.download) if submission.download else None,
+        "usd_per_replica_hour": submission.usd_per_replica_hour,
+        "state": short_state(job),
+        "retry_of": submission.retry_of or None,
+    }
+    return Resource(kind=KIND + stamp, name=job["name"], target="vertex", details=details)
 
 
 def attach(
@@ -32,9 +155,157 @@ def attach(
     say: Progress = quiet,
 ) -> BatchResult:
     """Wait for a job already started (the last one of this deployment, or `job`) and collect its output."""
-    raise NotImplementedError
+    from sdxlctl.gcp.batch import Jobs
+
+    c = cloud(config)
+    jobs = Jobs(c)
+    recorded = batch_resources(store, config.name)
+    if job:
+        wanted = job if job.startswith("projects/") else f"{c.parent}/batchPredictionJobs/{job}"
+        kind = next((k for k, r in recorded.items() if r.name == wanted), "")
+    elif recorded:
+        kind = max(recorded, key=lambda k: (recorded[k].created_at, k))
+        wanted = recorded[kind].name
+    else:  # no state file here: the newest job carrying this deployment's label
+        found = jobs.find({LABEL: config.name})
+        if not found:
+            raise DeployError(
+                f"no batch prediction job of {config.name} to attach to", hint="start one with `sdxlctl batch FILE`"
+            )
+        wanted, kind = found[0]["name"], ""
+    if download is None and kind and recorded[kind].details.get("download"):
+        download = Path(recorded[kind].details["download"])  # the run that started it asked for a copy on disk
+    say(f"attaching to {wanted}")
+    return _follow(config, store, jobs, wanted, kind, download, progress, say)
 
 
 def previous_rows(config: Config, store: StateStore, source: Path) -> tuple[str, dict[int, Row]]:
     """The last job of this deployment run on `source` and its manifest rows (for --retry-failed)."""
-    raise NotImplementedError
+    from sdxlctl.vertex.batch_output import read_manifest
+
+    runs = [r for r in batch_resources(store, config.name).values() if _same_file(r.details.get("source"), source)]
+    if not runs:
+        return "", {}
+    last = max(runs, key=lambda r: r.created_at)
+    return last.name, read_manifest(cloud(config), str(last.details["out"]))
+
+
+def _same_file(recorded: Any, source: Path) -> bool:
+    if not recorded:
+        return False
+    return Path(recorded) == source or Path(recorded).resolve() == source.resolve()
+
+
+def batch_resources(store: StateStore, deployment: str) -> dict[str, Resource]:
+    """This deployment's recorded batch jobs, by kind."""
+    return {k: r for k, r in store.read().of(deployment).items() if k.startswith(KIND) and r.name}
+
+
+def short_state(job: dict[str, Any]) -> str:
+    """RUNNING, SUCCEEDED, ...: JobState without its prefix."""
+    return str(job.get("state", "JOB_STATE_UNSPECIFIED")).removeprefix(PREFIX)
+
+
+def counts(job: dict[str, Any], total: int, usd_per_replica_hour: float) -> Counts:
+    """The progress bar's numbers from a job as the API returns it (int64 counts are strings in JSON)."""
+    stats = job.get("completionStats", {})
+    hours = job.get("resourcesConsumed", {}).get("replicaHours")
+    return Counts(
+        done=int(stats.get("successfulCount", 0)),
+        failed=int(stats.get("failedCount", 0)),
+        total=total,
+        state=short_state(job),
+        elapsed_s=_elapsed(job),
+        replica_hours=float(hours) if hours is not None else None,
+        usd_so_far=float(hours) * usd_per_replica_hour if hours is not None and usd_per_replica_hour else None,
+    )
+
+
+def _elapsed(job: dict[str, Any]) -> float:
+    """Seconds since the job started (created, before it ran), up to its end."""
+    begun = _time(job.get("startTime")) or _time(job.get("createTime"))
+    if begun is None:
+        return 0.0
+    ended = _time(job.get("endTime")) or datetime.now(UTC)
+    return max(0.0, (ended - begun).total_seconds())
+
+
+def _time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    # protobuf writes 0, 3, 6 or 9 fractional digits; datetime reads at most 6
+    text = re.sub(r"(\.\d{6})\d+", r"\1", str(text)).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _follow(
+    config: Config,
+    store: StateStore,
+    jobs: Jobs,
+    name: str,
+    kind: str,
+    download: Path | None,
+    progress: BatchProgress,
+    say: Progress,
+) -> BatchResult:
+    """Wait for the job to end (Ctrl-C leaves it running), then collect its output."""
+    from sdxlctl.vertex.batch_output import collect, read_batch
+
+    started = time.monotonic()
+    job = jobs.get(name)
+    out = _out_of(job)
+    batch = read_batch(cloud(config), _input_of(job), out)
+    rate = float(batch_resources(store, config.name).get(kind, _NONE).details.get("usd_per_replica_hour") or 0.0)
+    seen = ""
+    try:
+        while True:
+            state = short_state(job)
+            if kind and state != seen:
+                store.update_details(config.name, kind, state=state)
+                seen = state
+            progress(counts(job, len(batch.lines), rate))
+            if state in ENDED:
+                break
+            time.sleep(config.gcp.poll_interval_s)
+            job = jobs.get(name)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; job {name} keeps running", hint=ATTACH_HINT) from None
+    say(f"job {short_state(job).lower()}: collecting its output")
+    done, failed = collect(cloud(config), job, batch, out, download, say)
+    final = counts(job, len(batch.lines), rate)
+    return BatchResult(
+        where=name,
+        out=out,
+        state=short_state(job),
+        done=done,
+        failed=failed,
+        seconds=time.monotonic() - started,
+        download=download,
+        error=str(job.get("error", {}).get("message", "")),
+        replica_hours=final.replica_hours,
+        usd=final.usd_so_far,
+    )
+
+
+_NONE = Resource(kind="none", name="", target="vertex")
+
+
+def _out_of(job: dict[str, Any]) -> str:
+    """The folder of the images and the manifest: the job's outputUriPrefix less raw/."""
+    prefix = str(job.get("outputConfig", {}).get("gcsDestination", {}).get("outputUriPrefix", ""))
+    if not prefix.startswith("gs://"):
+        raise DeployError(f"job {job.get('name')} writes no gs:// output", hint="it was not started by `sdxlctl batch`")
+    prefix = prefix.rstrip("/") + "/"
+    return prefix.removesuffix(RAW) if prefix.endswith(RAW) else prefix
+
+
+def _input_of(job: dict[str, Any]) -> str:
+    uris = job.get("inputConfig", {}).get("gcsSource", {}).get("uris", [])
+    if len(uris) != 1:
+        raise DeployError(
+            f"job {job.get('name')} does not read one JSONL file", hint="it was not started by `sdxlctl batch`"
+        )
+    return str(uris[0])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sdxlctl.config import Config
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Change, Progress, StepResult, plural, quiet
+from sdxlctl.vertex import batch_inventory
 from sdxlctl.vertex.access import kept_role, revoke_grants
 from sdxlctl.vertex.names import LABEL, OPERATION_TIMEOUT_S, cloud, names, own_cache
 
@@ -45,6 +46,8 @@ def live_states(config: Config, resources: dict[str, Resource]) -> dict[str, str
             elif kind == "ui-service":
                 service = CloudRun(c).get(resource.name.rsplit("/", 1)[-1])
                 states[key] = "gone" if service is None else _service_state(service)
+            elif kind.startswith("batch-"):
+                states[key] = batch_inventory.live_state(c, resource)
             elif kind.endswith("-image"):
                 states[key] = "built"
             elif kind.endswith("-account"):
@@ -169,9 +172,10 @@ class Inventory:
     accounts: list[str] = field(default_factory=list)  # emails: the UI's, the model server's
     cache: str = ""  # the compile cache sdxlctl chose (gs://), deleted with the deployment
     images: list[str] = field(default_factory=list)
+    batch_jobs: list[dict[str, Any]] = field(default_factory=list)  # Vertex AI batch prediction jobs, as JSON
 
     def changes(self) -> list[Change]:
-        rows = []
+        rows = batch_inventory.changes(self.batch_jobs)
         for endpoint in self.endpoints:
             deployed = len(endpoint.deployed_models)
             detail = f"{plural(deployed, 'deployed model')}, undeployed first"
@@ -202,6 +206,7 @@ def plan_teardown(config: Config, store: StateStore, *, images: bool) -> StepRes
     ]
     if own_cache(config):
         changes.append(Change("delete", "compile cache", own_cache(config), "every object under it"))
+    changes += batch_inventory.plan(store.read().of(config.name))
     changes.append(
         Change("keep", "note", f"a real run also finds resources by the label {LABEL}={config.name}, not only these")
     )
@@ -219,6 +224,7 @@ def inventory(config: Config, store: StateStore, *, images: bool) -> Inventory:
         endpoints=vertex.find_endpoints((LABEL, config.name)),
         models=vertex.find_models((LABEL, config.name)),
         services=run.find((LABEL, config.name)),
+        batch_jobs=batch_inventory.find(c, config.name),
     )
     state = store.read()
     accounts = [state.get(config.name, kind) for kind in ("ui-account", "server-account")]
@@ -264,6 +270,7 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
         changes.append(Change("delete", kind, name, outcome))
         return True
 
+    batch_inventory.teardown(c, found.batch_jobs, attempt, progress)  # first: running jobs bill GPUs
     for endpoint in found.endpoints:
 
         def delete_endpoint(endpoint: Any = endpoint) -> str:
