@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import GPUS, GpuOption, gpu
+from sdxlctl.pricing.batch import BatchEstimate as BatchEstimate
+from sdxlctl.pricing.batch import batch_estimate as batch_estimate
+from sdxlctl.pricing.batch import batch_size as batch_size
 from sdxlctl.pricing.cloudrun import CloudRunComparison as CloudRunComparison
 from sdxlctl.pricing.cloudrun import CloudRunEstimate as CloudRunEstimate
 from sdxlctl.pricing.cloudrun import billed_seconds as billed_seconds
@@ -34,6 +37,10 @@ from sdxlctl.pricing.table import with_live as with_live
 if TYPE_CHECKING:
     from sdxlctl.config import CloudRun
 
+ONLINE_SPOT = (
+    "priced at Spot rates ([deploy] spot = true): Spot VMs are cheaper and may be preempted; "
+    "Vertex AI restarts a preempted replica"
+)
 WIDE_MARGIN = 2.0  # "fits with a wide margin": at most half of the shared endpoint's limit
 UI_SECONDS_PER_REQUEST_OVERHEAD = 1.0  # page work besides waiting for the model
 
@@ -60,6 +67,7 @@ class Estimate:
     memory: GpuMemory | None = None  # the model server's GPU memory, against the GPU's
     refining: Refining | None = None  # s/image per `refine` mode, when [model] refiner is set
     two_pass: Latency | None = None  # s/image with a sampler that calls the UNet twice a step
+    spot: bool = False  # [deploy] spot: priced at Spot rates
 
     def mode_lines(self) -> list[str]:
         """Each `refine` mode's time and price per image, and the two-pass samplers' time (estimates)."""
@@ -84,6 +92,7 @@ class Estimate:
             "days": self.days,
             "replicas": {"min": self.replicas[0], "max": self.replicas[1]},
             "machine_usd_per_hour": round(self.machine_per_hour, 4),
+            "spot": self.spot,
             "usd": self.low.as_dict(),
             "usd_at_max_replicas": self.high.as_dict(),
             "unverified": self.unverified,
@@ -97,11 +106,14 @@ class Estimate:
 SPEED_KEYS = ("seconds_per_image", "seconds_lower_bound", "images_per_hour", "usd_per_1000_images")
 
 
-def machine_per_hour(table: PriceTable, option: GpuOption, region: str) -> tuple[float, list[Rate]]:
-    """One replica per hour: the GPUs, the vCPUs and the RAM of the machine."""
-    gpu_rate = table.rate(region, "gpu", option.key)
-    vcpu_rate = table.rate(region, "vcpu", option.family)
-    ram_rate = table.rate(region, "ram", option.family)
+def machine_per_hour(
+    table: PriceTable, option: GpuOption, region: str, *, spot: bool = False
+) -> tuple[float, list[Rate]]:
+    """One replica per hour: the GPUs, the vCPUs and the RAM of the machine, on demand or on Spot VMs."""
+    kind = "spot_{}" if spot else "{}"
+    gpu_rate = table.rate(region, kind.format("gpu"), option.key)
+    vcpu_rate = table.rate(region, kind.format("vcpu"), option.family)
+    ram_rate = table.rate(region, kind.format("ram"), option.family)
     total = gpu_rate.usd * option.count + vcpu_rate.usd * option.vcpus + ram_rate.usd * option.ram_gb
     return total, [gpu_rate, vcpu_rate, ram_rate]
 
@@ -121,15 +133,17 @@ def estimate(
     level: str = "auto",
     refiner: bool = False,
     dtype: str = "auto",
+    spot: bool = False,
 ) -> Estimate:
     """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero; `refiner`:
-    the server loads one (its memory, and each `refine` mode's time per image)."""
+    the server loads one (its memory, and each `refine` mode's time per image); `spot`: [deploy] spot, the
+    replicas on Spot VMs at Spot rates."""
     table = table or bundled()
     if days < 0:
         raise UsageError(f"--days {days:g}: must not be negative")
     if min_replicas < 0 or max_replicas < max(min_replicas, 1):
         raise UsageError(f"replicas {min_replicas}..{max_replicas}: need 0 <= min <= max and max >= 1")
-    hourly, rates = machine_per_hour(table, option, region)
+    hourly, rates = machine_per_hour(table, option, region, spot=spot)
     hours = days * HOURS_PER_DAY
     gpu_rate, vcpu_rate, ram_rate = rates
 
@@ -158,11 +172,12 @@ def estimate(
         unverified,
         table.date,
         table.origin,
-        [baked_note(table)] if baked else [],
+        ([baked_note(table)] if baked else []) + ([ONLINE_SPOT] if spot else []),
         Comparison(option, hourly, latency(option.key, steps, level)),
         gpu_memory(option, dtype=dtype, refiner=refiner),
         refining(option.key, steps, level) if refiner else None,
         latency(option.key, steps, level, unet_calls=2),
+        spot,
     )
 
 
@@ -256,10 +271,10 @@ def recommended_gpu(region: str, steps: int = 30, table: PriceTable | None = Non
     return min(candidates, key=lambda c: c.usd_per_hour or 0.0).option
 
 
-def machine_price(key: str, region: str) -> float | None:
-    """One replica per hour, or None when the table has no price: for plans and status."""
+def machine_price(key: str, region: str, *, spot: bool = False) -> float | None:
+    """One replica per hour (on Spot VMs with `spot`), or None when the table has no price: for plans and status."""
     try:
-        return machine_per_hour(bundled(), gpu(key), region)[0]
+        return machine_per_hour(bundled(), gpu(key), region, spot=spot)[0]
     except UsageError:
         return None
 

@@ -12,6 +12,8 @@ from sdxlctl.errors import UsageError
 
 HOURS_PER_DAY = 24
 DAYS_PER_MONTH = 30.44
+# A region's parts: on demand, and the same parts on Spot VMs (machine_per_hour(spot=True) reads spot_*).
+KINDS = ("gpu", "vcpu", "ram", "spot_gpu", "spot_vcpu", "spot_ram")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def from_data(data: dict[str, Any], origin: str = "bundled") -> PriceTable:
                         key: {"usd": row["usd"] * factor, "verified": False, "source": entry["source"]}
                         for key, row in base[kind].items()
                     }
-                    for kind in ("gpu", "vcpu", "ram")
+                    for kind in KINDS
+                    if kind in base
                 },
             }
         regions[name] = entry
@@ -86,7 +89,7 @@ def with_live(table: PriceTable, regions: dict[str, dict[str, Any]], date: str) 
     }
     for region, parts in regions.items():
         entry = merged.setdefault(region, {"location": region})
-        for kind in ("gpu", "vcpu", "ram"):
+        for kind in KINDS:
             entry.setdefault(kind, {}).update(parts.get(kind, {}))
     return replace(table, regions=merged, date=date, origin="live (Cloud Billing catalog)")
 
