@@ -7,7 +7,6 @@ skips every line the manifest already holds, so no answered line is ever generat
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +59,9 @@ def run(
         say(f"{changed} lines differ from their manifest row (prompt, seed or parameters): made again")
     if tally.failed:
         say(f"{len(tally.failed)} lines failed before: `--retry-failed` runs them again")
-    progress(tally.counts(len(batch.lines)))
     size = max(1, submission.batch_size)
     try:
+        progress(tally.counts(len(batch.lines)))
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             new_rows, files = _ask(config, batch, chunk, url, tally)
@@ -70,7 +69,7 @@ def run(
             with interrupts_deferred():
                 _write_images(config, out, files, [row.seed for row in new_rows], tally, len(batch.lines))
                 _append(out, new_rows)
-            tally.add(new_rows)
+                tally.add(new_rows)  # before a held Ctrl-C lands, so its message counts these lines
             progress(tally.counts(len(batch.lines)))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {tally.finished} of {len(batch.lines)} lines", hint=RESUME_HINT) from None
@@ -114,7 +113,7 @@ class _Tally:
             out=str(out),
             state="FAILED" if all_failed else "SUCCEEDED",
             done=self.done,
-            failed=self.failed,
+            failed=sorted(self.failed, key=lambda row: row.line),
             skipped=self.skipped,
             seconds=time.monotonic() - self.started,
             error=(self.failed[0].error or "") if all_failed else "",
@@ -127,23 +126,21 @@ def _plan(batch: Batch, rows: dict[int, Row], out: Path, *, retry: bool) -> tupl
     """The lines to send now: those with no row, or whose images are gone; failed ones only on a retry.
     A row made from another prompt, seed or parameters (the file was edited, the flags changed) is no answer
     to this line: it runs again, and its new row is the one that counts. Also: how many such rows there were."""
+    from sdxlctl.batch import manifest
+
+    done = manifest.done_lines(rows, out)  # no error, and every image still there
     tally, todo, changed = _Tally(), [], 0
     for line in batch.lines:
         row = rows.get(line.number)
         if row is not None and (row.prompt, row.seed, row.parameters) != (line.prompt, line.seed, batch.parameters):
             changed += 1
-            row = None
-        if row is None:
-            todo.append(line)
-        elif row.error is not None:
-            if retry:
-                todo.append(line)
-            else:
-                tally.failed.append(row)
-        elif row.images and all((out / image).is_file() for image in row.images):
+        elif line.number in done:
             tally.skipped += 1
-        else:  # done once, but its images were deleted or moved since: made again
-            todo.append(line)
+            continue
+        elif row is not None and row.error is not None and not retry:
+            tally.failed.append(row)
+            continue
+        todo.append(line)  # never run, changed, failed and retried now, or its images were deleted since
     return todo, tally, changed
 
 
@@ -173,13 +170,32 @@ def _ask(
     except client.Refused as exc:
         if exc.status in NOT_NOW:
             raise _stopped(exc, tally, total) from None
-        error = f"{exc.field}: {exc.server_message}" if exc.field and exc.field not in exc.server_message else ""
-        error = error or exc.server_message
-        return [Row(line.number, line.prompt, line.seed, batch.parameters, [], error) for line in lines], []
+        errors = refusal(exc, lines)
+        pairs = zip(lines, errors, strict=True)
+        return [Row(ln.number, ln.prompt, ln.seed, batch.parameters, [], error) for ln, error in pairs], []
     except PredictError as exc:  # nothing answers, no answer in time, the connection broke, not the contract
         raise _stopped(exc, tally, total) from None
     numbers = [line.number for line in lines]
     return manifest.rows_from_answer(batch, numbers, answer, images_dir=IMAGES)
+
+
+def refusal(exc: client.Refused, lines: list[Line]) -> list[str]:
+    """Each line's error from a refused request. The server names an instance by its place in the request
+    (instances[1].bogus): that is said as the line's own error, and the others of the request say which line
+    took them down, so the manifest points at the line to fix."""
+    import re
+
+    message, field = exc.server_message, exc.field or ""
+    found = re.fullmatch(r"instances\[(\d+)\]\.?(.*)", field)
+    if found is None or int(found[1]) >= len(lines):
+        text = f"{field}: {message}" if field and field not in message else message
+        return [text] * len(lines)
+    culprit, rest = lines[int(found[1])], found[2]
+    own = message.replace(field, rest or "instance")
+    own = f"{rest}: {own}" if rest and rest not in own else own
+    return [
+        own if line is culprit else f"refused with line {culprit.number} of the same request: {own}" for line in lines
+    ]
 
 
 def _stopped(exc: PredictError, tally: _Tally, total: int) -> PredictError:
@@ -195,26 +211,28 @@ def _stopped(exc: PredictError, tally: _Tally, total: int) -> PredictError:
 
 def _write_input(out: Path, batch: Batch, *, keep: bool) -> None:
     """<out>/input.jsonl: the normalised lines; a --retry-failed run (a part of them) keeps the whole one there."""
+    from sdxlctl.batch import files
+
     path = out / INPUT
     if keep and path.is_file():
         return
-    _atomic(path, batch.jsonl())
+    files.write_atomic(path, batch.jsonl())
 
 
 def _write_images(
-    config: Config, out: Path, files: list[tuple[str, bytes]], seeds: list[int], tally: _Tally, total: int
+    config: Config, out: Path, images: list[tuple[str, bytes]], seeds: list[int], tally: _Tally, total: int
 ) -> None:
     """Each image whole or not at all; when they cannot be written (disk full) predict's way keeps them: the
     rescue folder, and the batch stops (their rows are not written, so a rerun makes these lines again)."""
     from sdxlctl import outputs
+    from sdxlctl.batch import manifest
 
     try:
-        for relative, data in files:
-            _atomic(out / relative, data)
+        manifest.write_images(out, images)
     except OSError:
-        names = [out / relative for relative, _ in files]
+        names = [out / relative for relative, _ in images]
         try:
-            outputs.write(names, [data for _, data in files], rescue=[config.home / "rescued"], seeds=seeds)
+            outputs.write(names, [data for _, data in images], rescue=[config.home / "rescued"], seeds=seeds)
         except PredictError as exc:
             raise _stopped(exc, tally, total) from None
 
@@ -223,10 +241,3 @@ def _append(out: Path, rows: list[Row]) -> None:
     from sdxlctl.batch import manifest
 
     manifest.append(out / MANIFEST, rows)
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
