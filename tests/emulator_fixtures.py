@@ -60,7 +60,8 @@ class Emulator:
         httpx.delete(f"{self.url}/_emulator/faults").raise_for_status()
 
     def slow(self, operation_type: str, polls: int = 10_000) -> None:
-        """Operations whose metadata type contains `operation_type` take `polls` polls: time to interrupt."""
+        """Operations whose metadata type contains `operation_type` take `polls` polls: time to interrupt.
+        slow("batchPredictionJobs") holds every batch job in RUNNING (sending nothing) until finish_batch_jobs()."""
         with self.world.lock:
             self.world.slow[operation_type] = polls
 
@@ -68,6 +69,15 @@ class Emulator:
         """Time passes: every running operation ends at its next poll."""
         with self.world.lock:
             self.world.hurry()
+
+    def batch_jobs(self) -> list[dict[str, Any]]:
+        """Every batch prediction job the emulator holds, as get answers it (v1beta1 fields included)."""
+        return list(self.resources().get("batchPredictionJobs", []))
+
+    def finish_batch_jobs(self) -> None:
+        """Batch jobs held in RUNNING by slow("batchPredictionJobs") go on to their end."""
+        with self.world.lock:
+            self.world.slow.pop("batchPredictionJobs", None)
 
     def instances(self, service_id: str) -> int:
         """How many instances Cloud Run service `service_id` runs now (0: scaled to zero)."""

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
+from tests.emulator.batch import BatchJobs
 from tests.emulator.billing import Billing
 from tests.emulator.cloudbuild import CloudBuild
 from tests.emulator.cloudrun import CloudRun
@@ -72,8 +73,10 @@ def create_app(
     servers = servers or ModelServers()
     storage = Storage(gcs_url)
     instances = RunInstances(world, servers)
+    batch = BatchJobs(world, servers, gcs_url)
     routes: list[Route] = [
         *Vertex(world, servers).routes(),
+        *batch.routes(),
         *CloudBuild(world, storage.read, storage.write).routes(),
         *CloudRun(world, instances).routes(),
         *Monitoring(world, instances).routes(),
@@ -173,6 +176,7 @@ def create_app(
         return JSONResponse({"running": instances.count(frontend.name)})
 
     async def reset(request: Request) -> Response:
+        await asyncio.to_thread(batch.stop_all)
         servers.stop_all()
         await asyncio.to_thread(instances.stop_all)
         with world.lock:
@@ -194,18 +198,20 @@ def create_app(
             StarletteRoute("/_emulator/run/{service}/scale-to-zero", scale_to_zero, methods=["POST"]),
             StarletteRoute("/{path:path}", dispatch, methods=["GET", "POST", "PATCH", "DELETE", "PUT"]),
         ],
-        lifespan=_stopping(servers, instances),
+        lifespan=_stopping(servers, instances, batch),
     )
     app.state.world = world
     app.state.servers = servers
     app.state.instances = instances
+    app.state.batch = batch
     return app
 
 
-def _stopping(servers: ModelServers, instances: RunInstances) -> Any:
+def _stopping(servers: ModelServers, instances: RunInstances, batch: BatchJobs) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        await asyncio.to_thread(batch.stop_all)  # before the servers: a job's worker stops its own replica
         servers.stop_all()  # no model server, Cloud Run listener or instance outlives the emulator
         await asyncio.to_thread(instances.stop_all)
 

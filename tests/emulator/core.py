@@ -182,6 +182,13 @@ class World:
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(int(time.time()) * 1000))
     # Project owners: Cloud Run lets them invoke any service of the project without a binding of their own
     owners: set[str] = field(default_factory=lambda: {DEPLOYER})
+    # Vertex AI batch prediction (batch_runner.py), where Google's behaviour is unconfirmed: whether the job's
+    # modelParameters reach the container as the body's "parameters", and which error shape an output line has
+    # ("code": google.rpc.Status, or "status": the enum name, as PredictionResult.Error); and how long a job's
+    # replica may take to become healthy before the job fails
+    batch_sends_parameters: bool = True
+    batch_error_shape: str = "code"
+    batch_ready_s: float = 600.0
 
     def new_id(self) -> str:
         return str(next(self.ids))

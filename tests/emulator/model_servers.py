@@ -73,6 +73,19 @@ class ModelServers:
         machine: dict[str, Any],
         project_number: str,
     ) -> Replica:
+        """A deployed model's replica on an endpoint."""
+        where = {"AIP_DEPLOYED_MODEL_ID": deployed_model_id, "AIP_ENDPOINT_ID": endpoint_id}
+        return self._start(deployed_model_id, model, machine, project_number, where)
+
+    def start_for_job(
+        self, job_id: str, model: dict[str, Any], machine: dict[str, Any], project_number: str
+    ) -> Replica:
+        """A batch prediction job's replica, known as "batch-<job id>": no endpoint, so no endpoint variables."""
+        return self._start(f"batch-{job_id}", model, machine, project_number, {})
+
+    def _start(
+        self, key: str, model: dict[str, Any], machine: dict[str, Any], project_number: str, where: dict[str, str]
+    ) -> Replica:
         spec = model.get("containerSpec", {})
         health = spec.get("healthRoute") or "/health"
         predict = spec.get("predictRoute") or "/predict"
@@ -89,8 +102,7 @@ class ModelServers:
                     "AIP_STORAGE_URI": model.get("artifactUri", ""),
                     "AIP_MODE": "PREDICTION",
                     "AIP_MODE_VERSION": "1.0.0",
-                    "AIP_DEPLOYED_MODEL_ID": deployed_model_id,
-                    "AIP_ENDPOINT_ID": endpoint_id,
+                    **where,
                     "AIP_PROJECT_NUMBER": project_number,
                     "AIP_MACHINE_TYPE": machine.get("machineType", ""),
                     "AIP_ACCELERATOR_TYPE": str(machine.get("acceleratorType", "")),
@@ -98,10 +110,10 @@ class ModelServers:
                     "HF_HUB_OFFLINE": "1",
                 }
             )
-            log_path = self.log_dir / f"model-{deployed_model_id}.log"
+            log_path = self.log_dir / f"model-{key}.log"
             process = start_process([sys.executable, "-m", "sdxl_server"], {**os.environ, **env}, log_path)
             replica = Replica(f"http://127.0.0.1:{port}", health, predict, process, log_path)
-        self.replicas[deployed_model_id] = replica
+        self.replicas[key] = replica
         return replica
 
     def get(self, deployed_model_id: str) -> Replica | None:
