@@ -372,13 +372,11 @@ def cost(
     steps: int = 30,
 ) -> Estimate | CloudRunEstimate:
     """What the config (with overrides) costs over `days`: endpoint, UI and images, as an estimate."""
-    from sdxlctl.gpus import gpu
-
     table = price_table(config, live=live, warn=warn)
     if config.target == "cloudrun":
         return pricing.cloud_run_estimate(config, table, days=days, gpu_key=gpu_key, region=region, steps=steps)
     return pricing.estimate(
-        gpu(gpu_key or config.deploy.gpu),
+        pricing.gpu(gpu_key or config.deploy.gpu),
         region or config.gcp.region,
         days=days,
         min_replicas=config.deploy.min_replicas,
@@ -389,6 +387,7 @@ def cost(
         level=config.model.optimize,
         refiner=config.model.refiner != "off",
         dtype=config.model.dtype,
+        spot=config.deploy.spot,  # [deploy] spot: the replicas at Spot rates
     )
 
 

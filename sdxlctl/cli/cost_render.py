@@ -12,7 +12,9 @@ from sdxlctl.cli.console import err, out
 from sdxlctl.steps import plural
 
 if TYPE_CHECKING:
+    from sdxlctl.config import Config
     from sdxlctl.core import CloudRunEstimate, Compared, Estimate
+    from sdxlctl.pricing.batch import BatchEstimate
 
 RUN_CAVEAT = (
     "An estimate: list prices of the table's date, no discounts or taxes; Cloud Run bills each instance per "
@@ -159,3 +161,64 @@ def _run_line(result: Compared) -> str:
         f"(--busy-hours-per-day); idle {run.idle_usd_per_day:,.2f} USD/day ({idle}); fits: within its "
         f"{run.timeout_s} s request timeout; billed per instance-second, rounded up to 100 ms"
     )
+
+
+# ---------------------------------------------------------------- cost --images: a batch
+
+BATCH_CAVEAT = (
+    "An estimate: list prices of the table's date, no discounts or taxes; Vertex AI batch prediction bills each "
+    "replica's node hours from its start to the job's end, at the online rate card (Spot's with --spot)."
+)
+
+
+def flagged(config: Config, region: str | None, spot: bool | None) -> Config:
+    """The config with `cost`'s --region and --spot/--no-spot laid over it: --spot prices the online replicas
+    ([deploy] spot) and a batch's (--images, [batch] spot) on Spot VMs."""
+    gcp = config.gcp if region is None else config.gcp.model_copy(update={"region": region})
+    if spot is None:
+        return config.model_copy(update={"gcp": gcp})
+    deploy, batch = (part.model_copy(update={"spot": spot}) for part in (config.deploy, config.batch))
+    if spot and config.target == "cloudrun":
+        err.print("[yellow]note:[/] --spot prices Vertex AI's replicas (a batch, target vertex): Cloud Run has no Spot")
+    return config.model_copy(update={"gcp": gcp, "deploy": deploy, "batch": batch})
+
+
+def batch(result: BatchEstimate, *, as_json: bool) -> None:
+    """`cost --images N`: what a batch of N images costs, as `sdxlctl batch --dry-run` prices it."""
+    from sdxlctl.gpus import gpu
+
+    if as_json:
+        render._json(result.as_dict())
+        err.print(f"[dim]{BATCH_CAVEAT}[/]")
+        return
+    option = gpu(result.gpu)
+    capacity = "Spot VMs" if result.spot else "on demand"
+    title = (
+        f"A batch of {result.images:,} images on {option.label} ({plural(result.replicas, 'replica')}, "
+        f"{option.machine_type}, {capacity}) in {result.region}"
+    )
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for label, value in _batch_rows(result):
+        table.add_row(label, value)
+    out.print(table)
+    err.print(f"[dim]{BATCH_CAVEAT}[/]")
+    for note in result.notes:
+        err.print(escape(note), soft_wrap=True)
+
+
+def _batch_rows(result: BatchEstimate) -> list[tuple[str, str]]:
+    from sdxlctl.pricing.batch import REPLICA_START_H
+    from sdxlctl.pricing.speed import latency
+
+    measured = "" if latency(result.gpu).measured else " (estimated)"
+    starts = f"{plural(result.replicas, 'start')} of {REPLICA_START_H * 60:g} min in it"
+    return [
+        ("seconds per image", f"{result.seconds_per_image:.2f}{measured}"),
+        ("batch size", f"{plural(result.batch_size, 'instance')} a request"),
+        ("replica hours", f"{result.replica_hours:,.2f} ({starts})"),
+        ("hours until done", f"{result.wall_hours:,.2f}"),
+        ("USD per replica hour", render.usd_per_hour(result.usd_per_replica_hour)),
+        ("[bold]USD", f"[bold]{result.usd:,.2f}"),
+    ]
