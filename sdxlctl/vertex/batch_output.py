@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from sdxlctl.gcp.session import Cloud
     from sdxlctl.gcp.storage import Storage
 
-CHUNK_LINES = 64  # output lines turned into images (and uploaded) at once
+CHUNK_FILES = 32  # images decoded before they are uploaded, in parallel (what sits in memory)
 WORKERS = 8  # parallel uploads and downloads
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
@@ -73,71 +72,59 @@ def collect(
     from sdxlctl.batch import manifest
 
     storage, folder = _storage(c, out)
-    rows: list[Row] = []
     directory = str(job.get("outputInfo", {}).get("gcsOutputDirectory", ""))
-    if directory:
-        raw, prefix = _storage(c, directory)
-        names = [name for name, size in raw.sizes(prefix.rstrip("/") + "/").items() if size]
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            for chunk in _chunks(raw, names):
-                keys = {_key(line) for line in chunk}
-                part = batch.only({k for k in keys if k is not None})
-                got, files = manifest.rows_from_output(part, chunk)
-                rows += got
-                list(pool.map(lambda f: _put(storage, folder, download, f), files))
-                say(f"{len(rows)} of {len(batch.lines)} lines collected")
-    answered = {row.line for row in rows}
-    missing = {line.number for line in batch.lines} - answered
-    if missing:
-        lost, _ = manifest.rows_from_output(batch.only(missing), [])
-        why = str(job.get("error", {}).get("message", ""))
-        rows += [replace(row, error=f"{row.error or 'no answer'} (the job: {why})") if why else row for row in lost]
-    rows.sort(key=lambda row: row.line)
+    pending: list[tuple[str, bytes]] = []
+    written = [0]
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sdxlctl-upload") as pool:
+
+        def flush() -> None:
+            list(pool.map(lambda file: _put(storage, folder, download, file), pending))
+            written[0] += len(pending)
+            pending.clear()
+            say(f"{written[0]} images written to {out}{IMAGES}/")
+
+        def sink(files: list[tuple[str, bytes]]) -> None:  # a line's images, as they are decoded
+            pending.extend(files)
+            if len(pending) >= CHUNK_FILES:
+                flush()
+
+        output = manifest.collect_output(batch, _lines(c, directory), sink=sink)
+        flush()
+    for skipped in output.skipped[:3]:
+        say(f"output not used: {skipped}")
+    why = str(job.get("error", {}).get("message", ""))
+    rows = [
+        replace(row, error=f"{row.error} (the job: {why})") if why and row.error == manifest.NO_ANSWER else row
+        for row in output.rows
+    ]
     text = _merged(storage.read(folder + MANIFEST), rows)
     storage.upload(folder + MANIFEST, text, content_type="application/jsonl")
     if download is not None:
-        _mirror(storage, folder, text, download)
+        _mirror(storage, folder, text, download, say)
     failed = [row for row in rows if row.error]
     return len(rows) - len(failed), failed
 
 
-def _chunks(storage: Storage, names: list[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for name in names:
-        for line in (storage.read(name) or b"").decode("utf-8", "replace").splitlines():
-            if line.strip():
-                chunk.append(line)
-                if len(chunk) >= CHUNK_LINES:
-                    yield chunk
-                    chunk = []
-    if chunk:
-        yield chunk
-
-
-def _key(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["key"])
-    except (ValueError, KeyError, TypeError):
-        return None
+def _lines(c: Cloud, directory: str) -> Iterator[str]:
+    """Every line of every file under the output directory, file by file (in name order)."""
+    if not directory:
+        return
+    raw, prefix = _storage(c, directory)
+    for name, size in raw.sizes(prefix.rstrip("/") + "/").items():
+        if size:
+            yield from (raw.read(name) or b"").decode("utf-8", "replace").splitlines()
 
 
 def _put(storage: Storage, folder: str, download: Path | None, file: tuple[str, bytes]) -> None:
+    from sdxlctl.batch.files import write_atomic
+
     relative, data = file
-    storage.upload(
-        folder + relative, data, content_type=CONTENT_TYPES.get(Path(relative).suffix, "application/octet-stream")
-    )
+    kind = CONTENT_TYPES.get(Path(relative).suffix, "application/octet-stream")
+    storage.upload(folder + relative, data, content_type=kind)
     if download is not None:
-        _write(download / relative, data)
-
-
-def _write(path: Path, data: bytes, *, always: bool = False) -> None:
-    """`data` at `path`, unless a file of that size is there (a resumed download); whole or not at all."""
-    if not always and path.is_file() and path.stat().st_size == len(data):
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_bytes(data)
-    partial.replace(path)
+        local = download / relative
+        if not (local.is_file() and local.stat().st_size == len(data)):
+            write_atomic(local, data)
 
 
 def _merged(previous: bytes | None, rows: list[Row]) -> bytes:
@@ -154,25 +141,25 @@ def _merged(previous: bytes | None, rows: list[Row]) -> bytes:
     return "".join(line + "\n" for line in kept).encode()
 
 
-def _mirror(storage: Storage, folder: str, manifest_text: bytes, dest: Path) -> None:
-    """DIR/manifest.jsonl as in gs://, and every image it names that DIR lacks (an earlier run's too)."""
+def _mirror(storage: Storage, folder: str, manifest_text: bytes, dest: Path, say: Progress) -> None:
+    """DIR/manifest.jsonl as in gs://, and every image it names that DIR lacks (an earlier run's too): parallel,
+    and a file already there with the right size is not fetched again."""
+    from sdxlctl.batch.files import download, write_atomic
+
     sizes = storage.sizes(folder + IMAGES + "/")
-    wanted = []
-    for text in manifest_text.decode().splitlines():
-        for relative in json.loads(text).get("images", []):
-            size = sizes.get(folder + relative)
-            local = dest / relative
-            if size is not None and not (local.is_file() and local.stat().st_size == size):
-                wanted.append(relative)
+    named = {image for text in manifest_text.decode().splitlines() for image in json.loads(text).get("images", [])}
+    listed = [(relative, sizes[folder + relative]) for relative in sorted(named) if folder + relative in sizes]
 
-    def fetch(relative: str) -> None:
+    def read(relative: str) -> bytes:
         data = storage.read(folder + relative)
-        if data is not None:
-            _write(dest / relative, data)
+        if data is None:
+            raise FileNotFoundError(f"gs://{storage.bucket_name}/{folder}{relative}")
+        return data
 
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        list(pool.map(fetch, wanted))
-    _write(dest / MANIFEST, manifest_text, always=True)
+    copied = download(lambda: listed, read, dest, workers=WORKERS)
+    for name, why in list(copied.failed.items())[:3]:
+        say(f"not downloaded: {name}: {why} (run the same --attach --download again: it resumes)")
+    write_atomic(dest / MANIFEST, manifest_text)
 
 
 def batch_from_jsonl(source: Path, data: bytes) -> Batch:
