@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -20,6 +19,7 @@ from pydantic import (
 )
 
 from sdxl_server import images, steps
+from sdxl_server.body import depth_over, load_json
 from sdxl_server.errors import InvalidRequest
 from sdxl_server.images import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from sdxl_server.lora.request import LoraRef, check_count, lora_refs
@@ -99,6 +99,9 @@ class Instance(BaseModel):
     image: StrictStr | None = None  # base64 PNG, JPEG or WebP: decoded in parse_request, after every other check
     mask_image: StrictStr | None = None  # white = repaint
     lora_id: Any = None  # refused: adapters are per request (parameters.lora_id)
+    # Overlaid on the body's parameters. Vertex AI batch prediction may not pass a job's modelParameters on
+    # as the body's parameters, so sdxlctl writes them into every line too; all instances must agree.
+    parameters: Parameters | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Instance:
@@ -237,7 +240,7 @@ def parse_request(
     million empty instances costs one json.loads, not a million validations; input images are decoded
     last, once every other field is known to be good. `refiner`: whether the server has one loaded.
     """
-    data = _load_json(body)
+    data = load_json(body, max_depth=MAX_DEPTH)
     if not isinstance(data, dict):
         raise InvalidRequest('the body must be a JSON object {"instances": [...], "parameters": {...}}', field="body")
     instances = data.get("instances")
@@ -247,14 +250,16 @@ def parse_request(
             field="instances",
         )
     check_count(data.get("parameters"))
-    if _depth_over(data, MAX_DEPTH):
+    for instance in instances if isinstance(instances, list) else []:
+        check_count(instance.get("parameters") if isinstance(instance, dict) else None)
+    if depth_over(data, MAX_DEPTH):
         raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body")
     images.check_lengths(instances)
     try:
         parsed = PredictBody.model_validate(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    params = parsed.parameters or Parameters()
+    params = _shared(parsed)
     loras = lora_refs(params.lora, params.lora_id)
     total = len(parsed.instances) * params.num_images
     if total > max_images:
@@ -302,35 +307,24 @@ def parse_request(
     )
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _load_json(body: bytes) -> Any:
-    """json.loads, with every way it can fail (bad UTF-8, bad syntax, NaN, a 5,000-digit integer,
-    nesting deeper than the interpreter's recursion limit) turned into a 400 on the body."""
-    try:
-        return json.loads(body, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise InvalidRequest(f"body: JSON nested deeper than {MAX_DEPTH} levels", field="body") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and int's digit limit are ValueErrors
-        raise InvalidRequest(f"the body is not valid JSON: {_short(str(exc))}", field="body") from None
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _depth_over(data: Any, limit: int) -> bool:
-    """Whether containers nest more than `limit` deep; iterative, so no depth can overflow the stack."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+def _shared(body: PredictBody) -> Parameters:
+    """The body's parameters overlaid key by key with each instance's own: the same for every instance (one
+    request is one pipeline call), else refused naming the first instance that differs."""
+    given = body.parameters.model_dump(exclude_unset=True) if body.parameters is not None else {}
+    each = [
+        Parameters.model_validate({**given, **instance.parameters.model_dump(exclude_unset=True)})
+        if instance.parameters is not None
+        else body.parameters or Parameters()
+        for instance in body.instances
+    ]
+    differs = next((i for i, effective in enumerate(each) if effective != each[0]), None)
+    if differs is not None:
+        field = f"instances[{differs}].parameters"
+        message = (
+            "every instance of a request shares its parameters; send instances with other parameters in another request"
+        )
+        raise InvalidRequest(f"{field}: {message}", field=field)
+    return each[0]
 
 
 def _job(instance: Instance, params: Parameters, draw_seed: Any, image: Image | None, mask: Image | None) -> Job:
