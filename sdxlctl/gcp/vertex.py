@@ -206,6 +206,7 @@ class Vertex:
         gpu: GpuOption,
         min_replicas: int,
         max_replicas: int,
+        spot: bool = False,
         service_account: str = "",
         find: Find = _nothing,
         progress: Progress = quiet,
@@ -213,7 +214,8 @@ class Vertex:
         """Start deploying `model` (name@version) on `gpu` with 100% of the traffic; return the operation
         (or what `find` found when the answer was lost: a deployment must not be started twice).
 
-        min_replicas 0 is scale to zero: a Preview of the v1beta1 API, on dedicated endpoints only.
+        min_replicas 0 is scale to zero: a Preview of the v1beta1 API, on dedicated endpoints only. `spot`:
+        the replicas on Spot VMs (DedicatedResources.spot, in v1 and v1beta1).
         `service_account`: what the container runs as (empty: Vertex AI's own, which may only read the
         Model's artifacts).
         """
@@ -231,6 +233,7 @@ class Vertex:
             ),
             min_replica_count=min_replicas,
             max_replica_count=max_replicas,
+            spot=spot,
         )
         if max_replicas > max(min_replicas, 1):
             resources.autoscaling_metric_specs = [aip.AutoscalingMetricSpec(metric_name=DUTY_CYCLE_METRIC, target=60)]

@@ -37,10 +37,8 @@ from sdxlctl.pricing.table import with_live as with_live
 if TYPE_CHECKING:
     from sdxlctl.config import CloudRun
 
-ONLINE_SPOT = (
-    "priced at Spot rates ([deploy] spot = true): Spot VMs are cheaper and may be preempted; "
-    "Vertex AI restarts a preempted replica"
-)
+SPOT_ONLINE = "cheaper, may be preempted; Vertex AI restarts a preempted replica"  # what Spot means online
+ONLINE_SPOT = f"priced at Spot rates ([deploy] spot = true): Spot VMs: {SPOT_ONLINE}"
 WIDE_MARGIN = 2.0  # "fits with a wide margin": at most half of the shared endpoint's limit
 UI_SECONDS_PER_REQUEST_OVERHEAD = 1.0  # page work besides waiting for the model
 

@@ -12,7 +12,7 @@ from sdxlctl.gcp.iam import account_email
 from sdxlctl.gpus import GpuOption
 from sdxlctl.inputs import DEDICATED_LIMIT_BYTES, SHARED_LIMIT_BYTES
 from sdxlctl.lora_sources import gs_folder
-from sdxlctl.pricing import machine_price
+from sdxlctl.pricing import SPOT_ONLINE, machine_price
 from sdxlctl.server_env import compile_cache as resolved_cache
 from sdxlctl.server_env import server_env
 
@@ -88,11 +88,13 @@ def cloud(config: Config) -> Cloud:
     return Cloud.from_config(config)
 
 
-def daily_cost(option: GpuOption, region: str, replicas: int) -> str:
-    hourly = machine_price(option.key, region)
+def daily_cost(option: GpuOption, region: str, replicas: int, *, spot: bool = False) -> str:
+    """A day of the replicas, as plans say it; on Spot VMs ([deploy] spot) at Spot rates, saying what it means."""
+    hourly = machine_price(option.key, region, spot=spot)
     if hourly is None:
         return "no price in the table for this region (`sdxlctl cost`)"
-    return f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replica_count(replicas, replicas)}"
+    said = f"≈ {hourly * 24 * replicas:,.2f} USD/day for {replica_count(replicas, replicas)}"
+    return f"Spot VMs, {said}: {SPOT_ONLINE}" if spot else said
 
 
 def replica_count(low: int, high: int) -> str:

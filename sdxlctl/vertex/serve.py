@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sdxlctl.config import Config
+from sdxlctl.config import Config, Deploy
 from sdxlctl.errors import DeployError
 from sdxlctl.gpus import GpuOption, gpu
 from sdxlctl.pricing.memory import require_fit
@@ -143,7 +143,7 @@ def plan_deploy(config: Config, store: StateStore) -> StepResult:
         )
         changes.append(Change("create", "endpoint", f"{config.name} in {config.gcp.region}", detail))
     scale = "scale to zero (Preview)" if d.min_replicas == 0 else replica_count(d.min_replicas, d.max_replicas)
-    machine = f"{machine_of(option)}, {scale}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}"
+    machine = f"{machine_of(option)}, {scale}; {_daily_cost(config, option)}"
     if option.note:
         machine += f"; {option.note}"
     if config.model.refiner != "off":
@@ -172,7 +172,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
     account = ensure_server_account(config, store, progress, changes)
     endpoint = _ensure_endpoint(config, store, vertex, n, progress, changes)
     timeout_s = d.timeout_min * 60
-    match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
+    match = _matching_deployment(endpoint, recorded_model.name, option, d, account)
     if match is None:
         pending = store.read().get(config.name, "endpoint")
         operation = pending.details.get("deploy_operation") if pending else None
@@ -188,7 +188,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
                 if running:
                     return running[0]
                 now = vertex.get_endpoint(endpoint.name)
-                return _matching_deployment(now, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
+                return _matching_deployment(now, recorded_model.name, option, d, account)
 
             with interrupts_deferred():
                 operation = vertex.deploy(
@@ -198,6 +198,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
                     gpu=option,
                     min_replicas=d.min_replicas,
                     max_replicas=d.max_replicas,
+                    spot=d.spot,
                     service_account=account,
                     find=deployed_already,
                     progress=progress,
@@ -221,7 +222,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
                 raise
             store.update_details(config.name, "endpoint", deploy_operation=None)
         endpoint = vertex.get_endpoint(endpoint.name)
-        match = _matching_deployment(endpoint, recorded_model.name, option, d.min_replicas, d.max_replicas, account)
+        match = _matching_deployment(endpoint, recorded_model.name, option, d, account)
         if match is None:
             raise DeployError(f"the deployment finished but {endpoint.name} does not serve {recorded_model.name}")
         changes.append(
@@ -229,7 +230,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
                 "deploy",
                 "model",
                 recorded_model.name,
-                f"{machine_of(option)}; {daily_cost(option, config.gcp.region, max(d.min_replicas, 1))}{resumed}",
+                f"{machine_of(option)}; {_daily_cost(config, option)}{resumed}",
             )
         )
     else:
@@ -255,6 +256,10 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
         deployed_at=deployed_at,
     )
     return StepResult(changes, endpoint.name, time.monotonic() - started)
+
+
+def _daily_cost(config: Config, option: GpuOption) -> str:
+    return daily_cost(option, config.gcp.region, max(config.deploy.min_replicas, 1), spot=config.deploy.spot)
 
 
 def _ensure_endpoint(
@@ -328,9 +333,8 @@ def _endpoint_resource(endpoint: Any, previous: Resource | None) -> Resource:
     )
 
 
-def _matching_deployment(
-    endpoint: Any, model_version: str, option: GpuOption, low: int, high: int, account: str
-) -> Any:
+def _matching_deployment(endpoint: Any, model_version: str, option: GpuOption, d: Deploy, account: str) -> Any:
+    """The deployment that serves `model_version` as [deploy] says: machine, replicas, Spot, account."""
     model, _, version = model_version.partition("@")
     for deployed in endpoint.deployed_models:
         spec = deployed.dedicated_resources
@@ -340,8 +344,9 @@ def _matching_deployment(
             and (not version or deployed.model_version_id == version)
             and machine.machine_type == option.machine_type
             and machine.accelerator_count == option.count
-            and spec.min_replica_count == low
-            and spec.max_replica_count == high
+            and spec.min_replica_count == d.min_replicas
+            and spec.max_replica_count == d.max_replicas
+            and spec.spot == d.spot  # a change of [deploy] spot deploys anew, then retires the other
             and deployed.service_account == account
         ):
             return deployed
