@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sdxlctl.batch import Batch, BatchOptions, BatchProgress, BatchResult, Row, Submission, no_progress
 from sdxlctl.config import Config
@@ -22,7 +23,6 @@ from sdxlctl.steps import Notice, Progress, quiet
 BATCH_TARGETS = ("vertex", "local")  # cloudrun has no batch engine: its service would be a loop of predicts
 DEFAULT_STEPS = 30  # the server's num_inference_steps when --steps is not given (the estimate's too)
 LOCAL_BATCH_SIZE = 4  # lines a request to the local server: enough to keep it busy, small enough to resume
-SPOT_NOTE = "Spot: cheaper, may be preempted; a preempted replica's lines are retried (the job takes longer)"
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,16 @@ def run(
 
 
 def cost(
-    config: Config, *, images: int, gpu: str | None, replicas: int | None, spot: bool | None, steps: int
+    config: Config,
+    *,
+    images: int,
+    gpu: str | None,
+    replicas: int | None,
+    spot: bool | None,
+    steps: int,
+    table: Any = None,
 ) -> BatchEstimate:
-    """`sdxlctl cost --images N`: the same arithmetic as a batch's --dry-run."""
+    """`sdxlctl cost --images N`: the same arithmetic as a batch's --dry-run (`table`: the prices, else bundled)."""
     from sdxlctl.pricing.batch import batch_estimate
 
     return batch_estimate(
@@ -110,6 +117,10 @@ def cost(
         replicas=replicas or config.batch.max_replicas,
         spot=config.batch.spot if spot is None else spot,
         level=config.model.optimize,
+        time_limit_s=config.model.time_limit_s,
+        max_images=config.model.max_images,
+        chosen_batch_size=config.batch.batch_size,
+        table=table,
     )
 
 
@@ -205,10 +216,8 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
     replicas = (1, 1) if local else options.replicas or (config.batch.min_replicas, config.batch.max_replicas)
     spot = False if local else (config.batch.spot if options.spot is None else options.spot)
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
-    num_images = int(batch.parameters.get("num_images", 1))
-    estimate = _estimate(config, batch, gpu, replicas[1], spot, steps, num_images, local=local)
-    size = _batch_size(config, gpu, steps, num_images, local=local)
-    estimate = _with(estimate, batch_size=size)
+    size = _batch_size(config, gpu, steps, int(batch.parameters.get("num_images", 1)), local=local)
+    estimate = _estimate(config, batch, gpu, replicas[1], spot, size, local=local)
     submission = Submission(
         batch=batch,
         out=out,
@@ -224,25 +233,28 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
 
 
 def _estimate(
-    config: Config, batch: Batch, gpu: str, replicas: int, spot: bool, steps: int, num_images: int, *, local: bool
+    config: Config, batch: Batch, gpu: str, replicas: int, spot: bool, size: int, *, local: bool
 ) -> BatchEstimate:
+    steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
     if local:  # this machine's own server: nothing billed, and no table knows its speed
         return BatchEstimate(
             gpu="local", region="local", images=batch.images, seconds_per_image=0.0, replicas=1, spot=False,
-            batch_size=1, replica_hours=0.0, wall_hours=0.0, usd_per_replica_hour=0.0, usd=0.0, verified=True,
+            batch_size=size, replica_hours=0.0, wall_hours=0.0, usd_per_replica_hour=0.0, usd=0.0, verified=True,
         )  # fmt: skip
     from sdxlctl.pricing.batch import batch_estimate
 
-    images = len(batch.lines)  # num_images is the estimate's own factor: images = lines x num_images
     return batch_estimate(
         gpu,
         config.gcp.region,
-        images=images,
+        images=batch.images,
         steps=steps,
         replicas=replicas,
         spot=spot,
         level=config.model.optimize,
-        num_images=num_images,
+        num_images=int(batch.parameters.get("num_images", 1)),
+        time_limit_s=config.model.time_limit_s,
+        max_images=config.model.max_images,
+        chosen_batch_size=size,
     )
 
 
@@ -265,12 +277,6 @@ def _batch_size(config: Config, gpu: str, steps: int, num_images: int, *, local:
     )
 
 
-def _with(estimate: BatchEstimate, **changes: object) -> BatchEstimate:
-    from dataclasses import replace
-
-    return replace(estimate, **changes)  # type: ignore[arg-type]
-
-
 def _notes(config: Config, options: BatchOptions, submission: Submission, estimate: BatchEstimate) -> list[str]:
     notes: list[str] = []
     if config.target == "local":
@@ -278,10 +284,7 @@ def _notes(config: Config, options: BatchOptions, submission: Submission, estima
         ignored += ["--spot"] if options.spot else []
         if ignored:
             notes.append(f"{', '.join(ignored)} ignored on target local: the lines run on this machine's server")
-        notes.append("runs on this machine's local server (`sdxlctl deploy` starts it): nothing is billed")
-    else:
-        if submission.spot:
-            notes.append(SPOT_NOTE)
+    else:  # what Spot means comes with the estimate's notes
         notes.append(
             "the job's input and raw output stay beside the images in gs:// (teardown deletes the job, not the files)"
         )

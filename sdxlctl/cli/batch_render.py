@@ -160,7 +160,8 @@ def plan(plan: BatchPlan, *, title: str = "plan (--dry-run: nothing was called)"
     batch = sub.batch
     rows = [("file", f"{batch.source} ({plural(len(batch.lines), 'line')}, {plural(batch.images, 'image')})")]
     if plan.target == "local":
-        rows += [("target", "local: this machine's model server"), ("batch size", f"{sub.batch_size} lines a request")]
+        rows += [("target", "local: this machine's model server (`sdxlctl deploy` starts it)")]
+        rows += [("batch size", f"{sub.batch_size} lines a request")]
         rows += [("cost", "0.00 USD (nothing billed)")]
     else:
         from sdxlctl.gpus import GPUS
@@ -178,11 +179,10 @@ def plan(plan: BatchPlan, *, title: str = "plan (--dry-run: nothing was called)"
             ("wall hours", f"{estimate.wall_hours:,.2f}"),
             ("cost", f"{estimate.usd:,.2f} USD{unverified}"),
         ]
-    where = sub.out.rstrip("/")
-    rows.append(("output", f"{where}/{IMAGES}/ and {where}/{MANIFEST}"))
+    rows.append(("output", f"{sub.out.rstrip('/')}/ ({IMAGES}/ and {MANIFEST})"))
     if sub.download:
-        rows.append(("download", f"{sub.download / IMAGES}/ and {sub.download / MANIFEST}"))
-    err.print(title, highlight=False)
+        rows.append(("download", f"{sub.download}/ ({IMAGES}/ and {MANIFEST})"))
+    err.print(escape(title), highlight=False)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         err.print(f"  {name.ljust(width)}  {escape(value)}", highlight=False, soft_wrap=True)
