@@ -1,0 +1,86 @@
+"""Batch prediction jobs in teardown and status: a running job is found by its label (no state file needed) and
+cancelled, a finished job's record is deleted, the output in gs:// stays; a failed job reports its error and
+the lines that failed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdxlctl.batch import Counts
+from sdxlctl.errors import Interrupted
+from sdxlctl.vertex import batch as vertex_batch
+from tests.batch.test_vertex_run import OUT, gs_objects, make_batch, submission, uploaded
+from tests.conftest import Cli
+from tests.emulator_fixtures import Emulator
+
+
+def sent(emulator: Emulator, method: str, suffix: str) -> int:
+    return sum(1 for r in emulator.requests() if r["method"] == method and r["path"].endswith(suffix))
+
+
+def test_teardown_cancels_a_running_job_found_by_its_label_with_the_state_file_gone(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config, store = uploaded(cli, emulator, monkeypatch)
+    emulator.slow("batchPredictionJobs")
+
+    def progress(counts: Counts) -> None:
+        if counts.state == "RUNNING":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        vertex_batch.run(config, store, submission(make_batch(2)), progress=progress)
+    (job,) = emulator.batch_jobs()
+    status = json.loads(cli("status", "--json", env=emulator.env()).out)
+    (row,) = [r for r in status["resources"] if r["kind"].startswith("batch-")]
+    assert row["name"] == job["name"] and "RUNNING 0/2" in json.dumps(row), row
+
+    (tmp_path / ".sdxlctl" / "state.json").unlink()
+    plan = cli("teardown", "--dry-run", env=emulator.env())
+    assert plan.code == 0, plan.err
+    down = cli("teardown", "--yes", env=emulator.env())
+    assert down.code == 0, down.err
+    assert sent(emulator, "POST", ":cancel") == 1
+    assert job["name"] in down.out + down.err
+    assert emulator.batch_jobs() == []  # cancelled, then its record deleted once it stopped
+    assert emulator.labelled() == []
+    assert "input.jsonl" in gs_objects(emulator, OUT)  # the user's files stay
+
+
+def test_teardown_deletes_a_finished_jobs_record_and_keeps_its_output(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, store = uploaded(cli, emulator, monkeypatch)
+    result = vertex_batch.run(config, store, submission(make_batch(2)))
+    assert result.state == "SUCCEEDED"
+    status = json.loads(cli("status", "--json", env=emulator.env()).out)
+    assert "SUCCEEDED 2/2" in json.dumps([r for r in status["resources"] if r["kind"].startswith("batch-")])
+    before = gs_objects(emulator, OUT)
+
+    plan = cli("teardown", "--dry-run", env=emulator.env())
+    assert plan.code == 0 and result.where in plan.out + plan.err, plan.err
+    assert "gs://demo-project-sdxlctl/batch/sdxl/prompts-test/" in plan.out + plan.err  # kept, and said so
+    down = cli("teardown", "--yes", env=emulator.env())
+    assert down.code == 0, down.err
+    assert sent(emulator, "POST", ":cancel") == 0 and sent(emulator, "DELETE", result.where.rsplit("/", 1)[-1]) == 1
+    assert emulator.batch_jobs() == []
+    assert gs_objects(emulator, OUT) == before  # images, manifest, raw output: all still there
+    assert {"images/000001.png", "images/000002.png", "manifest.jsonl"} <= set(before)
+
+
+def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, store = uploaded(cli, emulator, monkeypatch)
+    # a width above the server's 2048: every request is refused (400), so every line fails and so does the job
+    refused = {"num_inference_steps": 2, "width": 4096, "height": 64, "output_format": "png"}
+    result = vertex_batch.run(config, store, submission(make_batch(3, refused)))
+    assert result.state == "FAILED"
+    assert "width" in result.error, result.error
+    assert [row.line for row in result.failed] == [1, 2, 3] and result.done == 0
+    assert all("width" in str(row.error) for row in result.failed), result.failed
+    rows = [json.loads(line) for line in gs_objects(emulator, OUT)["manifest.jsonl"].decode().splitlines()]
+    assert [(r["line"], r["images"], "width" in r["error"]) for r in rows] == [(i, [], True) for i in (1, 2, 3)]
