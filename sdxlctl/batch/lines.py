@@ -89,8 +89,9 @@ def read(path: Path, parameters: dict[str, Any], *, max_lines: int) -> Batch:
 
 
 def check_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The shared parameters as the server reads them, checked (a UsageError naming the flag's field)."""
-    checked, problem = _check_parameters(parameters)
+    """The shared parameters as the server reads them, checked (a UsageError naming the flag's field); a None
+    value is a flag not given, left out (the server takes no null for most of them)."""
+    checked, problem = _check_parameters({key: value for key, value in parameters.items() if value is not None})
     if problem is None:
         return checked
     field = problem.field.split(".")[0].split("[")[0]
@@ -228,7 +229,8 @@ def _csv(raw: Iterator[tuple[int, str]], found: _Found) -> Iterator[Record]:
     import csv
 
     # Every file line goes to the reader (a too-long one as a blank), so its line_num is the file's.
-    reader = csv.reader(text for _, text in raw)
+    # strict: a quote never closed is refused, not read as one prompt holding the rest of the file
+    reader = csv.reader((text for _, text in raw), strict=True)
     header: list[str] | None = None
     last = 0
     while True:
@@ -236,8 +238,12 @@ def _csv(raw: Iterator[tuple[int, str]], found: _Found) -> Iterator[Record]:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as exc:  # a quote never closed runs on past the field size limit
-            raise BatchInputError(f"{found.name} line {last + 1}: not a CSV row ({exc})") from None
+        except csv.Error as exc:
+            raise BatchInputError(
+                f"{found.name} line {last + 1}: not a CSV row ({exc})",
+                hint='a cell with a comma, a quote or a line break is quoted ("a fox, in snow"), '
+                'and a quote inside it doubled ("")',
+            ) from None
         start, last = last + 1, reader.line_num
         if not any(cell.strip() for cell in row):
             continue

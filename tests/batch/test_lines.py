@@ -200,6 +200,8 @@ def test_a_line_that_never_ends_is_refused_without_reading_it_whole(tmp_path: Pa
         ("prompt,seed\n,3\n", "p.csv line 2: prompt: a non-empty prompt (or text) is required"),
         ("prompt,seed\na,1,extra\n", "p.csv line 2: 3 cells, but the header names 2 columns"),
         ("prompt\n", "p.csv has no prompts"),
+        ('prompt,seed\nfine,1\n"never closed,1\nmore\n', "p.csv line 3: not a CSV row (unexpected end of data)"),
+        ('prompt,seed\n"a" fox,1\n', "p.csv line 2: not a CSV row (',' expected after '\"')"),
     ],
 )
 def test_a_bad_csv_is_refused_with_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -223,6 +225,7 @@ def test_shared_parameters_are_normalised_as_the_server_reads_them() -> None:
         "output_format": "png",
     }
     assert check_parameters({}) == {}
+    assert check_parameters({"refine": None, "width": None, "quality": 80}) == {"quality": 80}  # None: not given
 
 
 @pytest.mark.parametrize(
