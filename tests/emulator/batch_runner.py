@@ -266,6 +266,8 @@ class JobRunner:
             return dict(job)
 
     def _end(self, name: str, state: str, error: dict[str, Any] | None) -> None:
+        """The job's final state, once its replica is gone (a client that sees it finished sees no replica)."""
+        self.servers.stop(f"batch-{_id(name)}")
         with self.world.lock:
             job = self.world.table(TABLE).get(name)
             if job is None or job["state"] in FINISHED:
