@@ -186,14 +186,14 @@ def _refuse_constant(name: str) -> Any:
 def _jsonl(raw: Iterator[tuple[int, str]]) -> Iterator[Record]:
     for number, text in raw:
         if text.strip():
-            yield number, _json_line(text)
+            yield number, _json_line(text.rstrip("\r\n"))
 
 
 def _json_line(text: str) -> dict[str, Any] | Problem:
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        return Problem("", f"not valid JSON: {exc.msg} (column {exc.colno})")
+        return Problem("", f"not valid JSON: {exc.msg} (column {exc.pos + 1})")
     except RecursionError:
         return Problem("", f"JSON nested deeper than {LINE_DEPTH} levels")
     except ValueError as exc:  # NaN, Infinity, an integer of thousands of digits

@@ -88,6 +88,7 @@ def test_a_csv_file_has_a_header_empty_cells_are_absent_and_a_row_is_numbered_by
             '{"prompt": "a fox",}',
             "p.jsonl line 2: not valid JSON: Expecting property name enclosed in double quotes (column 20)",
         ),
+        ('{"prompt": "a cat"', "p.jsonl line 2: not valid JSON: Expecting ',' delimiter (column 19)"),
         ("[1, 2]", 'p.jsonl line 2: a JSON object is required ({"prompt": "...", "seed": 42}), not a list'),
         ('{"prompt": "a", "seed": NaN}', "p.jsonl line 2: not valid JSON: NaN is not a JSON number"),
         (
