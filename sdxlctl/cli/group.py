@@ -14,7 +14,7 @@ ANYWHERE = {"--config": True, "-c": True, "--debug": False}
 # `sdxlctl -h` lists the commands in the order a deployment lives, as `sdxlctl init` to `teardown` would run;
 # a command not named here comes last.
 LIFECYCLE = [
-    "init", "check", "build", "upload", "deploy", "predict", "lora", "ui-deploy",
+    "init", "check", "build", "upload", "deploy", "predict", "batch", "lora", "ui-deploy",
     "status", "logs", "cost", "teardown", "config", "styles",
 ]  # fmt: skip
 
