@@ -12,9 +12,9 @@ from sdxlctl.cli.console import err, out
 from sdxlctl.steps import plural
 
 if TYPE_CHECKING:
+    from sdxlctl.batch.door import BatchEstimate
     from sdxlctl.config import Config
     from sdxlctl.core import CloudRunEstimate, Compared, Estimate
-    from sdxlctl.pricing.batch import BatchEstimate
 
 RUN_CAVEAT = (
     "An estimate: list prices of the table's date, no discounts or taxes; Cloud Run bills each instance per "
@@ -178,8 +178,6 @@ def flagged(config: Config, region: str | None, spot: bool | None) -> Config:
     if spot is None:
         return config.model_copy(update={"gcp": gcp})
     deploy, batch = (part.model_copy(update={"spot": spot}) for part in (config.deploy, config.batch))
-    if spot and config.target == "cloudrun":
-        err.print("[yellow]note:[/] --spot prices Vertex AI's replicas (a batch, target vertex): Cloud Run has no Spot")
     return config.model_copy(update={"gcp": gcp, "deploy": deploy, "batch": batch})
 
 
@@ -209,11 +207,8 @@ def batch(result: BatchEstimate, *, as_json: bool) -> None:
 
 
 def _batch_rows(result: BatchEstimate) -> list[tuple[str, str]]:
-    from sdxlctl.pricing.batch import REPLICA_START_H
-    from sdxlctl.pricing.speed import latency
-
-    measured = "" if latency(result.gpu).measured else " (estimated)"
-    starts = f"{plural(result.replicas, 'start')} of {REPLICA_START_H * 60:g} min in it"
+    measured = "" if result.seconds_measured else " (estimated)"
+    starts = f"{plural(result.replicas, 'start')} of {result.replica_start_h * 60:g} min in it"
     return [
         ("seconds per image", f"{result.seconds_per_image:.2f}{measured}"),
         ("batch size", f"{plural(result.batch_size, 'instance')} a request"),

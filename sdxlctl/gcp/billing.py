@@ -8,11 +8,15 @@ from typing import Any
 from sdxlctl.gcp.errors import translated
 from sdxlctl.gcp.session import Cloud
 from sdxlctl.gpus import GPUS
+from sdxlctl.pricing.table import KINDS
 
 VERTEX_SERVICE = "services/C7E2-9256-1C43"
 PREFIX = "vertex ai: online/batch prediction "
 FAMILIES = "|".join(sorted({option.family for option in GPUS.values()}))
 PART = re.compile(rf"^(?P<family>{FAMILIES})\b.*instance (?P<part>core|ram)\b")
+# A Spot SKU says so in its description ("Spot Preemptible ...", as Compute Engine's do) and in its category's
+# usage type ("Preemptible"); without those words it is the on-demand SKU of the same part.
+SPOT_WORDS = re.compile(r"\((?:spot|preemptible)\)|\b(?:spot|preemptible)\b")
 
 
 def unit_price(sku: Any) -> float:
@@ -22,21 +26,25 @@ def unit_price(sku: Any) -> float:
 
 
 def fetch_regions(cloud: Cloud, regions: list[str]) -> dict[str, dict[str, Any]]:
-    """{region: {"gpu": {...}, "vcpu": {...}, "ram": {...}}} from the catalog, for the regions asked."""
+    """{region: {"gpu": {...}, "vcpu": {...}, "ram": {...}, "spot_gpu": {...}, ...}} from the catalog, for the
+    regions asked: on-demand and Spot SKUs of the same parts."""
     from google.cloud import billing_v1
 
     client: Any = cloud.client(billing_v1.CloudCatalogClient, "cloudbilling.googleapis.com")
-    found: dict[str, dict[str, Any]] = {r: {"gpu": {}, "vcpu": {}, "ram": {}} for r in regions}
+    found: dict[str, dict[str, Any]] = {r: {kind: {} for kind in KINDS} for r in regions}
     with translated("read the Cloud Billing catalog", api="cloudbilling", project=cloud.project):
         for sku in client.list_skus(request={"parent": VERTEX_SERVICE}, retry=cloud.retry()):
             description = sku.description.lower()
+            spot = bool(SPOT_WORDS.search(description)) or sku.category.usage_type.lower() == "preemptible"
+            description = " ".join(SPOT_WORDS.sub(" ", description).split())
             if not description.startswith(PREFIX):
-                continue  # Spot, management fees, training...
+                continue  # management fees, training...
             rest = description[len(PREFIX) :]
             entry = _classify(rest)
             if entry is None:
                 continue
             kind, key = entry
+            kind = f"spot_{kind}" if spot else kind
             for region in sku.service_regions:
                 if region in found and key not in found[region][kind]:
                     found[region][kind][key] = {

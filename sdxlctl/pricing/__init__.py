@@ -30,8 +30,10 @@ from sdxlctl.pricing.speed import (
     seconds_per_image,
 )
 from sdxlctl.pricing.table import DAYS_PER_MONTH as DAYS_PER_MONTH
-from sdxlctl.pricing.table import HOURS_PER_DAY, Breakdown, PriceTable, Rate, bundled, storage_cost
+from sdxlctl.pricing.table import HOURS_PER_DAY, Breakdown, PriceTable, bundled, storage_cost
+from sdxlctl.pricing.table import Rate as Rate
 from sdxlctl.pricing.table import from_data as from_data
+from sdxlctl.pricing.table import machine_per_hour as machine_per_hour
 from sdxlctl.pricing.table import with_live as with_live
 
 if TYPE_CHECKING:
@@ -102,18 +104,6 @@ class Estimate:
 
 
 SPEED_KEYS = ("seconds_per_image", "seconds_lower_bound", "images_per_hour", "usd_per_1000_images")
-
-
-def machine_per_hour(
-    table: PriceTable, option: GpuOption, region: str, *, spot: bool = False
-) -> tuple[float, list[Rate]]:
-    """One replica per hour: the GPUs, the vCPUs and the RAM of the machine, on demand or on Spot VMs."""
-    kind = "spot_{}" if spot else "{}"
-    gpu_rate = table.rate(region, kind.format("gpu"), option.key)
-    vcpu_rate = table.rate(region, kind.format("vcpu"), option.family)
-    ram_rate = table.rate(region, kind.format("ram"), option.family)
-    total = gpu_rate.usd * option.count + vcpu_rate.usd * option.vcpus + ram_rate.usd * option.ram_gb
-    return total, [gpu_rate, vcpu_rate, ram_rate]
 
 
 def estimate(

@@ -9,8 +9,8 @@ from typing import Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import gpu as gpu_option
-from sdxlctl.pricing.speed import seconds_per_image as _seconds_per_image
-from sdxlctl.pricing.table import PriceTable, bundled
+from sdxlctl.pricing.speed import latency
+from sdxlctl.pricing.table import PriceTable, bundled, machine_per_hour
 
 # A batch replica's start, billed as a node hour ("the time a VM spends running your prediction job or
 # waiting in a ready state"): 10 minutes. Not measured by this project (no run on Vertex AI batch prediction
@@ -44,6 +44,8 @@ class BatchEstimate:
     usd: float
     verified: bool  # False where a price used is marked unverified in prices.json
     notes: list[str] = field(default_factory=list)
+    replica_start_h: float = REPLICA_START_H  # each replica's start, counted in replica_hours
+    seconds_measured: bool = False  # seconds_per_image measured on this GPU, not estimated
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,8 @@ class BatchEstimate:
             "usd": round(self.usd, 2),
             "verified": self.verified,
             "notes": list(self.notes),
+            "replica_start_hours": round(self.replica_start_h, 4),
+            "seconds_measured": self.seconds_measured,
         }
 
 
@@ -84,15 +88,14 @@ def batch_estimate(
 
     The batch size shown is `chosen_batch_size` ([batch] batch_size) or, when 0, `batch_size(...)` for the
     server's time_limit_s and max_images; it changes the requests, not the work, so not the price."""
-    from sdxlctl.pricing import machine_per_hour
-
     if images < 0:
         raise UsageError(f"--images {images}: must not be negative")
     if replicas < 1:
         raise UsageError(f"--replicas {replicas}: a batch needs at least 1 replica")
     prices: PriceTable = table or bundled()
     option = gpu_option(gpu)
-    seconds = _seconds_per_image(option.key, steps, level)
+    speed = latency(option.key, steps, level)
+    seconds = speed.seconds
     hourly, rates = machine_per_hour(prices, option, region, spot=spot)
     size = batch_size(
         option.key, steps=steps, num_images=num_images, time_limit_s=time_limit_s, max_images=max_images, level=level
@@ -123,6 +126,7 @@ def batch_estimate(
         usd=replica_hours * hourly,
         verified=all(r.verified for r in rates),
         notes=notes,
+        seconds_measured=speed.measured,
     )
 
 
@@ -140,6 +144,6 @@ def batch_size(
     """
     if num_images < 1:
         raise UsageError(f"num_images {num_images}: must be at least 1")
-    per_instance = _seconds_per_image(gpu_option(gpu).key, steps, level) * num_images
+    per_instance = latency(gpu_option(gpu).key, steps, level).seconds * num_images
     in_time = math.floor(TIME_LIMIT_ROOM * time_limit_s / per_instance)
     return max(1, min(max_images // num_images, in_time))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxlctl.errors import UsageError
+from sdxlctl.gpus import GpuOption
 
 HOURS_PER_DAY = 24
 DAYS_PER_MONTH = 30.44
@@ -92,6 +93,18 @@ def with_live(table: PriceTable, regions: dict[str, dict[str, Any]], date: str) 
         for kind in KINDS:
             entry.setdefault(kind, {}).update(parts.get(kind, {}))
     return replace(table, regions=merged, date=date, origin="live (Cloud Billing catalog)")
+
+
+def machine_per_hour(
+    table: PriceTable, option: GpuOption, region: str, *, spot: bool = False
+) -> tuple[float, list[Rate]]:
+    """One replica per hour: the GPUs, the vCPUs and the RAM of the machine, on demand or on Spot VMs."""
+    kind = "spot_{}" if spot else "{}"
+    gpu_rate = table.rate(region, kind.format("gpu"), option.key)
+    vcpu_rate = table.rate(region, kind.format("vcpu"), option.family)
+    ram_rate = table.rate(region, kind.format("ram"), option.family)
+    total = gpu_rate.usd * option.count + vcpu_rate.usd * option.vcpus + ram_rate.usd * option.ram_gb
+    return total, [gpu_rate, vcpu_rate, ram_rate]
 
 
 @dataclass(frozen=True)

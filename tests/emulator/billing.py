@@ -13,7 +13,9 @@ VERTEX = "services/C7E2-9256-1C43"
 
 
 def sku(sku_id: str, description: str, regions: list[str], usd: float, unit: str = "h") -> dict[str, Any]:
-    """A catalog entry in Google's JSON shape (checked against the Sku message)."""
+    """A catalog entry in Google's JSON shape (checked against the Sku message); a Spot SKU's usage type is
+    Preemptible, as Compute Engine's Spot SKUs are."""
+    usage = "Preemptible" if "spot" in description.lower() else "OnDemand"
     units, nanos = int(usd), round((usd - int(usd)) * 1e9)
     return parse(
         billing_v1.Sku,
@@ -21,7 +23,7 @@ def sku(sku_id: str, description: str, regions: list[str], usd: float, unit: str
             "name": f"{VERTEX}/skus/{sku_id}",
             "skuId": sku_id,
             "description": description,
-            "category": {"serviceDisplayName": "Vertex AI", "resourceFamily": "Compute", "usageType": "OnDemand"},
+            "category": {"serviceDisplayName": "Vertex AI", "resourceFamily": "Compute", "usageType": usage},
             "serviceRegions": regions,
             "pricingInfo": [
                 {
