@@ -223,14 +223,14 @@ def counts(job: dict[str, Any], total: int, usd_per_replica_hour: float) -> Coun
 
 def _elapsed(job: dict[str, Any]) -> float:
     """Seconds since the job started (created, before it ran), up to its end."""
-    begun = _time(job.get("startTime")) or _time(job.get("createTime"))
+    begun = parse_time(job.get("startTime")) or parse_time(job.get("createTime"))
     if begun is None:
         return 0.0
-    ended = _time(job.get("endTime")) or datetime.now(UTC)
+    ended = parse_time(job.get("endTime")) or datetime.now(UTC)
     return max(0.0, (ended - begun).total_seconds())
 
 
-def _time(text: Any) -> datetime | None:
+def parse_time(text: Any) -> datetime | None:
     if not text:
         return None
     # protobuf writes 0, 3, 6 or 9 fractional digits; datetime reads at most 6

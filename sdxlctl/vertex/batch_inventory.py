@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sdxlctl.state import Resource
@@ -39,6 +40,22 @@ def find(c: Cloud, deployment: str) -> list[dict[str, Any]]:
     from sdxlctl.vertex.names import LABEL
 
     return Jobs(c).find({LABEL: deployment})
+
+
+def listed(jobs: list[dict[str, Any]]) -> list[tuple[str, str, str, datetime | None]]:
+    """Status rows of jobs found by label: (kind batch-<stamp>, name, live state, created)."""
+    from sdxlctl.vertex.batch import BATCH_LABEL, counts, parse_time
+
+    rows = []
+    for job in jobs:
+        now = counts(job, 0, 0.0)
+        stats = job.get("completionStats", {})
+        total = int(stats.get("successfulCount", 0)) + int(stats.get("failedCount", 0))
+        total += max(0, int(stats.get("incompleteCount", 0)))
+        text = f"{now.state} {now.done}/{total or '?'}" + (f" ({now.failed} failed)" if now.failed else "")
+        stamp = (job.get("labels") or {}).get(BATCH_LABEL) or job["name"].rsplit("/", 1)[-1]
+        rows.append((f"batch-{stamp}", job["name"], text, parse_time(job.get("createTime"))))
+    return rows
 
 
 def _running(job: dict[str, Any]) -> bool:

@@ -102,9 +102,10 @@ def unrecorded(config: Config, store: StateStore, state: State) -> dict[str, Res
                 return []
             raise
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        lists = [pool.submit(listed, find) for find in (vertex.find_endpoints, vertex.find_models, run.find)]
-        endpoints, models, services = (done.result() for done in lists)
+    finds = (vertex.find_endpoints, vertex.find_models, run.find, lambda label: batch_inventory.find(c, label[1]))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        lists = [pool.submit(listed, find) for find in finds]
+        endpoints, models, services, jobs = (done.result() for done in lists)
     recorded = state.of(config.name)
     # a model is recorded with its version (name@2), listed without
     known = {r.name.split("@")[0] if r.kind == "model" else r.name for r in recorded.values() if r.target == "vertex"}
@@ -134,6 +135,8 @@ def unrecorded(config: Config, store: StateStore, state: State) -> dict[str, Res
             add("server-account", deployed.service_account, "in use by the endpoint", _stamp(deployed))
     for service in services:
         add("ui-account", service.template.service_account, "in use by the UI's Cloud Run service", _stamp(service))
+    for kind, name, live, created in batch_inventory.listed(jobs):
+        add(kind, name, live, created)
     return found
 
 

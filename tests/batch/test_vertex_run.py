@@ -160,3 +160,16 @@ def test_no_uploaded_model_says_what_to_run(cli: Cli, emulator: Emulator, monkey
         vertex_batch.run(config, store, submission(make_batch(1)))
     assert "sdxlctl upload" in str(raised.value.hint)
     assert emulator.batch_jobs() == []
+
+
+def test_a_spot_job_goes_through_v1beta1_with_spot_replicas(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, store = uploaded(cli, emulator, monkeypatch)
+    result = vertex_batch.run(config, store, submission(make_batch(1), spot=True))
+    (job,) = emulator.batch_jobs()
+    assert job["dedicatedResources"]["spot"] is True and result.state == "SUCCEEDED"
+    posted = [r["path"] for r in emulator.requests() if r["method"] == "POST" and "batchPredictionJobs" in r["path"]]
+    assert [path.split("/")[1] for path in posted] == ["v1beta1"]  # spot is no field of v1's BatchDedicatedResources
+    recorded = [r for k, r in store.read().of("sdxl").items() if k.startswith("batch-")]
+    assert [r.details["spot"] for r in recorded] == [True]

@@ -39,6 +39,9 @@ def test_teardown_cancels_a_running_job_found_by_its_label_with_the_state_file_g
     assert row["name"] == job["name"] and "RUNNING 0/2" in json.dumps(row), row
 
     (tmp_path / ".sdxlctl" / "state.json").unlink()
+    lost = json.loads(cli("status", "--json", env=emulator.env()).out)
+    (row,) = [r for r in lost["resources"] if r["name"] == job["name"]]  # found by its label
+    assert row["kind"].startswith("batch-") and "RUNNING 0/" in json.dumps(row), row
     plan = cli("teardown", "--dry-run", env=emulator.env())
     assert plan.code == 0, plan.err
     down = cli("teardown", "--yes", env=emulator.env())
@@ -84,3 +87,18 @@ def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
     assert all("width" in str(row.error) for row in result.failed), result.failed
     rows = [json.loads(line) for line in gs_objects(emulator, OUT)["manifest.jsonl"].decode().splitlines()]
     assert [(r["line"], r["images"], "width" in r["error"]) for r in rows] == [(i, [], True) for i in (1, 2, 3)]
+
+    # --retry-failed: the failed lines of the last job on this file, rerun into the same folder and manifest
+    where, previous = vertex_batch.previous_rows(config, store, Path("prompts.txt"))
+    assert where == result.where and sorted(n for n, row in previous.items() if row.error) == [1, 2, 3]
+    retry = submission(make_batch(3).only({2, 3}), retry_of=where)
+    again = vertex_batch.run(config, store, retry)
+    assert (again.state, again.done, again.out) == ("SUCCEEDED", 2, OUT)
+    objects = gs_objects(emulator, OUT)
+    rows = [json.loads(line) for line in objects["manifest.jsonl"].decode().splitlines()]
+    assert [(r["line"], r["images"], r["error"] is None) for r in rows] == [
+        (1, [], False),
+        (2, ["images/000002.png"], True),
+        (3, ["images/000003.png"], True),
+    ]
+    assert b'"key": "1"' in objects["input.jsonl"]  # the first run's input stays: --attach to it still works
