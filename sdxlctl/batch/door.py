@@ -229,7 +229,7 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
         usd_per_replica_hour=estimate.usd_per_replica_hour,
         retry_of=retry_of,
     )
-    return BatchPlan(submission, estimate, config.target, _notes(config, options, submission, estimate))
+    return BatchPlan(submission, estimate, config.target, _notes(config, submission, estimate))
 
 
 def _estimate(
@@ -277,14 +277,10 @@ def _batch_size(config: Config, gpu: str, steps: int, num_images: int, *, local:
     )
 
 
-def _notes(config: Config, options: BatchOptions, submission: Submission, estimate: BatchEstimate) -> list[str]:
+def _notes(config: Config, submission: Submission, estimate: BatchEstimate) -> list[str]:
+    """What the plan says besides its numbers (flags local ignores are said by the CLI, as for deploy)."""
     notes: list[str] = []
-    if config.target == "local":
-        ignored = [flag for flag, on in (("--gpu", options.gpu), ("--replicas", options.replicas)) if on]
-        ignored += ["--spot"] if options.spot else []
-        if ignored:
-            notes.append(f"{', '.join(ignored)} ignored on target local: the lines run on this machine's server")
-    else:  # what Spot means comes with the estimate's notes
+    if config.target == "vertex":  # what Spot means comes with the estimate's notes
         notes.append(
             "the job's input and raw output stay beside the images in gs:// (teardown deletes the job, not the files)"
         )

@@ -24,6 +24,7 @@ from sdxlctl.cli.commands import (
     _complete_style,
     _context,
     _multiple_of_8,
+    _say_ignored,
     spelled,
 )
 from sdxlctl.cli.root import app
@@ -149,6 +150,9 @@ def batch(
         scheduler=scheduler,
     )
     config, store = _context()
+    _say_ignored(
+        config, "batch", {"--gpu": gpu is not None, "--replicas": replicas is not None, "--spot": spot is not None}
+    )
     if num_images is not None and num_images > config.model.max_images:  # the server's limit: refused before
         raise UsageError(
             f"--num-images {num_images} is more than [model] max_images = {config.model.max_images}",

@@ -25,6 +25,9 @@ IGNORED_OPTIONS = {
     "deploy --gpu": "the model server runs on this machine's own GPU (or CPU); --gpu picks target vertex's GPU",
     "ui-deploy --public": "the UI answers only on [local] host; --public opens target vertex's Cloud Run UI to all",
     "teardown --images": "it builds no images (one made by `sdxlctl build --local` stays in Docker: `docker rmi` it)",
+    "batch --gpu": "the lines run on this machine's server; --gpu picks the GPU of target vertex's batch job",
+    "batch --replicas": "one local server answers every line; --replicas sizes target vertex's batch job",
+    "batch --spot": "nothing is billed on this machine; --spot asks target vertex for Spot VMs",
 }
 
 # ---------------------------------------------------------------- build, upload: nothing to do here

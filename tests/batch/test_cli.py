@@ -167,3 +167,15 @@ def test_a_local_batch_through_the_command_line(cli: Cli, plain_server: Server, 
     assert "SUCCEEDED: 2 done, 0 failed" in done.err
     assert done.out.strip() == str(Path("batch-fox") / "manifest.jsonl")
     assert sorted(p.name for p in (tmp_path / "batch-fox" / "images").iterdir()) == ["000001.png", "000002.png"]
+
+
+def test_flags_local_ignores_are_said_and_flags_that_clash_are_refused(cli: Cli, tmp_path: Path) -> None:
+    prompts(tmp_path)
+    planned = cli("batch", "fox.txt", "--dry-run", "--gpu", "a100", "--replicas", "2", "--no-spot")
+    assert planned.code == 0, planned.err
+    for flag in ("--gpu", "--replicas", "--spot"):
+        assert f"note: {flag} is ignored on target local" in planned.err
+    clash = cli("batch", "--attach", "--dry-run")
+    assert clash.code == 2 and clash.err.startswith("error: --attach waits for a job already started")
+    stray = cli("batch", "fox.txt", "--job", "7")
+    assert stray.code == 2 and "hint: sdxlctl batch --attach --job JOB" in stray.err
