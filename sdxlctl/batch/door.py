@@ -127,8 +127,8 @@ def cost(
 # ---------------------------------------------------------------- the parts of a plan
 
 
-class _NothingFailed(Exception):
-    """--retry-failed with no failed line in the last run: a message, not an error."""
+class _NothingFailed(SdxlctlError):
+    """--retry-failed with no failed line in the last run: run() makes it a Notice; plan() alone raises it."""
 
 
 def _styled(batch: Batch, style: str | None) -> Batch:
