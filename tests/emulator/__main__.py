@@ -1,8 +1,9 @@
 """`python -m tests.emulator --port 9090`: the Google Cloud emulator and a GCS emulator, on loopback.
 
 Point sdxlctl at it with `[gcp] api_endpoint = "http://127.0.0.1:9090"` (or SDXLCTL_GCP_API_ENDPOINT) and
-STORAGE_EMULATOR_HOST=http://127.0.0.1:9091; then build, upload, deploy, predict, ui-deploy and teardown
-run against it as they would against Google Cloud. Deployed models run as local `python -m sdxl_server`.
+STORAGE_EMULATOR_HOST=http://127.0.0.1:9091; then build, upload, deploy, predict, batch, ui-deploy and teardown
+run against it as they would against Google Cloud. Deployed models, and each batch prediction job's replica,
+run as local `python -m sdxl_server`.
 Target cloudrun's services are private: sdxlctl calls them with an ID token from a service account key file,
 so the emulator writes the deployer's (a project owner, whose token_uri is this emulator) and prints the
 GOOGLE_APPLICATION_CREDENTIALS to export. Its key lives as long as this process: restart, export again.

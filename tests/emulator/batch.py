@@ -5,7 +5,9 @@ container as a replica (ModelServers), the input read from the GCS emulator, the
 Clients poll `state`. cancel is asynchronous (CANCELLING, then CANCELLED between two requests); delete is
 an operation, and only for a finished job. Validation follows the proto and Google's documented rules; a
 field only v1beta1 has (dedicatedResources.spot) is an unknown field on /v1/, as Google's v1 refuses it.
-Deviation: a job is never JOB_STATE_QUEUED here (there is no quota to wait for): it starts PENDING.
+Deviations: a job is never JOB_STATE_QUEUED here (there is no quota to wait for): it starts PENDING. It runs
+on one replica, one request at a time, whatever its replica counts (which scale resourcesConsumed.replicaHours).
+Only jsonl input and output and instanceType object are run; the others are refused naming the field.
 """
 
 from __future__ import annotations
