@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdxlctl.batch import KEY_FIELD, BatchProgress, BatchResult, Counts, Row, Submission, no_progress
+from sdxlctl.batch import KEY_FIELD, Batch, BatchProgress, BatchResult, Counts, Row, Submission, no_progress
 from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
@@ -95,6 +95,7 @@ def run(
     from sdxlctl.gcp.storage import Storage
     from sdxlctl.vertex.access import ensure_server_account
 
+    started = time.monotonic()
     model = store.read().get(config.name, "model")
     if model is None or not model.name:
         raise DeployError(
@@ -118,11 +119,20 @@ def run(
     body = job_body(config, submission, model.name, stamp, input_uri=input_uri, account=account)
     jobs = Jobs(c)
     say("creating the batch prediction job")
-    with interrupts_deferred():  # created and recorded, or neither: a Ctrl-C between would hide a billing job
-        job = jobs.create(body, find_labels={LABEL: config.name, BATCH_LABEL: stamp}, progress=say)
-        store.record(config.name, _record(submission, job, stamp, input_uri))
-    say(f"job {job['name']} created")
-    return _follow(config, store, jobs, job["name"], KIND + stamp, submission.download, progress, say)
+    job: dict[str, Any] = {}
+    try:
+        with interrupts_deferred():  # created and recorded, or neither: a Ctrl-C between would hide a billing job
+            job = jobs.create(body, find_labels={LABEL: config.name, BATCH_LABEL: stamp}, progress=say)
+            store.record(config.name, _record(submission, job, stamp, input_uri))
+        say(f"job {job['name']} created")
+    except KeyboardInterrupt:  # the Ctrl-C held back above lands here, the job recorded
+        if not job:
+            raise
+        raise Interrupted(f"interrupted; job {job['name']} keeps running", hint=ATTACH_HINT) from None
+    kind = KIND + stamp
+    return _follow(
+        config, store, jobs, job["name"], kind, submission.download, progress, say, submission.batch, started
+    )
 
 
 def _record(submission: Submission, job: dict[str, Any], stamp: str, input_uri: str) -> Resource:
@@ -176,7 +186,7 @@ def attach(
     if download is None and kind and recorded[kind].details.get("download"):
         download = Path(recorded[kind].details["download"])  # the run that started it asked for a copy on disk
     say(f"attaching to {wanted}")
-    return _follow(config, store, jobs, wanted, kind, download, progress, say)
+    return _follow(config, store, jobs, wanted, kind, download, progress, say, None, time.monotonic())
 
 
 def previous_rows(config: Config, store: StateStore, source: Path) -> tuple[str, dict[int, Row]]:
@@ -250,17 +260,19 @@ def _follow(
     download: Path | None,
     progress: BatchProgress,
     say: Progress,
+    batch: Batch | None,
+    started: float,
 ) -> BatchResult:
-    """Wait for the job to end (Ctrl-C leaves it running), then collect its output."""
+    """Wait for the job to end (Ctrl-C leaves it running), then collect its output. `batch`: what the job runs
+    (None: read back from the input it was given)."""
     from sdxlctl.vertex.batch_output import collect, read_batch
 
-    started = time.monotonic()
-    job = jobs.get(name)
-    out = _out_of(job)
-    batch = read_batch(cloud(config), _input_of(job), out)
     rate = float(batch_resources(store, config.name).get(kind, _NONE).details.get("usd_per_replica_hour") or 0.0)
     seen = ""
     try:
+        job = jobs.get(name)
+        out = _out_of(job)
+        batch = batch or read_batch(cloud(config), _input_of(job), out)
         while True:
             state = short_state(job)
             if kind and state != seen:
@@ -274,7 +286,13 @@ def _follow(
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; job {name} keeps running", hint=ATTACH_HINT) from None
     say(f"job {short_state(job).lower()}: collecting its output")
-    done, failed = collect(cloud(config), job, batch, out, download, say)
+    try:
+        done, failed = collect(cloud(config), job, batch, out, download, say)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted while collecting the output of job {name} ({short_state(job)})",
+            hint="`sdxlctl batch --attach` collects it again (a --download copy resumes)",
+        ) from None
     final = counts(job, len(batch.lines), rate)
     return BatchResult(
         where=name,
