@@ -104,6 +104,7 @@ def teardown(
 ) -> None:
     """Cancel the running jobs, then delete every job's record (a cancelled one once it stopped), past failures."""
     from sdxlctl.gcp.batch import Jobs
+    from sdxlctl.gcp.errors import CloudError
     from sdxlctl.vertex.names import OPERATION_TIMEOUT_S
 
     client = Jobs(c)
@@ -112,10 +113,14 @@ def teardown(
         def remove(job: dict[str, Any] = job) -> str:
             name, said = job["name"], "record deleted"
             if _running(job):
-                client.cancel(name)
+                try:
+                    client.cancel(name)
+                    said = "cancelled, record deleted"
+                except CloudError:  # it may have ended since it was listed: then only its record goes
+                    if _running(client.get(name)):
+                        raise
                 if not _stopped(client, name, c.poll_s, wait_s, progress):
                     return f"cancelled; still {client.get(name).get('state', '')}: teardown again deletes its record"
-                said = "cancelled, record deleted"
             client.delete(name, timeout_s=OPERATION_TIMEOUT_S, progress=progress)
             return said
 

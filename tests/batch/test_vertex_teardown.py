@@ -5,6 +5,7 @@ the lines that failed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,24 @@ def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
         (3, ["images/000003.png"], True),
     ]
     assert b'"key": "1"' in objects["input.jsonl"]  # the first run's input stays: --attach to it still works
+
+
+def test_a_job_that_ended_after_it_was_listed_is_not_a_teardown_failure(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sdxlctl.vertex import batch_inventory
+    from sdxlctl.vertex.names import cloud
+
+    config, store = uploaded(cli, emulator, monkeypatch)
+    result = vertex_batch.run(config, store, submission(make_batch(1)))
+    (job,) = emulator.batch_jobs()
+    listed_running = {**job, "state": "JOB_STATE_RUNNING"}  # as the listing saw it, a moment before it ended
+    outcomes: list[tuple[str, str]] = []
+
+    def attempt(kind: str, name: str, action: Callable[[], str]) -> bool:
+        outcomes.append((name, action()))  # a CloudError here fails the test: teardown would report a failure
+        return True
+
+    batch_inventory.teardown(cloud(config), [listed_running], attempt, lambda _: None)
+    assert outcomes == [(result.where, "record deleted")]
+    assert emulator.batch_jobs() == []
