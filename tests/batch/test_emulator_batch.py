@@ -3,10 +3,13 @@ and google-cloud-storage on the GCS emulator: what sdxlctl's vertex batch code m
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -150,17 +153,27 @@ def test_a_job_runs_to_succeeded_in_batches_with_the_output_layout_google_gives(
     assert raw["completionStats"] == {"successfulCount": "1", "failedCount": "2"}
 
 
+@dataclass
+class StandIn:
+    """A stand-in model container: answers 503 to its first request, then a prediction per instance (400 for an
+    empty prompt); records every body it receives; holds each answer but the 503 while `gate` is clear."""
+
+    url: str
+    bodies: list[Any] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+
 @pytest.fixture
-def container() -> Iterator[tuple[str, list[Any]]]:
-    """A stand-in model container: answers 503 to its first request, then a prediction per instance; records
-    every body it receives."""
-    bodies: list[Any] = []
+def container() -> Iterator[StandIn]:
+    stand_in = StandIn("")
+    stand_in.gate.set()
 
     async def predict(request: Request) -> JSONResponse:
         body = await request.json()
-        bodies.append(body)
-        if len(bodies) == 1:
+        stand_in.bodies.append(body)
+        if len(stand_in.bodies) == 1:
             return JSONResponse({"error": {"code": 503, "message": "warming up"}}, status_code=503)
+        await asyncio.to_thread(stand_in.gate.wait, 30)
         if any(i.get("prompt") == "" for i in body["instances"]):
             return JSONResponse({"error": {"code": 400, "message": "instances[0].prompt: empty"}}, status_code=400)
         return JSONResponse({"predictions": [{"echo": i} for i in body["instances"]]})
@@ -170,19 +183,22 @@ def container() -> Iterator[tuple[str, list[Any]]]:
 
     app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)])
     with serve_app(app) as server:
-        yield server.url, bodies
+        stand_in.url = server.url
+        yield stand_in
+        stand_in.gate.set()
 
 
 @pytest.fixture
-def stand_in(gcs: str, container: tuple[str, list[Any]]) -> Iterator[tuple[Emulator, list[Any]]]:
+def stand_in(gcs: str, container: StandIn) -> Iterator[tuple[Emulator, StandIn]]:
     """An emulator whose jobs' replicas are the stand-in container."""
     world = World()
-    with serve_app(create_app(world, servers=ModelServers(forward_to=container[0]), gcs_url=gcs)) as server:
-        yield Emulator(server.url, gcs, world), container[1]
+    with serve_app(create_app(world, servers=ModelServers(forward_to=container.url), gcs_url=gcs)) as server:
+        yield Emulator(server.url, gcs, world), container
 
 
-def test_parameters_both_ways_retries_and_the_status_error_shape(stand_in: tuple[Emulator, list[Any]]) -> None:
-    emulator, bodies = stand_in
+def test_parameters_both_ways_retries_and_the_status_error_shape(stand_in: tuple[Emulator, StandIn]) -> None:
+    emulator, container = stand_in
+    bodies = container.bodies
     model = _model(emulator.url)
     lines = [{"key": str(n), "prompt": f"p{n}"} for n in range(1, 6)]
     bucket = _bucket(emulator, {"in/a.jsonl": lines})
@@ -288,6 +304,29 @@ def test_cancel_stops_a_running_job_and_only_a_finished_job_is_deleted(emulator:
     assert emulator.batch_jobs() == []
 
 
+def test_cancel_takes_effect_between_requests_and_keeps_what_was_answered(stand_in: tuple[Emulator, StandIn]) -> None:
+    emulator, container = stand_in
+    model = _model(emulator.url)
+    bucket = _bucket(emulator, {"in/a.jsonl": [{"key": str(n), "prompt": f"p{n}"} for n in range(1, 7)]})
+    jobs = _client(emulator.url)
+    container.gate.clear()
+    name = jobs.create_batch_prediction_job(parent=PARENT, batch_prediction_job=_job(model, bucket)).name
+    deadline = time.monotonic() + 30
+    while len(container.bodies) < 2:  # the 503, then the first 2 lines in flight
+        assert time.monotonic() < deadline, container.bodies
+        time.sleep(0.02)
+
+    jobs.cancel_batch_prediction_job(name=name)
+    assert jobs.get_batch_prediction_job(name=name).state.name == "JOB_STATE_CANCELLING"
+    container.gate.set()
+    job = _wait(jobs, name)
+
+    assert job.state.name == "JOB_STATE_CANCELLED" and len(container.bodies) == 2
+    assert (job.completion_stats.successful_count, job.completion_stats.incomplete_count) == (2, 4)
+    results = _output(emulator, job.output_info.gcs_output_directory)["prediction.results-00000-of-00001"]
+    assert [line["key"] for line in results] == ["1", "2"]
+
+
 def test_list_filters_by_label_state_and_display_name(emulator: Emulator) -> None:
     model = _model(emulator.url)
     bucket = _bucket(emulator, {"in/a.jsonl": [{"key": "1", **PROMPT}]})
@@ -362,11 +401,11 @@ def test_a_bad_job_is_refused_naming_its_field(emulator: Emulator) -> None:
     assert emulator.batch_jobs() == []
 
 
-def test_no_worker_outlives_the_emulator(gcs: str, container: tuple[str, list[Any]]) -> None:
+def test_no_worker_outlives_the_emulator(gcs: str, container: StandIn) -> None:
     import threading
 
     world = World()
-    with serve_app(create_app(world, servers=ModelServers(forward_to=container[0]), gcs_url=gcs)) as server:
+    with serve_app(create_app(world, servers=ModelServers(forward_to=container.url), gcs_url=gcs)) as server:
         emulator = Emulator(server.url, gcs, world)
         model = _model(emulator.url)
         bucket = _bucket(emulator, {"in/a.jsonl": [{"key": "1", **PROMPT}]})
