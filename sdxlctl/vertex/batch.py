@@ -197,7 +197,13 @@ def previous_rows(config: Config, store: StateStore, source: Path) -> tuple[str,
     if not runs:
         return "", {}
     last = max(runs, key=lambda r: r.created_at)
-    return last.name, read_manifest(cloud(config), str(last.details["out"]))
+    rows = read_manifest(cloud(config), str(last.details["out"]))
+    if rows is None:  # never collected (a Ctrl-C during the wait): no manifest is not "nothing failed"
+        raise DeployError(
+            f"the output of job {last.name} was not collected yet",
+            hint=f"run `sdxlctl batch --attach --job {last.name.rsplit('/', 1)[-1]}` first",
+        )
+    return last.name, rows
 
 
 def _same_file(recorded: Any, source: Path) -> bool:

@@ -49,14 +49,14 @@ def read_batch(c: Cloud, input_uri: str, out: str) -> Batch:
         raise DeployError(f"{input_uri} is not an input `sdxlctl batch` wrote ({exc})") from None
 
 
-def read_manifest(c: Cloud, out: str) -> dict[int, Row]:
-    """The manifest under `out` (gs://), the last row of each line winning; {} when there is none."""
+def read_manifest(c: Cloud, out: str) -> dict[int, Row] | None:
+    """The manifest under `out` (gs://), the last row of each line winning; None when there is none."""
     from sdxlctl.batch import manifest
 
     storage, folder = _storage(c, out)
     data = storage.read(folder + MANIFEST)
-    if not data:
-        return {}
+    if data is None:
+        return None
     with tempfile.TemporaryDirectory(prefix="sdxlctl-manifest-") as tmp:
         path = Path(tmp) / MANIFEST
         path.write_bytes(data)

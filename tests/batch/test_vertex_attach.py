@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdxlctl.batch import Counts
-from sdxlctl.errors import Interrupted
+from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.state import StateStore
 from sdxlctl.vertex import batch as vertex_batch
 from tests.batch.test_vertex_run import OUT, gs_objects, make_batch, submission, uploaded
@@ -48,6 +48,10 @@ def test_keyboard_interrupt_while_waiting_leaves_the_job_recorded_and_attach_col
     assert job["state"] == "JOB_STATE_RUNNING"
     (recorded,) = [r for k, r in store.read().of("sdxl").items() if k.startswith("batch-")]
     assert recorded.name == job["name"] and recorded.details["state"] == "RUNNING"
+
+    with pytest.raises(DeployError, match="not collected yet") as refused:  # --retry-failed before --attach
+        vertex_batch.previous_rows(config, store, Path("prompts.txt"))
+    assert "sdxlctl batch --attach --job " + job["name"].rsplit("/", 1)[-1] in str(refused.value.hint)
 
     emulator.finish_batch_jobs()
     result = vertex_batch.attach(config, store, None)
