@@ -28,6 +28,7 @@ import pytest
 
 from sdxlctl.state import Resource, StateStore
 from tests.cloud.test_faults import up
+from tests.cloud.test_interrupts import sent
 from tests.conftest import Cli
 from tests.emulator.app import create_app
 from tests.emulator.core import World
@@ -37,11 +38,10 @@ from tests.servers import Server, serve_app
 
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 BUCKET = f"{PROJECT}-sdxlctl"  # the staging bucket `build` makes ([gcp] staging_bucket unset)
-JOB_POSTS = r"/batchPredictionJobs$"
 
 
-def prompts_file(folder: Path, lines: int = 200, name: str = "prompts.txt") -> Path:
-    path = folder / name
+def prompts_file(folder: Path, lines: int = 200) -> Path:
+    path = folder / "prompts.txt"
     path.write_text("".join(f"a lighthouse at dusk, study {n}\n" for n in range(1, lines + 1)), encoding="utf-8")
     return path
 
@@ -56,10 +56,6 @@ def pixels(data: bytes) -> Any:
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def sent(emulator: Emulator, method: str, pattern: str) -> int:
-    return sum(1 for r in emulator.requests() if r["method"] == method and re.search(pattern, r["path"]))
 
 
 # ---------------------------------------------------------------- a model server that counts what it made
@@ -180,6 +176,13 @@ def polled_running_job(emulator: Emulator) -> Callable[[], bool]:
     return ready
 
 
+def recorded_job(folder: Path) -> str:
+    """The name of the one batch job the state file in `folder` records (recorded before the wait)."""
+    state = StateStore(folder / ".sdxlctl").read().of("sdxl")
+    (job,) = [resource.name for kind, resource in state.items() if kind.startswith("batch-")]
+    return job
+
+
 # ---------------------------------------------------------------- target vertex
 
 
@@ -190,7 +193,8 @@ def test_200_prompts_on_vertex_match_200_single_predictions_in_order(
     up(cli, env, "build", "upload")
     source = prompts_file(tmp_path)
     prefix = f"acceptance-{uuid.uuid4().hex[:8]}/"
-    ran = cli("batch", str(source), *SMALL, "--out", f"gs://{BUCKET}/{prefix}", "--download", "got", "--yes", env=env)
+    out = ["--out", f"gs://{BUCKET}/{prefix}", "--download", "got"]
+    ran = cli("batch", str(source), *SMALL, "--format", "png", *out, "--yes", env=env)  # png: pixels, not artefacts
     assert ran.code == 0, ran.err
     (job,) = emulator.batch_jobs()
     assert job["state"] == "JOB_STATE_SUCCEEDED", job
@@ -210,6 +214,7 @@ def test_200_prompts_on_vertex_match_200_single_predictions_in_order(
         (prediction,) = answer.json()["predictions"]
         single = pixels(base64.b64decode(prediction["images"][0]))
         (image,) = row["images"]
+        assert image == f"images/{row['line']:06d}.png"
         downloaded = (tmp_path / "got" / image).read_bytes()
         assert bucket.blob(prefix + image).download_as_bytes() == downloaded
         batched = pixels(downloaded)
@@ -257,13 +262,13 @@ def test_ctrl_c_mid_wait_then_attach_collects_the_same_job(cli: Cli, emulator: E
     said = interrupt_batch(tmp_path, env, ["prompts.txt", *SMALL, "--yes"], polled_running_job(emulator))
     assert "keeps running" in said and "sdxlctl batch --attach" in said, said
     (job,) = emulator.batch_jobs()
-    recorded = {k: r for k, r in StateStore(tmp_path / ".sdxlctl").read().of("sdxl").items() if k.startswith("batch-")}
-    assert [r.name for r in recorded.values()] == [job["name"]]  # recorded before the wait
+    assert recorded_job(tmp_path) == job["name"]  # recorded before the wait
 
     emulator.finish_batch_jobs()
     attached = cli("batch", "--attach", "--download", "got", env=env)
     assert attached.code == 0, attached.err
-    assert [j["name"] for j in emulator.batch_jobs()] == [job["name"]] and sent(emulator, "POST", JOB_POSTS) == 1
+    assert [j["name"] for j in emulator.batch_jobs()] == [job["name"]]  # the same job, and no second one
+    assert sent(emulator, "POST", r"/batchPredictionJobs$") == 1
     rows = manifest_rows((tmp_path / "got" / "manifest.jsonl").read_bytes())
     assert [row["line"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert all(row["error"] is None and (tmp_path / "got" / row["images"][0]).is_file() for row in rows)
@@ -277,11 +282,14 @@ def test_teardown_cancels_a_running_job(cli: Cli, emulator: Emulator, tmp_path: 
     interrupt_batch(tmp_path, env, ["prompts.txt", *SMALL, "--yes"], polled_running_job(emulator))
     states = {r["kind"]: r["state"] for r in json.loads(cli("status", "--json", env=env).out)["resources"]}
     assert any(kind.startswith("batch-") and "RUNNING" in str(state) for kind, state in states.items()), states
+    job = re.escape(recorded_job(tmp_path))
     down = cli("teardown", "--yes", env=env)
     assert down.code == 0, down.err
-    assert sent(emulator, "POST", r":cancel$") == 1
-    (job,) = emulator.batch_jobs()
-    assert job["state"] in ("JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED"), job
+    assert "cancelled" in down.out + down.err, down.err
+    assert sent(emulator, "POST", job + ":cancel$") == 1 and sent(emulator, "DELETE", job + "$") == 1
+    assert emulator.batch_jobs() == [] and emulator.labelled() == []  # cancelled, then its record deleted
+    inputs = [b.name for b in emulator.storage().list_blobs(BUCKET, prefix="batch/sdxl/")]
+    assert [name for name in inputs if name.endswith("/input.jsonl")], inputs  # the files in gs:// stay
 
 
 def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
@@ -361,18 +369,6 @@ def test_local_target_resumes_after_an_interrupt_and_makes_no_line_twice(
 # ---------------------------------------------------------------- cost
 
 
-def estimate_in(document: Any) -> dict[str, Any]:
-    """The estimate inside a JSON document: the object that has replica_hours."""
-    if isinstance(document, dict):
-        if "replica_hours" in document and "usd" in document:
-            return document
-        document = list(document.values())
-    for value in document if isinstance(document, list) else []:
-        if isinstance(value, (dict, list)) and (found := estimate_in(value)):
-            return found
-    return {}
-
-
 @pytest.mark.parametrize("spot", [[], ["--spot"]], ids=["on-demand", "spot"])
 def test_dry_run_and_cost_images_give_the_same_arithmetic(
     cli: Cli, emulator: Emulator, tmp_path: Path, spot: list[str]
@@ -383,9 +379,9 @@ def test_dry_run_and_cost_images_give_the_same_arithmetic(
     assert plan.code == 0, plan.err
     cost = cli("cost", "--images", "200", "--gpu", "l4", "--replicas", "2", *spot, "--json", env=env)
     assert cost.code == 0, cost.err
-    planned, costed = estimate_in(json.loads(plan.out)), estimate_in(json.loads(cost.out))
-    keys = ("gpu", "images", "replicas", "spot", "seconds_per_image", "replica_hours", "wall_hours", "usd")
-    keys += ("usd_per_replica_hour", "batch_size")
+    planned, costed = json.loads(plan.out)["estimate"], json.loads(cost.out)
+    keys = ["gpu", "images", "replicas", "spot", "batch_size", "seconds_per_image", "replica_hours", "wall_hours"]
+    keys += ["usd_per_replica_hour", "usd"]
     assert {k: planned.get(k) for k in keys} == {k: costed.get(k) for k in keys}, (planned, costed)
     assert (planned["images"], planned["replicas"], planned["spot"]) == (200, 2, bool(spot))
     assert planned["usd"] == pytest.approx(planned["replica_hours"] * planned["usd_per_replica_hour"], abs=0.011)
