@@ -58,9 +58,6 @@ def pixels(data: bytes) -> Any:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-# ---------------------------------------------------------------- a model server that counts what it made
-
-
 @dataclass
 class Proxy:
     """A loopback front of the tiny server that counts the prompts it had generated, can hold one request
@@ -181,9 +178,6 @@ def recorded_job(folder: Path) -> str:
     state = StateStore(folder / ".sdxlctl").read().of("sdxl")
     (job,) = [resource.name for kind, resource in state.items() if kind.startswith("batch-")]
     return job
-
-
-# ---------------------------------------------------------------- target vertex
 
 
 def test_200_prompts_on_vertex_match_200_single_predictions_in_order(
@@ -335,9 +329,6 @@ def test_failed_lines_are_listed_and_retry_failed_runs_only_them(
         assert sorted(server.generated.values()) == [1] * 5  # lines 1, 3, 5 were not made again
 
 
-# ---------------------------------------------------------------- target local
-
-
 def test_local_target_resumes_after_an_interrupt_and_makes_no_line_twice(
     cli: Cli, plain_server: Server, tmp_path: Path
 ) -> None:
@@ -366,9 +357,6 @@ def test_local_target_resumes_after_an_interrupt_and_makes_no_line_twice(
     assert all((manifest.parent / row["images"][0]).is_file() for row in rows.values())
 
 
-# ---------------------------------------------------------------- cost
-
-
 @pytest.mark.parametrize("spot", [[], ["--spot"]], ids=["on-demand", "spot"])
 def test_dry_run_and_cost_images_give_the_same_arithmetic(
     cli: Cli, emulator: Emulator, tmp_path: Path, spot: list[str]
@@ -391,3 +379,18 @@ def test_dry_run_and_cost_images_give_the_same_arithmetic(
     assert usd in " ".join((shown_plan.out + shown_plan.err).split()), shown_plan.err
     assert f"{planned['usd']:.2f}" in shown_cost.out + shown_cost.err, shown_cost.out
     assert emulator.requests() == []  # a plan and a price: nothing asked of Google
+
+
+def test_the_readme_input_examples_are_read_as_it_says(tmp_path: Path) -> None:
+    from sdxlctl.batch.lines import BatchInputError, read
+
+    section = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8").split("## Batch", 1)[1]
+    blocks = re.findall(r"\n\n((?:    .*\n)+)", section.split("\n## ", 1)[0])
+    for suffix, block, lines in ((".txt", blocks[1], 3), (".jsonl", blocks[2], 3), (".csv", blocks[3], 2)):
+        (tmp_path / f"prompts{suffix}").write_text("".join(line[4:] + "\n" for line in block.splitlines()))
+        batch = read(tmp_path / f"prompts{suffix}", {}, max_lines=10)
+        assert (len(batch.lines), batch.lines[0].prompt) == (lines, "a red fox in snow"), (suffix, batch.lines)
+    (tmp_path / "prompts.jsonl").write_bytes(b'{"prompt": "a fox"}\n' * 136 + b'{"prompt": ""}\n')
+    with pytest.raises(BatchInputError) as refused:
+        read(tmp_path / "prompts.jsonl", {}, max_lines=1000)
+    assert f"`{refused.value.problems[0]}`" in " ".join(section.split())  # the README quotes the real refusal
