@@ -18,7 +18,7 @@ from sdxlctl.batch import Counts
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.state import StateStore
 from sdxlctl.vertex import batch as vertex_batch
-from tests.batch.test_vertex_run import OUT, gs_objects, make_batch, submission, uploaded
+from tests.batch.test_vertex_run import gs_objects, make_batch, out, submission, uploaded
 from tests.cloud.test_faults import up
 from tests.conftest import Cli
 from tests.emulator_fixtures import Emulator
@@ -55,9 +55,9 @@ def test_keyboard_interrupt_while_waiting_leaves_the_job_recorded_and_attach_col
 
     emulator.finish_batch_jobs()
     result = vertex_batch.attach(config, store, None)
-    assert (result.where, result.state, result.done, result.out) == (job["name"], "SUCCEEDED", 2, OUT)
+    assert (result.where, result.state, result.done, result.out) == (job["name"], "SUCCEEDED", 2, out())
     assert creates(emulator) == 1 and len(emulator.batch_jobs()) == 1
-    assert {"images/000001.png", "images/000002.png", "manifest.jsonl"} <= set(gs_objects(emulator, OUT))
+    assert {"images/000001.png", "images/000002.png", "manifest.jsonl"} <= set(gs_objects(emulator, out()))
 
 
 def test_sigint_to_the_cli_then_attach_waits_for_the_same_job(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:

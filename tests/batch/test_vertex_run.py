@@ -5,6 +5,7 @@ manifest in gs:// and on disk. Through the real google-cloud-aiplatform and goog
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from tests.conftest import Cli
 from tests.emulator_fixtures import PROJECT, Emulator
 
 BUCKET = f"{PROJECT}-sdxlctl"
-OUT = f"gs://{BUCKET}/batch/sdxl/prompts-test/"
+_OUT = [f"gs://{BUCKET}/batch/sdxl/prompts-{uuid.uuid4().hex[:8]}/"]
+
+
+def out() -> str:
+    """This test's output folder: the GCS emulator lives as long as the session, so each test has its own."""
+    return _OUT[0]
+
+
 SMALL = {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}
 
 
@@ -32,7 +40,7 @@ def make_batch(n: int = 3, parameters: dict[str, Any] | None = None) -> Batch:
 
 def submission(batch: Batch, **changes: Any) -> Submission:
     fields: dict[str, Any] = {
-        "out": OUT,
+        "out": out(),
         "gpu": "l4",
         "replicas": (1, 2),
         "batch_size": 2,
@@ -45,6 +53,7 @@ def submission(batch: Batch, **changes: Any) -> Submission:
 def uploaded(cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, StateStore]:
     """build + upload through the CLI, then the emulator's env in this process for direct calls."""
     env = emulator.env()
+    _OUT[0] = f"gs://{BUCKET}/batch/sdxl/prompts-{uuid.uuid4().hex[:8]}/"
     up(cli, env, "build", "upload")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -69,10 +78,10 @@ def test_the_job_as_the_emulator_received_it_and_its_images_and_manifest(
     (job,) = emulator.batch_jobs()
     model = store.read().get("sdxl", "model")
     assert model is not None and job["model"] == model.name
-    assert job["inputConfig"] == {"instancesFormat": "jsonl", "gcsSource": {"uris": [OUT + "input.jsonl"]}}
+    assert job["inputConfig"] == {"instancesFormat": "jsonl", "gcsSource": {"uris": [out() + "input.jsonl"]}}
     assert job["instanceConfig"] == {"instanceType": "object", "keyField": "key"}
     assert job["modelParameters"] == SMALL
-    assert job["outputConfig"]["gcsDestination"]["outputUriPrefix"] == OUT + "raw/"
+    assert job["outputConfig"]["gcsDestination"]["outputUriPrefix"] == out() + "raw/"
     resources = job["dedicatedResources"]
     assert resources["machineSpec"] == {
         "machineType": "g2-standard-8",
@@ -92,13 +101,13 @@ def test_the_job_as_the_emulator_received_it_and_its_images_and_manifest(
         3,
         [],
         job["name"],
-        OUT,
+        out(),
     )
     recorded = store.read().get("sdxl", f"batch-{stamp}")
     assert recorded is not None and recorded.name == job["name"]
     assert recorded.details["state"] == "SUCCEEDED" and recorded.details["lines"] == 3
 
-    objects = gs_objects(emulator, OUT)
+    objects = gs_objects(emulator, out())
     assert {"images/000001.png", "images/000002.png", "images/000003.png", "manifest.jsonl", "input.jsonl"} <= set(
         objects
     )

@@ -13,7 +13,7 @@ import pytest
 from sdxlctl.batch import Counts
 from sdxlctl.errors import Interrupted
 from sdxlctl.vertex import batch as vertex_batch
-from tests.batch.test_vertex_run import OUT, gs_objects, make_batch, submission, uploaded
+from tests.batch.test_vertex_run import gs_objects, make_batch, out, submission, uploaded
 from tests.conftest import Cli
 from tests.emulator_fixtures import Emulator
 
@@ -51,7 +51,7 @@ def test_teardown_cancels_a_running_job_found_by_its_label_with_the_state_file_g
     assert job["name"] in down.out + down.err
     assert emulator.batch_jobs() == []  # cancelled, then its record deleted once it stopped
     assert emulator.labelled() == []
-    assert "input.jsonl" in gs_objects(emulator, OUT)  # the user's files stay
+    assert "input.jsonl" in gs_objects(emulator, out())  # the user's files stay
 
 
 def test_teardown_deletes_a_finished_jobs_record_and_keeps_its_output(
@@ -62,16 +62,16 @@ def test_teardown_deletes_a_finished_jobs_record_and_keeps_its_output(
     assert result.state == "SUCCEEDED"
     status = json.loads(cli("status", "--json", env=emulator.env()).out)
     assert "SUCCEEDED 2/2" in json.dumps([r for r in status["resources"] if r["kind"].startswith("batch-")])
-    before = gs_objects(emulator, OUT)
+    before = gs_objects(emulator, out())
 
     plan = cli("teardown", "--dry-run", env=emulator.env())
     assert plan.code == 0 and result.where in plan.out + plan.err, plan.err
-    assert "gs://demo-project-sdxlctl/batch/sdxl/prompts-test/" in plan.out + plan.err  # kept, and said so
+    assert out() in plan.out + plan.err  # kept, and said so
     down = cli("teardown", "--yes", env=emulator.env())
     assert down.code == 0, down.err
     assert sent(emulator, "POST", ":cancel") == 0 and sent(emulator, "DELETE", result.where.rsplit("/", 1)[-1]) == 1
     assert emulator.batch_jobs() == []
-    assert gs_objects(emulator, OUT) == before  # images, manifest, raw output: all still there
+    assert gs_objects(emulator, out()) == before  # images, manifest, raw output: all still there
     assert {"images/000001.png", "images/000002.png", "manifest.jsonl"} <= set(before)
 
 
@@ -86,7 +86,7 @@ def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
     assert "width" in result.error, result.error
     assert [row.line for row in result.failed] == [1, 2, 3] and result.done == 0
     assert all("width" in str(row.error) for row in result.failed), result.failed
-    rows = [json.loads(line) for line in gs_objects(emulator, OUT)["manifest.jsonl"].decode().splitlines()]
+    rows = [json.loads(line) for line in gs_objects(emulator, out())["manifest.jsonl"].decode().splitlines()]
     assert [(r["line"], r["images"], "width" in r["error"]) for r in rows] == [(i, [], True) for i in (1, 2, 3)]
 
     # --retry-failed: the failed lines of the last job on this file, rerun into the same folder and manifest
@@ -94,8 +94,8 @@ def test_a_failed_job_reports_its_error_and_the_lines_that_failed(
     assert where == result.where and sorted(n for n, row in previous.items() if row.error) == [1, 2, 3]
     retry = submission(make_batch(3).only({2, 3}), retry_of=where)
     again = vertex_batch.run(config, store, retry)
-    assert (again.state, again.done, again.out) == ("SUCCEEDED", 2, OUT)
-    objects = gs_objects(emulator, OUT)
+    assert (again.state, again.done, again.out) == ("SUCCEEDED", 2, out())
+    objects = gs_objects(emulator, out())
     rows = [json.loads(line) for line in objects["manifest.jsonl"].decode().splitlines()]
     assert [(r["line"], r["images"], r["error"] is None) for r in rows] == [
         (1, [], False),
