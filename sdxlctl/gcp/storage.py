@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,14 @@ class Storage:
                 return bytes(self.client.bucket(self.bucket_name).blob(name).download_as_bytes())
             except NotFound:
                 return None
+
+    def lines(self, name: str) -> Iterator[str]:
+        """The object's text, a line at a time (streamed in chunks: a job's output file may be gigabytes)."""
+        with translated(f"read gs://{self.bucket_name}/{name}", api="storage", project=self.cloud.project):
+            blob = self.client.bucket(self.bucket_name).blob(name)
+            with blob.open("rt", encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    yield line.rstrip("\r\n")
 
     def grant(self, member: str, roles: Mapping[str, Sequence[str]]) -> bool:
         """Give `member` each role of `roles` on exactly its folders: one binding per folder, which holds for

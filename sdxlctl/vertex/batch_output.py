@@ -112,7 +112,7 @@ def _lines(c: Cloud, directory: str) -> Iterator[str]:
     raw, prefix = _storage(c, directory)
     for name, size in raw.sizes(prefix.rstrip("/") + "/").items():
         if size:
-            yield from (raw.read(name) or b"").decode("utf-8", "replace").splitlines()
+            yield from raw.lines(name)
 
 
 def _put(storage: Storage, folder: str, download: Path | None, file: tuple[str, bytes]) -> None:
