@@ -38,6 +38,7 @@ def test_help_lists_every_flag(cli: Cli) -> None:
 
 def test_a_vertex_dry_run_prints_the_plan_and_calls_nothing(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
     prompts(tmp_path)
+    stored = _objects(emulator)  # the GCS emulator lives for the session: other tests' buckets stay
     planned = cli("batch", "fox.txt", "--dry-run", "--spot", "--replicas", "1..3", "-n", "2", env=emulator.env())
     assert planned.code == 0, planned.err
     text = " ".join(planned.err.split())
@@ -48,7 +49,12 @@ def test_a_vertex_dry_run_prints_the_plan_and_calls_nothing(cli: Cli, emulator: 
     assert "unverified" in text and "may be preempted" in text  # Spot: its price and what it means
     assert "gs://demo-project-sdxlctl/batch/sdxl/fox-" in text and "manifest.jsonl" in text
     assert emulator.requests() == [] and emulator.batch_jobs() == []
-    assert not list(emulator.storage().list_buckets())
+    assert _objects(emulator) == stored
+
+
+def _objects(emulator: Emulator) -> set[str]:
+    client = emulator.storage()
+    return {f"{bucket.name}/{blob.name}" for bucket in client.list_buckets() for blob in bucket.list_blobs()}
 
 
 def test_a_dry_run_as_json_is_the_plan_with_its_estimate(cli: Cli, tmp_path: Path) -> None:
