@@ -140,9 +140,11 @@ class Row:
     parameters: dict[str, Any]
     images: list[str]  # paths relative to the manifest's folder (images/000137.png, images/000137-1.png)
     error: str | None = None  # the server's (or Vertex AI's) message when the line failed
+    # The line as sent (key and parameters aside), so a resume sees an edited style or negative prompt; local rows.
+    instance: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        row = {
             "line": self.line,
             "prompt": self.prompt,
             "seed": self.seed,
@@ -150,6 +152,7 @@ class Row:
             "images": self.images,
             "error": self.error,
         }
+        return row if self.instance is None else {**row, "instance": self.instance}
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def plan(config: Config, store: StateStore, options: BatchOptions) -> BatchPlan:
     if source is None:
         raise UsageError("a prompts file is required", hint="sdxlctl batch prompts.txt (or --attach to wait for a job)")
     if not source.is_file():
-        why = "is a folder" if source.is_dir() else "does not exist"
+        # exists() of a FIFO or a device is a stat, not an open: nothing blocks
+        why = "is a folder" if source.is_dir() else "is not a regular file" if source.exists() else "does not exist"
         raise UsageError(f"{source}: the prompts file {why}", hint="name a .txt, .jsonl or .csv file of prompts")
     parameters = dict(options.parameters)
     style = parameters.pop("style", None)  # an instance field in the server's schema, not a parameter

@@ -37,6 +37,7 @@ FLAGS = {
     "negative_prompt": "--negative-prompt",
     "scheduler": "--scheduler",
 }
+NOT_REGULAR = "is not a regular file: a prompts file is a .txt, .jsonl or .csv file"
 FIX = "fix the file and run the command again: nothing was uploaded or started"
 
 
@@ -136,7 +137,12 @@ class _Found:
 
 
 def _open(path: Path) -> IO[bytes]:
+    import stat
+
     try:
+        # Before the open: opening a FIFO blocks until something writes to it, and /dev/zero never ends.
+        if not stat.S_ISDIR(mode := path.stat().st_mode) and not stat.S_ISREG(mode):
+            raise BatchInputError(f"{path} {NOT_REGULAR}", hint="name the prompts file itself")
         return path.open("rb")
     except FileNotFoundError:
         raise BatchInputError(f"{path}: no such file", hint="check the path") from None
@@ -183,6 +189,23 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class _Twice(ValueError):
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json keeps the last of two silently, and the user may have
+    read the first."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _Twice(key)
+        data[key] = value
+    return data
+
+
 def _jsonl(raw: Iterator[tuple[int, str]]) -> Iterator[Record]:
     for number, text in raw:
         if text.strip():
@@ -191,7 +214,9 @@ def _jsonl(raw: Iterator[tuple[int, str]]) -> Iterator[Record]:
 
 def _json_line(text: str) -> dict[str, Any] | Problem:
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_once)
+    except _Twice as twice:
+        return Problem(twice.field, "named twice in the line's JSON object")
     except json.JSONDecodeError as exc:
         return Problem("", f"not valid JSON: {exc.msg} (column {exc.pos + 1})")
     except RecursionError:

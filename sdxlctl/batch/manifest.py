@@ -122,6 +122,8 @@ def rows_from_answer(
         missing = "the server's answer carries no predictions"
     else:
         missing = f"the server answered {len(predictions)} predictions for {len(numbers)} lines"
+        if len(predictions) != len(numbers):  # which answer is whose is then a guess: none is taken
+            predictions = []
     rows: list[Row] = []
     files: Files = []
     for position, number in enumerate(numbers):
@@ -286,7 +288,8 @@ def _parse_row(text: bytes) -> Row | None:
         return None
     if error is not None:  # an empty one still says the line failed: --retry-failed runs it, resume does not
         error = one_line(error) or "the line failed (the manifest keeps no message)"
-    return Row(line, prompt, seed, parameters, list(images), error)
+    instance = data.get("instance")  # anything but an object: as if absent (the resume then runs the line again)
+    return Row(line, prompt, seed, parameters, list(images), error, instance if isinstance(instance, dict) else None)
 
 
 def read(path: Path) -> dict[int, Row]:

@@ -8,7 +8,7 @@ skips every line the manifest already holds, so no answered line is ever generat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,10 @@ def _plan(batch: Batch, rows: dict[int, Row], out: Path, *, retry: bool) -> tupl
     tally, todo, changed = _Tally(), [], 0
     for line in batch.lines:
         row = rows.get(line.number)
-        if row is not None and (row.prompt, row.seed, row.parameters) != (line.prompt, line.seed, batch.parameters):
+        if row is not None and (
+            (row.prompt, row.seed, row.parameters) != (line.prompt, line.seed, batch.parameters)
+            or (row.instance is not None and row.instance != sent(line))  # a style or negative prompt edited
+        ):
             changed += 1
         elif line.number in done:
             tally.skipped += 1
@@ -154,8 +157,12 @@ def _predict_url(config: Config, store: StateStore) -> str:
 def request_body(batch: Batch, lines: list[Line]) -> dict[str, Any]:
     """One request: the lines' instances and the shared parameters once, at the body's level, which every
     server version reads (a per-instance copy, as the Vertex AI input carries, would say nothing more here)."""
-    instances = [{k: v for k, v in line.instance.items() if k not in (KEY_FIELD, "parameters")} for line in lines]
-    return {"instances": instances, "parameters": batch.parameters}
+    return {"instances": [sent(line) for line in lines], "parameters": batch.parameters}
+
+
+def sent(line: Line) -> dict[str, Any]:
+    """The instance a line is sent as (and its manifest row records)."""
+    return {k: v for k, v in line.instance.items() if k not in (KEY_FIELD, "parameters")}
 
 
 def _ask(
@@ -172,11 +179,11 @@ def _ask(
             raise _stopped(exc, tally, total) from None
         errors = refusal(exc, lines)
         pairs = zip(lines, errors, strict=True)
-        return [Row(ln.number, ln.prompt, ln.seed, batch.parameters, [], error) for ln, error in pairs], []
+        return [Row(ln.number, ln.prompt, ln.seed, batch.parameters, [], e, sent(ln)) for ln, e in pairs], []
     except PredictError as exc:  # nothing answers, no answer in time, the connection broke, not the contract
         raise _stopped(exc, tally, total) from None
-    numbers = [line.number for line in lines]
-    return manifest.rows_from_answer(batch, numbers, answer, images_dir=IMAGES)
+    rows, files = manifest.rows_from_answer(batch, [line.number for line in lines], answer, images_dir=IMAGES)
+    return [replace(row, instance=sent(line)) for row, line in zip(rows, lines, strict=True)], files
 
 
 def refusal(exc: client.Refused, lines: list[Line]) -> list[str]:

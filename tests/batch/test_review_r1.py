@@ -1,0 +1,136 @@
+"""Review R1 of issue 18: hostile prompts files, resume after an edit, and a server answering the wrong count.
+
+The local runner is driven against a real HTTP stand-in on loopback that answers real PNG images (made by
+Pillow) and keeps every request body, so what was asked for is counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdxlctl.batch import Batch, BatchOptions, Line, Submission, lines
+from sdxlctl.batch.lines import BatchInputError
+from sdxlctl.config import Config
+from sdxlctl.errors import UsageError
+from sdxlctl.local import batch as local_batch
+from sdxlctl.state import Resource, StateStore
+from tests.servers import serve_app
+
+PARAMETERS = {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}
+
+
+def _png() -> str:
+    import base64
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def stand_in(extra: int = 0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A predict server answering one PNG per instance (and `extra` predictions more), keeping each body."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    bodies: list[dict[str, Any]] = []
+    prediction = {"images": [_png()], "seeds": [1], "width": 8, "height": 8, "output_format": "png"}
+
+    async def predict(request: Request) -> JSONResponse:
+        body = json.loads(await request.body())
+        bodies.append(body)
+        count = len(body["instances"]) + extra
+        return JSONResponse({"predictions": [prediction] * count})
+
+    with serve_app(Starlette(routes=[Route("/predict", predict, methods=["POST"])])) as server:
+        yield server.url, bodies
+
+
+def deployed(tmp_path: Path, url: str) -> tuple[Config, StateStore]:
+    config = Config(path=tmp_path / "sdxlctl.toml")
+    store = StateStore(config.home)
+    store.record("sdxl", Resource(kind="local-server", name="sdxl-server", target="local", url=url, details={}))
+    return config, store
+
+
+def _run(config: Config, store: StateStore, out: Path, *instances: dict[str, Any]) -> Any:
+    batch = Batch(Path("prompts.jsonl"), tuple(Line(n, i) for n, i in enumerate(instances, 1)), dict(PARAMETERS))
+    return local_batch.run(config, store, Submission(batch, str(out), batch_size=4))
+
+
+def test_an_edited_line_with_its_own_seed_runs_again_and_an_unchanged_one_does_not(tmp_path: Path) -> None:
+    # Failed first: the resume compared only prompt, seed and parameters, so a line whose style or negative
+    # prompt was edited (or a rerun with --style, which the door puts into each line) kept its old image.
+    with stand_in() as (url, bodies):
+        config, store = deployed(tmp_path, url)
+        out = tmp_path / "out"
+        fox, owl = {"prompt": "a fox", "seed": 7}, {"prompt": "an owl", "seed": 8}
+        _run(config, store, out, fox, owl)
+        result = _run(config, store, out, {**fox, "style": "anime"}, owl)
+        assert [body["instances"] for body in bodies[1:]] == [[{**fox, "style": "anime"}]]
+        assert (result.done, result.skipped) == (1, 1)
+        again = _run(config, store, out, {**fox, "style": "anime"}, owl)
+        assert len(bodies) == 2 and again.skipped == 2
+        rows = [json.loads(text) for text in (out / "manifest.jsonl").read_text().splitlines()]
+        assert rows[-1]["instance"] == {**fox, "style": "anime"}
+
+
+def test_a_server_answering_more_predictions_than_lines_fails_them_not_pairs_them_by_guess(tmp_path: Path) -> None:
+    # Failed first: extra predictions were dropped silently and the rest paired with the lines by position.
+    with stand_in(extra=1) as (url, _):
+        config, store = deployed(tmp_path, url)
+        result = _run(config, store, tmp_path / "out", {"prompt": "a fox", "seed": 1}, {"prompt": "an owl", "seed": 2})
+        assert result.done == 0
+        assert [row.error for row in result.failed] == ["the server answered 3 predictions for 2 lines"] * 2
+        assert not list((tmp_path / "out" / "images").glob("*"))
+
+
+def _read_in_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """lines.read in a child process, so a reader that blocks on a FIFO or reads /dev/zero for ever is a
+    failed test (the timeout) rather than a hung suite."""
+    code = (
+        "import sys; from pathlib import Path; from sdxlctl.batch import lines\n"
+        "try:\n    lines.read(Path(sys.argv[1]), {}, max_lines=10)\n"
+        "except lines.BatchInputError as exc:\n    print(exc.message)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=15, check=True
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="needs a FIFO and /dev/zero")
+def test_a_fifo_or_a_link_to_dev_zero_is_refused_in_one_line_not_read_for_ever(tmp_path: Path) -> None:
+    # Failed first: the FIFO blocked the open for ever and /dev/zero was read for ever, one 64 KiB piece at a time.
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    for name in ("fifo.txt", "zero.txt"):
+        said = _read_in_child(tmp_path / name).stdout.strip()
+        assert said == f"{tmp_path / name} is not a regular file: a prompts file is a .txt, .jsonl or .csv file"
+    config = Config(path=tmp_path / "sdxlctl.toml")
+    with pytest.raises(UsageError, match="not a regular file"):  # the door said 'does not exist' of a FIFO
+        from sdxlctl.batch import door
+
+        door.plan(config, StateStore(config.home), BatchOptions(source=tmp_path / "fifo.txt"))
+
+
+def test_a_json_line_naming_a_field_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    # Failed first: json kept the last of the two silently, so the image was not of the prompt the user read first.
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a fox", "seed": 1, "prompt": "an owl"}\n{"prompt": "a cat"}\n')
+    with pytest.raises(BatchInputError) as raised:
+        lines.read(path, {}, max_lines=10)
+    assert raised.value.problems == ("prompts.jsonl line 1: prompt: named twice in the line's JSON object",)
