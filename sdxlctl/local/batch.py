@@ -28,11 +28,12 @@ from sdxlctl.batch import (
     no_progress,
 )
 from sdxlctl.config import Config
-from sdxlctl.errors import DeployError, Interrupted, PredictError
+from sdxlctl.errors import DeployError, Interrupted, PredictError, UsageError
 from sdxlctl.local import SERVER
 from sdxlctl.state import StateStore, interrupts_deferred
 from sdxlctl.steps import Progress, quiet
 
+SOURCE = "batch.json"  # which prompts file this folder's batch is of
 RESUME_HINT = "run the same command again: it skips the lines already done"
 # Answers that say the server cannot take work now (after the client's own retries): every later request would
 # meet the same, so the batch stops and a rerun resumes, instead of failing lines that were never tried.
@@ -49,6 +50,7 @@ def run(
 ) -> BatchResult:
     """Send the lines not yet in the manifest, `batch_size` at a time; write images and rows as they come."""
     batch, out = submission.batch, Path(submission.out)
+    _check_folder(out, batch.source)  # before anything is read or written there
     rows = previous_rows(config, store, out)
     todo, tally, changed = _plan(batch, rows, out, retry=bool(submission.retry_of))
     url = _predict_url(config, store) if todo else ""  # a batch already done needs no server
@@ -216,10 +218,32 @@ def _stopped(exc: PredictError, tally: _Tally, total: int) -> PredictError:
 # ---------------------------------------------------------------- files
 
 
+def _check_folder(out: Path, source: Path) -> None:
+    """`out` is this file's folder, or a new one: another file's batch there (a prompts.txt elsewhere has the
+    same default folder) would have its images overwritten line by line and its other rows mixed with these."""
+    import json
+
+    path, mine = out / SOURCE, str(source.resolve())
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("source")
+    except FileNotFoundError:
+        recorded = mine if (out / MANIFEST).exists() else None  # a folder of an earlier sdxlctl: as it was
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # damaged: this batch's from now on
+    if recorded is not None and recorded != mine:
+        raise UsageError(
+            f"{out} holds the batch of {recorded}, not of {mine}",
+            hint="pass --out with another folder (or run the batch of that file)",
+        )
+
+
 def _write_input(out: Path, batch: Batch, *, keep: bool) -> None:
     """<out>/input.jsonl: the normalised lines; a --retry-failed run (a part of them) keeps the whole one there."""
+    import json
+
     from sdxlctl.batch import files
 
+    files.write_atomic(out / SOURCE, (json.dumps({"source": str(batch.source.resolve())}) + "\n").encode())
     path = out / INPUT
     if keep and path.is_file():
         return

@@ -134,3 +134,28 @@ def test_a_json_line_naming_a_field_twice_is_refused_naming_it(tmp_path: Path) -
     with pytest.raises(BatchInputError) as raised:
         lines.read(path, {}, max_lines=10)
     assert raised.value.problems == ("prompts.jsonl line 1: prompt: named twice in the line's JSON object",)
+
+
+def test_an_out_folder_holding_another_files_batch_is_refused_and_its_images_kept(tmp_path: Path) -> None:
+    # Failed first: a second prompts.txt (another folder, same stem: the same default ./batch-prompts/) ran into
+    # the first one's folder, overwrote its images line by line and left the rest of its rows in the manifest.
+    with stand_in() as (url, bodies):
+        config, store = deployed(tmp_path, url)
+        out = tmp_path / "batch-prompts"
+
+        def batch_of(source: Path, prompt: str) -> Submission:
+            batch = Batch(source, (Line(1, {"prompt": prompt, "seed": 1}),), dict(PARAMETERS))
+            return Submission(batch, str(out), batch_size=4)
+
+        local_batch.run(config, store, batch_of(tmp_path / "a" / "prompts.txt", "a fox"))
+        before = (out / "images" / "000001.png").read_bytes(), (out / "manifest.jsonl").read_bytes()
+        with pytest.raises(UsageError) as raised:
+            local_batch.run(config, store, batch_of(tmp_path / "b" / "prompts.txt", "an owl"))
+        assert raised.value.message == (
+            f"{out} holds the batch of {tmp_path / 'a' / 'prompts.txt'}, not of {tmp_path / 'b' / 'prompts.txt'}"
+        )
+        assert "--out" in (raised.value.hint or "")
+        assert len(bodies) == 1
+        assert ((out / "images" / "000001.png").read_bytes(), (out / "manifest.jsonl").read_bytes()) == before
+        edited = local_batch.run(config, store, batch_of(tmp_path / "a" / "prompts.txt", "a red fox"))
+        assert edited.done == 1 and len(bodies) == 2  # the same file, edited: its own folder, resumed
