@@ -73,13 +73,16 @@ def trusted_image(path: Any, line: int | None = None) -> bool:
     return match is not None and (line is None or int(match.group(1)) == line)
 
 
-def decode(prediction: Any, line: int, default_format: str) -> tuple[Files, str | None]:
-    """The image files of one prediction {"images": [base64...], "output_format", ...}, or an error."""
+def decode(prediction: Any, line: int, default_format: str, most: int | None = None) -> tuple[Files, str | None]:
+    """The image files of one prediction {"images": [base64...], "output_format", ...}, or an error; more than
+    `most` images (num_images) is an error before any is decoded."""
     if not isinstance(prediction, dict):
         return [], f"the answer for this line is {type(prediction).__name__}, not a prediction object"
     images = prediction.get("images")
     if not isinstance(images, list) or not images:
         return [], "the answer for this line carries no images"
+    if most is not None and len(images) > most:
+        return [], f"the answer for this line carries {len(images)} images, more than num_images {most}"
     output_format = prediction.get("output_format", default_format)
     try:
         ext = extension(output_format)
@@ -104,7 +107,9 @@ def _row(batch: Batch, line: Line, images: list[str], error: str | None = None) 
 
 
 def _answered(batch: Batch, line: Line, prediction: Any) -> tuple[Row, Files]:
-    files, error = decode(prediction, line.number, str(batch.parameters.get("output_format", DEFAULT_FORMAT)))
+    output_format = str(batch.parameters.get("output_format", DEFAULT_FORMAT))
+    most = batch.parameters.get("num_images", 1)
+    files, error = decode(prediction, line.number, output_format, most if isinstance(most, int) else None)
     if error:
         return _row(batch, line, [], error), []
     return _row(batch, line, [name for name, _ in files]), files
@@ -202,9 +207,11 @@ def collect_output(batch: Batch, lines: Iterable[str], *, sink: FileSink | None 
         if isinstance(key, float) and key.is_integer():
             key = int(key)  # a number passed through protobuf's Struct comes back a double
         if key is not None:
-            if isinstance(key, bool) or not isinstance(key, (str, int)) or not str(key).strip().isdigit():
+            text = str(key).strip() if isinstance(key, (str, int)) and not isinstance(key, bool) else ""
+            # ASCII digits, and few: '²' is isdigit() but no int, and int() refuses thousands of digits
+            if not (text.isascii() and text.isdigit() and len(text) <= 18):
                 return None, f"key {one_line(repr(key), 60)} is not a line number"
-            number = int(str(key).strip())
+            number = int(text)
             return (number, "") if number in by_number else (None, f"key {number} is not a line of this batch")
         if not isinstance(instance, dict):
             return None, "neither a key nor an instance"

@@ -159,3 +159,32 @@ def test_an_out_folder_holding_another_files_batch_is_refused_and_its_images_kep
         assert ((out / "images" / "000001.png").read_bytes(), (out / "manifest.jsonl").read_bytes()) == before
         edited = local_batch.run(config, store, batch_of(tmp_path / "a" / "prompts.txt", "a red fox"))
         assert edited.done == 1 and len(bodies) == 2  # the same file, edited: its own folder, resumed
+
+
+def _b64_png() -> str:
+    return _png()
+
+
+def test_hostile_output_keys_are_skipped_not_a_crash() -> None:
+    # Failed first: '²' is str.isdigit() but not int(), and int() refuses 5,000 digits: collect_output raised
+    # ValueError on a Vertex AI output line (a job's output is not ours to trust).
+    from sdxlctl.batch import manifest
+
+    batch = Batch(Path("p.txt"), (Line(1, {"prompt": "a fox", "seed": 1}),), {"output_format": "png"})
+    prediction = {"images": [_b64_png()], "output_format": "png"}
+    hostile = [json.dumps({"key": key, "prediction": prediction}) for key in ("²", "9" * 5000, "-1", " 1e3")]
+    output = manifest.collect_output(batch, [*hostile, json.dumps({"key": "1", "prediction": prediction})])
+    assert [row.error for row in output.rows] == [None]
+    assert len(output.skipped) == 4 and all("is not a line" in why for why in output.skipped)
+
+
+def test_an_answer_with_more_images_than_num_images_fails_its_line_before_decoding_them() -> None:
+    # Failed first: a line's answer of a million images was decoded and written, one file each.
+    from sdxlctl.batch import manifest
+
+    batch = Batch(Path("p.txt"), (Line(1, {"prompt": "a fox", "seed": 1}),), {"output_format": "png", "num_images": 2})
+    answer = {"predictions": [{"images": [_b64_png()] * 3, "output_format": "png"}]}
+    rows, files = manifest.rows_from_answer(batch, [1], answer)
+    assert rows[0].error == "the answer for this line carries 3 images, more than num_images 2" and files == []
+    output = manifest.collect_output(batch, [json.dumps({"key": "1", "prediction": answer["predictions"][0]})])
+    assert output.rows[0].error == "the answer for this line carries 3 images, more than num_images 2"
