@@ -53,8 +53,7 @@ def job_body(
     from sdxlctl.gpus import GPUS
 
     gpu = GPUS[submission.gpu]
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", submission.batch.source.stem).strip("-") or "prompts"
-    head, tail = f"{config.name}-batch-", f"-{stamp}"
+    head, stem, tail = _display(config, submission.batch.source, stamp)
     resources: dict[str, Any] = {
         "machineSpec": {
             "machineType": gpu.machine_type,
@@ -82,6 +81,33 @@ def job_body(
     return body
 
 
+def _display(config: Config, source: Path, stamp: str) -> tuple[str, str, str]:
+    """A job's displayName in three parts: "<name>-batch-", the file's stem, "-<stamp>"."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", source.stem).strip("-") or "prompts"
+    return f"{config.name}-batch-", stem, f"-{stamp}"
+
+
+def _running_on(config: Config, store: StateStore, jobs: Jobs, source: Path) -> dict[str, Any] | None:
+    """A job of this deployment still running on `source` (recorded, or found by label and display name when the
+    state file lost it): a second one would bill twice for the same images."""
+    recorded = {r.name: r for r in batch_resources(store, config.name).values()}
+    head, stem, _ = _display(config, source, "")
+    named = re.compile(re.escape(head) + r"(.+)-\d{8}-\d{6}(-\d+)?")
+    for job in jobs.find({LABEL: config.name}):
+        if short_state(job) in ENDED:
+            continue
+        mine = recorded.get(str(job.get("name")))
+        if mine is not None and mine.details.get("source"):
+            same = _same_file(mine.details.get("source"), source)
+        else:
+            shown = named.fullmatch(str(job.get("displayName", "")))
+            # a long stem was cut to fit displayName's 128 characters
+            same = shown is not None and (shown[1] == stem or (len(shown[0]) >= 126 and stem.startswith(shown[1])))
+        if same:
+            return job
+    return None
+
+
 def run(
     config: Config,
     store: StateStore,
@@ -106,6 +132,15 @@ def run(
             f"batch output {submission.out!r} is not a gs:// folder", hint="use --out gs://BUCKET/PREFIX/"
         )
     c, n = cloud(config), names(config)
+    jobs = Jobs(c)
+    busy = _running_on(config, store, jobs, submission.batch.source)
+    if busy is not None:
+        short = str(busy["name"]).rsplit("/", 1)[-1]
+        raise DeployError(
+            f"job {busy['name']} is still {short_state(busy)} on {submission.batch.source}: not starting a second one",
+            hint=f"`sdxlctl batch --attach --job {short}` waits for it and collects its images; "
+            "`sdxlctl teardown` cancels it",
+        )
     stamp = stamp_now(set(store.read().of(config.name)))
     bucket, folder = split_gs(submission.out)
     storage = Storage(c, bucket, n.labels)
@@ -117,7 +152,6 @@ def run(
     input_uri = storage.upload(folder + name, submission.batch.jsonl(), content_type="application/jsonl")
     account = ensure_server_account(config, store, say, []) if server_account(config) else ""
     body = job_body(config, submission, model.name, stamp, input_uri=input_uri, account=account)
-    jobs = Jobs(c)
     say("creating the batch prediction job")
     job: dict[str, Any] = {}
     try:
@@ -172,6 +206,11 @@ def attach(
     recorded = batch_resources(store, config.name)
     if job:
         wanted = job if job.startswith("projects/") else f"{c.parent}/batchPredictionJobs/{job}"
+        if not re.fullmatch(re.escape(c.parent) + r"/batchPredictionJobs/[0-9]+", wanted):
+            raise DeployError(
+                f"--job {job} is not a batch prediction job of {c.parent}",
+                hint="give the job's number (or its full name) as `sdxlctl status` shows it",
+            )
         kind = next((k for k, r in recorded.items() if r.name == wanted), "")
     elif recorded:
         kind = max(recorded, key=lambda k: (recorded[k].created_at, k))
@@ -276,7 +315,13 @@ def _follow(
     rate = float(batch_resources(store, config.name).get(kind, _NONE).details.get("usd_per_replica_hour") or 0.0)
     seen = ""
     try:
-        job = jobs.get(name)
+        job = _get(jobs, name)
+        owner = (job.get("labels") or {}).get(LABEL)
+        if owner != config.name:  # --job names another deployment's (or nobody's) job: not ours to follow
+            raise DeployError(
+                f"job {name} is not a batch job of deployment {config.name} (its {LABEL} label: {owner or 'none'})",
+                hint="attach from that deployment's folder, or give one of this deployment's jobs",
+            )
         out = _out_of(job)
         batch = batch or read_batch(cloud(config), _input_of(job), out)
         while True:
@@ -288,7 +333,7 @@ def _follow(
             if state in ENDED:
                 break
             time.sleep(config.gcp.poll_interval_s)
-            job = jobs.get(name)
+            job = _get(jobs, name)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; job {name} keeps running", hint=ATTACH_HINT) from None
     say(f"job {short_state(job).lower()}: collecting its output")
@@ -315,6 +360,18 @@ def _follow(
 
 
 _NONE = Resource(kind="none", name="", target="vertex")
+
+
+def _get(jobs: Jobs, name: str) -> dict[str, Any]:
+    """The job now; a get that failed past its retries says the job itself goes on (it bills until it ends)."""
+    from sdxlctl.gcp.errors import CloudError
+
+    try:
+        return jobs.get(name)
+    except CloudError as exc:
+        if "not found" in exc.message.lower():
+            raise
+        raise DeployError(f"{exc.message}; the job itself keeps running", hint=ATTACH_HINT) from None
 
 
 def _out_of(job: dict[str, Any]) -> str:

@@ -73,6 +73,13 @@ def collect(
 
     storage, folder = _storage(c, out)
     directory = str(job.get("outputInfo", {}).get("gcsOutputDirectory", ""))
+    raw = out + "raw/"  # the job's outputUriPrefix: Vertex AI writes one folder below it
+    if directory and (not directory.startswith(raw) or ".." in directory.split("/")):
+        # read nothing a job names elsewhere (another bucket or folder): sdxlctl reads only what it asked for
+        raise DeployError(
+            f"job {job.get('name')} reports its output in {directory}, outside {raw}",
+            hint="it was not started by `sdxlctl batch` with this output folder; nothing was read or written",
+        )
     pending: list[tuple[str, bytes]] = []
     written = [0]
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sdxlctl-upload") as pool:
@@ -147,7 +154,7 @@ def _mirror(storage: Storage, folder: str, manifest_text: bytes, dest: Path, say
     from sdxlctl.batch.files import download, write_atomic
 
     sizes = storage.sizes(folder + IMAGES + "/")
-    named = {image for text in manifest_text.decode().splitlines() for image in json.loads(text).get("images", [])}
+    named = {image for text in manifest_text.decode().splitlines() for image in _images(text)}
     listed = [(relative, sizes[folder + relative]) for relative in sorted(named) if folder + relative in sizes]
 
     def read(relative: str) -> bytes:
@@ -160,6 +167,16 @@ def _mirror(storage: Storage, folder: str, manifest_text: bytes, dest: Path, say
     for name, why in list(copied.failed.items())[:3]:
         say(f"not downloaded: {name}: {why} (run the same --attach --download again: it resumes)")
     write_atomic(dest / MANIFEST, manifest_text)
+
+
+def _images(text: str) -> list[str]:
+    """A manifest row's image names; an older row kept from a damaged or edited manifest may hold anything."""
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return []
+    images = row.get("images") if isinstance(row, dict) else None
+    return [image for image in images if isinstance(image, str)] if isinstance(images, list) else []
 
 
 def batch_from_jsonl(source: Path, data: bytes) -> Batch:
