@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -303,8 +304,8 @@ def _cells(cells: dict[str, str]) -> dict[str, Any] | Problem:
     instance: dict[str, Any] = {key: value for key, value in cells.items() if value != ""}
     if "seed" in instance:
         text = instance["seed"].strip()
-        try:
-            instance["seed"] = int(text)
-        except ValueError:
+        # what a JSON number's digits are: int() would also take '1_000' and other scripts' digits
+        if not re.fullmatch(r"[+-]?[0-9]{1,40}", text):
             return Problem("seed", f"{text!r} is not an integer (0 to {2**32 - 1})")
+        instance["seed"] = int(text)
     return instance

@@ -188,3 +188,16 @@ def test_an_answer_with_more_images_than_num_images_fails_its_line_before_decodi
     assert rows[0].error == "the answer for this line carries 3 images, more than num_images 2" and files == []
     output = manifest.collect_output(batch, [json.dumps({"key": "1", "prediction": answer["predictions"][0]})])
     assert output.rows[0].error == "the answer for this line carries 3 images, more than num_images 2"
+
+
+def test_a_csv_seed_is_ascii_digits_as_json_would_have_it(tmp_path: Path) -> None:
+    # Failed first: int() took '٣' (an Arabic-Indic three) as 3 and '1_000' as 1000, seeds the file does not show.
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt,seed\na fox,\u0663\nan owl,1_000\na cat, 42 \nan ant,+-5\n", encoding="utf-8")
+    with pytest.raises(BatchInputError) as raised:
+        lines.read(path, {}, max_lines=10)
+    assert raised.value.problems == (
+        "prompts.csv line 2: seed: '\u0663' is not an integer (0 to 4294967295)",
+        "prompts.csv line 3: seed: '1_000' is not an integer (0 to 4294967295)",
+        "prompts.csv line 5: seed: '+-5' is not an integer (0 to 4294967295)",
+    )
