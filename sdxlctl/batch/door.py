@@ -196,7 +196,8 @@ def _failed_only(config: Config, store: StateStore, batch: Batch, out: str) -> t
 
         previous, rows = vertex_batch.previous_rows(config, store, batch.source)
         out = _job_out(config, store, previous) or out
-    failed = {number for number, row in rows.items() if row.error}
+    # Only lines the file still has: an edited file may have lost the failed ones (no job of no lines)
+    failed = {number for number, row in rows.items() if row.error} & {line.number for line in batch.lines}
     if not failed:
         where = f"job {previous}" if config.target == "vertex" else out
         raise _NothingFailed(f"no failed lines in the last run of {batch.source} ({where}): nothing to retry")

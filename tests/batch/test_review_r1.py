@@ -201,3 +201,22 @@ def test_a_csv_seed_is_ascii_digits_as_json_would_have_it(tmp_path: Path) -> Non
         "prompts.csv line 3: seed: '1_000' is not an integer (0 to 4294967295)",
         "prompts.csv line 5: seed: '+-5' is not an integer (0 to 4294967295)",
     )
+
+
+def test_retry_failed_whose_failed_lines_are_no_longer_in_the_file_runs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Failed first: the file lost its lines 4 and 5 (the failed ones) since; --retry-failed planned a batch of
+    # no lines (on vertex a job of an empty input, a replica started for nothing) instead of saying so.
+    from sdxlctl.batch import Row as ManifestRow
+    from sdxlctl.batch import door, manifest
+    from sdxlctl.steps import Notice
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "fox.txt"
+    source.write_text("a fox\nan owl\na cat\n")
+    rows = [ManifestRow(n, "p", n, {}, [], "refused") for n in (4, 5)]
+    manifest.append(tmp_path / "batch-fox" / "manifest.jsonl", rows)
+    config = Config.model_validate({"target": "local", "gcp": {"project": "demo-project"}})
+    result = door.run(config, StateStore(tmp_path), BatchOptions(source, retry_failed=True))
+    assert isinstance(result, Notice) and "no failed lines" in result.message
