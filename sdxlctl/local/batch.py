@@ -223,6 +223,8 @@ def _check_folder(out: Path, source: Path) -> None:
     same default folder) would have its images overwritten line by line and its other rows mixed with these."""
     import json
 
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; the images need a folder", hint="pass --out with a folder's name")
     path, mine = out / SOURCE, str(source.resolve())
     try:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("source")

@@ -220,3 +220,14 @@ def test_retry_failed_whose_failed_lines_are_no_longer_in_the_file_runs_nothing(
     config = Config.model_validate({"target": "local", "gcp": {"project": "demo-project"}})
     result = door.run(config, StateStore(tmp_path), BatchOptions(source, retry_failed=True))
     assert isinstance(result, Notice) and "no failed lines" in result.message
+
+
+def test_an_out_that_is_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # Failed first: NotADirectoryError out of the manifest's reader.
+    with stand_in() as (url, bodies):
+        config, store = deployed(tmp_path, url)
+        (tmp_path / "taken").write_text("a file of the user's\n")
+        with pytest.raises(UsageError) as raised:
+            _run(config, store, tmp_path / "taken", {"prompt": "a fox", "seed": 1})
+        assert raised.value.message == f"--out {tmp_path / 'taken'} is a file; the images need a folder"
+        assert bodies == [] and (tmp_path / "taken").read_text() == "a file of the user's\n"
