@@ -128,9 +128,13 @@ def batch(
 ) -> None:
     """Generate an image (or -n images) for every line of a prompts file: sdxlctl batch prompts.txt
 
-    Target vertex runs a Vertex AI batch prediction job on the Model `sdxlctl upload` made; target local
-    sends the lines to the local server. Every line is checked before anything starts; --dry-run prints
-    the plan and the cost. Exit status 1 when the job or any line failed (the manifest lists them).
+    Target vertex runs a Vertex AI batch prediction job on the Model `sdxlctl upload` made.
+
+    Target local sends the lines to the local server.
+
+    Every line is checked before anything starts; --dry-run prints the plan and the cost.
+
+    Exit status 1 when the job or any line failed (the manifest lists them).
     """
     from sdxlctl.batch import BatchOptions, door
     from sdxlctl.cli import batch_render
@@ -196,7 +200,12 @@ def _options(source: Path | None, *, attach: bool, job: str | None, retry_failed
         clash = [flag for flag, on in (("--retry-failed", retry_failed), ("--dry-run", dry_run)) if on]
         if clash:
             raise UsageError(f"--attach waits for a job already started; it takes no {' or '.join(clash)}")
-        return source
+        if source is not None:  # attach picks the newest job, whatever file it ran: a file named here would mislead
+            raise UsageError(
+                f"--attach waits for this deployment's newest job; it takes no prompts file ({source})",
+                hint="sdxlctl batch --attach, or --attach --job ID for another job (`sdxlctl status` lists them)",
+            )
+        return None
     if job is not None:
         raise UsageError("--job names the job --attach waits for", hint="sdxlctl batch --attach --job JOB")
     if source is None:

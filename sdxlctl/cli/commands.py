@@ -363,9 +363,7 @@ def cost(
     compare: Annotated[bool, typer.Option("--compare", help="every GPU side by side: speed, $/1000 images")] = False,
     steps: Annotated[int, typer.Option(min=1, max=150, help="steps per image, for speed and $/1000 images")] = 30,
     live: Annotated[bool, typer.Option("--live", help="today's prices from the Cloud Billing catalog")] = False,
-    busy: Annotated[
-        float, typer.Option("--busy-hours-per-day", min=0, max=24, help="Cloud Run's serving hours a day (0 < h <= 24)")
-    ] = 24,
+    busy: Annotated[float, typer.Option("--busy-hours-per-day", min=0, max=24, help="Cloud Run's busy hours/day")] = 24,
     images: Annotated[int | None, typer.Option(min=1, help="price a batch of N images (`sdxlctl batch`)")] = None,
     replicas: Annotated[int | None, typer.Option(min=1, help="with --images: replicas ([batch] max_replicas)")] = None,
     spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot VMs ([deploy]/[batch] spot)")] = None,
@@ -376,6 +374,7 @@ def cost(
     from sdxlctl.batch import door
     from sdxlctl.cli import cost_render, render
 
+    cost_render.paired(images=images, replicas=replicas, compare=compare)  # before the config: a usage error
     config, warn, key = cost_render.flagged(_context()[0], region, spot), render.warning, gpu and gpu.value
     if images is not None:  # the arithmetic of `sdxlctl batch --dry-run`, through the same door
         table = core.price_table(config, live=live, warn=warn)

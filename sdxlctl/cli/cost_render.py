@@ -171,6 +171,19 @@ BATCH_CAVEAT = (
 )
 
 
+def paired(*, images: int | None, replicas: int | None, compare: bool) -> None:
+    """`cost`'s batch flags only with --images, and --compare only without: a flag that would be dropped is refused
+    (`cost --replicas 3` priced one replica's day)."""
+    from sdxlctl.errors import UsageError
+
+    if images is None and replicas is not None:
+        raise UsageError(
+            "--replicas prices a batch's replicas: it goes with --images N", hint="sdxlctl cost --images N --replicas R"
+        )
+    if images is not None and compare:
+        raise UsageError("--compare prices a day of every GPU; --images prices one batch: give one of them")
+
+
 def flagged(config: Config, region: str | None, spot: bool | None) -> Config:
     """The config with `cost`'s --region and --spot/--no-spot laid over it: --spot prices the online replicas
     ([deploy] spot) and a batch's (--images, [batch] spot) on Spot VMs."""
