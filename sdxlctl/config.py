@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,6 +95,14 @@ class Batch(Section):
     def _gpu(cls, value: str) -> str:
         if value and value not in GPUS:
             raise ValueError("Input should be '' or " + ", ".join(map(repr, GPU_KEYS)))
+        return value
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        # a job writes only to Cloud Storage; "bucket/x" would be taken as a gs:// path and fail at the upload
+        if value and not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?", value):
+            raise ValueError("must be empty or a gs:// prefix (gs://BUCKET/PREFIX/)")
         return value
 
     @model_validator(mode="after")
@@ -371,6 +380,10 @@ def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, .
         )
     value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")
+    if len(location) == 1 and location[0] in Config.model_fields and _is_section(Config.model_fields[key].annotation):
+        # a rule across a section's keys (min above max): name the section and the variables that set its keys
+        given = [var for at, var in from_env.items() if at[:1] == location]
+        return ConfigError(f"{source}: [{key}]" + (f" with {', '.join(given)}" if given else "") + f": {message}")
     if error["type"] == "string_pattern_mismatch" and location == ("name",):
         message = "must be 2-32 lowercase letters, digits or '-', starting with a letter (it names cloud resources)"
     return ConfigError(f"{where} = {value!r}: {message}")
