@@ -44,11 +44,15 @@ def fetch_regions(cloud: Cloud, regions: list[str]) -> dict[str, dict[str, Any]]
             if entry is None:
                 continue
             kind, key = entry
+            try:
+                usd = unit_price(sku)
+            except IndexError:  # listed with no price (yet): the bundled rate stands for this part alone
+                continue
             kind = f"spot_{kind}" if spot else kind
             for region in sku.service_regions:
                 if region in found and key not in found[region][kind]:
                     found[region][kind][key] = {
-                        "usd": unit_price(sku),
+                        "usd": usd,
                         "verified": True,
                         "source": f"Cloud Billing SKU {sku.sku_id} '{sku.description}'",
                     }

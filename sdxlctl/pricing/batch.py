@@ -24,6 +24,7 @@ REPLICA_START_H = 10 / 60
 # [model] time_limit_s and max_images at their defaults, for an estimate made without a config
 DEFAULT_TIME_LIMIT_S = 55.0
 DEFAULT_MAX_IMAGES = 4
+MOST = 10**15  # images or replicas past this are a typo, not a batch (and past ~10**308 not a float)
 TIME_LIMIT_ROOM = 0.8  # a request should finish within 80% of the server's time limit: queueing, decode, jitter
 
 SPOT_MEANING = "Spot: cheaper, may be preempted; Vertex AI restarts a preempted replica and the job retries its lines"
@@ -92,6 +93,10 @@ def batch_estimate(
         raise UsageError(f"--images {images}: must not be negative")
     if replicas < 1:
         raise UsageError(f"--replicas {replicas}: a batch needs at least 1 replica")
+    for flag, count in (("--images", images), ("--replicas", replicas)):
+        if count > MOST:
+            shown = str(count) if count < 10**20 else f"{str(count)[:20]}..."
+            raise UsageError(f"{flag} {shown}: too many to price (at most {MOST:.0e})")
     prices: PriceTable = table or bundled()
     option = gpu_option(gpu)
     speed = latency(option.key, steps, level)

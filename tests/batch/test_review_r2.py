@@ -127,3 +127,37 @@ def test_collect_reads_nothing_outside_the_jobs_raw_folder(
         with pytest.raises(DeployError, match="outside"):
             collect(cloud(config), job, make_batch(1), out(), None, lambda _: None)
     assert not bucket.blob(out().removeprefix(f"gs://{BUCKET}/") + "manifest.jsonl").exists()
+
+
+def test_a_huge_image_or_replica_count_is_a_usage_error_not_an_overflow(cli: Cli) -> None:
+    from sdxlctl.errors import UsageError
+    from sdxlctl.pricing.batch import batch_estimate
+
+    for images, replicas in ((10**400, 1), (10, 10**400)):
+        with pytest.raises(UsageError, match="too many"):
+            batch_estimate("l4", "us-central1", images=images, replicas=replicas)
+    assert batch_estimate("l4", "us-central1", images=10**12).usd > 0  # large, still priced
+    ran = cli("cost", "--images", "9" * 400)
+    assert ran.code == 2 and "Traceback" not in ran.err and "too many" in ran.err, ran.err
+
+
+def test_one_catalog_sku_with_no_price_does_not_throw_away_the_live_prices(cli: Cli, emulator: Emulator) -> None:
+    import json
+
+    from tests.emulator.billing import sku
+
+    where = "running in Netherlands"
+    skus = emulator.world.table("skus")
+    catalog = {
+        "CCCC-0004": (f"Spot Preemptible Vertex AI: Online/Batch Prediction Nvidia L4 GPU {where}", 0.2),
+        "CCCC-0005": (f"Spot Preemptible Vertex AI: Online/Batch Prediction G2 Instance Core {where}", 0.01),
+        "CCCC-0006": (f"Spot Preemptible Vertex AI: Online/Batch Prediction G2 Instance Ram {where}", 0.001),
+        "CCCC-0007": (f"Vertex AI: Online/Batch Prediction A2 Instance Core {where}", 0.05),
+    }
+    for sku_id, (description, usd) in catalog.items():
+        skus[sku_id] = sku(sku_id, description, ["europe-west4"], usd)
+    skus["CCCC-0007"]["pricingInfo"] = []  # a SKU the catalog lists with no price (yet)
+    env = {"SDXLCTL_GCP_API_ENDPOINT": emulator.url, "SDXLCTL_GCP_REGION": "europe-west4"}
+    ran = cli("cost", "--live", "--images", "100", "--gpu", "l4", "--spot", "--json", env=env)
+    assert ran.code == 0 and "IndexError" not in ran.err, ran.err
+    assert json.loads(ran.out)["usd_per_replica_hour"] == pytest.approx(0.2 + 8 * 0.01 + 32 * 0.001)
