@@ -231,3 +231,12 @@ def test_an_out_that_is_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> No
             _run(config, store, tmp_path / "taken", {"prompt": "a fox", "seed": 1})
         assert raised.value.message == f"--out {tmp_path / 'taken'} is a file; the images need a folder"
         assert bodies == [] and (tmp_path / "taken").read_text() == "a file of the user's\n"
+
+
+def test_drawn_seeds_are_pinned_values_not_whatever_this_interpreter_computes() -> None:
+    # The same file must give the same images next year on another Python: pinned numbers (sha256 of the line
+    # number and the canonical, ASCII-escaped, key-sorted JSON), not a recomputation of the same formula.
+    from sdxlctl.batch.lines import drawn_seed
+
+    assert drawn_seed(1, {"prompt": "a red fox"}) == 1132859288
+    assert drawn_seed(137, {"style": "anime", "prompt": "un renard roux, café"}) == 310799354
