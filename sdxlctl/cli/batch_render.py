@@ -161,7 +161,7 @@ def plan(plan: BatchPlan, *, title: str = "plan (--dry-run: nothing was called)"
     rows = [("file", f"{batch.source} ({plural(len(batch.lines), 'line')}, {plural(batch.images, 'image')})")]
     if plan.target == "local":
         rows += [("target", "local: this machine's model server (`sdxlctl deploy` starts it)")]
-        rows += [("batch size", f"{sub.batch_size} lines a request")]
+        rows += [("batch size", f"{plural(sub.batch_size, 'line')} a request")]
         rows += [("cost", "0.00 USD (nothing billed)")]
     else:
         from sdxlctl.gpus import GPUS
@@ -173,7 +173,7 @@ def plan(plan: BatchPlan, *, title: str = "plan (--dry-run: nothing was called)"
             ("target", f"vertex: Vertex AI batch prediction in {estimate.region}"),
             ("GPU", gpu + (", Spot" if sub.spot else "")),
             ("replicas", replicas(*sub.replicas)),
-            ("batch size", f"{sub.batch_size} lines a request"),
+            ("batch size", f"{plural(sub.batch_size, 'line')} a request"),
             ("seconds/image", f"{estimate.seconds_per_image:,.1f} (estimated)"),
             ("replica hours", f"{estimate.replica_hours:,.2f} at {usd_per_hour(estimate.usd_per_replica_hour)} USD/h"),
             ("wall hours", f"{estimate.wall_hours:,.2f}"),

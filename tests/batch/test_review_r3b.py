@@ -60,3 +60,10 @@ def test_a_section_rule_names_the_variable_that_broke_it_not_the_defaults(cli: C
     first = refused.err.splitlines()[0]
     assert "[batch]" in first and "SDXLCTL_BATCH_MIN_REPLICAS" in first and "{" not in first, first
     assert "min_replicas 3 is above max_replicas 1" in first
+
+
+def test_the_plan_says_one_line_a_request_not_one_lines(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "fox.txt").write_text("a red fox\n")
+    planned = cli("batch", "fox.txt", "--dry-run", "--width", "2048", "--height", "2048", "-n", "4")
+    assert planned.code == 0, planned.err
+    assert "1 line a request" in planned.err and "1 lines" not in planned.err, planned.err
