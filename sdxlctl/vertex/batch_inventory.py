@@ -27,6 +27,8 @@ def live_state(c: Cloud, resource: Resource) -> str:
     from sdxlctl.gcp.batch import Jobs
     from sdxlctl.vertex.batch import counts
 
+    if not resource.name.startswith(f"{c.parent}/batchPredictionJobs/"):  # an edited state file: ask nobody else
+        return f"unknown: not a job of this project ({c.parent})"
     job = Jobs(c).get(resource.name)
     total = int(resource.details.get("lines") or 0)
     now = counts(job, total, 0.0)

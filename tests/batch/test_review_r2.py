@@ -161,3 +161,23 @@ def test_one_catalog_sku_with_no_price_does_not_throw_away_the_live_prices(cli: 
     ran = cli("cost", "--live", "--images", "100", "--gpu", "l4", "--spot", "--json", env=env)
     assert ran.code == 0 and "IndexError" not in ran.err, ran.err
     assert json.loads(ran.out)["usd_per_replica_hour"] == pytest.approx(0.2 + 8 * 0.01 + 32 * 0.001)
+
+
+def test_status_asks_nothing_about_a_job_a_tampered_state_file_names_in_another_project(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from sdxlctl.state import Resource
+
+    _, store = uploaded(cli, emulator, monkeypatch)
+    foreign = "projects/someone-else/locations/europe-west4/batchPredictionJobs/1"
+    store.record("sdxl", Resource(kind="batch-20260101-000000", name=foreign, target="vertex", details={"lines": 2}))
+    status = cli("status", "--json", env=emulator.env())
+    assert status.code == 0, status.err
+    (row,) = [r for r in json.loads(status.out)["resources"] if r["name"] == foreign]
+    assert "not a job of this project" in json.dumps(row)
+    assert not [r for r in emulator.requests() if "someone-else" in r["path"]]
+    down = cli("teardown", "--yes", env=emulator.env())
+    assert down.code == 0, down.err
+    assert not [r for r in emulator.requests() if "someone-else" in r["path"]]
