@@ -137,6 +137,14 @@ class Config(Section):
     # Where the config came from (None: built-in defaults); the state lives beside it.
     path: Path | None = Field(None, exclude=True)
 
+    @model_validator(mode="after")
+    def _batch_fits_the_server(self) -> Config:
+        # the server refuses a request of more instances than max_images: a job would bill GPUs to fail them all
+        if self.batch.batch_size > self.model.max_images:
+            sizes = f"[batch] batch_size {self.batch.batch_size} is above [model] max_images {self.model.max_images}"
+            raise ValueError(f"{sizes}, the most instances the server takes a request; lower it (0: sdxlctl chooses)")
+        return self
+
     @property
     def home(self) -> Path:
         """The folder sdxlctl keeps its state in: beside the config file, else the current folder."""
@@ -380,10 +388,12 @@ def _config_error(exc: ValidationError, source: str, from_env: dict[tuple[str, .
         )
     value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")
-    if len(location) == 1 and location[0] in Config.model_fields and _is_section(Config.model_fields[key].annotation):
-        # a rule across a section's keys (min above max): name the section and the variables that set its keys
-        given = [var for at, var in from_env.items() if at[:1] == location]
-        return ConfigError(f"{source}: [{key}]" + (f" with {', '.join(given)}" if given else "") + f": {message}")
+    if not location or (key in Config.model_fields and _is_section(Config.model_fields[key].annotation)):
+        # a rule across keys (min above max): name the section, and the variables that set the sections it names
+        named = location or tuple(part for part in Config.model_fields if f"[{part}]" in message)
+        given = ", ".join(var for at, var in from_env.items() if at[0] in named)
+        where = f"{source}: [{key}]" if location else source
+        return ConfigError(where + (f" with {given}" if given else "") + f": {message}")
     if error["type"] == "string_pattern_mismatch" and location == ("name",):
         message = "must be 2-32 lowercase letters, digits or '-', starting with a letter (it names cloud resources)"
     return ConfigError(f"{where} = {value!r}: {message}")

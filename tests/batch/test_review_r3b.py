@@ -67,3 +67,13 @@ def test_the_plan_says_one_line_a_request_not_one_lines(cli: Cli, tmp_path: Path
     planned = cli("batch", "fox.txt", "--dry-run", "--width", "2048", "--height", "2048", "-n", "4")
     assert planned.code == 0, planned.err
     assert "1 line a request" in planned.err and "1 lines" not in planned.err, planned.err
+
+
+def test_a_batch_size_the_server_would_refuse_is_a_config_error(cli: Cli) -> None:
+    # [batch] batch_size 16 with [model] max_images 4: every request of the job was refused by the server
+    # ("16 instances; at most 4 images per request") after its replicas had started and billed
+    refused = cli("config", env={"SDXLCTL_BATCH_BATCH_SIZE": "16"})
+    assert refused.code == 2, refused.err
+    first = refused.err.splitlines()[0]
+    assert "batch_size 16" in first and "max_images 4" in first and "SDXLCTL_BATCH_BATCH_SIZE" in first, first
+    assert cli("config", env={"SDXLCTL_BATCH_BATCH_SIZE": "8", "SDXLCTL_MODEL_MAX_IMAGES": "8"}).code == 0
