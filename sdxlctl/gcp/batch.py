@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdxlctl.gcp.errors import translated
-from sdxlctl.gcp.session import Cloud, Progress, create_once, wait_for
+from sdxlctl.gcp.errors import CloudError, translated
+from sdxlctl.gcp.session import Cloud, Progress, create_once, is_transient, wait_for
 from sdxlctl.steps import quiet
 
 # Where a job no longer runs: cancel has nothing to stop, delete may go ahead
@@ -22,6 +22,8 @@ FINISHED = frozenset(
         "JOB_STATE_EXPIRED",
     }
 )
+
+MAYBE_CREATED = "a job may have been created: `sdxlctl status` shows it, `sdxlctl teardown` cancels it"
 
 
 def label_filter(labels: dict[str, str]) -> str:
@@ -69,9 +71,17 @@ class Jobs:
             found = self.find(find_labels)
             return found[0] if found else None
 
-        return create_once(
-            send, find, what="create the batch prediction job", cloud=self.cloud, api="aiplatform", progress=progress
-        )
+        try:
+            return create_once(
+                send, find, what="create the batch prediction job", cloud=self.cloud, api="aiplatform", progress=progress
+            )
+        except CloudError as exc:
+            # given up after answers that were lost: the server may have made the job all the same (and it bills)
+            cause = exc.__context__  # translated() raises `from None`: the Google error is the context
+            if not isinstance(cause, Exception) or not is_transient(cause):
+                raise
+            exc.hint = f"{MAYBE_CREATED}; {exc.hint}" if exc.hint else MAYBE_CREATED
+            raise
 
     def get(self, name: str) -> dict[str, Any]:
         with self._call(f"get batch prediction job {name}"):

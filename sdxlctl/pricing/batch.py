@@ -27,7 +27,11 @@ DEFAULT_MAX_IMAGES = 4
 MOST = 10**15  # images or replicas past this are a typo, not a batch (and past ~10**308 not a float)
 TIME_LIMIT_ROOM = 0.8  # a request should finish within 80% of the server's time limit: queueing, decode, jitter
 
-SPOT_MEANING = "Spot: cheaper, may be preempted; Vertex AI restarts a preempted replica and the job retries its lines"
+SPOT_MEANING = (
+    "Spot: cheaper, may be preempted; Vertex AI restarts a preempted replica and the job retries its lines. "
+    "A Spot job may take longer, or end FAILED when no capacity comes back (`--retry-failed` then runs the lines "
+    "it did not finish)"
+)
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,16 @@ def batch_estimate(
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     max_images: int = DEFAULT_MAX_IMAGES,
     chosen_batch_size: int = 0,
+    min_replicas: int = 0,
 ) -> BatchEstimate:
     """`images` (lines x num_images) on up to `replicas` replicas of `gpu`: replica hours (the work plus each
     replica's start), hours until the last image, and USD at the on-demand or Spot rate card of `region`.
 
     The batch size shown is `chosen_batch_size` ([batch] batch_size) or, when 0, `batch_size(...)` for the
-    server's time_limit_s and max_images; it changes the requests, not the work, so not the price."""
+    server's time_limit_s and max_images; it changes the requests, not the work, so not the price.
+
+    A start is charged only to the replicas that can have work, one request each at least (1 image on 50
+    replicas starts 1), but to every one of `min_replicas` (the job's startingReplicaCount), which start anyway."""
     if images < 0:
         raise UsageError(f"--images {images}: must not be negative")
     if replicas < 1:
@@ -106,7 +114,10 @@ def batch_estimate(
         option.key, steps=steps, num_images=num_images, time_limit_s=time_limit_s, max_images=max_images, level=level
     )
     work_h = images * seconds / 3600
-    replica_hours = work_h + replicas * REPLICA_START_H
+    shown_size = chosen_batch_size or size
+    requests = math.ceil(images / (shown_size * max(1, num_images)))
+    working = max(1, min(replicas, requests), min(min_replicas, replicas))
+    replica_hours = work_h + working * REPLICA_START_H
     notes = [
         f"each replica's start (VM, image pull, model load) counted as {REPLICA_START_H * 60:g} min, an assumption"
     ]
@@ -124,9 +135,9 @@ def batch_estimate(
         seconds_per_image=seconds,
         replicas=replicas,
         spot=spot,
-        batch_size=chosen_batch_size or size,
+        batch_size=shown_size,
         replica_hours=replica_hours,
-        wall_hours=work_h / replicas + REPLICA_START_H,
+        wall_hours=work_h / working + REPLICA_START_H,
         usd_per_replica_hour=hourly,
         usd=replica_hours * hourly,
         verified=all(r.verified for r in rates),

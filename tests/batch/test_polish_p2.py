@@ -1,0 +1,48 @@
+"""Polish P2 of issue 18: an output line too long to hold is skipped, not read whole; a gs:// folder holding
+another file's batch is refused before anything is uploaded; a job long in PENDING says why once; a create that
+finally fails says a job may exist; the price counts only replicas that can have work; Spot's meaning says a job
+may take longer or fail. Against the emulator, through the real client libraries."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdxlctl.errors import SdxlctlError
+from sdxlctl.pricing import batch as pricing_batch
+from sdxlctl.vertex import batch as vertex_batch
+from tests.batch.test_vertex_run import make_batch, submission, uploaded
+from tests.conftest import Cli
+from tests.emulator_fixtures import Emulator
+
+
+def test_one_image_is_charged_one_replica_start_not_fifty() -> None:
+    one = pricing_batch.batch_estimate("l4", "us-central1", images=1, replicas=50)
+    alone = pricing_batch.batch_estimate("l4", "us-central1", images=1, replicas=1)
+    assert one.replica_hours == pytest.approx(alone.replica_hours)
+    assert one.replicas == 50  # the most the job may run, as the plan shows
+    # min_replicas start whether or not they get work
+    held = pricing_batch.batch_estimate("l4", "us-central1", images=1, replicas=50, min_replicas=3)
+    assert held.replica_hours == pytest.approx(alone.replica_hours + 2 * pricing_batch.REPLICA_START_H)
+    # as many requests as replicas: each replica can have one
+    size = one.batch_size
+    many = pricing_batch.batch_estimate("l4", "us-central1", images=size * 50 * 10, replicas=50)
+    work = size * 500 * many.seconds_per_image / 3600
+    assert many.replica_hours == pytest.approx(work + 50 * pricing_batch.REPLICA_START_H)
+
+
+def test_spot_meaning_says_a_job_may_take_longer_or_fail_and_what_reruns_it() -> None:
+    meaning = pricing_batch.SPOT_MEANING
+    assert "longer" in meaning and "FAILED" in meaning and "--retry-failed" in meaning
+
+
+def test_a_create_that_finally_fails_says_a_job_may_exist(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, store = uploaded(cli, emulator, monkeypatch)
+    config.gcp.retry_s = 1.0  # give up soon
+    emulator.fault(method="POST", path=r"/batchPredictionJobs$", answer="error", code=503, status="UNAVAILABLE", times=50)
+    with pytest.raises(SdxlctlError) as failed:
+        vertex_batch.run(config, store, submission(make_batch(1)))
+    emulator.clear_faults()
+    said = f"{failed.value} {failed.value.hint}"
+    assert "a job may have been created" in said and "sdxlctl status" in said and "sdxlctl teardown" in said
