@@ -73,7 +73,12 @@ class Jobs:
 
         try:
             return create_once(
-                send, find, what="create the batch prediction job", cloud=self.cloud, api="aiplatform", progress=progress
+                send,
+                find,
+                what="create the batch prediction job",
+                cloud=self.cloud,
+                api="aiplatform",
+                progress=progress,
             )
         except CloudError as exc:
             # given up after answers that were lost: the server may have made the job all the same (and it bills)

@@ -40,7 +40,9 @@ def test_a_create_that_finally_fails_says_a_job_may_exist(
 ) -> None:
     config, store = uploaded(cli, emulator, monkeypatch)
     config.gcp.retry_s = 1.0  # give up soon
-    emulator.fault(method="POST", path=r"/batchPredictionJobs$", answer="error", code=503, status="UNAVAILABLE", times=50)
+    emulator.fault(
+        method="POST", path=r"/batchPredictionJobs$", answer="error", code=503, status="UNAVAILABLE", times=50
+    )
     with pytest.raises(SdxlctlError) as failed:
         vertex_batch.run(config, store, submission(make_batch(1)))
     emulator.clear_faults()
