@@ -19,7 +19,7 @@ from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Progress, quiet
-from sdxlctl.vertex.batch_output import split_gs
+from sdxlctl.vertex.batch_output import RAW, input_of, out_of, split_gs
 from sdxlctl.vertex.names import LABEL, cloud, names, server_account
 
 if TYPE_CHECKING:
@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 BATCH_LABEL = "sdxlctl-batch"  # its value: the job's stamp, as in its state kind batch-<stamp>
 KIND = "batch-"
-RAW = "raw/"  # the job's outputUriPrefix under <out>: Vertex AI adds prediction-<model>-<time>/ below it
 PREFIX = "JOB_STATE_"
 ENDED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "PARTIALLY_SUCCEEDED", "EXPIRED"})
+# A job PENDING or QUEUED this long is likely waiting for its GPU (a stockout in the region): said once
+QUEUED_NOTICE_S = 15 * 60
+WAITING = frozenset({"PENDING", "QUEUED"})
 ATTACH_HINT = (
     "`sdxlctl batch --attach` waits for it and collects its images; `sdxlctl status` shows it; "
     "`sdxlctl teardown` cancels it"
@@ -313,7 +315,7 @@ def _follow(
     from sdxlctl.vertex.batch_output import collect, read_batch
 
     rate = float(batch_resources(store, config.name).get(kind, _NONE).details.get("usd_per_replica_hour") or 0.0)
-    seen = ""
+    seen, told = "", False
     try:
         job = _get(jobs, name)
         owner = (job.get("labels") or {}).get(LABEL)
@@ -322,14 +324,17 @@ def _follow(
                 f"job {name} is not a batch job of deployment {config.name} (its {LABEL} label: {owner or 'none'})",
                 hint="attach from that deployment's folder, or give one of this deployment's jobs",
             )
-        out = _out_of(job)
-        batch = batch or read_batch(cloud(config), _input_of(job), out)
+        out = out_of(job)
+        batch = batch or read_batch(cloud(config), input_of(job), out)
         while True:
             state = short_state(job)
             if kind and state != seen:
                 store.update_details(config.name, kind, state=state)
                 seen = state
             progress(counts(job, len(batch.lines), rate))
+            if state in WAITING and not told and _elapsed(job) >= QUEUED_NOTICE_S:
+                told = True
+                say(_queued_notice(config, job, name))
             if state in ENDED:
                 break
             time.sleep(config.gcp.poll_interval_s)
@@ -359,6 +364,14 @@ def _follow(
     )
 
 
+def _queued_notice(config: Config, job: dict[str, Any], name: str) -> str:
+    gpu = job.get("dedicatedResources", {}).get("machineSpec", {}).get("acceleratorType") or "its GPU"
+    return (
+        f"job {name} is still {short_state(job)} after {_elapsed(job) / 60:.0f} min: Vertex AI may be short of "
+        f"{gpu} in {cloud(config).region}; Ctrl-C leaves it queued, `sdxlctl teardown` cancels it"
+    )
+
+
 _NONE = Resource(kind="none", name="", target="vertex")
 
 
@@ -372,21 +385,3 @@ def _get(jobs: Jobs, name: str) -> dict[str, Any]:
         if "not found" in exc.message.lower():
             raise
         raise DeployError(f"{exc.message}; the job itself keeps running", hint=ATTACH_HINT) from None
-
-
-def _out_of(job: dict[str, Any]) -> str:
-    """The folder of the images and the manifest: the job's outputUriPrefix less raw/."""
-    prefix = str(job.get("outputConfig", {}).get("gcsDestination", {}).get("outputUriPrefix", ""))
-    if not prefix.startswith("gs://"):
-        raise DeployError(f"job {job.get('name')} writes no gs:// output", hint="it was not started by `sdxlctl batch`")
-    prefix = prefix.rstrip("/") + "/"
-    return prefix.removesuffix(RAW) if prefix.endswith(RAW) else prefix
-
-
-def _input_of(job: dict[str, Any]) -> str:
-    uris = job.get("inputConfig", {}).get("gcsSource", {}).get("uris", [])
-    if len(uris) != 1:
-        raise DeployError(
-            f"job {job.get('name')} does not read one JSONL file", hint="it was not started by `sdxlctl batch`"
-        )
-    return str(uris[0])

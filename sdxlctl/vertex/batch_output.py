@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 CHUNK_FILES = 32  # images decoded before they are uploaded, in parallel (what sits in memory)
 WORKERS = 8  # parallel uploads and downloads
+RAW = "raw/"  # the job's outputUriPrefix under <out>: Vertex AI adds prediction-<model>-<time>/ below it
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -28,6 +29,24 @@ def split_gs(uri: str) -> tuple[str, str]:
     """gs://bucket/a/b/ -> ("bucket", "a/b/")."""
     bucket, _, folder = uri.removeprefix("gs://").partition("/")
     return bucket, folder
+
+
+def out_of(job: dict[str, Any]) -> str:
+    """The folder of the images and the manifest: the job's outputUriPrefix less raw/."""
+    prefix = str(job.get("outputConfig", {}).get("gcsDestination", {}).get("outputUriPrefix", ""))
+    if not prefix.startswith("gs://"):
+        raise DeployError(f"job {job.get('name')} writes no gs:// output", hint="it was not started by `sdxlctl batch`")
+    prefix = prefix.rstrip("/") + "/"
+    return prefix.removesuffix(RAW) if prefix.endswith(RAW) else prefix
+
+
+def input_of(job: dict[str, Any]) -> str:
+    uris = job.get("inputConfig", {}).get("gcsSource", {}).get("uris", [])
+    if len(uris) != 1:
+        raise DeployError(
+            f"job {job.get('name')} does not read one JSONL file", hint="it was not started by `sdxlctl batch`"
+        )
+    return str(uris[0])
 
 
 def _storage(c: Cloud, uri: str) -> tuple[Storage, str]:

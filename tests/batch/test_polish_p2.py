@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdxlctl.errors import SdxlctlError
+from sdxlctl.batch import Counts
+from sdxlctl.errors import Interrupted, SdxlctlError
 from sdxlctl.pricing import batch as pricing_batch
 from sdxlctl.vertex import batch as vertex_batch
 from tests.batch.test_vertex_run import make_batch, submission, uploaded
@@ -48,3 +49,37 @@ def test_a_create_that_finally_fails_says_a_job_may_exist(
     emulator.clear_faults()
     said = f"{failed.value} {failed.value.hint}"
     assert "a job may have been created" in said and "sdxlctl status" in said and "sdxlctl teardown" in said
+
+
+def test_a_job_long_pending_says_once_why_and_what_ctrl_c_and_teardown_do(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sdxlctl.gcp.batch import Jobs
+    from sdxlctl.vertex.names import cloud
+
+    config, store = uploaded(cli, emulator, monkeypatch)
+    monkeypatch.setattr(vertex_batch, "QUEUED_NOTICE_S", 0.0)
+    emulator.slow("batchPredictionJobs:pending")
+    said: list[str] = []
+    polls: list[str] = []
+
+    def stop_after_pending_polls(counts: Counts) -> None:
+        polls.append(counts.state)
+        if polls.count("PENDING") >= 4:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(Interrupted):
+            vertex_batch.run(
+                config, store, submission(make_batch(1)), progress=stop_after_pending_polls, say=said.append
+            )
+    finally:
+        with emulator.world.lock:
+            emulator.world.slow.pop("batchPredictionJobs:pending", None)
+    (job,) = emulator.batch_jobs()
+    Jobs(cloud(config)).cancel(job["name"])
+    notices = [line for line in said if "short of" in line]
+    assert len(notices) == 1, said
+    (notice,) = notices
+    assert "NVIDIA_L4" in notice and config.gcp.region in notice
+    assert "Ctrl-C leaves it queued" in notice and "sdxlctl teardown" in notice

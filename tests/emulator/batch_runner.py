@@ -12,7 +12,8 @@ with the server's message (`world.batch_error_shape`: "code" gives google.rpc.St
 prediction.errors_stats-00000-of-00001 under <outputUriPrefix>prediction-<model>-<createTime>/.
 All instances failed: FAILED with the first failure; some: SUCCEEDED with failedCount. Cancel takes effect
 between two requests. While `world.slow` has "batchPredictionJobs" a RUNNING job sends nothing (a test
-interrupts a client then; Emulator.finish_batch_jobs releases it).
+interrupts a client then; Emulator.finish_batch_jobs releases it). While it has "batchPredictionJobs:pending"
+a job stays PENDING before its replica starts (no capacity for its GPU: Vertex AI queues it).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ RETRIED = {429, 503}
 RETRIES = 4  # then the request's instances fail
 REQUEST_TIMEOUT_S = 600.0
 SLOW_KEY = "batchPredictionJobs"
+PENDING_KEY = "batchPredictionJobs:pending"
 
 
 class Stopped(Exception):
@@ -132,6 +134,7 @@ class JobRunner:
             return
         resources = job["dedicatedResources"]
         replicas = resources.get("startingReplicaCount") or resources["maxReplicaCount"]
+        self._hold(name, stop, PENDING_KEY)
         began = time.time()
 
         def update(**fields: Any) -> dict[str, Any]:
@@ -209,11 +212,11 @@ class JobRunner:
             if stop.wait(0.1):
                 raise Stopped
 
-    def _hold(self, name: str, stop: threading.Event) -> None:
-        """While a test holds batch jobs (world.slow), a running job sends nothing."""
+    def _hold(self, name: str, stop: threading.Event, key: str = SLOW_KEY) -> None:
+        """While a test holds batch jobs (world.slow `key`), a job waits (RUNNING: sends nothing)."""
         while True:
             with self.world.lock:
-                held = SLOW_KEY in self.world.slow
+                held = key in self.world.slow
             if not held or self._cancelled(name):
                 return
             if stop.wait(0.05):
