@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sdxlctl.batch import Batch, BatchOptions, BatchProgress, BatchResult, Row, Submission, no_progress
+from sdxlctl.batch import MANIFEST, Batch, BatchOptions, BatchProgress, BatchResult, Row, Submission, no_progress
 from sdxlctl.config import Config
 from sdxlctl.errors import SdxlctlError, UsageError
 from sdxlctl.pricing.batch import BatchEstimate
 from sdxlctl.state import StateStore
-from sdxlctl.steps import Notice, Progress, quiet
+from sdxlctl.steps import Notice, Progress, plural, quiet
 
 BATCH_TARGETS = ("vertex", "local")  # cloudrun has no batch engine: its service would be a loop of predicts
 DEFAULT_STEPS = 30  # the server's num_inference_steps when --steps is not given (the estimate's too)
@@ -198,6 +198,13 @@ def _failed_only(config: Config, store: StateStore, batch: Batch, out: str) -> t
         out = _job_out(config, store, previous) or out
     # Only lines the file still has: an edited file may have lost the failed ones (no job of no lines)
     failed = {number for number, row in rows.items() if row.error} & {line.number for line in batch.lines}
+    ran = bool(previous) if config.target == "vertex" else (Path(out) / MANIFEST).exists()
+    if not ran:  # no job recorded for it, or a folder with no manifest: "the last run" would name nothing
+        where = f"by deployment {config.name!r}" if config.target == "vertex" else f"in {out}"
+        raise UsageError(
+            f"there was no run of {batch.source.name} {where}: nothing to retry",
+            hint=f"run it without --retry-failed: sdxlctl batch {batch.source}",
+        )
     if not failed:
         where = f"job {previous}" if config.target == "vertex" else out
         raise _NothingFailed(f"no failed lines in the last run of {batch.source} ({where}): nothing to retry")
@@ -242,6 +249,7 @@ def _estimate(
         return BatchEstimate(
             gpu="local", region="local", images=batch.images, seconds_per_image=0.0, replicas=1, spot=False,
             batch_size=size, replica_hours=0.0, wall_hours=0.0, usd_per_replica_hour=0.0, usd=0.0, verified=True,
+            replica_start_h=0.0,
         )  # fmt: skip
     from sdxlctl.pricing.batch import batch_estimate
 
@@ -262,11 +270,24 @@ def _estimate(
 
 def _batch_size(config: Config, gpu: str, steps: int, num_images: int, *, local: bool) -> int:
     """Instances a request: [batch] batch_size, else what the GPU finishes in the server's time limit."""
-    most = max(1, config.model.max_images // num_images)  # the server refuses more images a request
+    limit = config.model.max_images
+    if num_images > limit:  # the server refuses more images a request: every line would fail
+        raise UsageError(
+            f"-n {num_images} is more than [model] max_images {limit}",
+            hint="ask for fewer, or raise max_images in the [model] section of sdxlctl.toml and deploy again",
+        )
+    most = limit // num_images
+    chosen = config.batch.batch_size
+    if chosen and chosen > most:  # refused now, not by the server for every request once replicas bill
+        raise UsageError(
+            f"[batch] batch_size {chosen} with -n {num_images} is {chosen * num_images} images a request, "
+            f"more than [model] max_images {limit}",
+            hint=f"set [batch] batch_size to {most} or less (0 picks it), or ask for fewer images a line",
+        )
     if local:
-        return max(1, min(config.batch.batch_size or LOCAL_BATCH_SIZE, most))
-    if config.batch.batch_size:
-        return config.batch.batch_size
+        return min(chosen or LOCAL_BATCH_SIZE, most)
+    if chosen:
+        return chosen
     from sdxlctl.pricing.batch import batch_size
 
     return batch_size(
@@ -288,7 +309,8 @@ def _notes(config: Config, submission: Submission, estimate: BatchEstimate) -> l
         )
     if submission.retry_of:
         notes.append(
-            f"only the {len(submission.batch.lines)} failed lines of {submission.retry_of}, into the same output"
+            f"only the {plural(len(submission.batch.lines), 'failed line')} of {submission.retry_of}, "
+            "into the same output"
         )
     notes.extend(estimate.notes)
     return notes
