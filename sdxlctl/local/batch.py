@@ -31,7 +31,7 @@ from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted, PredictError, UsageError
 from sdxlctl.local import SERVER
 from sdxlctl.state import StateStore, interrupts_deferred
-from sdxlctl.steps import Progress, quiet
+from sdxlctl.steps import Progress, plural, quiet
 
 SOURCE = "batch.json"  # which prompts file this folder's batch is of
 RESUME_HINT = "run the same command again: it skips the lines already done"
@@ -56,11 +56,14 @@ def run(
     url = _predict_url(config, store) if todo else ""  # a batch already done needs no server
     _write_input(out, batch, keep=bool(submission.retry_of))
     if tally.skipped:
-        say(f"{tally.skipped} of {len(batch.lines)} lines are already done in {out / MANIFEST}: skipped")
+        are = "are" if tally.skipped > 1 else "is"
+        say(f"{tally.skipped} of {plural(len(batch.lines), 'line')} {are} already done in {out / MANIFEST}: skipped")
     if changed:
-        say(f"{changed} lines differ from their manifest row (prompt, seed or parameters): made again")
+        differ = "differ from their manifest rows" if changed > 1 else "differs from its manifest row"
+        say(f"{plural(changed, 'line')} {differ} (prompt, seed or parameters): made again")
     if tally.failed:
-        say(f"{len(tally.failed)} lines failed before: `--retry-failed` runs them again")
+        them = "them" if len(tally.failed) > 1 else "it"
+        say(f"{plural(len(tally.failed), 'line')} failed before: `--retry-failed` runs {them} again")
     size = max(1, submission.batch_size)
     try:
         progress(tally.counts(len(batch.lines)))
@@ -208,7 +211,8 @@ def refusal(exc: client.Refused, lines: list[Line]) -> list[str]:
 
 
 def _stopped(exc: PredictError, tally: _Tally, total: int) -> PredictError:
-    hint = exc.hint + "; then " if exc.hint else ""
+    # the client's "then try again" is what RESUME_HINT says for a batch: said once, the batch's way
+    hint = exc.hint.removesuffix("; then try again") + "; then " if exc.hint else ""
     return PredictError(
         f"{exc.message}: the batch stopped after {tally.finished} of {total} lines (their images and rows are kept)",
         hint=hint + RESUME_HINT,
