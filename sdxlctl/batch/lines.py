@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from sdxlctl.batch import Batch, Line
-from sdxlctl.batch.rules import LINE_DEPTH, LINE_FIELDS, PARAMETER_FIELDS, Problem, check_instance, depth_over
+from sdxlctl.batch.rules import (
+    LINE_DEPTH,
+    LINE_FIELDS,
+    PARAMETER_FIELDS,
+    Problem,
+    check_instance,
+    depth_over,
+    seed_problem,
+)
 from sdxlctl.batch.rules import check_parameters as _check_parameters
 from sdxlctl.errors import UsageError
 
@@ -306,6 +314,6 @@ def _cells(cells: dict[str, str]) -> dict[str, Any] | Problem:
         text = instance["seed"].strip()
         # what a JSON number's digits are: int() would also take '1_000' and other scripts' digits
         if not re.fullmatch(r"[+-]?[0-9]{1,40}", text):
-            return Problem("seed", f"{text!r} is not an integer (0 to {2**32 - 1})")
+            return Problem("seed", seed_problem(text))
         instance["seed"] = int(text)
     return instance

@@ -222,9 +222,19 @@ def _problem(exc: ValidationError) -> Problem:
         message = "unknown field"
     elif error["type"] == "string_too_long":
         message = f"too long: at most {MAX_PROMPT_CHARS} characters"
+    elif error["loc"][:1] == ("seed",):
+        message = seed_problem(error.get("input"))
     elif last in ("width", "height") and error["type"] in {"multiple_of", "greater_than_equal", "less_than_equal"}:
         message = f"must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}"
     return Problem(_path(error["loc"]), message)
+
+
+def seed_problem(value: Any) -> str:
+    """A bad seed, in the same words whether it came from JSON (-1, 1.5, "7") or a CSV cell ('x', -1)."""
+    import json
+
+    shown = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return f"{shown} is not an integer from 0 to {MAX_SEED}"
 
 
 def _path(location: Any) -> str:

@@ -197,9 +197,9 @@ def test_a_csv_seed_is_ascii_digits_as_json_would_have_it(tmp_path: Path) -> Non
     with pytest.raises(BatchInputError) as raised:
         lines.read(path, {}, max_lines=10)
     assert raised.value.problems == (
-        "prompts.csv line 2: seed: '\u0663' is not an integer (0 to 4294967295)",
-        "prompts.csv line 3: seed: '1_000' is not an integer (0 to 4294967295)",
-        "prompts.csv line 5: seed: '+-5' is not an integer (0 to 4294967295)",
+        "prompts.csv line 2: seed: '\u0663' is not an integer from 0 to 4294967295",
+        "prompts.csv line 3: seed: '1_000' is not an integer from 0 to 4294967295",
+        "prompts.csv line 5: seed: '+-5' is not an integer from 0 to 4294967295",
     )
 
 
