@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,17 @@ from sdxlctl.gcp.session import Cloud
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+
+HEAD_CHARS = 4096  # what is kept of a line over the limit: enough to find its key
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """A line over `Storage.lines`' limit, never held whole: its first HEAD_CHARS characters and its length."""
+
+    head: str
+    chars: int
 
 
 class Storage:
@@ -98,13 +110,25 @@ class Storage:
             except NotFound:
                 return None
 
-    def lines(self, name: str) -> Iterator[str]:
-        """The object's text, a line at a time (streamed in chunks: a job's output file may be gigabytes)."""
+    def lines(self, name: str, *, limit: int = 0) -> Iterator[str | LongLine]:
+        """The object's text, a line at a time (streamed in chunks: a job's output file may be gigabytes).
+        With `limit`, a line of more characters comes as a LongLine, read past in pieces of `limit`, never
+        held whole (one 500 MB line would otherwise be read, then parsed and decoded, at several times that)."""
         with translated(f"read gs://{self.bucket_name}/{name}", api="storage", project=self.cloud.project):
             blob = self.client.bucket(self.bucket_name).blob(name)
             with blob.open("rt", encoding="utf-8", errors="replace") as file:
-                for line in file:
-                    yield line.rstrip("\r\n")
+                while True:
+                    text = file.readline(limit + 1) if limit else file.readline()
+                    if not text:
+                        return
+                    if limit and len(text) > limit and not text.endswith("\n"):
+                        head, chars = text[:HEAD_CHARS], len(text)
+                        while text and not text.endswith("\n"):
+                            text = file.readline(limit)
+                            chars += len(text)
+                        yield LongLine(head, chars - text.endswith("\n"))
+                        continue
+                    yield text.rstrip("\r\n")
 
     def grant(self, member: str, roles: Mapping[str, Sequence[str]]) -> bool:
         """Give `member` each role of `roles` on exactly its folders: one binding per folder, which holds for

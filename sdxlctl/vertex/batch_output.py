@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdxlctl.batch import IMAGES, KEY_FIELD, MANIFEST, Batch, Line, Row
+from sdxlctl.batch.rules import MAX_SIDE
 from sdxlctl.errors import DeployError
 from sdxlctl.steps import Progress
 
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
 
 CHUNK_FILES = 32  # images decoded before they are uploaded, in parallel (what sits in memory)
 WORKERS = 8  # parallel uploads and downloads
+# The longest output line an answer can make, per image: a 2048x2048 PNG at its worst (RGB not compressed at
+# all, a filter byte a row, zlib's few bytes a block), in base64, twice over for room; a line past
+# num_images of these plus LINE_ROOM is no answer of this server and is skipped unread.
+IMAGE_CHARS_MOST = 2 * 4 * (MAX_SIDE * (MAX_SIDE * 3 + 1) * 1001 // 1000 + 1024) // 3
+LINE_ROOM = 1 << 20  # the JSON around the images: key, instance echo, seeds, parameters
+KEY_IN_HEAD = re.compile(r'"key"\s*:\s*"?(\d{1,18})"?')
 RAW = "raw/"  # the job's outputUriPrefix under <out>: Vertex AI adds prediction-<model>-<time>/ below it
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
@@ -114,8 +122,12 @@ def collect(
             if len(pending) >= CHUNK_FILES:
                 flush()
 
-        output = manifest.collect_output(batch, _lines(c, directory), sink=sink)
+        long_lines: list[str] = []
+        lines = _lines(c, directory, line_limit(batch), long_lines)
+        output = manifest.collect_output(batch, lines, sink=sink)
         flush()
+    for skipped in long_lines[:3]:
+        say(f"output not used: {skipped}")
     for skipped in output.skipped[:3]:
         say(f"output not used: {skipped}")
     why = str(job.get("error", {}).get("message", ""))
@@ -131,14 +143,33 @@ def collect(
     return len(rows) - len(failed), failed
 
 
-def _lines(c: Cloud, directory: str) -> Iterator[str]:
-    """Every line of every file under the output directory, file by file (in name order)."""
+def line_limit(batch: Batch) -> int:
+    """Characters an output line of `batch` may have: num_images of the largest image, and room."""
+    most = batch.parameters.get("num_images", 1)
+    return (most if isinstance(most, int) and most > 0 else 1) * IMAGE_CHARS_MOST + LINE_ROOM
+
+
+def _lines(c: Cloud, directory: str, limit: int, long_lines: list[str]) -> Iterator[str]:
+    """Every line of every file under the output directory, file by file (in name order). A line over
+    `limit` is not read: its line fails (when its key shows in its head), else it is listed in `long_lines`."""
+    from sdxlctl.gcp.storage import LongLine
+
     if not directory:
         return
     raw, prefix = _storage(c, directory)
     for name, size in raw.sizes(prefix.rstrip("/") + "/").items():
-        if size:
-            yield from raw.lines(name)
+        if not size:
+            continue
+        for position, text in enumerate(raw.lines(name, limit=limit), start=1):
+            if not isinstance(text, LongLine):
+                yield text
+                continue
+            why = f"its answer ({text.chars:,} characters) is over the {limit:,} it can be: not read"
+            key = KEY_IN_HEAD.search(text.head.split('"prediction"', 1)[0])
+            if key:
+                yield json.dumps({KEY_FIELD: key[1], "error": {"message": why}})
+            else:
+                long_lines.append(f"{name.rsplit('/', 1)[-1]} line {position}: {why}")
 
 
 def _put(storage: Storage, folder: str, download: Path | None, file: tuple[str, bytes]) -> None:

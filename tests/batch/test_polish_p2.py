@@ -83,3 +83,49 @@ def test_a_job_long_pending_says_once_why_and_what_ctrl_c_and_teardown_do(
     (notice,) = notices
     assert "NVIDIA_L4" in notice and config.gcp.region in notice
     assert "Ctrl-C leaves it queued" in notice and "sdxlctl teardown" in notice
+
+
+def test_an_output_line_over_the_cap_is_skipped_unread_and_fails_its_line(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import uuid
+
+    from sdxlctl.batch import manifest
+    from sdxlctl.gcp.session import Cloud
+    from sdxlctl.gcp.storage import HEAD_CHARS, LongLine, Storage
+    from sdxlctl.vertex import batch_output
+    from tests.batch.test_vertex_run import BUCKET
+    from tests.emulator_fixtures import PROJECT, REGION
+
+    for key, value in emulator.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(batch_output, "IMAGE_CHARS_MOST", 4000)  # one image's base64 at most
+    monkeypatch.setattr(batch_output, "LINE_ROOM", 1000)
+    c = Cloud(PROJECT, REGION, emulator.url, 0.05, 5.0)
+    out = f"gs://{BUCKET}/batch/sdxl/long-{uuid.uuid4().hex[:8]}/"
+    directory = out + "raw/prediction-m-1/"
+    huge = "A" * 100_000
+    text = "\n".join(
+        [
+            json.dumps({"key": "1", "error": {"code": 3, "message": "bad prompt"}}),
+            json.dumps({"key": "2", "prediction": {"images": [huge]}}),
+            json.dumps({"prediction": {"images": [huge]}, "instance": {"prompt": "x"}}),
+        ]
+    )
+    storage = Storage(c, BUCKET, {})
+    storage.ensure_bucket()
+    storage.upload(directory.removeprefix(f"gs://{BUCKET}/") + "prediction.results-00000-of-00001", text.encode())
+    said: list[str] = []
+    job = {"name": "job", "outputInfo": {"gcsOutputDirectory": directory}}
+    done, failed = batch_output.collect(c, job, make_batch(3), out, None, said.append)
+    errors = {row.line: row.error for row in failed}
+    assert done == 0 and str(errors[1]).startswith("bad prompt") and errors[3] == manifest.NO_ANSWER
+    assert "not read" in str(errors[2]) and "characters" in str(errors[2])
+    assert any("results-00000-of-00001 line 3" in line and "not read" in line for line in said), said
+    name = directory.removeprefix(f"gs://{BUCKET}/") + "prediction.results-00000-of-00001"
+    read = list(storage.lines(name, limit=5000))
+    assert (
+        isinstance(read[1], LongLine) and len(read[1].head) <= HEAD_CHARS and read[1].chars == len(text.split("\n")[1])
+    )
+    assert read[0] == text.split("\n")[0] and isinstance(read[2], LongLine)
