@@ -19,7 +19,7 @@ from sdxlctl.config import Config
 from sdxlctl.errors import DeployError, Interrupted
 from sdxlctl.state import Resource, StateStore, interrupts_deferred
 from sdxlctl.steps import Progress, quiet
-from sdxlctl.vertex.batch_output import RAW, input_of, out_of, split_gs
+from sdxlctl.vertex.batch_output import RAW, claim_folder, input_of, out_of, split_gs
 from sdxlctl.vertex.names import LABEL, cloud, names, server_account
 
 if TYPE_CHECKING:
@@ -148,6 +148,7 @@ def run(
     storage = Storage(c, bucket, n.labels)
     if bucket == n.bucket:
         storage.ensure_bucket()
+    claim_folder(storage, folder, submission.out, submission.batch.source)  # before anything is uploaded there
     # a retry shares the folder (and manifest) of the run it retries, but not its input: attach reads it back
     name = f"input-retry-{stamp}.jsonl" if submission.retry_of else "input.jsonl"
     say(f"uploading {len(submission.batch.lines)} lines to {submission.out}{name}")

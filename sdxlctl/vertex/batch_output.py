@@ -29,6 +29,7 @@ WORKERS = 8  # parallel uploads and downloads
 IMAGE_CHARS_MOST = 2 * 4 * (MAX_SIDE * (MAX_SIDE * 3 + 1) * 1001 // 1000 + 1024) // 3
 LINE_ROOM = 1 << 20  # the JSON around the images: key, instance echo, seeds, parameters
 KEY_IN_HEAD = re.compile(r'"key"\s*:\s*"?(\d{1,18})"?')
+SOURCE = "batch.json"  # which prompts file the batch in this folder is of
 RAW = "raw/"  # the job's outputUriPrefix under <out>: Vertex AI adds prediction-<model>-<time>/ below it
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
@@ -55,6 +56,30 @@ def input_of(job: dict[str, Any]) -> str:
             f"job {job.get('name')} does not read one JSONL file", hint="it was not started by `sdxlctl batch`"
         )
     return str(uris[0])
+
+
+def claim_folder(storage: Storage, folder: str, out: str, source: Path) -> None:
+    """Refuse `out` when it holds another prompts file's batch (a second file sent to the same --out would mix
+    its rows and images into that batch's manifest), else record `source` there as <out>batch.json (as the
+    local target's <out>/batch.json). A folder of an earlier sdxlctl, a manifest and no batch.json: this file's."""
+    from sdxlctl.errors import UsageError
+
+    mine = str(source.resolve())
+    data = storage.read(folder + SOURCE)
+    if data is None:
+        recorded = mine if storage.read(folder + MANIFEST) is not None else None
+    else:
+        try:
+            recorded = json.loads(data.decode("utf-8")).get("source")
+        except (ValueError, AttributeError):
+            recorded = None  # damaged: this batch's from now on
+    if recorded is not None and recorded != mine:
+        raise UsageError(
+            f"--out {out} holds the batch of {recorded}, not of {mine}",
+            hint="pass --out with another gs:// folder (or run the batch of that file)",
+        )
+    if data is None or recorded is None:
+        storage.upload(folder + SOURCE, (json.dumps({"source": mine}) + "\n").encode(), content_type="application/json")
 
 
 def _storage(c: Cloud, uri: str) -> tuple[Storage, str]:

@@ -5,6 +5,9 @@ may take longer or fail. Against the emulator, through the real client libraries
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from sdxlctl.batch import Counts
@@ -88,7 +91,6 @@ def test_a_job_long_pending_says_once_why_and_what_ctrl_c_and_teardown_do(
 def test_an_output_line_over_the_cap_is_skipped_unread_and_fails_its_line(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import json
     import uuid
 
     from sdxlctl.batch import manifest
@@ -129,3 +131,30 @@ def test_an_output_line_over_the_cap_is_skipped_unread_and_fails_its_line(
         isinstance(read[1], LongLine) and len(read[1].head) <= HEAD_CHARS and read[1].chars == len(text.split("\n")[1])
     )
     assert read[0] == text.split("\n")[0] and isinstance(read[2], LongLine)
+
+
+def test_a_gs_out_folder_holding_another_files_batch_is_refused_before_any_upload(
+    cli: Cli, emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from sdxlctl.errors import UsageError
+    from tests.batch.test_vertex_attach import creates
+    from tests.batch.test_vertex_run import gs_objects, out
+
+    config, store = uploaded(cli, emulator, monkeypatch)
+    first = dataclasses.replace(make_batch(1), source=tmp_path / "a" / "prompts.txt")
+    assert vertex_batch.run(config, store, submission(first)).state == "SUCCEEDED"
+    before = gs_objects(emulator, out())
+    assert json.loads(before["batch.json"]) == {"source": str(tmp_path / "a" / "prompts.txt")}
+    other = dataclasses.replace(make_batch(2), source=tmp_path / "b" / "prompts.txt")
+    with pytest.raises(UsageError) as raised:
+        vertex_batch.run(config, store, submission(other))
+    assert raised.value.message == (
+        f"--out {out()} holds the batch of {tmp_path / 'a' / 'prompts.txt'}, not of {tmp_path / 'b' / 'prompts.txt'}"
+    )
+    assert "--out" in (raised.value.hint or "")
+    assert creates(emulator) == 1 and gs_objects(emulator, out()) == before
+    # the same file again (edited, or --retry-failed): its own folder
+    again = dataclasses.replace(make_batch(2), source=tmp_path / "a" / "prompts.txt")
+    assert vertex_batch.run(config, store, submission(again, retry_of="x")).state == "SUCCEEDED"
