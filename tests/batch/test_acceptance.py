@@ -9,11 +9,7 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,6 +30,7 @@ from tests.emulator.app import create_app
 from tests.emulator.core import World
 from tests.emulator.model_servers import ModelServers
 from tests.emulator_fixtures import PROJECT, RUN_IDLE_S, RUN_PROBE_SCALE, Emulator
+from tests.interrupts import interrupt_sdxlctl
 from tests.servers import Server, serve_app
 
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
@@ -140,25 +137,9 @@ def emulator_via(gcs: str, forward_to: str) -> Iterator[Emulator]:
 
 def interrupt_batch(cwd: Path, env: dict[str, str], args: list[str], ready: Callable[[], bool]) -> str:
     """`sdxlctl batch ARGS` in a subprocess, SIGINT once `ready()`; it must end as interrupted (130): stderr."""
-    full = {**os.environ, **env, "HF_HUB_OFFLINE": "1"}
-    running = subprocess.Popen(
-        [sys.executable, "-m", "sdxlctl", "batch", *args], cwd=cwd, env=full, stderr=subprocess.PIPE, text=True
+    return interrupt_sdxlctl(
+        ["batch", *args], cwd=cwd, env=env, ready=ready, never="the batch never got to its wait", deadline_s=90
     )
-    try:
-        deadline = time.monotonic() + 90
-        while not ready():
-            assert running.poll() is None, running.communicate()[1]
-            assert time.monotonic() < deadline, "the batch never got to its wait"
-            time.sleep(0.05)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=30)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.wait()
-    assert running.returncode == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    return stderr
 
 
 def polled_running_job(emulator: Emulator) -> Callable[[], bool]:

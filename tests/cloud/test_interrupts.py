@@ -3,18 +3,14 @@ with nothing started twice and nothing left behind."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from sdxlctl.state import StateStore
 from tests.cloud.test_faults import up
 from tests.conftest import Cli
 from tests.emulator_fixtures import Emulator
+from tests.interrupts import interrupt_sdxlctl
 
 
 def sent(emulator: Emulator, method: str, pattern: str) -> int:
@@ -32,29 +28,15 @@ def interrupt_while_polling(
 ) -> str:
     """Run `sdxlctl STEP` (with `env`, default the emulator's), send SIGINT once the request `started` (`method`)
     was answered and its operation polled, and return stderr; the command must end as interrupted (130) within 30 s."""
-    env = {**os.environ, **(env or emulator.env()), "HF_HUB_OFFLINE": "1"}
-    running = subprocess.Popen(
-        [sys.executable, "-m", "sdxlctl", *step], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
+
+    def polled() -> bool:
+        requests = emulator.requests()
+        posted = [i for i, r in enumerate(requests) if r["method"] == method and re.search(started, r["path"])]
+        return bool(posted) and any("/operations/" in r["path"] for r in requests[posted[0] + 1 :])
+
+    return interrupt_sdxlctl(
+        step, cwd=cwd, env=env or emulator.env(), ready=polled, never="the step never reached the operation"
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            requests = emulator.requests()
-            posted = [i for i, r in enumerate(requests) if r["method"] == method and re.search(started, r["path"])]
-            if posted and any("/operations/" in r["path"] for r in requests[posted[0] + 1 :]):
-                break
-            assert running.poll() is None, running.communicate()[1]
-            assert time.monotonic() < deadline, "the step never reached the operation"
-            time.sleep(0.05)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=30)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.wait()
-    assert running.returncode == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    return stderr
 
 
 def test_teardown_interrupted_while_undeploying_is_finished_by_the_rerun(
