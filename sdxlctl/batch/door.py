@@ -116,6 +116,7 @@ def cost(
         images=images,
         steps=steps,
         replicas=replicas or config.batch.max_replicas,
+        min_replicas=replicas or config.batch.min_replicas,  # as a batch's --replicas N: N..N
         spot=config.batch.spot if spot is None else spot,
         level=config.model.optimize,
         time_limit_s=config.model.time_limit_s,
@@ -226,7 +227,7 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
     spot = False if local else (config.batch.spot if options.spot is None else options.spot)
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
     size = _batch_size(config, gpu, steps, int(batch.parameters.get("num_images", 1)), local=local)
-    estimate = _estimate(config, batch, gpu, replicas[1], spot, size, local=local)
+    estimate = _estimate(config, batch, gpu, replicas, spot, size, local=local)
     submission = Submission(
         batch=batch,
         out=out,
@@ -242,7 +243,7 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
 
 
 def _estimate(
-    config: Config, batch: Batch, gpu: str, replicas: int, spot: bool, size: int, *, local: bool
+    config: Config, batch: Batch, gpu: str, replicas: tuple[int, int], spot: bool, size: int, *, local: bool
 ) -> BatchEstimate:
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
     if local:  # this machine's own server: nothing billed, and no table knows its speed
@@ -258,7 +259,8 @@ def _estimate(
         config.gcp.region,
         images=batch.images,
         steps=steps,
-        replicas=replicas,
+        replicas=replicas[1],
+        min_replicas=replicas[0],  # started whether or not they get work
         spot=spot,
         level=config.model.optimize,
         num_images=int(batch.parameters.get("num_images", 1)),

@@ -149,3 +149,14 @@ def test_retry_failed_with_nothing_failed_says_so_and_runs_nothing(
     manifest.append(tmp_path / "batch-fox" / "manifest.jsonl", [row(1), row(2)])
     result = run(config("local"), StateStore(tmp_path), BatchOptions(source, retry_failed=True))
     assert isinstance(result, Notice) and "no failed lines" in result.message
+
+
+def test_min_replicas_are_charged_their_start_even_with_little_work(tmp_path: Path) -> None:
+    # One line on 3..5 replicas: Vertex AI starts the 3 (startingReplicaCount) whether or not they get a request,
+    # so the plan charges 3 starts, and `cost --images 1 --replicas 3` (3..3) the same.
+    store, source = StateStore(tmp_path), prompts(tmp_path, count=1)
+    planned = plan(config(batch={"min_replicas": 3, "max_replicas": 5}), store, BatchOptions(source)).estimate
+    one = plan(config(), store, BatchOptions(source)).estimate
+    assert planned.replica_hours == pytest.approx(one.replica_hours + 2 * one.replica_start_h)
+    priced = cost(config(), images=1, gpu=None, replicas=3, spot=None, steps=30)
+    assert priced.replica_hours == pytest.approx(planned.replica_hours)
