@@ -257,22 +257,32 @@ def stop(details: dict[str, object], timeout_s: float = STOP_TIMEOUT_S) -> bool:
         return False
     pid = details["pid"]
     assert isinstance(pid, int)
+    first = identity(pid)
+    if first is None:  # gone since owns() looked
+        return True
     # start() makes each process lead its own session and group: the group takes its children along.
     # One that leads no group of its own gets the signal alone, never the group it shares with others.
     group = _session(pid) == pid and _group(pid) == pid and pid != os.getpgrp()
     _signal(pid, signal.SIGTERM, group=group)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not owns(details):
-            return True
-        time.sleep(0.05)
+    if _ended(pid, first, timeout_s):
+        return True
     _signal(pid, signal.SIGKILL, group=group)
-    deadline = time.monotonic() + 5.0  # SIGKILL cannot be refused; the kernel still takes a moment
-    while owns(details) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.05)
+    _ended(pid, first, 5.0)  # SIGKILL cannot be refused; the kernel still takes a moment
     return True
+
+
+def _ended(pid: int, first: Identity, timeout_s: float) -> bool:
+    """Whether the process `first` names is gone (or a zombie) within the time; its start time says which
+    process a pid is. Not owns(): an exiting process's command line reads empty while it still exists."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _reap(pid)
+        now = identity(pid)
+        if now is None or now.started != first.started:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _signal(pid: int, signum: int, *, group: bool) -> None:

@@ -6,11 +6,14 @@ The CLI runs as a real process in a session of its own: if it ever signalled its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,3 +233,43 @@ def test_a_marked_process_is_found_by_its_session_leader_not_its_children(tmp_pa
     finally:
         os.killpg(leader.pid, 9)
         leader.wait()
+
+
+EXECS_ON_SIGTERM = """
+import os, signal, time
+def on_term(*_):  # the same pid and start time from here on, under another command line
+    os.execv("/bin/sleep", ["sleep", "60"])
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_stop_waits_for_the_process_itself_not_for_its_command_line_to_change(tmp_path: Path) -> None:
+    # An exiting process's command line reads empty before it is gone (the kernel frees its memory first):
+    # stop() took that for "stopped" and teardown returned with the server still there (seen once in CI).
+    # A process that execs another program on SIGTERM shows the same thing for as long as the test likes.
+    (tmp_path / "execs_on_sigterm.py").write_text(EXECS_ON_SIGTERM)
+    spec = local.ProcessSpec(
+        kind="local-server", module="execs_on_sigterm", port=free_port(), env={"PYTHONPATH": str(tmp_path)}
+    )
+    log = tmp_path / "process.log"
+    pid = local.start(spec, log, mark="test-mark")
+    try:
+        identity = local.identity_after_start(pid)
+        assert identity is not None
+        details = {"pid": pid, **identity.details(), "marker": "test-mark"}
+        deadline = time.monotonic() + 30
+        while "ready" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert local.owns(details)
+        assert local.stop(details, timeout_s=1.0)
+        assert gone(pid), local.identity(pid)  # stopped means gone: SIGKILL after the timeout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
