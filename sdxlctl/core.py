@@ -7,7 +7,6 @@ line in TARGETS. What is the same on every target (the request, the files writte
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from sdxlctl import cloudrun, inputs, local, lora_ops, loras, outputs, pricing, steps, vertex
 from sdxlctl.config import Config
 from sdxlctl.errors import Interrupted, PredictError, SdxlctlError, UsageError
+from sdxlctl.live_prices import price_table as price_table
 from sdxlctl.pricing import CloudRunEstimate, Compared, Comparison, Estimate
 from sdxlctl.state import Resource, State, StateStore
 from sdxlctl.steps import Check, Outcome, PredictResult, Progress, Removal, ResourceStatus, StepResult, TornDown, quiet
@@ -318,47 +318,7 @@ def check(config: Config, store: StateStore) -> list[Check]:
 
 # ---------------------------------------------------------------- cost
 # Prices are Cloud Run's on target cloudrun, else Vertex AI's: what the config would cost in the cloud.
-
-LIVE_PRICES_MAX_AGE_S = 24 * 3600
-
-
-def price_table(config: Config, *, live: bool, warn: Progress = quiet) -> pricing.PriceTable:
-    """The bundled table; with `live`, today's catalog prices (cached a day beside the state), else bundled."""
-    table = pricing.bundled()
-    if not live:
-        return table
-    cache = config.home / "live-prices.json"
-    try:
-        cached = json.loads(cache.read_text())
-        fresh = time.time() - cached["fetched_at"] < LIVE_PRICES_MAX_AGE_S
-    except (OSError, ValueError, KeyError):
-        cached, fresh = None, False
-    if cached is not None and fresh:
-        regions, fetched_at = cached["regions"], cached["fetched_at"]
-    else:
-        try:
-            regions = _fetch_live(config, sorted({*table.regions, config.gcp.region}))
-        except SdxlctlError as exc:
-            warn(f"live prices unavailable ({exc.message}); using the bundled table of {table.date}")
-            return table
-        fetched_at = time.time()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"fetched_at": fetched_at, "regions": regions}))
-    return pricing.with_live(table, regions, time.strftime("%Y-%m-%d", time.gmtime(fetched_at)))
-
-
-def _fetch_live(config: Config, regions: list[str]) -> dict[str, Any]:
-    from sdxlctl.gcp.billing import fetch_regions
-    from sdxlctl.gcp.session import Cloud
-
-    gcp = config.gcp  # the configured retry budget too: the catalog is retried through dropped connections
-    cloud = Cloud(gcp.project or "-", gcp.region, gcp.api_endpoint.rstrip("/"), gcp.poll_interval_s, gcp.retry_s)
-    try:
-        return fetch_regions(cloud, regions)
-    except SdxlctlError:
-        raise
-    except Exception as exc:  # no credentials, no network: fall back, with the reason
-        raise SdxlctlError(f"{type(exc).__name__}: {exc}") from None
+# `pixels`: the images' width x height, for the speed and the price per image (1024x1024 unless given).
 
 
 def cost(
@@ -370,11 +330,14 @@ def cost(
     live: bool = False,
     warn: Progress = quiet,
     steps: int = 30,
+    pixels: int = pricing.SDXL_PIXELS,
 ) -> Estimate | CloudRunEstimate:
     """What the config (with overrides) costs over `days`: endpoint, UI and images, as an estimate."""
     table = price_table(config, live=live, warn=warn)
     if config.target == "cloudrun":
-        return pricing.cloud_run_estimate(config, table, days=days, gpu_key=gpu_key, region=region, steps=steps)
+        return pricing.cloud_run_estimate(
+            config, table, days=days, gpu_key=gpu_key, region=region, steps=steps, pixels=pixels
+        )
     return pricing.estimate(
         pricing.gpu(gpu_key or config.deploy.gpu),
         region or config.gcp.region,
@@ -388,12 +351,20 @@ def cost(
         refiner=config.model.refiner != "off",
         dtype=config.model.dtype,
         spot=config.deploy.spot,  # [deploy] spot: the replicas at Spot rates
+        pixels=pixels,
     )
 
 
 def cost_compare(
-    config: Config, *, region: str | None = None, steps: int = 30, live: bool = False, warn: Progress = quiet
+    config: Config,
+    *,
+    region: str | None = None,
+    steps: int = 30,
+    live: bool = False,
+    warn: Progress = quiet,
+    pixels: int = pricing.SDXL_PIXELS,
 ) -> Compared:
     """Every GPU option side by side in the region, at the config's fast-path level, and Cloud Run's L4."""
     table = price_table(config, live=live, warn=warn)
-    return pricing.compare_all(config.cloudrun, region or config.gcp.region, steps, table, config.model.optimize)
+    level, where = config.model.optimize, region or config.gcp.region
+    return pricing.compare_all(config.cloudrun, where, steps, table, level, pixels)

@@ -23,6 +23,7 @@ from sdxlctl.steps import Notice, Progress, plural, quiet
 BATCH_TARGETS = ("vertex", "local")  # cloudrun has no batch engine: its service would be a loop of predicts
 DEFAULT_STEPS = 30  # the server's num_inference_steps when --steps is not given (the estimate's too)
 LOCAL_BATCH_SIZE = 4  # lines a request to the local server: enough to keep it busy, small enough to resume
+NATIVE_SIDE = 1024  # SDXL's own size: the server's width and height when a request gives none
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def cost(
     replicas: int | None,
     spot: bool | None,
     steps: int,
+    size: tuple[int, int] = (NATIVE_SIDE, NATIVE_SIDE),
     table: Any = None,
 ) -> BatchEstimate:
     """`sdxlctl cost --images N`: the same arithmetic as a batch's --dry-run (`table`: the prices, else bundled)."""
@@ -123,6 +125,7 @@ def cost(
         max_images=config.model.max_images,
         chosen_batch_size=config.batch.batch_size,
         table=table,
+        pixels=size[0] * size[1],
     )
 
 
@@ -226,7 +229,8 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
     replicas = (1, 1) if local else options.replicas or (config.batch.min_replicas, config.batch.max_replicas)
     spot = False if local else (config.batch.spot if options.spot is None else options.spot)
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
-    size = _batch_size(config, gpu, steps, int(batch.parameters.get("num_images", 1)), local=local)
+    pixels = _pixels(batch.parameters)
+    size = _batch_size(config, gpu, steps, int(batch.parameters.get("num_images", 1)), pixels, local=local)
     estimate = _estimate(config, batch, gpu, replicas, spot, size, local=local)
     submission = Submission(
         batch=batch,
@@ -267,10 +271,16 @@ def _estimate(
         time_limit_s=config.model.time_limit_s,
         max_images=config.model.max_images,
         chosen_batch_size=size,
+        pixels=_pixels(batch.parameters),
     )
 
 
-def _batch_size(config: Config, gpu: str, steps: int, num_images: int, *, local: bool) -> int:
+def _pixels(parameters: dict[str, Any]) -> int:
+    """The images' width x height: the flags', else SDXL's own 1024 a side (what the server makes then)."""
+    return int(parameters.get("width") or NATIVE_SIDE) * int(parameters.get("height") or NATIVE_SIDE)
+
+
+def _batch_size(config: Config, gpu: str, steps: int, num_images: int, pixels: int, *, local: bool) -> int:
     """Instances a request: [batch] batch_size, else what the GPU finishes in the server's time limit."""
     limit = config.model.max_images
     if num_images > limit:  # the server refuses more images a request: every line would fail
@@ -299,6 +309,7 @@ def _batch_size(config: Config, gpu: str, steps: int, num_images: int, *, local:
         time_limit_s=config.model.time_limit_s,
         max_images=config.model.max_images,
         level=config.model.optimize,
+        pixels=pixels,
     )
 
 

@@ -25,6 +25,7 @@ def run(argv: list[str]) -> int:
         check_cmd,  # noqa: F401  (registers `sdxlctl check`)
         commands,  # noqa: F401  (registers the commands)
         config_cmd,  # noqa: F401  (registers `sdxlctl config`)
+        cost_cmd,  # noqa: F401  (registers `sdxlctl cost`)
         init_cmd,  # noqa: F401  (registers `sdxlctl init`)
         logs_cmd,  # noqa: F401  (registers `sdxlctl logs`)
         lora_cmd,  # noqa: F401  (registers `sdxlctl lora push`)

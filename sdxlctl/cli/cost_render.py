@@ -90,15 +90,19 @@ def _speed(result: CloudRunEstimate) -> str:
     )
 
 
-def comparison(result: Compared, steps: int, *, optimize: str = "auto", as_json: bool) -> None:
+def comparison(
+    result: Compared, steps: int, *, optimize: str = "auto", as_json: bool, size: tuple[int, int] = (1024, 1024)
+) -> None:
     """Vertex AI's GPU options (one replica) and Cloud Run's L4 at the duty cycle, side by side."""
     run, region = result.cloud_run, result.cloud_run.region
     if as_json:
-        summary = {"region": region, "steps": steps, "optimize": optimize, "estimate": True}
+        summary = {"region": region, "steps": steps, "width": size[0], "height": size[1], "optimize": optimize}
+        summary["estimate"] = True
         render._json({**summary, "gpus": [r.as_dict() for r in result.gpus], "cloud_run": run.as_dict()})
         return
     level = "" if optimize in ("auto", "compile") else f", SDXL_OPTIMIZE={optimize}"
-    table = Table(title=f"GPUs in {region}, 1024x1024 at {steps} steps{level}, one replica", title_justify="left")
+    title = f"GPUs in {region}, {size[0]}x{size[1]} at {steps} steps{level}, one replica"
+    table = Table(title=title, title_justify="left")
     # Narrow (80 columns, or piped) drops the machine (the estimate names it) so that no figure is cut short.
     wide = out.width >= render.WIDE
     columns = ["gpu", *(["machine"] if wide else []), "$/hour", "$/day", "s/image", "images per hour", "$/1000 images"]
@@ -194,7 +198,7 @@ def flagged(config: Config, region: str | None, spot: bool | None) -> Config:
     return config.model_copy(update={"gcp": gcp, "deploy": deploy, "batch": batch})
 
 
-def batch(result: BatchEstimate, *, as_json: bool) -> None:
+def batch(result: BatchEstimate, *, as_json: bool, size: tuple[int, int] = (1024, 1024)) -> None:
     """`cost --images N`: what a batch of N images costs, as `sdxlctl batch --dry-run` prices it."""
     from sdxlctl.gpus import gpu
 
@@ -205,8 +209,8 @@ def batch(result: BatchEstimate, *, as_json: bool) -> None:
     option = gpu(result.gpu)
     capacity = "Spot VMs" if result.spot else "on demand"
     title = (
-        f"A batch of {result.images:,} images on {option.label} ({plural(result.replicas, 'replica')}, "
-        f"{option.machine_type}, {capacity}) in {result.region}"
+        f"A batch of {result.images:,} {size[0]}x{size[1]} images on {option.label} "
+        f"({plural(result.replicas, 'replica')}, {option.machine_type}, {capacity}) in {result.region}"
     )
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("what")

@@ -20,6 +20,7 @@ from sdxlctl.pricing.cloudrun import cloud_run_row
 from sdxlctl.pricing.cloudrun import cloud_run_usd as cloud_run_usd
 from sdxlctl.pricing.memory import GpuMemory, gpu_memory
 from sdxlctl.pricing.speed import (
+    SDXL_PIXELS,
     SHARED_LIMIT_S,
     TWO_PASS_SAMPLERS,
     Latency,
@@ -122,6 +123,7 @@ def estimate(
     refiner: bool = False,
     dtype: str = "auto",
     spot: bool = False,
+    pixels: int = SDXL_PIXELS,
 ) -> Estimate:
     """Cost of an endpoint (and its UI and images) for `days`; min_replicas 0 is scale to zero; `refiner`:
     the server loads one (its memory, and each `refine` mode's time per image); `spot`: [deploy] spot, the
@@ -161,10 +163,10 @@ def estimate(
         table.date,
         table.origin,
         ([baked_note(table)] if baked else []) + ([ONLINE_SPOT] if spot else []),
-        Comparison(option, hourly, latency(option.key, steps, level)),
+        Comparison(option, hourly, latency(option.key, steps, level, pixels=pixels)),
         gpu_memory(option, dtype=dtype, refiner=refiner),
-        refining(option.key, steps, level) if refiner else None,
-        latency(option.key, steps, level, unet_calls=2),
+        refining(option.key, steps, level, pixels=pixels) if refiner else None,
+        latency(option.key, steps, level, unet_calls=2, pixels=pixels),
         spot,
     )
 
@@ -238,7 +240,9 @@ class Comparison:
         }
 
 
-def compare(region: str, steps: int = 30, table: PriceTable | None = None, level: str = "auto") -> list[Comparison]:
+def compare(
+    region: str, steps: int = 30, table: PriceTable | None = None, level: str = "auto", pixels: int = SDXL_PIXELS
+) -> list[Comparison]:
     """Every GPU option in `region`: price, speed at SDXL_OPTIMIZE `level`, and whether it fits 60 s."""
     table = table or bundled()
     rows = []
@@ -247,7 +251,7 @@ def compare(region: str, steps: int = 30, table: PriceTable | None = None, level
             hourly: float | None = machine_per_hour(table, option, region)[0]
         except UsageError:
             hourly = None
-        rows.append(Comparison(option, hourly, latency(option.key, steps, level)))
+        rows.append(Comparison(option, hourly, latency(option.key, steps, level, pixels=pixels)))
     return rows
 
 
@@ -280,8 +284,15 @@ class Compared:
 
 
 def compare_all(
-    run: CloudRun, region: str, steps: int = 30, table: PriceTable | None = None, level: str = "auto"
+    run: CloudRun,
+    region: str,
+    steps: int = 30,
+    table: PriceTable | None = None,
+    level: str = "auto",
+    pixels: int = SDXL_PIXELS,
 ) -> Compared:
-    """The compare table: Vertex AI's options and Cloud Run's L4 in `region`."""
+    """The compare table: Vertex AI's options and Cloud Run's L4 in `region`, images of `pixels`."""
     table = table or bundled()
-    return Compared(compare(region, steps, table, level), cloud_run_row(run, region, steps, table, level))
+    return Compared(
+        compare(region, steps, table, level, pixels), cloud_run_row(run, region, steps, table, level, pixels)
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import gpu as gpu_option
-from sdxlctl.pricing.speed import latency
+from sdxlctl.pricing.speed import SDXL_PIXELS, latency
 from sdxlctl.pricing.table import PriceTable, bundled, machine_per_hour
 
 # A batch replica's start, billed as a node hour ("the time a VM spends running your prediction job or
@@ -88,6 +88,7 @@ def batch_estimate(
     max_images: int = DEFAULT_MAX_IMAGES,
     chosen_batch_size: int = 0,
     min_replicas: int = 0,
+    pixels: int = SDXL_PIXELS,
 ) -> BatchEstimate:
     """`images` (lines x num_images) on up to `replicas` replicas of `gpu`: replica hours (the work plus each
     replica's start), hours until the last image, and USD at the on-demand or Spot rate card of `region`.
@@ -107,11 +108,17 @@ def batch_estimate(
             raise UsageError(f"{flag} {shown}: too many to price (at most {MOST:.0e})")
     prices: PriceTable = table or bundled()
     option = gpu_option(gpu)
-    speed = latency(option.key, steps, level)
+    speed = latency(option.key, steps, level, pixels=pixels)
     seconds = speed.seconds
     hourly, rates = machine_per_hour(prices, option, region, spot=spot)
     size = batch_size(
-        option.key, steps=steps, num_images=num_images, time_limit_s=time_limit_s, max_images=max_images, level=level
+        option.key,
+        steps=steps,
+        num_images=num_images,
+        time_limit_s=time_limit_s,
+        max_images=max_images,
+        level=level,
+        pixels=pixels,
     )
     work_h = images * seconds / 3600
     shown_size = chosen_batch_size or size
@@ -147,7 +154,14 @@ def batch_estimate(
 
 
 def batch_size(
-    gpu: str, *, steps: int, num_images: int, time_limit_s: float, max_images: int, level: str = "auto"
+    gpu: str,
+    *,
+    steps: int,
+    num_images: int,
+    time_limit_s: float,
+    max_images: int,
+    level: str = "auto",
+    pixels: int = SDXL_PIXELS,
 ) -> int:
     """Instances per request: as many as the server finishes within its time limit (with room) and max_images allows.
 
@@ -160,6 +174,6 @@ def batch_size(
     """
     if num_images < 1:
         raise UsageError(f"num_images {num_images}: must be at least 1")
-    per_instance = latency(gpu_option(gpu).key, steps, level).seconds * num_images
+    per_instance = latency(gpu_option(gpu).key, steps, level, pixels=pixels).seconds * num_images
     in_time = math.floor(TIME_LIMIT_ROOM * time_limit_s / per_instance)
     return max(1, min(max_images // num_images, in_time))

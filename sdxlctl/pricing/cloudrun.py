@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import CLOUD_RUN_GPU
-from sdxlctl.pricing.speed import Latency, latency
+from sdxlctl.pricing.speed import SDXL_PIXELS, Latency, latency
 from sdxlctl.pricing.table import HOURS_PER_DAY, Breakdown, PriceTable, Rate, bundled, storage_cost
 
 if TYPE_CHECKING:
@@ -204,7 +204,12 @@ class CloudRunComparison:
 
 
 def cloud_run_row(
-    run: CloudRun, region: str, steps: int = 30, table: PriceTable | None = None, level: str = "auto"
+    run: CloudRun,
+    region: str,
+    steps: int = 30,
+    table: PriceTable | None = None,
+    level: str = "auto",
+    pixels: int = SDXL_PIXELS,
 ) -> CloudRunComparison:
     """[cloudrun]'s instance in `region` as a compare row; unpriced (with the reason) rather than refused."""
     try:
@@ -219,7 +224,7 @@ def cloud_run_row(
         run.min_instances,
         run.zonal_redundancy,
         run.timeout_s,
-        latency(CLOUD_RUN_GPU.key, steps, level),
+        latency(CLOUD_RUN_GPU.key, steps, level, pixels=pixels),
         rates,
         problem,
     )
@@ -325,6 +330,7 @@ def cloud_run_estimate(
     region: str | None = None,
     steps: int = 30,
     busy_hours_per_day: float = HOURS_PER_DAY,
+    pixels: int = SDXL_PIXELS,
 ) -> CloudRunEstimate:
     """`sdxlctl cost` on target cloudrun: [cloudrun]'s instance in the region over `days`, as an estimate."""
     table = table or bundled()
@@ -334,7 +340,7 @@ def cloud_run_estimate(
     if problem:
         raise UsageError(problem, hint="price it with target vertex: SDXLCTL_TARGET=vertex sdxlctl cost --gpu ...")
     run = config.cloudrun
-    row = cloud_run_row(run, region or config.gcp.region, steps, table, config.model.optimize)
+    row = cloud_run_row(run, region or config.gcp.region, steps, table, config.model.optimize, pixels)
     rates = cloud_run_rates(table, row.region, zonal_redundancy=run.zonal_redundancy)  # its error, if unpriced
     unverified = rates.unverified()
     if not table.artifact_registry.get("verified", False):

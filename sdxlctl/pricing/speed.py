@@ -1,11 +1,13 @@
-"""Seconds per 1024x1024 image on each GPU: measured where known, else from the work per image; with the
-refiner's `refine` modes and the samplers that call the UNet twice a step. Estimates, no cloud calls."""
+"""Seconds per image on each GPU: measured at 1024x1024 where known, else from the work per image; other
+sizes by their work (bench/flops.py); with the refiner's `refine` modes and the samplers that call the UNet
+twice a step. Estimates, no cloud calls."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,48 @@ class Latency:
     source: str
 
 
-def latency(key: str, steps: int = 30, level: str = "auto", *, unet_calls: int = 1, refiner_steps: int = 0) -> Latency:
-    """Seconds per 1024x1024 image at `steps` and SDXL_OPTIMIZE `level`: measured where known, else
-    estimated from the TFLOP rate; a level other than compile scales by what the H200 measured.
+SDXL_PIXELS = 1024 * 1024  # the size every measurement and price per image is stated at
+
+
+def _work_by_size(pixels: int) -> dict[str, float]:
+    """TFLOP of a base step, a refiner step and the VAE decode at `pixels`, read from bench/flops.py's table of
+    square sides: linear between two rows by pixel count; below the smallest and above the largest in
+    proportion to the pixels (the server takes 64..2048 a side, the table 256..2048)."""
+    rows = sorted(_latency()["work_tflop"]["by_side"]["rows"], key=lambda row: row["side"])
+    parts = ("per_step", "refiner_per_step", "vae_decode")
+    for low, high in pairwise(rows):
+        a, b = low["side"] ** 2, high["side"] ** 2
+        if a <= pixels <= b:
+            t = (pixels - a) / (b - a)
+            return {part: low[part] + t * (high[part] - low[part]) for part in parts}
+    edge = rows[0] if pixels < rows[0]["side"] ** 2 else rows[-1]
+    return {part: edge[part] * pixels / edge["side"] ** 2 for part in parts}
+
+
+def latency(
+    key: str,
+    steps: int = 30,
+    level: str = "auto",
+    *,
+    unet_calls: int = 1,
+    refiner_steps: int = 0,
+    pixels: int = SDXL_PIXELS,
+) -> Latency:
+    """Seconds per image of `pixels` (width x height) at `steps` and SDXL_OPTIMIZE `level`: measured at
+    1024x1024 where known, else estimated from the TFLOP rate; a level other than compile scales by what the
+    H200 measured; another size by its work (each part: UNet step, refiner step, VAE decode, in proportion to
+    its FLOPs at that size), at the 1024x1024 efficiency.
 
     `unet_calls`: 2 for the samplers that call the UNet twice a step; `refiner_steps`: refiner UNet steps on
     top of the base's `steps`, each its share of the work by the two UNets' FLOP counts."""
     data = _latency()
     row = data["gpus"][key]
     work = data["work_tflop"]
-    image = work["per_step"] * steps * unet_calls + work["refiner_per_step"] * refiner_steps + work["vae_decode"]
+    sized, at_1024 = _work_by_size(pixels), _work_by_size(SDXL_PIXELS)
+    step, refiner, vae = (
+        work[part] * sized[part] / at_1024[part] for part in ("per_step", "refiner_per_step", "vae_decode")
+    )
+    image = step * steps * unet_calls + refiner * refiner_steps + vae
     scale = image / (work["per_step"] * 30 + work["vae_decode"])
     lower_bound = bool(row.get("lower_bound", False))
     if not lower_bound:  # the one lower bound is the 2023 (eager) pipeline's already
@@ -43,11 +77,12 @@ def latency(key: str, steps: int = 30, level: str = "auto", *, unet_calls: int =
         base = float(row["seconds"])
     else:
         base = (work["per_step"] * 30 + work["vae_decode"]) / (row["tflops"] * data["efficiency"]["value"])
-    return Latency(base * scale, bool(row["measured"]), lower_bound, str(row["source"]))
+    measured = bool(row["measured"]) and pixels == SDXL_PIXELS  # another size is scaled from the measurement
+    return Latency(base * scale, measured, lower_bound, str(row["source"]))
 
 
-def seconds_per_image(key: str, steps: int = 30, level: str = "auto") -> float:
-    return latency(key, steps, level).seconds
+def seconds_per_image(key: str, steps: int = 30, level: str = "auto", pixels: int = SDXL_PIXELS) -> float:
+    return latency(key, steps, level, pixels=pixels).seconds
 
 
 SHARED_LIMIT_S = 60.0  # a shared endpoint's request time limit: an image past it is refused, so it has no price
@@ -103,14 +138,15 @@ def ensemble_split(steps: int, high_noise_frac: float = HIGH_NOISE_FRAC) -> tupl
     return base, steps - base
 
 
-def refining(key: str, steps: int = 30, level: str = "auto", high_noise_frac: float = HIGH_NOISE_FRAC) -> Refining:
+def refining(
+    key: str, steps: int = 30, level: str = "auto", high_noise_frac: float = HIGH_NOISE_FRAC, pixels: int = SDXL_PIXELS
+) -> Refining:
     """Each `refine` mode's time per image at the defaults a request gets (refine_steps = steps)."""
     base_steps, _ = ensemble_split(steps, high_noise_frac)
-    ensemble = latency(key, base_steps, level, refiner_steps=steps - base_steps)
+    ensemble = latency(key, base_steps, level, refiner_steps=steps - base_steps, pixels=pixels)
     after = max(1, int(steps * BASE_IMAGE_STRENGTH))  # as diffusers' img2img counts them: int(steps x strength)
-    return Refining(
-        steps, ensemble, (base_steps, steps - base_steps), latency(key, steps, level, refiner_steps=after), after
-    )
+    base_image = latency(key, steps, level, refiner_steps=after, pixels=pixels)
+    return Refining(steps, ensemble, (base_steps, steps - base_steps), base_image, after)
 
 
 def mode_lines(refined: Refining | None, two_pass: Latency | None, usd_per_hour: float) -> list[str]:

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "sdxlctl.gcp": 4,
     "sdxlctl.local": 5,
     "sdxlctl.vertex": 5,
+    "sdxlctl.live_prices": 5,  # cost --live: the Cloud Billing catalog (gcp) into a price table
     "sdxlctl.lora_ops": 5,  # lora push's upload (gcp) and the local server's cached adapters (client)
     "sdxlctl.cloudrun": 6,  # runs target vertex's image, as its accounts and grants: one build, one set of names
     "sdxlctl.core": 7,
