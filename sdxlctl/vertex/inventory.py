@@ -340,12 +340,13 @@ def teardown(config: Config, store: StateStore, found: Inventory, *, progress: P
 
 
 def cost_so_far(config: Config, resource: Resource, now: datetime) -> float | None:
-    """A deployed endpoint costs its machines by the hour from the deployment on; None where sdxlctl cannot tell."""
+    """A deployed endpoint costs its machines by the hour from the deployment on (at Spot rates when it was
+    deployed on Spot VMs); None where sdxlctl cannot tell."""
     from sdxlctl.pricing import machine_price
 
     if resource.kind != "endpoint" or "gpu" not in resource.details:
         return None
-    hourly = machine_price(resource.details["gpu"], config.gcp.region)
+    hourly = machine_price(resource.details["gpu"], config.gcp.region, spot=resource.details.get("spot") is True)
     if hourly is None:
         return None
     replicas = int(resource.details.get("min_replicas", 1))

@@ -253,6 +253,7 @@ def deploy(config: Config, store: StateStore, *, progress: Progress = quiet) -> 
         gpu=option.key,
         machine=option.machine_type,
         min_replicas=d.min_replicas,
+        spot=d.spot,
         deployed_at=deployed_at,
     )
     return StepResult(changes, endpoint.name, time.monotonic() - started)

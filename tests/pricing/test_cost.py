@@ -201,3 +201,28 @@ def test_status_shows_what_a_deployment_has_cost_so_far(cli: Cli, emulator: Emul
         endpoint.details["deployed_at"] = (datetime.now(UTC) - timedelta(hours=10)).isoformat()
     (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
     assert row["cost_so_far"] == pytest.approx(43.10, abs=0.05)  # 10 h x 4.3102
+
+
+def test_a_spot_endpoint_has_cost_its_spot_rate_so_far(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sdxlctl.state import StateStore
+
+    env = emulator.env(SDXLCTL_GCP_REGION="europe-west4", SDXLCTL_DEPLOY_SPOT="true")
+    for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"]):
+        assert cli(*step, env=env).code == 0
+    store = StateStore(tmp_path / ".sdxlctl")
+    with store.transaction() as state:  # as if deployed ten hours ago
+        endpoint = state.get("sdxl", "endpoint")
+        assert endpoint is not None
+        endpoint.details["deployed_at"] = (datetime.now(UTC) - timedelta(hours=10)).isoformat()
+    (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
+    spot_hourly = pricing.machine_price("a100", "europe-west4", spot=True)
+    assert spot_hourly is not None and spot_hourly < 4.3102
+    assert row["cost_so_far"] == pytest.approx(10 * spot_hourly, abs=0.05)  # not 43.10, the on-demand rate
+    with store.transaction() as state:  # a state file's spot that is not true is not Spot
+        endpoint = state.get("sdxl", "endpoint")
+        assert endpoint is not None
+        endpoint.details["spot"] = "yes"
+    (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
+    assert row["cost_so_far"] == pytest.approx(43.10, abs=0.05)
