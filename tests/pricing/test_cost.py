@@ -6,13 +6,16 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sdxlctl import pricing
 from sdxlctl.errors import UsageError
 from sdxlctl.gpus import GPUS, gpu
+from sdxlctl.state import StateStore
 from tests.conftest import Cli
 from tests.emulator.billing import sku
 from tests.emulator_fixtures import Emulator
@@ -186,43 +189,38 @@ def test_live_falls_back_to_the_bundled_table_with_a_warning(cli: Cli) -> None:
     assert json.loads(result.out)["prices"]["origin"] == "bundled"
 
 
-def test_status_shows_what_a_deployment_has_cost_so_far(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
+def _endpoint_ten_hours_on(cli: Cli, env: dict[str, str], tmp_path: Path) -> tuple[StateStore, Callable[[], Any]]:
+    """An A100 deployed by the CLI, as if ten hours ago; and a reading of its status row."""
     from datetime import UTC, datetime, timedelta
 
-    from sdxlctl.state import StateStore
-
-    env = emulator.env(SDXLCTL_GCP_REGION="europe-west4")
     for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"]):
         assert cli(*step, env=env).code == 0
     store = StateStore(tmp_path / ".sdxlctl")
-    with store.transaction() as state:  # as if deployed ten hours ago
+    with store.transaction() as state:
         endpoint = state.get("sdxl", "endpoint")
         assert endpoint is not None
         endpoint.details["deployed_at"] = (datetime.now(UTC) - timedelta(hours=10)).isoformat()
-    (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
-    assert row["cost_so_far"] == pytest.approx(43.10, abs=0.05)  # 10 h x 4.3102
+
+    def row() -> Any:
+        rows = json.loads(cli("status", "--json", env=env).out)["resources"]
+        return next(r for r in rows if r["kind"] == "endpoint")
+
+    return store, row
+
+
+def test_status_shows_what_a_deployment_has_cost_so_far(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
+    _, row = _endpoint_ten_hours_on(cli, emulator.env(SDXLCTL_GCP_REGION="europe-west4"), tmp_path)
+    assert row()["cost_so_far"] == pytest.approx(43.10, abs=0.05)  # 10 h x 4.3102
 
 
 def test_a_spot_endpoint_has_cost_its_spot_rate_so_far(cli: Cli, emulator: Emulator, tmp_path: Path) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from sdxlctl.state import StateStore
-
     env = emulator.env(SDXLCTL_GCP_REGION="europe-west4", SDXLCTL_DEPLOY_SPOT="true")
-    for step in (["build"], ["upload"], ["deploy", "--gpu", "a100"]):
-        assert cli(*step, env=env).code == 0
-    store = StateStore(tmp_path / ".sdxlctl")
-    with store.transaction() as state:  # as if deployed ten hours ago
-        endpoint = state.get("sdxl", "endpoint")
-        assert endpoint is not None
-        endpoint.details["deployed_at"] = (datetime.now(UTC) - timedelta(hours=10)).isoformat()
-    (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
+    store, row = _endpoint_ten_hours_on(cli, env, tmp_path)
     spot_hourly = pricing.machine_price("a100", "europe-west4", spot=True)
     assert spot_hourly is not None and spot_hourly < 4.3102
-    assert row["cost_so_far"] == pytest.approx(10 * spot_hourly, abs=0.05)  # not 43.10, the on-demand rate
+    assert row()["cost_so_far"] == pytest.approx(10 * spot_hourly, abs=0.05)  # not 43.10, the on-demand rate
     with store.transaction() as state:  # a state file's spot that is not true is not Spot
         endpoint = state.get("sdxl", "endpoint")
         assert endpoint is not None
         endpoint.details["spot"] = "yes"
-    (row,) = [r for r in json.loads(cli("status", "--json", env=env).out)["resources"] if r["kind"] == "endpoint"]
-    assert row["cost_so_far"] == pytest.approx(43.10, abs=0.05)
+    assert row()["cost_so_far"] == pytest.approx(43.10, abs=0.05)
