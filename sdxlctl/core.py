@@ -366,5 +366,5 @@ def cost_compare(
 ) -> Compared:
     """Every GPU option side by side in the region, at the config's fast-path level, and Cloud Run's L4."""
     table = price_table(config, live=live, warn=warn)
-    level, where = config.model.optimize, region or config.gcp.region
-    return pricing.compare_all(config.cloudrun, where, steps, table, level, pixels)
+    region = region or config.gcp.region
+    return pricing.compare_all(config.cloudrun, region, steps, table, config.model.optimize, pixels)

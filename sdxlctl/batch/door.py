@@ -231,7 +231,7 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
     pixels = _pixels(batch.parameters)
     size = _batch_size(config, gpu, steps, int(batch.parameters.get("num_images", 1)), pixels, local=local)
-    estimate = _estimate(config, batch, gpu, replicas, spot, size, local=local)
+    estimate = _estimate(config, batch, gpu, replicas, spot, size, pixels, local=local)
     submission = Submission(
         batch=batch,
         out=out,
@@ -247,7 +247,15 @@ def _priced(config: Config, options: BatchOptions, batch: Batch, out: str, retry
 
 
 def _estimate(
-    config: Config, batch: Batch, gpu: str, replicas: tuple[int, int], spot: bool, size: int, *, local: bool
+    config: Config,
+    batch: Batch,
+    gpu: str,
+    replicas: tuple[int, int],
+    spot: bool,
+    size: int,
+    pixels: int,
+    *,
+    local: bool,
 ) -> BatchEstimate:
     steps = int(batch.parameters.get("num_inference_steps", DEFAULT_STEPS))
     if local:  # this machine's own server: nothing billed, and no table knows its speed
@@ -271,7 +279,7 @@ def _estimate(
         time_limit_s=config.model.time_limit_s,
         max_images=config.model.max_images,
         chosen_batch_size=size,
-        pixels=_pixels(batch.parameters),
+        pixels=pixels,
     )
 
 

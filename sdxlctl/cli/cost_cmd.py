@@ -37,19 +37,17 @@ def cost(
 
     cost_render.paired(images=images, replicas=replicas, compare=compare)  # before the config: a usage error
     config, warn, key = cost_render.flagged(_context()[0], region, spot), render.warning, gpu and gpu.value
+    size, pixels = (width, height), width * height
     if images is not None:  # the arithmetic of `sdxlctl batch --dry-run`, through the same door
         table = core.price_table(config, live=live, warn=warn)
         batch = door.cost(
-            config, images=images, gpu=key, replicas=replicas, spot=spot, steps=steps, size=(width, height), table=table
+            config, images=images, gpu=key, replicas=replicas, spot=spot, steps=steps, size=size, table=table
         )
-        cost_render.batch(batch, as_json=as_json, size=(width, height))
+        cost_render.batch(batch, as_json=as_json, size=size)
     elif compare:
-        rows = core.cost_compare(config, region=region, steps=steps, pixels=width * height, live=live, warn=warn)
-        cost_render.comparison(
-            rows.at(busy), steps, optimize=config.model.optimize, as_json=as_json, size=(width, height)
-        )
+        rows = core.cost_compare(config, region=region, steps=steps, pixels=pixels, live=live, warn=warn).at(busy)
+        cost_render.comparison(rows, steps, optimize=config.model.optimize, as_json=as_json, size=size)
     else:
-        pixels = width * height
         estimate = core.cost(
             config, days=days, gpu_key=key, region=region, live=live, warn=warn, steps=steps, pixels=pixels
         )

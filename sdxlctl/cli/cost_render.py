@@ -97,8 +97,8 @@ def comparison(
     run, region = result.cloud_run, result.cloud_run.region
     if as_json:
         summary = {"region": region, "steps": steps, "width": size[0], "height": size[1], "optimize": optimize}
-        summary["estimate"] = True
-        render._json({**summary, "gpus": [r.as_dict() for r in result.gpus], "cloud_run": run.as_dict()})
+        rows = {"gpus": [r.as_dict() for r in result.gpus], "cloud_run": run.as_dict()}
+        render._json({**summary, "estimate": True, **rows})
         return
     level = "" if optimize in ("auto", "compile") else f", SDXL_OPTIMIZE={optimize}"
     title = f"GPUs in {region}, {size[0]}x{size[1]} at {steps} steps{level}, one replica"

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_coldstart", ROOT / "bench" / "coldstart.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_coldstart"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 def test_evicting_a_file_leaves_none_of_it_in_the_page_cache(tmp_path: Path) -> None:
     """A cold read must start cold: a file just written (dirty pages, which DONTNEED alone keeps) and read is
     fully cached, and after evict() mincore finds none of it."""
-    bench = load_bench()
+    bench = load_bench("coldstart")
     data = tmp_path / "weights.safetensors"
     data.write_bytes(bytes(range(256)) * (8 << 12))  # 8 MiB
     assert bench.read_file(data) == data.stat().st_size
@@ -33,7 +21,7 @@ def test_evicting_a_file_leaves_none_of_it_in_the_page_cache(tmp_path: Path) -> 
 
 
 def test_the_harness_measures_the_floor_loaders_and_server_on_the_tiny_model(tmp_path: Path) -> None:
-    bench = load_bench()
+    bench = load_bench("coldstart")
     results = bench.main(
         [
             "--model=tiny",

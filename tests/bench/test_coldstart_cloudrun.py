@@ -3,26 +3,15 @@ asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_coldstart_cloudrun", ROOT / "bench" / "coldstart_cloudrun.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_coldstart_cloudrun"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 def test_one_round_starts_one_instance_from_zero_and_times_health_then_the_image(tmp_path: Path) -> None:
-    results = load_bench().main(["--runs=1", "--timeout=300", f"--json={tmp_path / 'results.json'}"])
+    bench = load_bench("coldstart_cloudrun")
+    results = bench.main(["--runs=1", "--timeout=300", f"--json={tmp_path / 'results.json'}"])
     assert json.loads((tmp_path / "results.json").read_text()) == results
     (sample,) = results["runs"]
     # each round is a cold start: the scaled-to-zero service started exactly one instance for it

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 def test_a_freshly_built_variant_compiles_with_its_own_settings(
@@ -30,7 +18,7 @@ def test_a_freshly_built_variant_compiles_with_its_own_settings(
     second variant once ran the first one's code, and so measured nothing of its own."""
     from torch._dynamo.utils import counters
 
-    bench = load_bench()
+    bench = load_bench("gpu")
     from sdxl_server.optimize import Plan
 
     # The smallest block the tiny UNet repeats, so that compiling twice takes seconds.
@@ -65,7 +53,7 @@ def one_thread() -> Iterator[None]:
 def test_each_mode_runs_the_unet_calls_it_is_named_for(tmp_path: Path) -> None:
     """Image-to-image at strength 0.6 runs 0.6 of the steps, Heun two UNet calls a step (the last step
     one), the ensemble hands the base's last 20% to the refiner; each against the run's baseline."""
-    bench = load_bench()
+    bench = load_bench("gpu")
     steps = 3  # the fewest that leave both models of the ensemble a step
     args = argparse.Namespace(
         model="tiny",
